@@ -1,0 +1,320 @@
+//! Attention in the UNet (diffusers `Attention`, `BasicTransformerBlock`,
+//! `Transformer2DModel`), with the attention-control hook at every site.
+
+use candle_core::{DType, Tensor};
+
+use crate::control::{AttentionCall, AttentionControl, AttentionKind, AttentionSite, Place};
+use crate::error::Result;
+use crate::nn::{Conv2d, GroupNorm, LayerNorm, Linear};
+use crate::weights::Vb;
+
+/// `softmax(q kᵀ · scale) v` for `[B, heads, L, d]` inputs, never handing out the
+/// probabilities. This is the path every layer takes when no controller asks for them.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let probs = attention_probs(q, k, scale)?;
+    Ok(probs.matmul(v)?)
+}
+
+/// `softmax(q kᵀ · scale)` over the keys: `[B, heads, Lq, Lk]`.
+pub fn attention_probs(q: &Tensor, k: &Tensor, scale: f64) -> Result<Tensor> {
+    let scores = (q.matmul(&k.t()?)? * scale)?;
+    crate::nn::softmax_last_dim(&scores)
+}
+
+/// Multi-head attention, self or cross, as diffusers' `Attention` with the default processor.
+pub struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: usize,
+    scale: f64,
+    upcast: bool,
+    pub site: AttentionSite,
+}
+
+impl Attention {
+    pub fn load(
+        vb: &Vb,
+        query_dim: usize,
+        context_dim: usize,
+        heads: usize,
+        dim_head: usize,
+        upcast: bool,
+        site: AttentionSite,
+    ) -> Result<Self> {
+        let inner = heads * dim_head;
+        Ok(Self {
+            to_q: Linear::load(&vb.pp("to_q"), query_dim, inner, false)?,
+            to_k: Linear::load(&vb.pp("to_k"), context_dim, inner, false)?,
+            to_v: Linear::load(&vb.pp("to_v"), context_dim, inner, false)?,
+            to_out: Linear::load(&vb.pp("to_out.0"), inner, query_dim, true)?,
+            heads,
+            scale: (dim_head as f64).powf(-0.5),
+            upcast,
+            site,
+        })
+    }
+
+    /// `x`: `[B, H·W, C]` on an `height`×`width` grid; `context`: `[B, 77, D]` for
+    /// cross-attention, `None` for self-attention.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        context: Option<&Tensor>,
+        height: usize,
+        width: usize,
+        control: &mut dyn AttentionControl,
+        step: usize,
+    ) -> Result<Tensor> {
+        let (b, l, _) = x.dims3()?;
+        let ctx = context.unwrap_or(x);
+        let split = |t: Tensor| -> Result<Tensor> {
+            let (b, l, inner) = t.dims3()?;
+            // (B, L, heads·d) -> (B, heads, L, d)
+            Ok(t
+                .reshape((b, l, self.heads, inner / self.heads))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let q = split(self.to_q.forward(x)?)?;
+        let k = split(self.to_k.forward(ctx)?)?;
+        let v = split(self.to_v.forward(ctx)?)?;
+        let dtype = q.dtype();
+        let (q, k) = if self.upcast && dtype != DType::F32 {
+            (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?)
+        } else {
+            (q, k)
+        };
+        let call = AttentionCall {
+            site: &self.site,
+            height,
+            width,
+            step,
+        };
+        let out = if control.wants(&call) {
+            let probs = attention_probs(&q, &k, self.scale)?.to_dtype(dtype)?;
+            let probs = control.edit(&call, probs)?;
+            probs.matmul(&v)?
+        } else if self.upcast && dtype != DType::F32 {
+            attention_probs(&q, &k, self.scale)?
+                .to_dtype(dtype)?
+                .matmul(&v)?
+        } else {
+            attention(&q, &k, &v, self.scale)?
+        };
+        // (B, heads, L, d) -> (B, L, heads·d)
+        let out = out.transpose(1, 2)?.reshape((b, l, ()))?;
+        self.to_out.forward(&out)
+    }
+}
+
+/// GEGLU feed-forward: `Linear(dim, 2·inner)` → `h · gelu(gate)` → `Linear(inner, dim)`.
+struct FeedForward {
+    proj: Linear,
+    out: Linear,
+}
+
+impl FeedForward {
+    fn load(vb: &Vb, dim: usize) -> Result<Self> {
+        let inner = dim * 4;
+        Ok(Self {
+            proj: Linear::load(&vb.pp("net.0.proj"), dim, inner * 2, true)?,
+            out: Linear::load(&vb.pp("net.2"), inner, dim, true)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.proj.forward(x)?;
+        let half = h.dim(candle_core::D::Minus1)? / 2;
+        let (hidden, gate) = (h.narrow(2, 0, half)?, h.narrow(2, half, half)?);
+        self.out.forward(&(hidden * gate.gelu_erf()?)?)
+    }
+}
+
+/// Self-attention, cross-attention and feed-forward, each with a pre-norm and a residual.
+pub struct BasicTransformerBlock {
+    norm1: LayerNorm,
+    attn1: Attention,
+    norm2: LayerNorm,
+    attn2: Attention,
+    norm3: LayerNorm,
+    ff: FeedForward,
+}
+
+/// Where a `Transformer2DModel` sits: place, block and index within the block.
+#[derive(Debug, Clone, Copy)]
+pub struct TransformerPlace {
+    pub place: Place,
+    pub block: usize,
+    pub transformer: usize,
+}
+
+impl BasicTransformerBlock {
+    #[allow(clippy::too_many_arguments)]
+    fn load(
+        vb: &Vb,
+        dim: usize,
+        heads: usize,
+        dim_head: usize,
+        context_dim: usize,
+        upcast: bool,
+        at: TransformerPlace,
+        layer: usize,
+        next_index: &mut usize,
+    ) -> Result<Self> {
+        let mut site = |kind: AttentionKind, name: &str| {
+            let s = AttentionSite {
+                place: at.place,
+                block: at.block,
+                transformer: at.transformer,
+                layer,
+                kind,
+                index: *next_index,
+                path: vb.pp(name).prefix().to_string(),
+            };
+            *next_index += 1;
+            s
+        };
+        let s1 = site(AttentionKind::SelfAttention, "attn1");
+        let s2 = site(AttentionKind::CrossAttention, "attn2");
+        Ok(Self {
+            norm1: LayerNorm::load(&vb.pp("norm1"), dim, 1e-5)?,
+            attn1: Attention::load(&vb.pp("attn1"), dim, dim, heads, dim_head, upcast, s1)?,
+            norm2: LayerNorm::load(&vb.pp("norm2"), dim, 1e-5)?,
+            attn2: Attention::load(&vb.pp("attn2"), dim, context_dim, heads, dim_head, upcast, s2)?,
+            norm3: LayerNorm::load(&vb.pp("norm3"), dim, 1e-5)?,
+            ff: FeedForward::load(&vb.pp("ff"), dim)?,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        context: &Tensor,
+        height: usize,
+        width: usize,
+        control: &mut dyn AttentionControl,
+        step: usize,
+    ) -> Result<Tensor> {
+        let h = self.norm1.forward(x)?;
+        let x = (self.attn1.forward(&h, None, height, width, control, step)? + x)?;
+        let h = self.norm2.forward(&x)?;
+        let x = (self.attn2.forward(&h, Some(context), height, width, control, step)? + x)?;
+        let h = self.norm3.forward(&x)?;
+        Ok((self.ff.forward(&h)? + x)?)
+    }
+
+    pub fn sites(&self) -> [&AttentionSite; 2] {
+        [&self.attn1.site, &self.attn2.site]
+    }
+}
+
+enum Projection {
+    Conv(Conv2d),
+    Linear(Linear),
+}
+
+/// `Transformer2DModel` for continuous inputs: norm, project in, transformer blocks,
+/// project out, residual.
+pub struct Transformer2DModel {
+    norm: GroupNorm,
+    proj_in: Projection,
+    blocks: Vec<BasicTransformerBlock>,
+    proj_out: Projection,
+}
+
+/// Shape parameters of a `Transformer2DModel`.
+#[derive(Debug, Clone, Copy)]
+pub struct TransformerShape {
+    pub channels: usize,
+    pub heads: usize,
+    pub layers: usize,
+    pub context_dim: usize,
+    pub groups: usize,
+    pub linear_projection: bool,
+    pub upcast: bool,
+}
+
+impl Transformer2DModel {
+    pub fn load(
+        vb: &Vb,
+        s: TransformerShape,
+        at: TransformerPlace,
+        next_index: &mut usize,
+    ) -> Result<Self> {
+        let c = s.channels;
+        if s.heads == 0 || c % s.heads != 0 {
+            return Err(crate::Error::Unsupported(format!(
+                "{}: {c} channels do not divide into {} heads",
+                vb.prefix(),
+                s.heads
+            )));
+        }
+        let dim_head = c / s.heads;
+        let proj = |name: &str| -> Result<Projection> {
+            Ok(if s.linear_projection {
+                Projection::Linear(Linear::load_maybe_conv(&vb.pp(name), c, c)?)
+            } else {
+                Projection::Conv(Conv2d::load(&vb.pp(name), c, c, 1, 1, 0)?)
+            })
+        };
+        let blocks = (0..s.layers)
+            .map(|i| {
+                BasicTransformerBlock::load(
+                    &vb.pp(format!("transformer_blocks.{i}")),
+                    c,
+                    s.heads,
+                    dim_head,
+                    s.context_dim,
+                    s.upcast,
+                    at,
+                    i,
+                    next_index,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            norm: GroupNorm::load(&vb.pp("norm"), s.groups, c, 1e-6)?,
+            proj_in: proj("proj_in")?,
+            blocks,
+            proj_out: proj("proj_out")?,
+        })
+    }
+
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        context: &Tensor,
+        control: &mut dyn AttentionControl,
+        step: usize,
+    ) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let residual = x;
+        let x = self.norm.forward(x)?;
+        // (B, C, H, W) -> (B, H·W, C)
+        let to_seq = |t: Tensor| -> Result<Tensor> {
+            Ok(t.permute((0, 2, 3, 1))?.reshape((b, h * w, ()))?)
+        };
+        let mut x = match &self.proj_in {
+            Projection::Conv(p) => to_seq(p.forward(&x)?)?,
+            Projection::Linear(p) => p.forward(&to_seq(x)?)?,
+        };
+        for block in &self.blocks {
+            x = block.forward(&x, context, h, w, control, step)?;
+        }
+        // (B, H·W, C) -> (B, C, H, W)
+        let to_img = |t: Tensor| -> Result<Tensor> {
+            Ok(t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous()?)
+        };
+        let x = match &self.proj_out {
+            Projection::Conv(p) => p.forward(&to_img(x)?)?,
+            Projection::Linear(p) => to_img(p.forward(&x)?)?,
+        };
+        Ok((x + residual)?)
+    }
+
+    pub fn sites(&self) -> impl Iterator<Item = &AttentionSite> {
+        self.blocks.iter().flat_map(|b| b.sites())
+    }
+}

@@ -1,0 +1,29 @@
+//! Stable Diffusion 1.x/2.x for nulltext: tokenizer, text encoder, UNet with an
+//! attention-control hook, VAE and DDIM, on candle, matching diffusers numerically.
+
+pub mod attention;
+pub mod clip;
+pub mod config;
+pub mod control;
+pub mod embeddings;
+pub mod error;
+pub mod fingerprint;
+pub mod model;
+pub mod nn;
+pub mod resnet;
+pub mod scheduler;
+pub mod tokenizer;
+pub mod unet;
+pub mod vae;
+pub mod weights;
+
+pub use candle_core;
+pub use clip::ClipTextTransformer;
+pub use config::{ClipTextConfig, SchedulerConfig, UNetConfig, VaeConfig};
+pub use control::{AttentionCall, AttentionControl, AttentionKind, AttentionSite, NoControl, Place};
+pub use error::{Error, Result};
+pub use model::{LoadOptions, StableDiffusion};
+pub use scheduler::Ddim;
+pub use tokenizer::ClipTokenizer;
+pub use unet::UNet2DConditionModel;
+pub use vae::AutoencoderKL;

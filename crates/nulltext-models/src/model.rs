@@ -1,0 +1,318 @@
+//! A whole Stable Diffusion model: where its files are, and loading all four parts.
+//!
+//! `--model` may name a diffusers folder (`model_index.json`, `unet/`, `vae/`,
+//! `text_encoder/`, `tokenizer/`, `scheduler/`), or a Hugging Face repo id (`ORG/NAME`)
+//! resolved offline in the local Hugging Face cache.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::clip::ClipTextTransformer;
+use crate::config::{read_json, ClipTextConfig, SchedulerConfig, UNetConfig, VaeConfig};
+use crate::error::{Error, Result};
+use crate::fingerprint::unet_fingerprint;
+use crate::tokenizer::{ClipTokenizer, Encoding};
+use crate::unet::UNet2DConditionModel;
+use crate::vae::AutoencoderKL;
+use crate::weights::WeightStore;
+
+/// How to load a model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub device: Device,
+    /// Compute dtype of the weights (f32 by default; f16/bf16 on GPUs).
+    pub dtype: DType,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            device: Device::Cpu,
+            dtype: DType::F32,
+        }
+    }
+}
+
+/// The Hugging Face hub cache folder: `$HF_HUB_CACHE`, `$HF_HOME/hub` or
+/// `~/.cache/huggingface/hub`.
+pub fn hf_cache_dir() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("HF_HUB_CACHE") {
+        return Some(PathBuf::from(p));
+    }
+    if let Some(p) = std::env::var_os("HF_HOME") {
+        return Some(PathBuf::from(p).join("hub"));
+    }
+    let home = std::env::var_os("HOME")?;
+    Some(PathBuf::from(home).join(".cache/huggingface/hub"))
+}
+
+fn looks_like_repo_id(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('/').collect();
+    parts.len() == 2
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+                && *p != "."
+                && *p != ".."
+        })
+}
+
+/// Finds the snapshot folder of `repo_id` in the hub cache: the one `refs/main` names,
+/// else the most recently modified.
+pub fn resolve_hf_repo(repo_id: &str) -> Result<PathBuf> {
+    let cache = hf_cache_dir().ok_or_else(|| Error::Msg("no HOME or HF_HOME to find the Hugging Face cache".into()))?;
+    let repo = cache.join(format!("models--{}", repo_id.replace('/', "--")));
+    let snapshots = repo.join("snapshots");
+    if !snapshots.is_dir() {
+        return Err(Error::Msg(format!(
+            "`{repo_id}` is neither a local path nor in the Hugging Face cache ({} not found); \
+             nulltext never downloads: download it with `huggingface-cli download {repo_id}` \
+             or pass a folder",
+            snapshots.display()
+        )));
+    }
+    if let Ok(rev) = std::fs::read_to_string(repo.join("refs/main")) {
+        let p = snapshots.join(rev.trim());
+        if p.is_dir() {
+            return Ok(p);
+        }
+    }
+    let mut best: Option<(std::time::SystemTime, PathBuf)> = None;
+    for e in std::fs::read_dir(&snapshots).map_err(|e| Error::io(&snapshots, e))? {
+        let e = e.map_err(|e| Error::io(&snapshots, e))?;
+        let t = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .unwrap_or(std::time::UNIX_EPOCH);
+        if e.path().is_dir() && best.as_ref().is_none_or(|(bt, _)| t > *bt) {
+            best = Some((t, e.path()));
+        }
+    }
+    best.map(|(_, p)| p)
+        .ok_or_else(|| Error::Msg(format!("{}: no snapshot in the cache", snapshots.display())))
+}
+
+/// Resolves what the user passed as `--model` to a local path.
+pub fn resolve_model_path(spec: &str) -> Result<PathBuf> {
+    let p = PathBuf::from(spec);
+    if p.exists() {
+        return Ok(p);
+    }
+    if looks_like_repo_id(spec) {
+        return resolve_hf_repo(spec);
+    }
+    Err(Error::MissingFile(p))
+}
+
+/// The weight files of one component folder (`unet/`, `vae/`, `text_encoder/`): the
+/// full-precision file if present, else the `fp16` variant, either whole or sharded.
+pub fn component_weight_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
+    if !dir.is_dir() {
+        return Err(Error::MissingFile(dir.to_path_buf()));
+    }
+    for variant in ["", ".fp16"] {
+        let single = dir.join(format!("{stem}{variant}.safetensors"));
+        if single.is_file() {
+            return Ok(vec![single]);
+        }
+        let index = dir.join(format!("{stem}.safetensors{variant}.index.json"));
+        let index_alt = dir.join(format!("{stem}{variant}.safetensors.index.json"));
+        for idx in [index, index_alt] {
+            if idx.is_file() {
+                let v: serde_json::Value = read_json(&idx)?;
+                let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
+                    Error::Config {
+                        path: idx.clone(),
+                        msg: "no `weight_map`".into(),
+                    }
+                })?;
+                let mut files: Vec<PathBuf> = map
+                    .values()
+                    .filter_map(|f| f.as_str())
+                    .map(|f| dir.join(f))
+                    .collect();
+                files.sort();
+                files.dedup();
+                return Ok(files);
+            }
+        }
+    }
+    let has_bin = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .any(|e| e.path().extension().is_some_and(|x| x == "bin" || x == "ckpt"))
+        })
+        .unwrap_or(false);
+    if has_bin {
+        return Err(Error::Unsupported(format!(
+            "{} holds only PyTorch pickle weights (.bin/.ckpt), which nulltext does not load \
+             (unpickling can run arbitrary code); convert them to safetensors, e.g. with \
+             diffusers' `save_pretrained(..., safe_serialization=True)`",
+            dir.display()
+        )));
+    }
+    Err(Error::MissingFile(dir.join(format!("{stem}.safetensors"))))
+}
+
+/// Stable Diffusion: tokenizer, text encoder, UNet, VAE and the scheduler settings.
+pub struct StableDiffusion {
+    pub tokenizer: ClipTokenizer,
+    pub text_encoder: ClipTextTransformer,
+    pub unet: UNet2DConditionModel,
+    pub vae: AutoencoderKL,
+    pub scheduler: SchedulerConfig,
+    /// See [`crate::fingerprint`].
+    pub fingerprint: String,
+    /// What the user named the model (path or repo id).
+    pub name: String,
+    pub path: PathBuf,
+    pub device: Device,
+    pub dtype: DType,
+}
+
+impl StableDiffusion {
+    /// Loads from a diffusers folder or a cached Hugging Face repo id.
+    pub fn load(spec: &str, opts: &LoadOptions) -> Result<Self> {
+        let path = resolve_model_path(spec)?;
+        if path.is_file() {
+            return Err(Error::Unsupported(format!(
+                "{}: single-file checkpoints are not supported yet; pass a diffusers folder",
+                path.display()
+            )));
+        }
+        Self::load_diffusers(&path, spec, opts)
+    }
+
+    fn load_diffusers(dir: &Path, name: &str, opts: &LoadOptions) -> Result<Self> {
+        let index = dir.join("model_index.json");
+        if !index.is_file() && !dir.join("unet").is_dir() {
+            return Err(Error::Msg(format!(
+                "{}: not a diffusers model folder (no model_index.json, no unet/)",
+                dir.display()
+            )));
+        }
+        let (dev, dt) = (&opts.device, opts.dtype);
+        let unet_cfg: UNetConfig = read_json(&dir.join("unet/config.json"))?;
+        let vae_cfg: VaeConfig = read_json(&dir.join("vae/config.json"))?;
+        let text_cfg: ClipTextConfig = read_json(&dir.join("text_encoder/config.json"))?;
+        let sched_path = dir.join("scheduler/scheduler_config.json");
+        let scheduler = if sched_path.is_file() {
+            SchedulerConfig::from_file(&sched_path)?
+        } else {
+            tracing::warn!("{}: missing; using Stable Diffusion's DDIM defaults", sched_path.display());
+            SchedulerConfig::default()
+        };
+        let tok_dir = dir.join("tokenizer");
+        let tokenizer = if tok_dir.join("vocab.json").is_file() {
+            ClipTokenizer::from_dir(&tok_dir)?
+        } else {
+            tracing::warn!("{}: no vocab.json; using the bundled CLIP vocabulary", tok_dir.display());
+            ClipTokenizer::bundled()
+        };
+
+        let unet_store = WeightStore::open(
+            &component_weight_files(&dir.join("unet"), "diffusion_pytorch_model")?,
+            dev,
+            dt,
+        )?;
+        let fingerprint = unet_fingerprint(&unet_store)?;
+        let unet = UNet2DConditionModel::load(&unet_store.root(), &unet_cfg)
+            .map_err(|e| with_component(e, "unet", &dir.join("unet/config.json")))?;
+        drop(unet_store);
+        let vae_store = WeightStore::open(
+            &component_weight_files(&dir.join("vae"), "diffusion_pytorch_model")?,
+            dev,
+            dt,
+        )?;
+        let vae = AutoencoderKL::load(&vae_store.root(), &vae_cfg)
+            .map_err(|e| with_component(e, "vae", &dir.join("vae/config.json")))?;
+        drop(vae_store);
+        let text_store = WeightStore::open(
+            &component_weight_files(&dir.join("text_encoder"), "model")?,
+            dev,
+            dt,
+        )?;
+        let text_encoder = ClipTextTransformer::load(&text_store.root(), &text_cfg)
+            .map_err(|e| with_component(e, "text_encoder", &dir.join("text_encoder/config.json")))?;
+        Ok(Self {
+            tokenizer,
+            text_encoder,
+            unet,
+            vae,
+            scheduler,
+            fingerprint,
+            name: name.to_string(),
+            path: dir.to_path_buf(),
+            device: dev.clone(),
+            dtype: dt,
+        })
+    }
+
+    /// Pixels per latent cell (8 for SD).
+    pub fn vae_scale_factor(&self) -> usize {
+        self.vae.config().downsampling()
+    }
+
+    /// The image size the UNet was trained at (512 for SD 1.x, 256 for the tiny fixture).
+    pub fn default_image_size(&self) -> usize {
+        self.unet.config().sample_size * self.vae_scale_factor()
+    }
+
+    pub fn latent_channels(&self) -> usize {
+        self.unet.config().in_channels
+    }
+
+    pub fn context_dim(&self) -> usize {
+        self.text_encoder.hidden_size()
+    }
+
+    /// Tokenizes `prompts` (padded/truncated to 77) and encodes them: `[B, 77, D]`, f32.
+    pub fn encode_prompts(&self, prompts: &[&str]) -> Result<(Tensor, Vec<Encoding>)> {
+        let encs: Vec<Encoding> = prompts
+            .iter()
+            .map(|p| self.tokenizer.encode_padded(p))
+            .collect();
+        let ids: Vec<u32> = encs.iter().flat_map(|e| e.ids.iter().copied()).collect();
+        let ids = Tensor::from_vec(ids, (prompts.len(), crate::tokenizer::MAX_LEN), &self.device)?;
+        let emb = self.text_encoder.forward(&ids)?.to_dtype(DType::F32)?;
+        Ok((emb, encs))
+    }
+
+    /// `[1, 77, D]` embedding of one prompt.
+    pub fn encode_prompt(&self, prompt: &str) -> Result<Tensor> {
+        Ok(self.encode_prompts(&[prompt])?.0)
+    }
+
+    /// Image `[B, 3, H, W]` in [−1, 1] → z₀ = encoder mean × scaling factor (f32).
+    pub fn image_to_latent(&self, image: &Tensor) -> Result<Tensor> {
+        let d = self.vae.encode(image)?;
+        let z = (d.mean.to_dtype(DType::F32)? * self.vae.config().scaling_factor)?;
+        Ok(match self.vae.config().shift_factor {
+            Some(s) => (z - s)?,
+            None => z,
+        })
+    }
+
+    /// Latents → images `[B, 3, H, W]` in [0, 1] (f32): D(z / scaling factor)/2 + ½, clamped.
+    pub fn latent_to_image(&self, z: &Tensor) -> Result<Tensor> {
+        let c = self.vae.config();
+        let z = match c.shift_factor {
+            Some(s) => (z + s)?,
+            None => z.clone(),
+        };
+        let x = self.vae.decode(&(z / c.scaling_factor)?)?.to_dtype(DType::F32)?;
+        Ok(((x / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
+    }
+}
+
+fn with_component(e: Error, component: &str, config: &Path) -> Error {
+    match e {
+        Error::Unsupported(msg) => Error::Config {
+            path: config.to_path_buf(),
+            msg: format!("{component}: {msg}"),
+        },
+        e => e,
+    }
+}

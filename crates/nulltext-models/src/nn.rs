@@ -1,0 +1,366 @@
+//! Layers with frozen weights, fast on the forward pass and exact on the backward pass.
+//!
+//! Null-text inversion differentiates the UNet with respect to its text context only, so
+//! every layer here treats its weights as constants: the backward pass computes the
+//! gradient of the input and nothing else. Where candle's fused kernels record no backward
+//! op (softmax, layer norm) or its backward also computes unneeded weight gradients
+//! (matmul, conv2d), the value is computed without a graph and re-attached to the input
+//! with an explicit input-gradient-only backward ([`attach_grad`]).
+
+use std::sync::{Arc, Mutex, OnceLock};
+
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp1, DType, Layout, MetalStorage, Shape, Storage, Tensor, D,
+};
+
+use crate::error::Result;
+use crate::weights::Vb;
+
+type Bwd = dyn Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor> + Send + Sync;
+
+/// A custom op whose forward hands out a precomputed value and whose backward is `bwd`.
+struct WithGrad {
+    value: Mutex<Option<Tensor>>,
+    bwd: Arc<Bwd>,
+}
+
+impl WithGrad {
+    fn take(&self) -> candle_core::Result<Tensor> {
+        self.value
+            .lock()
+            .unwrap()
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("attach_grad value used twice".into()))
+    }
+}
+
+fn storage_copy(t: &Tensor) -> candle_core::Result<(Storage, Shape)> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let shape = layout.shape().clone();
+    let owned = match (&*storage, layout.start_offset()) {
+        (Storage::Cpu(s), 0) if s_len(s) == shape.elem_count() => Storage::Cpu(s.clone()),
+        _ => {
+            drop(storage);
+            let c = t.copy()?;
+            let (storage, _) = c.storage_and_layout();
+            return Ok((storage.try_clone(c.layout())?, shape));
+        }
+    };
+    Ok((owned, shape))
+}
+
+fn s_len(s: &CpuStorage) -> usize {
+    match s {
+        CpuStorage::F32(v) => v.len(),
+        CpuStorage::F16(v) => v.len(),
+        CpuStorage::BF16(v) => v.len(),
+        CpuStorage::F64(v) => v.len(),
+        _ => usize::MAX,
+    }
+}
+
+impl CustomOp1 for WithGrad {
+    fn name(&self) -> &'static str {
+        "with-grad"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        match storage_copy(&self.take()?)? {
+            (Storage::Cpu(s), shape) => Ok((s, shape)),
+            _ => candle_core::bail!("attach_grad: value not on the cpu"),
+        }
+    }
+
+    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let v = self.take()?.contiguous()?;
+        let (storage, layout) = v.storage_and_layout();
+        match &*storage {
+            Storage::Cuda(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
+            _ => candle_core::bail!("attach_grad: value not on the cuda device"),
+        }
+    }
+
+    fn metal_fwd(
+        &self,
+        _: &MetalStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(MetalStorage, Shape)> {
+        let v = self.take()?.contiguous()?;
+        let (storage, layout) = v.storage_and_layout();
+        match &*storage {
+            Storage::Metal(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
+            _ => candle_core::bail!("attach_grad: value not on the metal device"),
+        }
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some((self.bwd)(grad_res, res)?))
+    }
+}
+
+/// Returns `value` (computed from `x` without a graph) as a function of `x` whose backward
+/// is `bwd(grad_of_value, value)`. Without a graph on `x`, returns `value` as it is.
+pub fn attach_grad(
+    x: &Tensor,
+    value: Tensor,
+    bwd: impl Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor> + Send + Sync + 'static,
+) -> candle_core::Result<Tensor> {
+    if !x.track_op() {
+        return Ok(value);
+    }
+    x.apply_op1(WithGrad {
+        value: Mutex::new(Some(value)),
+        bwd: Arc::new(bwd),
+    })
+}
+
+/// `y = x Wᵀ + b` with a frozen `W`.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn load(vb: &Vb, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        let weight = vb.get(&[out_dim, in_dim], "weight")?;
+        let bias = if bias {
+            Some(vb.get(&[out_dim], "bias")?)
+        } else {
+            None
+        };
+        Ok(Self { weight, bias })
+    }
+
+    /// Loads a linear layer stored as a 1×1 convolution (`[out, in, 1, 1]`), or as a matrix.
+    pub fn load_maybe_conv(vb: &Vb, in_dim: usize, out_dim: usize) -> Result<Self> {
+        let weight = match vb.shape_of("weight") {
+            Some([_, _, 1, 1]) => vb.get(&[out_dim, in_dim, 1, 1], "weight")?.reshape((out_dim, in_dim))?,
+            _ => vb.get(&[out_dim, in_dim], "weight")?,
+        };
+        Ok(Self {
+            weight,
+            bias: Some(vb.get(&[out_dim], "bias")?),
+        })
+    }
+
+    pub fn out_dim(&self) -> usize {
+        self.weight.dim(0).unwrap_or(0)
+    }
+
+    fn value(&self, x2: &Tensor) -> candle_core::Result<Tensor> {
+        let y = x2.matmul(&self.weight.t()?)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let in_dim = *dims.last().unwrap();
+        let rows = x.elem_count() / in_dim.max(1);
+        let x2 = x.reshape((rows, in_dim))?;
+        let y = if x2.track_op() {
+            let value = self.value(&x2.detach())?;
+            let w = self.weight.clone();
+            // d(xWᵀ)/dx: g W
+            attach_grad(&x2, value, move |g, _| g.matmul(&w))?
+        } else {
+            self.value(&x2)?
+        };
+        let mut out = dims;
+        *out.last_mut().unwrap() = self.out_dim();
+        Ok(y.reshape(out)?)
+    }
+}
+
+/// 2-D convolution with a frozen kernel.
+#[derive(Debug)]
+pub struct Conv2d {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub stride: usize,
+    pub padding: usize,
+    /// The kernel transposed and flipped, for the input gradient of stride-1 convolutions.
+    flipped: OnceLock<Tensor>,
+}
+
+impl Conv2d {
+    pub fn load(
+        vb: &Vb,
+        in_c: usize,
+        out_c: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        let weight = vb.get(&[out_c, in_c, kernel, kernel], "weight")?;
+        let bias = Some(vb.get(&[out_c], "bias")?);
+        Ok(Self {
+            weight,
+            bias,
+            stride,
+            padding,
+            flipped: OnceLock::new(),
+        })
+    }
+
+    fn value(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
+            None => Ok(y),
+        }
+    }
+
+    fn flipped(&self) -> candle_core::Result<Tensor> {
+        if let Some(f) = self.flipped.get() {
+            return Ok(f.clone());
+        }
+        let (_, _, kh, kw) = self.weight.dims4()?;
+        let dev = self.weight.device();
+        let rh = Tensor::from_vec((0..kh as u32).rev().collect::<Vec<_>>(), kh, dev)?;
+        let rw = Tensor::from_vec((0..kw as u32).rev().collect::<Vec<_>>(), kw, dev)?;
+        let f = self
+            .weight
+            .transpose(0, 1)?
+            .index_select(&rh, 2)?
+            .index_select(&rw, 3)?
+            .contiguous()?;
+        let _ = self.flipped.set(f.clone());
+        Ok(f)
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if !x.track_op() {
+            return Ok(self.value(x)?);
+        }
+        let value = self.value(&x.detach())?;
+        let (_, _, in_h, in_w) = x.dims4()?;
+        let (_, _, k, _) = self.weight.dims4()?;
+        let (stride, padding) = (self.stride, self.padding);
+        let weight = self.weight.clone();
+        let flipped = if stride == 1 { Some(self.flipped()?) } else { None };
+        Ok(attach_grad(x, value, move |g, _| {
+            match &flipped {
+                // A stride-1 convolution's input gradient is a convolution of the output
+                // gradient with the transposed, flipped kernel.
+                Some(f) => g.conv2d(f, k - 1 - padding, 1, 1, 1),
+                None => {
+                    let out_h = (g.dim(2)? - 1) * stride + k - 2 * padding;
+                    let out_pad = in_h - out_h;
+                    let gx = g.conv_transpose2d(&weight, padding, out_pad, stride, 1)?;
+                    if gx.dim(3)? != in_w {
+                        candle_core::bail!("conv2d backward: width mismatch");
+                    }
+                    Ok(gx)
+                }
+            }
+        })?)
+    }
+}
+
+/// Group normalization with frozen affine parameters.
+#[derive(Clone, Debug)]
+pub struct GroupNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub groups: usize,
+    pub eps: f64,
+}
+
+impl GroupNorm {
+    pub fn load(vb: &Vb, groups: usize, channels: usize, eps: f64) -> Result<Self> {
+        if groups == 0 || channels % groups != 0 {
+            return Err(crate::Error::Unsupported(format!(
+                "{}: {channels} channels do not divide into {groups} groups",
+                vb.prefix()
+            )));
+        }
+        Ok(Self {
+            weight: vb.get(&[channels], "weight")?,
+            bias: vb.get(&[channels], "bias")?,
+            groups,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let (b, c) = (dims[0], dims[1]);
+        let n = x.elem_count() / (b * self.groups);
+        let dtype = x.dtype();
+        let xs = x.reshape((b, self.groups, n))?.to_dtype(DType::F32)?;
+        let mean = (xs.sum_keepdim(2)? / n as f64)?;
+        let xs = xs.broadcast_sub(&mean)?;
+        let var = (xs.sqr()?.sum_keepdim(2)? / n as f64)?;
+        let xs = xs.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        let mut wd = vec![1usize; dims.len()];
+        wd[1] = c;
+        let y = xs
+            .to_dtype(dtype)?
+            .reshape(dims)?
+            .broadcast_mul(&self.weight.reshape(wd.clone())?)?
+            .broadcast_add(&self.bias.reshape(wd)?)?;
+        Ok(y)
+    }
+}
+
+/// Layer normalization over the last dimension, with frozen affine parameters.
+#[derive(Clone, Debug)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn load(vb: &Vb, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(&[dim], "weight")?,
+            bias: vb.get(&[dim], "bias")?,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = x.contiguous()?;
+        if !x.track_op() {
+            return Ok(candle_nn::ops::layer_norm(
+                &x,
+                &self.weight,
+                &self.bias,
+                self.eps as f32,
+            )?);
+        }
+        // The fused kernel records no backward op: build it from differentiable ops.
+        let n = x.dim(D::Minus1)? as f64;
+        let mean = (x.sum_keepdim(D::Minus1)? / n)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = (xc.sqr()?.sum_keepdim(D::Minus1)? / n)?;
+        let xn = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        Ok(xn.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?)
+    }
+}
+
+/// Softmax over the last dimension; differentiable (candle's fused kernel is not).
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    if !x.track_op() {
+        return Ok(candle_nn::ops::softmax_last_dim(&x)?);
+    }
+    let value = candle_nn::ops::softmax_last_dim(&x.detach())?;
+    // dy/dx · g = y ⊙ (g − Σ g⊙y)
+    Ok(attach_grad(&x, value, |g, y| {
+        let dot = (g * y)?.sum_keepdim(D::Minus1)?;
+        y * g.broadcast_sub(&dot)?
+    })?)
+}

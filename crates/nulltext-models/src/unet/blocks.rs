@@ -1,0 +1,298 @@
+//! UNet blocks: `CrossAttnDownBlock2D`/`DownBlock2D`, `UNetMidBlock2DCrossAttn`,
+//! `CrossAttnUpBlock2D`/`UpBlock2D`. A block without attentions is the plain variant.
+
+use candle_core::Tensor;
+
+use crate::attention::{Transformer2DModel, TransformerPlace, TransformerShape};
+use crate::control::{AttentionControl, AttentionSite, Place};
+use crate::error::Result;
+use crate::resnet::{Downsample2D, ResnetBlock2D, ResnetShape, Upsample2D};
+use crate::weights::Vb;
+
+/// What the blocks of one UNet share.
+#[derive(Debug, Clone, Copy)]
+pub struct BlockCommon {
+    pub temb_channels: usize,
+    pub groups: usize,
+    pub eps: f64,
+    pub context_dim: usize,
+    pub linear_projection: bool,
+    pub upcast: bool,
+}
+
+impl BlockCommon {
+    fn resnet(&self, in_channels: usize, out_channels: usize) -> ResnetShape {
+        ResnetShape {
+            in_channels,
+            out_channels,
+            temb_channels: Some(self.temb_channels),
+            groups: self.groups,
+            eps: self.eps,
+        }
+    }
+
+    fn transformer(&self, channels: usize, heads: usize, layers: usize) -> TransformerShape {
+        TransformerShape {
+            channels,
+            heads,
+            layers,
+            context_dim: self.context_dim,
+            groups: self.groups,
+            linear_projection: self.linear_projection,
+            upcast: self.upcast,
+        }
+    }
+}
+
+/// Attention configuration of a block, `None` for the plain (attention-free) variants.
+#[derive(Debug, Clone, Copy)]
+pub struct BlockAttention {
+    pub heads: usize,
+    pub transformer_layers: usize,
+}
+
+pub struct DownBlock {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<Transformer2DModel>,
+    downsampler: Option<Downsample2D>,
+}
+
+impl DownBlock {
+    #[allow(clippy::too_many_arguments)]
+    pub fn load(
+        vb: &Vb,
+        index: usize,
+        c: &BlockCommon,
+        in_channels: usize,
+        out_channels: usize,
+        layers: usize,
+        attn: Option<BlockAttention>,
+        downsample_padding: Option<usize>,
+        next_site: &mut usize,
+    ) -> Result<Self> {
+        let mut resnets = Vec::new();
+        let mut attentions = Vec::new();
+        for i in 0..layers {
+            let in_c = if i == 0 { in_channels } else { out_channels };
+            resnets.push(ResnetBlock2D::load(
+                &vb.pp(format!("resnets.{i}")),
+                c.resnet(in_c, out_channels),
+            )?);
+            if let Some(a) = attn {
+                let at = TransformerPlace {
+                    place: Place::Down,
+                    block: index,
+                    transformer: i,
+                };
+                attentions.push(Transformer2DModel::load(
+                    &vb.pp(format!("attentions.{i}")),
+                    c.transformer(out_channels, a.heads, a.transformer_layers),
+                    at,
+                    next_site,
+                )?);
+            }
+        }
+        let downsampler = match downsample_padding {
+            Some(p) => Some(Downsample2D::load(
+                &vb.pp("downsamplers.0"),
+                out_channels,
+                p,
+            )?),
+            None => None,
+        };
+        Ok(Self {
+            resnets,
+            attentions,
+            downsampler,
+        })
+    }
+
+    /// Returns the output and the states the up path will concatenate.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        temb: &Tensor,
+        context: &Tensor,
+        control: &mut dyn AttentionControl,
+        step: usize,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        let mut x = x.clone();
+        let mut states = Vec::new();
+        for (i, resnet) in self.resnets.iter().enumerate() {
+            x = resnet.forward(&x, Some(temb))?;
+            if let Some(attn) = self.attentions.get(i) {
+                x = attn.forward(&x, context, control, step)?;
+            }
+            states.push(x.clone());
+        }
+        if let Some(d) = &self.downsampler {
+            x = d.forward(&x)?;
+            states.push(x.clone());
+        }
+        Ok((x, states))
+    }
+
+    pub fn sites(&self) -> impl Iterator<Item = &AttentionSite> {
+        self.attentions.iter().flat_map(|a| a.sites())
+    }
+}
+
+pub struct MidBlock {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<Transformer2DModel>,
+}
+
+impl MidBlock {
+    pub fn load(
+        vb: &Vb,
+        c: &BlockCommon,
+        channels: usize,
+        attn: BlockAttention,
+        next_site: &mut usize,
+    ) -> Result<Self> {
+        let at = TransformerPlace {
+            place: Place::Mid,
+            block: 0,
+            transformer: 0,
+        };
+        Ok(Self {
+            resnets: vec![
+                ResnetBlock2D::load(&vb.pp("resnets.0"), c.resnet(channels, channels))?,
+                ResnetBlock2D::load(&vb.pp("resnets.1"), c.resnet(channels, channels))?,
+            ],
+            attentions: vec![Transformer2DModel::load(
+                &vb.pp("attentions.0"),
+                c.transformer(channels, attn.heads, attn.transformer_layers),
+                at,
+                next_site,
+            )?],
+        })
+    }
+
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        temb: &Tensor,
+        context: &Tensor,
+        control: &mut dyn AttentionControl,
+        step: usize,
+    ) -> Result<Tensor> {
+        let mut x = self.resnets[0].forward(x, Some(temb))?;
+        for (attn, resnet) in self.attentions.iter().zip(&self.resnets[1..]) {
+            x = attn.forward(&x, context, control, step)?;
+            x = resnet.forward(&x, Some(temb))?;
+        }
+        Ok(x)
+    }
+
+    pub fn sites(&self) -> impl Iterator<Item = &AttentionSite> {
+        self.attentions.iter().flat_map(|a| a.sites())
+    }
+}
+
+pub struct UpBlock {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<Transformer2DModel>,
+    upsampler: Option<Upsample2D>,
+}
+
+/// Channel bookkeeping of one up block.
+#[derive(Debug, Clone, Copy)]
+pub struct UpChannels {
+    /// Channels of the matching down block's input (the last skip's width).
+    pub in_channels: usize,
+    pub out_channels: usize,
+    /// Channels coming from the previous up block.
+    pub prev_out_channels: usize,
+}
+
+impl UpBlock {
+    #[allow(clippy::too_many_arguments)]
+    pub fn load(
+        vb: &Vb,
+        index: usize,
+        c: &BlockCommon,
+        ch: UpChannels,
+        layers: usize,
+        attn: Option<BlockAttention>,
+        add_upsample: bool,
+        next_site: &mut usize,
+    ) -> Result<Self> {
+        let mut resnets = Vec::new();
+        let mut attentions = Vec::new();
+        for i in 0..layers {
+            let skip = if i == layers - 1 {
+                ch.in_channels
+            } else {
+                ch.out_channels
+            };
+            let in_c = if i == 0 {
+                ch.prev_out_channels
+            } else {
+                ch.out_channels
+            };
+            resnets.push(ResnetBlock2D::load(
+                &vb.pp(format!("resnets.{i}")),
+                c.resnet(in_c + skip, ch.out_channels),
+            )?);
+            if let Some(a) = attn {
+                let at = TransformerPlace {
+                    place: Place::Up,
+                    block: index,
+                    transformer: i,
+                };
+                attentions.push(Transformer2DModel::load(
+                    &vb.pp(format!("attentions.{i}")),
+                    c.transformer(ch.out_channels, a.heads, a.transformer_layers),
+                    at,
+                    next_site,
+                )?);
+            }
+        }
+        let upsampler = if add_upsample {
+            Some(Upsample2D::load(&vb.pp("upsamplers.0"), ch.out_channels)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            resnets,
+            attentions,
+            upsampler,
+        })
+    }
+
+    pub fn num_resnets(&self) -> usize {
+        self.resnets.len()
+    }
+
+    /// `skips`: the down path's states for this block, consumed last-first.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        skips: &[Tensor],
+        temb: &Tensor,
+        context: &Tensor,
+        upsample_size: Option<(usize, usize)>,
+        control: &mut dyn AttentionControl,
+        step: usize,
+    ) -> Result<Tensor> {
+        let mut x = x.clone();
+        for (i, resnet) in self.resnets.iter().enumerate() {
+            let skip = &skips[skips.len() - 1 - i];
+            x = Tensor::cat(&[&x, skip], 1)?;
+            x = resnet.forward(&x, Some(temb))?;
+            if let Some(attn) = self.attentions.get(i) {
+                x = attn.forward(&x, context, control, step)?;
+            }
+        }
+        if let Some(u) = &self.upsampler {
+            x = u.forward(&x, upsample_size)?;
+        }
+        Ok(x)
+    }
+
+    pub fn sites(&self) -> impl Iterator<Item = &AttentionSite> {
+        self.attentions.iter().flat_map(|a| a.sites())
+    }
+}

@@ -232,7 +232,9 @@ impl Conv2d {
         let f = self
             .weight
             .transpose(0, 1)?
+            .contiguous()?
             .index_select(&rh, 2)?
+            .contiguous()?
             .index_select(&rw, 3)?
             .contiguous()?;
         let _ = self.flipped.set(f.clone());

@@ -1,1 +1,20 @@
-//! placeholder
+//! nulltext: edit real photographs with text using Stable Diffusion.
+//!
+//! Null-text inversion (Mokady et al., CVPR 2023) finds the noise latent and per-step
+//! unconditional embeddings from which Stable Diffusion reproduces a photo; Prompt-to-Prompt
+//! then edits it by changing its caption. This crate holds the pipelines; the models live in
+//! `nulltext-models`.
+
+pub mod atomic;
+pub mod error;
+pub mod events;
+pub mod image_io;
+pub mod inversion;
+pub mod inversion_file;
+pub mod sampling;
+
+pub use error::{Error, Result};
+pub use events::{CancelFlag, Event, NoProgress, Progress, Recorder, Stage};
+pub use inversion::{invert_image, invert_latent, reconstruct, Inversion, InvertOptions, InvertReport, Method};
+pub use nulltext_models as models;
+pub use nulltext_models::StableDiffusion;

@@ -1,0 +1,561 @@
+//! DDIM inversion and null-text inversion (spec §2–3; Mokady et al., Algorithm 1, as the
+//! reference notebook runs it), and reconstruction from an inversion.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use candle_core::{DType, Tensor, Var};
+use image::RgbImage;
+use nulltext_models::{Ddim, NoControl, SchedulerConfig, StableDiffusion};
+
+use crate::error::{invalid, Error, Result};
+use crate::events::{check, Event, Progress, Stage};
+use crate::sampling::{guided_eps, predict_eps, sample, SampleSpec};
+
+/// How the unconditional embeddings of an inversion are obtained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// Per-step optimized null-text embeddings (the paper's method).
+    NullText,
+    /// One optimized embedding shared by every step (the paper's "global" ablation).
+    NullTextGlobal,
+    /// No optimization: the source prompt's embedding as the unconditional input
+    /// (Miyake et al. 2023).
+    NegativePrompt,
+    /// Plain DDIM inversion with the empty prompt's embedding: the lower bound.
+    Ddim,
+}
+
+impl Method {
+    pub const ALL: [Method; 4] = [
+        Method::NullText,
+        Method::NullTextGlobal,
+        Method::NegativePrompt,
+        Method::Ddim,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::NullText => "null-text",
+            Method::NullTextGlobal => "null-text-global",
+            Method::NegativePrompt => "negative-prompt",
+            Method::Ddim => "ddim",
+        }
+    }
+
+    pub fn optimizes(self) -> bool {
+        matches!(self, Method::NullText | Method::NullTextGlobal)
+    }
+}
+
+impl std::fmt::Display for Method {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Method {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Method::ALL
+            .into_iter()
+            .find(|m| m.as_str() == s)
+            .ok_or_else(|| {
+                format!("unknown method `{s}` (null-text, null-text-global, negative-prompt, ddim)")
+            })
+    }
+}
+
+/// Settings of an inversion.
+#[derive(Debug, Clone)]
+pub struct InvertOptions {
+    pub method: Method,
+    /// DDIM steps T.
+    pub num_steps: usize,
+    /// Guidance scale w used during optimization and later sampling.
+    pub guidance: f64,
+    /// Adam iterations per step, N.
+    pub inner_steps: usize,
+    /// Early-stop threshold ε: a step stops once its loss < ε + i·2e-5.
+    pub early_stop: f64,
+    /// Base learning rate; step i uses `lr · (1 − i/100)`.
+    pub learning_rate: f64,
+}
+
+impl Default for InvertOptions {
+    fn default() -> Self {
+        Self {
+            method: Method::NullText,
+            num_steps: 50,
+            guidance: 7.5,
+            inner_steps: 10,
+            early_stop: 1e-5,
+            learning_rate: 1e-2,
+        }
+    }
+}
+
+/// The result of an inversion: everything needed to reconstruct and edit the image.
+/// Saved and loaded as an inversion file (`crate::inversion_file`).
+#[derive(Debug, Clone)]
+pub struct Inversion {
+    /// z_T, `[1, C, h, w]`.
+    pub latent_t: Tensor,
+    /// Unconditional embedding per sampling step, `[T, 77, D]`, in sampling order.
+    pub null_embeddings: Tensor,
+    /// z₀ of the input image, `[1, C, h, w]`.
+    pub image_latent: Option<Tensor>,
+    pub prompt: String,
+    pub method: Method,
+    pub num_steps: usize,
+    pub guidance: f64,
+    pub height: usize,
+    pub width: usize,
+    pub scheduler: SchedulerConfig,
+    pub model: String,
+    pub model_fingerprint: String,
+    /// Metadata keys nulltext does not know, kept when the file is rewritten.
+    pub extra_metadata: BTreeMap<String, String>,
+    /// Tensors nulltext does not know, kept when the file is rewritten.
+    pub extra_tensors: BTreeMap<String, Tensor>,
+}
+
+impl Inversion {
+    /// The unconditional embedding of each step, `[1, 77, D]` each.
+    pub fn null_embedding_list(&self, device: &candle_core::Device) -> Result<Vec<Tensor>> {
+        let all = self.null_embeddings.to_device(device)?;
+        (0..self.num_steps)
+            .map(|i| Ok(all.narrow(0, i, 1)?))
+            .collect()
+    }
+
+    /// Checks that this inversion can be used with `sd`: same weights (unless `force`),
+    /// same embedding width, latent shape and scheduler family.
+    pub fn check_model(&self, sd: &StableDiffusion, force: bool) -> Result<()> {
+        if self.model_fingerprint != sd.fingerprint {
+            let msg = format!(
+                "inversion was made with model `{}` (fingerprint {}), but `{}` has fingerprint {}",
+                self.model, self.model_fingerprint, sd.name, sd.fingerprint
+            );
+            if force {
+                tracing::warn!("{msg}; continuing because of --force");
+            } else {
+                return Err(invalid(format!("{msg}; pass --force to use it anyway")));
+            }
+        }
+        let (_, l, d) = self.null_embeddings.dims3()?;
+        if d != sd.context_dim() || l != nulltext_models::tokenizer::MAX_LEN {
+            return Err(invalid(format!(
+                "inversion embeddings are {l}×{d}, the model's text encoder gives 77×{}",
+                sd.context_dim()
+            )));
+        }
+        let f = sd.vae_scale_factor();
+        let want = [1, sd.latent_channels(), self.height / f, self.width / f];
+        if self.latent_t.dims() != want {
+            return Err(invalid(format!(
+                "inversion latent has shape {:?}, the model needs {want:?} for {}×{} images",
+                self.latent_t.dims(),
+                self.width,
+                self.height
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// What happened during an inversion.
+#[derive(Debug, Clone, Default)]
+pub struct InvertReport {
+    /// Loss of every null-text iteration (before its update), per step.
+    pub losses: Vec<Vec<f64>>,
+    /// Updates applied per step.
+    pub iterations: Vec<usize>,
+    /// z*₀ … z*_T of the DDIM inversion.
+    pub pivots: Vec<Tensor>,
+    /// The latent the optimized trajectory ends in (= the reconstruction), if computed.
+    pub final_latent: Option<Tensor>,
+    pub seconds_ddim: f64,
+    pub seconds_optimization: f64,
+}
+
+/// DDIM inversion with guidance 1 (spec §2): z*₀ = `z0`, …, z*_T.
+pub fn ddim_inversion(
+    sd: &StableDiffusion,
+    ddim: &Ddim,
+    z0: &Tensor,
+    cond: &Tensor,
+    progress: &mut dyn Progress,
+) -> Result<Vec<Tensor>> {
+    let steps = ddim.timesteps();
+    let n = steps.len();
+    progress.event(&Event::Start {
+        stage: Stage::DdimInversion,
+        total: n,
+    });
+    let mut latents = vec![z0.clone()];
+    let mut z = z0.clone();
+    for i in 0..n {
+        check(progress)?;
+        let t = steps[n - 1 - i];
+        let eps = predict_eps(sd, ddim, &z, t, cond, &mut NoControl, n - 1 - i)?;
+        z = ddim.inverse_step(&eps, t, &z)?;
+        latents.push(z.clone());
+        progress.event(&Event::Advance {
+            stage: Stage::DdimInversion,
+            done: i + 1,
+        });
+    }
+    progress.event(&Event::Finish {
+        stage: Stage::DdimInversion,
+    });
+    Ok(latents)
+}
+
+/// Adam exactly as PyTorch's (single-tensor) implementation computes it.
+struct Adam {
+    m: Tensor,
+    v: Tensor,
+    t: i32,
+}
+
+impl Adam {
+    const B1: f64 = 0.9;
+    const B2: f64 = 0.999;
+    const EPS: f64 = 1e-8;
+
+    fn new(like: &Tensor) -> Result<Self> {
+        Ok(Self {
+            m: like.zeros_like()?,
+            v: like.zeros_like()?,
+            t: 0,
+        })
+    }
+
+    fn step(&mut self, param: &Var, grad: &Tensor, lr: f64) -> Result<()> {
+        self.t += 1;
+        // m.lerp_(g, 1 − β₁); v = β₂ v + (1 − β₂) g²
+        self.m = (&self.m + ((grad - &self.m)? * (1.0 - Self::B1))?)?;
+        self.v = ((&self.v * Self::B2)? + (grad.sqr()? * (1.0 - Self::B2))?)?;
+        let bc1 = 1.0 - Self::B1.powi(self.t);
+        let bc2 = 1.0 - Self::B2.powi(self.t);
+        let denom = ((self.v.sqrt()? / bc2.sqrt())? + Self::EPS)?;
+        let update = ((&self.m / denom)? * (lr / bc1))?;
+        param.set(&(param.as_tensor() - update)?)?;
+        Ok(())
+    }
+}
+
+fn is_finite(t: &Tensor) -> Result<bool> {
+    let s: f32 = t.to_dtype(DType::F32)?.abs()?.sum_all()?.to_scalar()?;
+    Ok(s.is_finite())
+}
+
+/// Null-text optimization (spec §3), one sampling step at a time, so that callers can
+/// observe or interleave it. [`null_text_optimization`] runs it to the end.
+pub struct NullTextOptimizer<'a> {
+    sd: &'a StableDiffusion,
+    ddim: &'a Ddim,
+    pivots: &'a [Tensor],
+    cond: &'a Tensor,
+    opts: InvertOptions,
+    global: bool,
+    step: usize,
+    /// z̄ at the current step.
+    latent: Tensor,
+    /// ∅ of the previous step (the initial value of the next).
+    current: Tensor,
+    global_adam: Option<Adam>,
+    nulls: Vec<Tensor>,
+    report: InvertReport,
+}
+
+impl<'a> NullTextOptimizer<'a> {
+    /// `pivots`: z*₀ … z*_T of the DDIM inversion; `uncond`: ∅ = embed(""). With `global`,
+    /// one embedding (and one Adam state) serves every step.
+    pub fn new(
+        sd: &'a StableDiffusion,
+        ddim: &'a Ddim,
+        pivots: &'a [Tensor],
+        cond: &'a Tensor,
+        uncond: &Tensor,
+        opts: &InvertOptions,
+        global: bool,
+    ) -> Result<Self> {
+        let n = ddim.num_steps();
+        if pivots.len() != n + 1 {
+            return Err(invalid(format!("{} pivots for {n} steps", pivots.len())));
+        }
+        Ok(Self {
+            sd,
+            ddim,
+            pivots,
+            cond,
+            opts: opts.clone(),
+            global,
+            step: 0,
+            latent: pivots[n].clone(),
+            current: uncond.detach(),
+            global_adam: None,
+            nulls: Vec::with_capacity(n),
+            report: InvertReport::default(),
+        })
+    }
+
+    /// Steps done so far.
+    pub fn steps_done(&self) -> usize {
+        self.step
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.step >= self.ddim.num_steps()
+    }
+
+    /// z̄ after the steps done so far (z*_T before the first).
+    pub fn latent(&self) -> &Tensor {
+        &self.latent
+    }
+
+    /// The optimized embeddings so far, `[1, 77, D]` each.
+    pub fn null_embeddings(&self) -> &[Tensor] {
+        &self.nulls
+    }
+
+    pub fn report(&self) -> &InvertReport {
+        &self.report
+    }
+
+    /// Optimizes ∅ᵢ for the next step i and advances z̄.
+    pub fn step(&mut self, progress: &mut dyn Progress) -> Result<()> {
+        let (sd, ddim, opts) = (self.sd, self.ddim, &self.opts);
+        let n = ddim.num_steps();
+        let i = self.step;
+        if i >= n {
+            return Err(invalid("null-text optimization is already complete"));
+        }
+        check(progress)?;
+        let t = ddim.timesteps()[i];
+        let z = &self.latent;
+        let target = &self.pivots[n - 1 - i];
+        let lr = opts.learning_rate * (1.0 - i as f64 / 100.0);
+        // 1. ε(z̄, t, C) once, without gradient.
+        let eps_c = predict_eps(sd, ddim, z, t, self.cond, &mut NoControl, i)?.detach();
+        // 2. Adam on ∅ᵢ, initialized from ∅ᵢ₋₁; a fresh state per step unless global.
+        let var = Var::from_tensor(&self.current.copy()?)?;
+        let mut local_adam;
+        let adam = if self.global {
+            if self.global_adam.is_none() {
+                self.global_adam = Some(Adam::new(&self.current)?);
+            }
+            self.global_adam.as_mut().unwrap()
+        } else {
+            local_adam = Adam::new(&self.current)?;
+            &mut local_adam
+        };
+        let threshold = opts.early_stop + i as f64 * 2e-5;
+        let mut losses = Vec::new();
+        for j in 0..opts.inner_steps {
+            let eps_u = predict_eps(sd, ddim, z, t, var.as_tensor(), &mut NoControl, i)?;
+            let noise = (&eps_u + ((&eps_c - &eps_u)? * opts.guidance)?)?;
+            let prev = ddim.step(&noise, t, z)?;
+            let loss = (prev - target)?.sqr()?.mean_all()?;
+            let grads = loss.backward()?;
+            let loss_val = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let grad = grads.get(var.as_tensor()).ok_or_else(|| {
+                Error::InvalidInput("no gradient reached the null embedding".into())
+            })?;
+            if !loss_val.is_finite() || !is_finite(grad)? {
+                return Err(Error::NonFinite(format!(
+                    "the null-text optimization (step {i}, iteration {j})"
+                )));
+            }
+            // The update is applied before the early-stop test: every step updates once.
+            adam.step(&var, grad, lr)?;
+            losses.push(loss_val);
+            progress.event(&Event::Iteration {
+                step: i,
+                iteration: j,
+                loss: loss_val,
+            });
+            progress.event(&Event::Advance {
+                stage: Stage::NullTextOptimization,
+                done: i * opts.inner_steps + j + 1,
+            });
+            check(progress)?;
+            if loss_val < threshold {
+                break;
+            }
+        }
+        self.current = var.as_tensor().detach();
+        self.report.iterations.push(losses.len());
+        progress.event(&Event::StepDone {
+            step: i,
+            iterations: losses.len(),
+            loss: losses.last().copied().unwrap_or(f64::NAN),
+        });
+        self.report.losses.push(losses);
+        self.nulls.push(self.current.clone());
+        // 3. z̄ ← guided DDIM step with (∅ᵢ, C), no gradient.
+        let eps = guided_eps(
+            sd,
+            ddim,
+            z,
+            t,
+            &self.current,
+            self.cond,
+            opts.guidance,
+            &mut NoControl,
+            i,
+        )?;
+        self.latent = ddim.step(&eps, t, z)?;
+        self.step += 1;
+        Ok(())
+    }
+
+    /// The embedding of every step and the report. For the global variant, the embedding
+    /// after the last step serves every step.
+    pub fn finish(self) -> (Vec<Tensor>, InvertReport) {
+        let mut report = self.report;
+        if self.global {
+            report.final_latent = None;
+            (vec![self.current; self.nulls.len()], report)
+        } else {
+            report.final_latent = Some(self.latent);
+            (self.nulls, report)
+        }
+    }
+}
+
+/// Runs [`NullTextOptimizer`] over every step.
+#[allow(clippy::too_many_arguments)]
+pub fn null_text_optimization(
+    sd: &StableDiffusion,
+    ddim: &Ddim,
+    pivots: &[Tensor],
+    cond: &Tensor,
+    uncond: &Tensor,
+    opts: &InvertOptions,
+    global: bool,
+    progress: &mut dyn Progress,
+) -> Result<(Vec<Tensor>, InvertReport)> {
+    let mut opt = NullTextOptimizer::new(sd, ddim, pivots, cond, uncond, opts, global)?;
+    progress.event(&Event::Start {
+        stage: Stage::NullTextOptimization,
+        total: ddim.num_steps() * opts.inner_steps,
+    });
+    while !opt.is_done() {
+        opt.step(progress)?;
+    }
+    progress.event(&Event::Finish {
+        stage: Stage::NullTextOptimization,
+    });
+    Ok(opt.finish())
+}
+
+/// Inverts an image latent z₀ (`[1, C, h, w]`) with its caption.
+pub fn invert_latent(
+    sd: &StableDiffusion,
+    z0: &Tensor,
+    prompt: &str,
+    height: usize,
+    width: usize,
+    opts: &InvertOptions,
+    progress: &mut dyn Progress,
+) -> Result<(Inversion, InvertReport)> {
+    if !(opts.guidance.is_finite()) || opts.inner_steps == 0 && opts.method.optimizes() {
+        return Err(invalid("guidance must be finite and --inner-steps at least 1"));
+    }
+    let ddim = Ddim::new(&sd.scheduler, opts.num_steps)?;
+    let (emb, _) = sd.encode_prompts(&[prompt, ""])?;
+    let cond = emb.narrow(0, 0, 1)?;
+    let empty = emb.narrow(0, 1, 1)?;
+    let start = Instant::now();
+    let pivots = ddim_inversion(sd, &ddim, z0, &cond, progress)?;
+    let seconds_ddim = start.elapsed().as_secs_f64();
+    let start = Instant::now();
+    let (nulls, mut report) = match opts.method {
+        Method::NullText | Method::NullTextGlobal => null_text_optimization(
+            sd,
+            &ddim,
+            &pivots,
+            &cond,
+            &empty,
+            opts,
+            opts.method == Method::NullTextGlobal,
+            progress,
+        )?,
+        Method::NegativePrompt => (vec![cond.clone(); opts.num_steps], InvertReport::default()),
+        Method::Ddim => (vec![empty.clone(); opts.num_steps], InvertReport::default()),
+    };
+    report.seconds_ddim = seconds_ddim;
+    report.seconds_optimization = start.elapsed().as_secs_f64();
+    let null_embeddings = Tensor::cat(&nulls, 0)?.to_dtype(DType::F32)?;
+    let latent_t = pivots[opts.num_steps].to_dtype(DType::F32)?;
+    for (what, t) in [("the null embeddings", &null_embeddings), ("z_T", &latent_t)] {
+        if !is_finite(t)? {
+            return Err(Error::NonFinite(what.into()));
+        }
+    }
+    report.pivots = pivots;
+    let inversion = Inversion {
+        latent_t,
+        null_embeddings,
+        image_latent: Some(z0.to_dtype(DType::F32)?),
+        prompt: prompt.to_string(),
+        method: opts.method,
+        num_steps: opts.num_steps,
+        guidance: opts.guidance,
+        height,
+        width,
+        scheduler: sd.scheduler.clone(),
+        model: sd.name.clone(),
+        model_fingerprint: sd.fingerprint.clone(),
+        extra_metadata: BTreeMap::new(),
+        extra_tensors: BTreeMap::new(),
+    };
+    Ok((inversion, report))
+}
+
+/// Inverts a prepared RGB image (already at the model's size) with its caption.
+pub fn invert_image(
+    sd: &StableDiffusion,
+    image: &RgbImage,
+    prompt: &str,
+    opts: &InvertOptions,
+    progress: &mut dyn Progress,
+) -> Result<(Inversion, InvertReport)> {
+    let (w, h) = image.dimensions();
+    let f = sd.vae_scale_factor() as u32;
+    if w % f != 0 || h % f != 0 {
+        return Err(invalid(format!("image size {w}×{h} is not a multiple of {f}")));
+    }
+    progress.event(&Event::Start {
+        stage: Stage::EncodeImage,
+        total: 1,
+    });
+    let x = crate::image_io::image_to_tensor(image, &sd.device)?;
+    let z0 = sd.image_to_latent(&x)?;
+    progress.event(&Event::Finish {
+        stage: Stage::EncodeImage,
+    });
+    invert_latent(sd, &z0, prompt, h as usize, w as usize, opts, progress)
+}
+
+/// Samples the inversion back with its own prompt and embeddings: the reconstruction z₀.
+pub fn reconstruct(
+    sd: &StableDiffusion,
+    inv: &Inversion,
+    progress: &mut dyn Progress,
+) -> Result<Tensor> {
+    let ddim = Ddim::new(&inv.scheduler, inv.num_steps)?;
+    let cond = sd.encode_prompt(&inv.prompt)?;
+    let nulls = inv.null_embedding_list(&sd.device)?;
+    let spec = SampleSpec {
+        start: &inv.latent_t.to_device(&sd.device)?,
+        cond: &cond,
+        uncond: &nulls,
+        guidance: inv.guidance,
+        first_step: 0,
+    };
+    sample(sd, &ddim, &spec, &mut NoControl, progress, |_, _| Ok(()))
+}

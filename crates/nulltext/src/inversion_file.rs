@@ -1,0 +1,212 @@
+//! The inversion file (`*.nti.safetensors`, spec `inversion-file.md`): a plain safetensors
+//! file with `latent_t`, `null_embeddings`, `image_latent` and string metadata.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use nulltext_models::SchedulerConfig;
+
+use crate::atomic::write_bytes_atomic;
+use crate::error::{Error, Result};
+use crate::inversion::{Inversion, Method};
+
+pub const FORMAT: &str = "nulltext-inversion/1";
+const KNOWN_TENSORS: [&str; 3] = ["latent_t", "null_embeddings", "image_latent"];
+const KNOWN_KEYS: [&str; 10] = [
+    "format",
+    "prompt",
+    "method",
+    "num_steps",
+    "guidance_scale",
+    "height",
+    "width",
+    "scheduler",
+    "model",
+    "model_fingerprint",
+];
+
+fn fmt_float(x: f64) -> String {
+    // 7.5 → "7.5", 7.0 → "7.0" (as Python's str does)
+    if x.fract() == 0.0 && x.abs() < 1e15 {
+        format!("{x:.1}")
+    } else {
+        format!("{x}")
+    }
+}
+
+/// Serializes an inversion to the bytes of an inversion file.
+pub fn to_bytes(inv: &Inversion) -> Result<Vec<u8>> {
+    let mut meta: HashMap<String, String> = inv
+        .extra_metadata
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let scheduler = serde_json::to_string(&inv.scheduler)
+        .map_err(|e| Error::InvalidInput(e.to_string()))?;
+    for (k, v) in [
+        ("format", FORMAT.to_string()),
+        ("prompt", inv.prompt.clone()),
+        ("method", inv.method.to_string()),
+        ("num_steps", inv.num_steps.to_string()),
+        ("guidance_scale", fmt_float(inv.guidance)),
+        ("height", inv.height.to_string()),
+        ("width", inv.width.to_string()),
+        ("scheduler", scheduler),
+        ("model", inv.model.clone()),
+        ("model_fingerprint", inv.model_fingerprint.clone()),
+    ] {
+        meta.insert(k.to_string(), v);
+    }
+    let cpu = |t: &Tensor| -> Result<Tensor> {
+        Ok(t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.contiguous()?)
+    };
+    let mut tensors: Vec<(String, Tensor)> = vec![
+        ("latent_t".into(), cpu(&inv.latent_t)?),
+        ("null_embeddings".into(), cpu(&inv.null_embeddings)?),
+    ];
+    if let Some(z0) = &inv.image_latent {
+        tensors.push(("image_latent".into(), cpu(z0)?));
+    }
+    for (k, t) in &inv.extra_tensors {
+        tensors.push((k.clone(), t.to_device(&Device::Cpu)?.contiguous()?));
+    }
+    safetensors::tensor::serialize(tensors.iter().map(|(k, t)| (k.as_str(), t)), Some(meta))
+        .map_err(|e| Error::InvalidInput(format!("serializing the inversion: {e}")))
+}
+
+/// Writes an inversion file atomically (a temporary file renamed into place).
+pub fn save(inv: &Inversion, path: &Path) -> Result<()> {
+    write_bytes_atomic(path, &to_bytes(inv)?)
+}
+
+/// Reads and checks an inversion file: format version, required tensors and keys, shapes
+/// consistent with each other, and finite values.
+pub fn load(path: &Path) -> Result<Inversion> {
+    let bytes = std::fs::read(path).map_err(|e| Error::Io {
+        path: path.to_path_buf(),
+        source: e,
+    })?;
+    from_bytes(&bytes).map_err(|e| match e {
+        Error::InvalidInput(msg) => Error::InversionFile {
+            path: path.to_path_buf(),
+            msg,
+        },
+        e => e,
+    })
+}
+
+/// Parses the bytes of an inversion file (errors are `InvalidInput` with the reason).
+pub fn from_bytes(bytes: &[u8]) -> Result<Inversion> {
+    let bad = |m: String| Error::InvalidInput(m);
+    let st = safetensors::SafeTensors::deserialize(bytes)
+        .map_err(|e| bad(format!("not a valid inversion file ({e}); truncated or not a safetensors file?")))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
+        .map_err(|e| bad(format!("unreadable header: {e}")))?;
+    let meta: BTreeMap<String, String> = header
+        .metadata()
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    let key = |k: &str| -> Result<&String> {
+        meta.get(k)
+            .ok_or_else(|| bad(format!("metadata key `{k}` is missing")))
+    };
+    let format = key("format")?;
+    let (name, version) = format
+        .split_once('/')
+        .ok_or_else(|| bad(format!("unknown format `{format}`")))?;
+    let major = version.split('.').next().unwrap_or("");
+    if name != "nulltext-inversion" {
+        return Err(bad(format!("unknown format `{format}`")));
+    }
+    if major != "1" {
+        return Err(bad(format!(
+            "format version {version} is not supported by this nulltext (it reads version 1)"
+        )));
+    }
+    let parse_usize = |k: &str| -> Result<usize> {
+        key(k)?
+            .parse::<usize>()
+            .map_err(|_| bad(format!("metadata `{k}` = `{}` is not a whole number", meta[k])))
+    };
+    let num_steps = parse_usize("num_steps")?;
+    let height = parse_usize("height")?;
+    let width = parse_usize("width")?;
+    let guidance: f64 = key("guidance_scale")?
+        .parse()
+        .map_err(|_| bad("metadata `guidance_scale` is not a number".into()))?;
+    let method: Method = key("method")?.parse().map_err(bad)?;
+    let scheduler: SchedulerConfig = serde_json::from_str(key("scheduler")?)
+        .map_err(|e| bad(format!("metadata `scheduler`: {e}")))?;
+    let tensor = |name: &str| -> Result<Option<Tensor>> {
+        match st.tensor(name) {
+            Ok(view) => {
+                let t = candle_core::safetensors::Load::load(&view, &Device::Cpu)?;
+                Ok(Some(t.to_dtype(DType::F32)?))
+            }
+            Err(_) => Ok(None),
+        }
+    };
+    let need = |name: &str| -> Result<Tensor> {
+        tensor(name)?.ok_or_else(|| bad(format!("tensor `{name}` is missing")))
+    };
+    let latent_t = need("latent_t")?;
+    let null_embeddings = need("null_embeddings")?;
+    let image_latent = tensor("image_latent")?;
+    if latent_t.rank() != 4 || latent_t.dim(0)? != 1 {
+        return Err(bad(format!("`latent_t` has shape {:?}, expected [1, C, h, w]", latent_t.dims())));
+    }
+    if null_embeddings.rank() != 3 || null_embeddings.dim(0)? != num_steps {
+        return Err(bad(format!(
+            "`null_embeddings` has shape {:?}, expected [{num_steps}, 77, D] for num_steps = {num_steps}",
+            null_embeddings.dims()
+        )));
+    }
+    if let Some(z0) = &image_latent {
+        if z0.dims() != latent_t.dims() {
+            return Err(bad(format!(
+                "`image_latent` {:?} and `latent_t` {:?} differ in shape",
+                z0.dims(),
+                latent_t.dims()
+            )));
+        }
+    }
+    for (name, t) in [("latent_t", Some(&latent_t)), ("null_embeddings", Some(&null_embeddings)), ("image_latent", image_latent.as_ref())] {
+        if let Some(t) = t {
+            let s: f32 = t.abs()?.sum_all()?.to_scalar()?;
+            if !s.is_finite() {
+                return Err(bad(format!("`{name}` holds NaN or Inf values")));
+            }
+        }
+    }
+    let mut extra_tensors = BTreeMap::new();
+    for (name, _) in st.tensors() {
+        if !KNOWN_TENSORS.contains(&name.as_str()) {
+            let view = st.tensor(&name).map_err(|e| bad(e.to_string()))?;
+            extra_tensors.insert(name.clone(), candle_core::safetensors::Load::load(&view, &Device::Cpu)?);
+        }
+    }
+    let extra_metadata = meta
+        .iter()
+        .filter(|(k, _)| !KNOWN_KEYS.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    Ok(Inversion {
+        latent_t,
+        null_embeddings,
+        image_latent,
+        prompt: key("prompt")?.clone(),
+        method,
+        num_steps,
+        guidance,
+        height,
+        width,
+        scheduler,
+        model: meta.get("model").cloned().unwrap_or_default(),
+        model_fingerprint: key("model_fingerprint")?.clone(),
+        extra_metadata,
+        extra_tensors,
+    })
+}

@@ -1,0 +1,117 @@
+//! Guided DDIM sampling from a latent with per-step unconditional embeddings: the loop that
+//! reconstruction, editing and text-to-image share.
+
+use candle_core::{Tensor, D};
+use nulltext_models::{AttentionControl, Ddim, NoControl, StableDiffusion};
+
+use crate::error::Result;
+use crate::events::{check, Event, Progress, Stage};
+
+/// An attention controller that may also adjust the latents after each DDIM step
+/// (Prompt-to-Prompt's local blend).
+pub trait Controller: AttentionControl {
+    fn after_step(&mut self, _step: usize, latents: Tensor) -> Result<Tensor> {
+        Ok(latents)
+    }
+}
+
+impl Controller for NoControl {}
+
+/// Noise prediction ε (converted from v for v-prediction models) of the UNet at `t`.
+pub fn predict_eps(
+    sd: &StableDiffusion,
+    ddim: &Ddim,
+    z: &Tensor,
+    t: usize,
+    context: &Tensor,
+    control: &mut dyn AttentionControl,
+    step: usize,
+) -> Result<Tensor> {
+    let out = sd.unet.forward_controlled(z, t as f64, context, control, step)?;
+    let out = out.to_dtype(z.dtype())?;
+    Ok(ddim.epsilon(&out, t, z)?)
+}
+
+/// Classifier-free guided ε̃ = ε(z,∅) + w (ε(z,C) − ε(z,∅)) for a batch of `B` latents,
+/// with the UNet run once on the `[∅…; C…]` batch of 2B as the reference does.
+#[allow(clippy::too_many_arguments)]
+pub fn guided_eps(
+    sd: &StableDiffusion,
+    ddim: &Ddim,
+    z: &Tensor,
+    t: usize,
+    uncond: &Tensor,
+    cond: &Tensor,
+    guidance: f64,
+    control: &mut dyn AttentionControl,
+    step: usize,
+) -> Result<Tensor> {
+    let b = z.dim(0)?;
+    let zz = Tensor::cat(&[z, z], 0)?;
+    let ctx = Tensor::cat(&[uncond, cond], 0)?;
+    let eps = predict_eps(sd, ddim, &zz, t, &ctx, control, step)?;
+    let (eu, ec) = (eps.narrow(0, 0, b)?, eps.narrow(0, b, b)?);
+    Ok((&eu + ((ec - &eu)? * guidance)?)?)
+}
+
+/// What to sample: a start latent, the prompt embeddings and one unconditional embedding
+/// per step.
+pub struct SampleSpec<'a> {
+    /// `[B, C, h, w]` (or `[1, …]`, expanded to the prompts' batch).
+    pub start: &'a Tensor,
+    /// `[B, 77, D]`.
+    pub cond: &'a Tensor,
+    /// For each sampling step, `[1, 77, D]` (shared by the batch) or `[B, 77, D]`.
+    pub uncond: &'a [Tensor],
+    pub guidance: f64,
+    /// Steps before this index are skipped (SDEdit-style starts); 0 runs them all.
+    pub first_step: usize,
+}
+
+/// Runs guided DDIM from `spec.start`, calling `controller` in every attention layer and
+/// after every step. Returns the final latents `[B, C, h, w]`; `on_step` sees each step's.
+pub fn sample(
+    sd: &StableDiffusion,
+    ddim: &Ddim,
+    spec: &SampleSpec,
+    controller: &mut dyn Controller,
+    progress: &mut dyn Progress,
+    mut on_step: impl FnMut(usize, &Tensor) -> Result<()>,
+) -> Result<Tensor> {
+    let b = spec.cond.dim(0)?;
+    let mut z = spec.start.broadcast_as((b, spec.start.dim(1)?, spec.start.dim(2)?, spec.start.dim(3)?))?.contiguous()?;
+    let steps = ddim.timesteps();
+    if spec.uncond.len() < steps.len() {
+        return Err(crate::error::invalid(format!(
+            "{} unconditional embeddings for {} steps",
+            spec.uncond.len(),
+            steps.len()
+        )));
+    }
+    let total = steps.len() - spec.first_step.min(steps.len());
+    progress.event(&Event::Start {
+        stage: Stage::Sampling,
+        total,
+    });
+    for (i, &t) in steps.iter().enumerate().skip(spec.first_step) {
+        check(progress)?;
+        let u = &spec.uncond[i];
+        let u = if u.dim(0)? == b {
+            u.clone()
+        } else {
+            u.broadcast_as((b, u.dim(1)?, u.dim(D::Minus1)?))?.contiguous()?
+        };
+        let eps = guided_eps(sd, ddim, &z, t, &u, spec.cond, spec.guidance, controller, i)?;
+        z = ddim.step(&eps, t, &z)?;
+        z = controller.after_step(i, z)?;
+        on_step(i, &z)?;
+        progress.event(&Event::Advance {
+            stage: Stage::Sampling,
+            done: i + 1 - spec.first_step,
+        });
+    }
+    progress.event(&Event::Finish {
+        stage: Stage::Sampling,
+    });
+    Ok(z)
+}

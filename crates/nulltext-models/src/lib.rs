@@ -10,6 +10,7 @@ pub mod error;
 pub mod fingerprint;
 pub mod model;
 pub mod nn;
+pub mod random;
 pub mod resnet;
 pub mod scheduler;
 pub mod tokenizer;

@@ -20,8 +20,8 @@ pub const END_OF_TEXT: &str = "<|endoftext|>";
 /// Sequence length of Stable Diffusion's text encoders.
 pub const MAX_LEN: usize = 77;
 
-const BUNDLED_VOCAB: &str = include_str!("../assets/clip/vocab.json");
-const BUNDLED_MERGES: &str = include_str!("../assets/clip/merges.txt");
+pub(crate) const BUNDLED_VOCAB: &str = include_str!("../assets/clip/vocab.json");
+pub(crate) const BUNDLED_MERGES: &str = include_str!("../assets/clip/merges.txt");
 /// CLIP uses the first 49152 − 256 − 2 merges of its merges file.
 const NUM_MERGES: usize = 49152 - 256 - 2;
 

@@ -35,6 +35,8 @@ pub struct WeightStore {
     device: Device,
     dtype: DType,
     used: Mutex<BTreeSet<String>>,
+    /// In recording mode every lookup succeeds with a placeholder and is written down.
+    recorded: Option<Mutex<Vec<(String, Vec<usize>)>>>,
 }
 
 fn dtype_name(d: safetensors::Dtype) -> String {
@@ -121,7 +123,30 @@ impl WeightStore {
             device: device.clone(),
             dtype,
             used: Mutex::new(BTreeSet::new()),
+            recorded: None,
         })
+    }
+
+    /// A store that holds nothing and answers every request with a placeholder tensor,
+    /// recording the names and shapes asked for: loading a model against it lists exactly
+    /// the tensors that model needs (see [`crate::random`]).
+    pub fn recording() -> Self {
+        Self {
+            files: Vec::new(),
+            index: HashMap::new(),
+            device: Device::Cpu,
+            dtype: DType::F32,
+            used: Mutex::new(BTreeSet::new()),
+            recorded: Some(Mutex::new(Vec::new())),
+        }
+    }
+
+    /// The `(name, shape)` requests of a recording store, in request order.
+    pub fn recorded(&self) -> Vec<(String, Vec<usize>)> {
+        self.recorded
+            .as_ref()
+            .map(|r| r.lock().unwrap().clone())
+            .unwrap_or_default()
     }
 
     pub fn device(&self) -> &Device {
@@ -133,7 +158,7 @@ impl WeightStore {
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.index.contains_key(name)
+        self.recorded.is_some() || self.index.contains_key(name)
     }
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
@@ -168,6 +193,10 @@ impl WeightStore {
 
     /// Reads `name`, checking its shape.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        if let Some(rec) = &self.recorded {
+            rec.lock().unwrap().push((name.to_string(), shape.to_vec()));
+            return Ok(Tensor::zeros(1, self.dtype, &self.device)?.broadcast_as(shape)?);
+        }
         self.read(name, Some(shape), self.dtype)
     }
 

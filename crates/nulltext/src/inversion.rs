@@ -187,15 +187,28 @@ pub fn ddim_inversion(
     cond: &Tensor,
     progress: &mut dyn Progress,
 ) -> Result<Vec<Tensor>> {
+    ddim_inversion_steps(sd, ddim, z0, cond, ddim.num_steps(), progress)
+}
+
+/// The first `k` steps of DDIM inversion: z*₀ … z*_k.
+pub fn ddim_inversion_steps(
+    sd: &StableDiffusion,
+    ddim: &Ddim,
+    z0: &Tensor,
+    cond: &Tensor,
+    k: usize,
+    progress: &mut dyn Progress,
+) -> Result<Vec<Tensor>> {
     let steps = ddim.timesteps();
     let n = steps.len();
+    let k = k.min(n);
     progress.event(&Event::Start {
         stage: Stage::DdimInversion,
-        total: n,
+        total: k,
     });
     let mut latents = vec![z0.clone()];
     let mut z = z0.clone();
-    for i in 0..n {
+    for i in 0..k {
         check(progress)?;
         let t = steps[n - 1 - i];
         let eps = predict_eps(sd, ddim, &z, t, cond, &mut NoControl, n - 1 - i)?;
@@ -212,8 +225,9 @@ pub fn ddim_inversion(
     Ok(latents)
 }
 
-/// Adam exactly as PyTorch's (single-tensor) implementation computes it.
-struct Adam {
+/// Adam (β = (0.9, 0.999), ε = 1e-8, no weight decay) exactly as PyTorch's single-tensor
+/// implementation computes it.
+pub struct Adam {
     m: Tensor,
     v: Tensor,
     t: i32,
@@ -224,7 +238,7 @@ impl Adam {
     const B2: f64 = 0.999;
     const EPS: f64 = 1e-8;
 
-    fn new(like: &Tensor) -> Result<Self> {
+    pub fn new(like: &Tensor) -> Result<Self> {
         Ok(Self {
             m: like.zeros_like()?,
             v: like.zeros_like()?,
@@ -232,7 +246,7 @@ impl Adam {
         })
     }
 
-    fn step(&mut self, param: &Var, grad: &Tensor, lr: f64) -> Result<()> {
+    pub fn step(&mut self, param: &Var, grad: &Tensor, lr: f64) -> Result<()> {
         self.t += 1;
         // m.lerp_(g, 1 − β₁); v = β₂ v + (1 − β₂) g²
         self.m = (&self.m + ((grad - &self.m)? * (1.0 - Self::B1))?)?;

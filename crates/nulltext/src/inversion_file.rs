@@ -1,5 +1,5 @@
 //! The inversion file (`*.nti.safetensors`, spec `inversion-file.md`): a plain safetensors
-//! file with `latent_t`, `null_embeddings`, `image_latent` and string metadata.
+//! file with `latent_T`, `null_embeddings`, `image_latent` and string metadata.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::inversion::{Inversion, Method};
 
 pub const FORMAT: &str = "nulltext-inversion/1";
-const KNOWN_TENSORS: [&str; 3] = ["latent_t", "null_embeddings", "image_latent"];
+const KNOWN_TENSORS: [&str; 3] = ["latent_T", "null_embeddings", "image_latent"];
 const KNOWN_KEYS: [&str; 10] = [
     "format",
     "prompt",
@@ -62,7 +62,7 @@ pub fn to_bytes(inv: &Inversion) -> Result<Vec<u8>> {
         Ok(t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.contiguous()?)
     };
     let mut tensors: Vec<(String, Tensor)> = vec![
-        ("latent_t".into(), cpu(&inv.latent_t)?),
+        ("latent_T".into(), cpu(&inv.latent_t)?),
         ("null_embeddings".into(), cpu(&inv.null_embeddings)?),
     ];
     if let Some(z0) = &inv.image_latent {
@@ -152,11 +152,11 @@ pub fn from_bytes(bytes: &[u8]) -> Result<Inversion> {
     let need = |name: &str| -> Result<Tensor> {
         tensor(name)?.ok_or_else(|| bad(format!("tensor `{name}` is missing")))
     };
-    let latent_t = need("latent_t")?;
+    let latent_t = need("latent_T")?;
     let null_embeddings = need("null_embeddings")?;
     let image_latent = tensor("image_latent")?;
     if latent_t.rank() != 4 || latent_t.dim(0)? != 1 {
-        return Err(bad(format!("`latent_t` has shape {:?}, expected [1, C, h, w]", latent_t.dims())));
+        return Err(bad(format!("`latent_T` has shape {:?}, expected [1, C, h, w]", latent_t.dims())));
     }
     if null_embeddings.rank() != 3 || null_embeddings.dim(0)? != num_steps {
         return Err(bad(format!(
@@ -167,13 +167,13 @@ pub fn from_bytes(bytes: &[u8]) -> Result<Inversion> {
     if let Some(z0) = &image_latent {
         if z0.dims() != latent_t.dims() {
             return Err(bad(format!(
-                "`image_latent` {:?} and `latent_t` {:?} differ in shape",
+                "`image_latent` {:?} and `latent_T` {:?} differ in shape",
                 z0.dims(),
                 latent_t.dims()
             )));
         }
     }
-    for (name, t) in [("latent_t", Some(&latent_t)), ("null_embeddings", Some(&null_embeddings)), ("image_latent", image_latent.as_ref())] {
+    for (name, t) in [("latent_T", Some(&latent_t)), ("null_embeddings", Some(&null_embeddings)), ("image_latent", image_latent.as_ref())] {
         if let Some(t) = t {
             let s: f32 = t.abs()?.sum_all()?.to_scalar()?;
             if !s.is_finite() {

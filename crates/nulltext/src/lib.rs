@@ -11,7 +11,10 @@ pub mod events;
 pub mod image_io;
 pub mod inversion;
 pub mod inversion_file;
+pub mod edit;
+pub mod render;
 pub mod sampling;
+pub mod text2img;
 
 pub use error::{Error, Result};
 pub use events::{CancelFlag, Event, NoProgress, Progress, Recorder, Stage};

@@ -1,0 +1,181 @@
+//! Per-stage timings and peak memory, for regressions and for comparing with PyTorch
+//! (`tools/bench_pytorch.py` times diffusers the same way).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use candle_core::{Tensor, Var};
+use clap::Args;
+use nulltext::edit::EditOptions;
+use nulltext::inversion::Adam;
+use nulltext::models::{Ddim, NoControl};
+use nulltext::sampling::{guided_eps, predict_eps, Controller};
+
+use super::{Ctx, ModelArg};
+
+const STAGES: [&str; 8] = [
+    "text_encoder",
+    "unet_b1",
+    "unet_b2",
+    "nti_iter",
+    "vae_encode",
+    "vae_decode",
+    "edit_step",
+    "unet_b2_probs",
+];
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// Image size in pixels (default: the model's).
+    #[arg(long)]
+    size: Option<usize>,
+    /// Timed runs per stage (after the warm-up).
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Comma-separated stages (default: all): text_encoder, unet_b1, unet_b2, nti_iter,
+    /// vae_encode, vae_decode, edit_step, unet_b2_probs.
+    #[arg(long)]
+    only: Option<String>,
+    /// Also write the results as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// Resets the kernel's peak-RSS counter of this process (Linux).
+fn reset_peak() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// Peak resident set size in GiB since the last reset (Linux), else NaN.
+fn peak_gib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map(|kb| kb / (1024.0 * 1024.0))
+        .unwrap_or(f64::NAN)
+}
+
+fn sync(t: &Tensor) -> Result<()> {
+    t.device().synchronize()?;
+    Ok(())
+}
+
+/// Lets every layer hand out its probabilities (the path an attention controller takes).
+struct WantAll;
+impl nulltext::models::AttentionControl for WantAll {
+    fn wants(&self, _: &nulltext::models::AttentionCall) -> bool {
+        true
+    }
+    fn edit(&mut self, _: &nulltext::models::AttentionCall, p: Tensor) -> nulltext::models::Result<Tensor> {
+        Ok(p)
+    }
+}
+impl Controller for WantAll {}
+
+pub fn run(a: BenchArgs, ctx: &Ctx) -> Result<()> {
+    let stages: Vec<String> = match &a.only {
+        Some(s) => s.split(',').map(|x| x.trim().to_string()).collect(),
+        None => STAGES.iter().map(|s| s.to_string()).collect(),
+    };
+    for s in &stages {
+        if !STAGES.contains(&s.as_str()) {
+            bail!("unknown stage `{s}` ({})", STAGES.join(", "));
+        }
+    }
+    let sd = ctx.load(&a.model.model)?;
+    let dev = sd.device.clone();
+    let size = a.size.unwrap_or(sd.default_image_size());
+    let f = sd.vae_scale_factor();
+    let (h, w) = (size / f, size / f);
+    let c = sd.latent_channels();
+    let ddim = Ddim::new(&sd.scheduler, 50)?;
+    let t = ddim.timesteps()[10];
+    let z = nulltext::text2img::seeded_noise(1, (1, c, h, w), &dev)?;
+    let z2 = Tensor::cat(&[&z, &z], 0)?;
+    let (emb, _) = sd.encode_prompts(&["a close up photo of a cat", ""])?;
+    let (cond, uncond) = (emb.narrow(0, 0, 1)?, emb.narrow(0, 1, 1)?);
+    let image = ((nulltext::text2img::seeded_noise(2, (1, 3, size, size), &dev)? * 0.5)?.clamp(-1f32, 1f32))?;
+    let target = nulltext::text2img::seeded_noise(3, (1, c, h, w), &dev)?;
+    let eps_c = predict_eps(&sd, &ddim, &z, t, &cond, &mut NoControl, 10)?;
+    let mut rows = Vec::new();
+    ctx.say(format!(
+        "nulltext bench: {} at {size}×{size} ({h}×{w} latents), {:?}, {:?}, {} threads",
+        sd.name,
+        sd.device,
+        sd.dtype,
+        std::env::var("RAYON_NUM_THREADS").unwrap_or_default()
+    ));
+    ctx.say(format!("{:<16} {:>10} {:>22} {:>12}", "stage", "median s", "min – max s", "peak GiB"));
+    for stage in &stages {
+        let run_once = || -> Result<()> {
+            match stage.as_str() {
+                "text_encoder" => sync(&sd.encode_prompt("a close up photo of a cat")?)?,
+                "unet_b1" => sync(&sd.unet.forward(&z, t as f64, &cond)?)?,
+                "unet_b2" => sync(&sd.unet.forward(&z2, t as f64, &emb)?)?,
+                "unet_b2_probs" => sync(&sd.unet.forward_controlled(&z2, t as f64, &emb, &mut WantAll, 0)?)?,
+                "nti_iter" => {
+                    let var = Var::from_tensor(&uncond)?;
+                    let mut adam = Adam::new(&uncond)?;
+                    let eps_u = predict_eps(&sd, &ddim, &z, t, var.as_tensor(), &mut NoControl, 10)?;
+                    let noise = (&eps_u + ((&eps_c - &eps_u)? * 7.5)?)?;
+                    let prev = ddim.step(&noise, t, &z)?;
+                    let loss = (prev - &target)?.sqr()?.mean_all()?;
+                    let grads = loss.backward()?;
+                    adam.step(&var, grads.get(var.as_tensor()).unwrap(), 1e-2)?;
+                    sync(var.as_tensor())?
+                }
+                "vae_encode" => sync(&sd.image_to_latent(&image)?)?,
+                "vae_decode" => sync(&sd.latent_to_image(&z)?)?,
+                "edit_step" => {
+                    let targets = vec!["a close up photo of a dog".to_string()];
+                    let mut ctl = nulltext::edit::build_controller(
+                        &sd,
+                        "a close up photo of a cat",
+                        &targets,
+                        &EditOptions::default(),
+                        50,
+                        (h, w),
+                    )?;
+                    let e = guided_eps(&sd, &ddim, &z2, t, &Tensor::cat(&[&uncond, &uncond], 0)?, &emb, 7.5, &mut ctl, 10)?;
+                    let zn = ddim.step(&e, t, &z2)?;
+                    sync(&ctl.after_step(10, zn)?)?
+                }
+                _ => unreachable!(),
+            }
+            Ok(())
+        };
+        for _ in 0..a.warmup {
+            run_once()?;
+        }
+        reset_peak();
+        let mut times = Vec::new();
+        for _ in 0..a.repeat.max(1) {
+            let s = Instant::now();
+            run_once()?;
+            times.push(s.elapsed().as_secs_f64());
+        }
+        let peak = peak_gib();
+        times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let med = times[times.len() / 2];
+        ctx.say(format!(
+            "{stage:<16} {med:>10.3} {:>10.3} – {:<9.3} {peak:>12.2}",
+            times[0],
+            times[times.len() - 1]
+        ));
+        rows.push(serde_json::json!({"stage": stage, "median_s": med, "min_s": times[0], "max_s": times[times.len()-1], "peak_rss_gib": peak}));
+    }
+    if let Some(p) = &a.json {
+        let v = serde_json::json!({"model": sd.name, "size": size, "device": format!("{:?}", sd.device), "dtype": format!("{:?}", sd.dtype), "results": rows});
+        nulltext::atomic::write_bytes_atomic(p, serde_json::to_string_pretty(&v)?.as_bytes())?;
+    }
+    Ok(())
+}

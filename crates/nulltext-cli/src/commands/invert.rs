@@ -1,0 +1,138 @@
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use candle_core::Tensor;
+use clap::Args;
+use nulltext::image_io::{self, Crop};
+use nulltext::{InvertOptions, Method};
+
+use super::{Ctx, ModelArg};
+
+#[derive(Args)]
+pub struct InvertArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// The photo (PNG, JPEG or WebP).
+    #[arg(long, short)]
+    image: PathBuf,
+    /// A caption of the photo; edits change this caption.
+    #[arg(long, short)]
+    prompt: String,
+    /// The inversion file to write (conventionally *.nti.safetensors).
+    #[arg(long, short)]
+    out: PathBuf,
+    /// null-text (the paper), null-text-global (one embedding for all steps),
+    /// negative-prompt (no optimization) or ddim (plain inversion, the lower bound).
+    #[arg(long, default_value = "null-text")]
+    method: Method,
+    /// DDIM steps.
+    #[arg(long, default_value_t = 50)]
+    steps: usize,
+    /// Classifier-free guidance scale used while optimizing and editing.
+    #[arg(long, default_value_t = 7.5)]
+    guidance: f64,
+    /// Adam iterations per step (N).
+    #[arg(long, default_value_t = 10)]
+    inner_steps: usize,
+    /// Early-stop threshold ε (a step stops once its loss < ε + i·2e-5).
+    #[arg(long, default_value_t = 1e-5)]
+    early_stop: f64,
+    /// Square size the photo is resized to (default: the model's, 512 for SD 1.x).
+    #[arg(long)]
+    size: Option<u32>,
+    /// Pixels to cut from the sides before the centre square is taken: LEFT,RIGHT,TOP,BOTTOM.
+    #[arg(long)]
+    crop: Option<Crop>,
+    /// Also write the reconstruction as a PNG.
+    #[arg(long)]
+    reconstruction: Option<PathBuf>,
+    /// Also reconstruct plain DDIM inversion (w = guidance, ∅ = "") and report it.
+    #[arg(long)]
+    compare: bool,
+}
+
+fn latent_mse(a: &Tensor, b: &Tensor) -> Result<f64> {
+    Ok((a - b)?.sqr()?.mean_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?)
+}
+
+pub fn run(a: InvertArgs, ctx: &Ctx) -> Result<()> {
+    let start = Instant::now();
+    // Read the image first: a bad image fails before the model loads.
+    let raw = image_io::read_rgb(&a.image)?;
+    let sd = ctx.load(&a.model.model)?;
+    let size = a.size.unwrap_or(sd.default_image_size() as u32);
+    let f = sd.vae_scale_factor() as u32;
+    if size == 0 || size % f != 0 {
+        anyhow::bail!("--size must be a positive multiple of {f}, got {size}");
+    }
+    let img = image_io::prepare(&raw, a.crop.unwrap_or_default(), size, &a.image)?;
+    let enc = sd.tokenizer.encode_padded(&a.prompt);
+    if let Some(cut) = &enc.truncated {
+        eprintln!("warning: the prompt is longer than 77 tokens; cut off: \"{cut}\"");
+    }
+    let opts = InvertOptions {
+        method: a.method,
+        num_steps: a.steps,
+        guidance: a.guidance,
+        inner_steps: a.inner_steps,
+        early_stop: a.early_stop,
+        ..Default::default()
+    };
+    let mut bars = ctx.bars().with_inner_steps(a.inner_steps);
+    let (inv, report) = nulltext::invert_image(&sd, &img, &a.prompt, &opts, &mut bars)?;
+    nulltext::inversion_file::save(&inv, &a.out).with_context(|| format!("writing {}", a.out.display()))?;
+    let wall = start.elapsed().as_secs_f64();
+
+    // The report: reconstruction quality against the VAE round trip and the input.
+    let z0 = inv.image_latent.clone().expect("invert keeps z0");
+    let rec_latent = match &report.final_latent {
+        Some(z) => z.clone(),
+        None => nulltext::reconstruct(&sd, &inv, &mut bars)?,
+    };
+    let rec = super::decode(&sd, &rec_latent)?.remove(0);
+    let vae = super::decode(&sd, &z0)?.remove(0);
+    if let Some(p) = &a.reconstruction {
+        image_io::save_png(&rec, p)?;
+    }
+    let iters: usize = report.iterations.iter().sum();
+    let stopped = report.iterations.iter().filter(|n| **n < a.inner_steps).count();
+    ctx.say(format!(
+        "inverted {} with {} in {wall:.1} s (DDIM inversion {:.1} s, optimization {:.1} s)",
+        a.image.display(),
+        a.method,
+        report.seconds_ddim,
+        report.seconds_optimization
+    ));
+    if a.method.optimizes() {
+        ctx.say(format!(
+            "  {iters} Adam iterations over {} steps ({stopped} steps stopped early)",
+            a.steps
+        ));
+    }
+    ctx.say(format!("  {:<18} {:>12} {:>12} {:>14}", "", "PSNR vs VAE", "PSNR vs input", "latent MSE"));
+    let line = |name: &str, im: &image::RgbImage, z: Option<&Tensor>| -> Result<String> {
+        let mse = match z {
+            Some(z) => format!("{:>14.6}", latent_mse(z, &z0)?),
+            None => format!("{:>14}", "-"),
+        };
+        let vs_vae = if std::ptr::eq(im, &vae) { "         -   ".to_string() } else { format!("{:>9.2} dB", image_io::psnr(im, &vae)) };
+        Ok(format!("  {name:<18} {vs_vae} {:>10.2} dB {mse}", image_io::psnr(im, &img)))
+    };
+    ctx.say(line(&format!("{} (this file)", a.method), &rec, Some(&rec_latent))?);
+    if a.compare && a.method != Method::Ddim {
+        let mut base = inv.clone();
+        let (emb, _) = sd.encode_prompts(&[""])?;
+        base.null_embeddings = emb.broadcast_as((a.steps, emb.dim(1)?, emb.dim(2)?))?.contiguous()?;
+        base.method = Method::Ddim;
+        let z = nulltext::reconstruct(&sd, &base, &mut bars)?;
+        let im = super::decode(&sd, &z)?.remove(0);
+        ctx.say(line("ddim (baseline)", &im, Some(&z))?);
+    }
+    ctx.say(line("VAE round trip", &vae, None)?);
+    ctx.say(format!("wrote {}", a.out.display()));
+    if let Some(p) = &a.reconstruction {
+        ctx.say(format!("wrote {}", p.display()));
+    }
+    Ok(())
+}

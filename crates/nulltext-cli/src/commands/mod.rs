@@ -1,0 +1,93 @@
+//! One module per subcommand; each parses its arguments and calls the library.
+
+mod bench;
+mod edit;
+mod generate;
+mod info;
+mod invert;
+mod random_model;
+mod reconstruct;
+mod tokens;
+
+use anyhow::Result;
+use clap::{Args, Subcommand};
+use nulltext::CancelFlag;
+
+pub struct Ctx {
+    pub device: String,
+    pub dtype: String,
+    pub quiet: bool,
+    pub cancel: CancelFlag,
+}
+
+impl Ctx {
+    pub fn load(&self, model: &str) -> Result<nulltext::StableDiffusion> {
+        let device = crate::runtime::parse_device(&self.device)?;
+        let dtype = crate::runtime::parse_dtype(&self.dtype, &device)?;
+        crate::runtime::load_model(model, &device, dtype, self.quiet)
+    }
+
+    pub fn bars(&self) -> crate::progress::Bars {
+        crate::progress::Bars::new(self.quiet, self.cancel.clone())
+    }
+
+    /// Prints a line of results (to stdout), unless quiet.
+    pub fn say(&self, line: impl AsRef<str>) {
+        if !self.quiet {
+            println!("{}", line.as_ref());
+        }
+    }
+}
+
+/// The model to use.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArg {
+    /// A diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/,
+    /// scheduler/) or a Hugging Face repo id found in the local cache (e.g.
+    /// runwayml/stable-diffusion-v1-5). Default: $NULLTEXT_MODEL.
+    #[arg(long, short = 'm', env = "NULLTEXT_MODEL")]
+    pub model: String,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Invert a photo: find z_T and per-step null-text embeddings that reproduce it.
+    Invert(invert::InvertArgs),
+    /// Edit an inverted photo by changing its caption (Prompt-to-Prompt).
+    Edit(edit::EditArgs),
+    /// Sample an inversion back without edits.
+    Reconstruct(reconstruct::ReconstructArgs),
+    /// Plain text-to-image: the smoke test of a model.
+    Generate(generate::GenerateArgs),
+    /// Show how a prompt is tokenized and which word each token belongs to.
+    Tokens(tokens::TokensArgs),
+    /// Show what was detected about a model.
+    Info(info::InfoArgs),
+    /// Write a Stable Diffusion model with random weights (for benchmarks and tests).
+    RandomModel(random_model::RandomModelArgs),
+    /// Time every stage (UNet, null-text iteration, VAE, text encoder, edit step).
+    Bench(bench::BenchArgs),
+}
+
+pub fn run(cmd: Command, ctx: &Ctx) -> Result<()> {
+    match cmd {
+        Command::Invert(a) => invert::run(a, ctx),
+        Command::Edit(a) => edit::run(a, ctx),
+        Command::Reconstruct(a) => reconstruct::run(a, ctx),
+        Command::Generate(a) => generate::run(a, ctx),
+        Command::Tokens(a) => tokens::run(a, ctx),
+        Command::Info(a) => info::run(a, ctx),
+        Command::RandomModel(a) => random_model::run(a, ctx),
+        Command::Bench(a) => bench::run(a, ctx),
+    }
+}
+
+/// Decodes latents `[B, C, h, w]` to images.
+pub fn decode(sd: &nulltext::StableDiffusion, latents: &candle_core::Tensor) -> Result<Vec<image::RgbImage>> {
+    let mut out = Vec::new();
+    for i in 0..latents.dim(0)? {
+        let x = sd.latent_to_image(&latents.narrow(0, i, 1)?)?;
+        out.extend(nulltext::image_io::tensor_to_images(&x)?);
+    }
+    Ok(out)
+}

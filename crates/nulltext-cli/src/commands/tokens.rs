@@ -1,0 +1,65 @@
+use anyhow::Result;
+use clap::Args;
+
+use super::Ctx;
+
+#[derive(Args)]
+pub struct TokensArgs {
+    /// Model whose tokenizer to use (default: the bundled CLIP vocabulary).
+    #[arg(long, short = 'm', env = "NULLTEXT_MODEL")]
+    model: Option<String>,
+    #[arg(long, short)]
+    prompt: String,
+    /// Machine-readable output: {"ids": [...77], "tokens": [...], "words": [...]}.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(a: TokensArgs, ctx: &Ctx) -> Result<()> {
+    let tok = match &a.model {
+        Some(m) => {
+            let path = nulltext::models::model::resolve_model_path(m)?;
+            let dir = path.join("tokenizer");
+            if dir.join("vocab.json").is_file() {
+                nulltext::models::ClipTokenizer::from_dir(&dir)?
+            } else {
+                nulltext::models::ClipTokenizer::bundled()
+            }
+        }
+        None => nulltext::models::ClipTokenizer::bundled(),
+    };
+    let enc = tok.encode_padded(&a.prompt);
+    let words: Vec<&str> = a.prompt.split(' ').collect();
+    let per_word = tok.word_token_positions(&a.prompt);
+    let word_of = |pos: usize| -> Option<usize> { per_word.iter().position(|p| p.contains(&pos)) };
+    let rows: Vec<(usize, u32, String, Option<usize>)> = (0..enc.len)
+        .map(|i| {
+            let id = enc.ids[i];
+            (i, id, tok.token(id).unwrap_or("?").to_string(), word_of(i))
+        })
+        .collect();
+    if a.json {
+        let v = serde_json::json!({
+            "ids": enc.ids,
+            "tokens": rows.iter().map(|r| r.2.clone()).collect::<Vec<_>>(),
+            "words": rows.iter().map(|r| r.3.map(|w| words[w].to_string())).collect::<Vec<_>>(),
+            "truncated": enc.truncated,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("{:>4}  {:>6}  {:<24} word", "pos", "id", "token");
+    for (i, id, text, w) in rows {
+        let word = match w {
+            Some(w) => format!("{} ({w})", words[w]),
+            None if i == 0 => "(start)".into(),
+            None => "(end)".into(),
+        };
+        println!("{i:>4}  {id:>6}  {text:<24} {word}");
+    }
+    println!("{} of 77 positions used; the rest is padding ({})", enc.len, tok.pad());
+    if let Some(cut) = enc.truncated {
+        ctx.say(format!("warning: the prompt is longer than 77 tokens; cut off: \"{cut}\""));
+    }
+    Ok(())
+}

@@ -1,0 +1,528 @@
+//! Prompt-to-Prompt editing of an inversion (spec §4): word swap, refinement, reweighting,
+//! local blending, and SDEdit from the inverted trajectory.
+
+pub mod align;
+pub mod controller;
+
+use candle_core::{DType, Tensor};
+use nulltext_models::tokenizer::MAX_LEN;
+use nulltext_models::{Ddim, NoControl, StableDiffusion};
+
+pub use align::Word;
+pub use controller::{AttentionStore, CrossMap, LocalBlend, P2PController};
+
+use crate::error::{invalid, Result};
+use crate::events::Progress;
+use crate::inversion::Inversion;
+use crate::sampling::{sample, SampleSpec};
+
+/// Which Prompt-to-Prompt edit maps the source's cross-attention onto a target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EditMode {
+    /// Replace when every target has as many words as the source, refine otherwise.
+    Auto,
+    /// Word swap (same number of words).
+    Replace,
+    /// Words added or removed (global token alignment).
+    Refine,
+}
+
+impl std::str::FromStr for EditMode {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(EditMode::Auto),
+            "replace" => Ok(EditMode::Replace),
+            "refine" => Ok(EditMode::Refine),
+            _ => Err(format!("unknown edit mode `{s}` (auto, replace, refine)")),
+        }
+    }
+}
+
+impl std::fmt::Display for EditMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            EditMode::Auto => "auto",
+            EditMode::Replace => "replace",
+            EditMode::Refine => "refine",
+        })
+    }
+}
+
+/// A window of the sampling process as fractions `[start, end)` of it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Window {
+    pub start: f64,
+    pub end: f64,
+}
+
+impl Window {
+    pub fn until(end: f64) -> Self {
+        Self { start: 0.0, end }
+    }
+
+    pub fn validate(&self, what: &str) -> Result<()> {
+        let ok = |x: f64| (0.0..=1.0).contains(&x);
+        if !ok(self.start) || !ok(self.end) || self.start > self.end {
+            return Err(invalid(format!(
+                "{what} must be a fraction in [0, 1] or a range START:END within it, got {}:{}",
+                self.start, self.end
+            )));
+        }
+        Ok(())
+    }
+
+    /// Rows `[⌊start·n⌋, ⌊end·n⌋)` of `n`.
+    pub fn rows(&self, n: usize) -> (usize, usize) {
+        ((self.start * n as f64) as usize, (self.end * n as f64) as usize)
+    }
+}
+
+impl std::str::FromStr for Window {
+    type Err = String;
+    /// `END` (from 0) or `START:END`.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let num = |x: &str| {
+            x.trim()
+                .parse::<f64>()
+                .map_err(|_| format!("`{x}` is not a number"))
+        };
+        match s.split_once(':') {
+            Some((a, b)) => Ok(Window {
+                start: num(a)?,
+                end: num(b)?,
+            }),
+            None => Ok(Window::until(num(s)?)),
+        }
+    }
+}
+
+/// Cross-attention replacement schedule: a default window and per-word windows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CrossReplace {
+    pub default: Window,
+    pub words: Vec<(String, Window)>,
+}
+
+impl Default for CrossReplace {
+    fn default() -> Self {
+        Self {
+            default: Window::until(0.8),
+            words: Vec::new(),
+        }
+    }
+}
+
+impl std::str::FromStr for CrossReplace {
+    type Err = String;
+    /// `0.8`, `0.8,tiger=0.4`, `0:0.8,tiger=0.1:0.4`.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let mut out = CrossReplace {
+            default: Window::until(1.0),
+            words: Vec::new(),
+        };
+        let mut have_default = false;
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            match part.split_once('=') {
+                Some((w, v)) => out.words.push((w.trim().to_string(), v.parse()?)),
+                None => {
+                    out.default = part.parse()?;
+                    have_default = true;
+                }
+            }
+        }
+        if !have_default && out.words.is_empty() {
+            return Err(format!("cross-replace `{s}`: nothing given"));
+        }
+        Ok(out)
+    }
+}
+
+/// Local blend: which words' attention delimits the edited region.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlendOptions {
+    /// Words of the source prompt.
+    pub source_words: Vec<String>,
+    /// Words of the target prompts (each target uses those it contains).
+    pub target_words: Vec<String>,
+    /// Words whose attention is taken out of the mask (in any prompt).
+    pub subtract: Vec<String>,
+    pub threshold: f64,
+    pub subtract_threshold: f64,
+    /// Fraction of the steps before blending starts (0.2 in the reference).
+    pub start: f64,
+}
+
+impl BlendOptions {
+    /// `"cat:tiger"` (source words : target words; several words separated by spaces or
+    /// `+`).
+    pub fn parse(s: &str) -> Result<Self> {
+        let words = |x: &str| -> Vec<String> {
+            x.split(|c: char| c == '+' || c.is_whitespace())
+                .filter(|w| !w.is_empty())
+                .map(String::from)
+                .collect()
+        };
+        let (a, b) = s.split_once(':').unwrap_or((s, s));
+        let (source_words, target_words) = (words(a), words(b));
+        if source_words.is_empty() && target_words.is_empty() {
+            return Err(invalid(format!("blend `{s}`: expected SOURCE_WORDS:TARGET_WORDS")));
+        }
+        Ok(Self {
+            source_words,
+            target_words,
+            subtract: Vec::new(),
+            threshold: 0.3,
+            subtract_threshold: 0.3,
+            start: 0.2,
+        })
+    }
+}
+
+/// Everything an edit can be asked to do.
+#[derive(Debug, Clone)]
+pub struct EditOptions {
+    pub mode: EditMode,
+    pub cross_replace: CrossReplace,
+    pub self_replace: Window,
+    pub blend: Option<BlendOptions>,
+    /// Words of the targets and their attention scales.
+    pub reweight: Vec<(String, f64)>,
+    /// Self-attention is injected only in layers with at most this many query pixels;
+    /// `None`: (latent/2)², i.e. every layer but the full-resolution ones.
+    pub self_max_pixels: Option<usize>,
+    /// SDEdit from the inverted trajectory at this fraction of the noise (no attention
+    /// control); `None`: Prompt-to-Prompt.
+    pub sdedit: Option<f64>,
+    /// Keep the averaged cross-attention maps (for pictures).
+    pub record_attention: bool,
+    /// Keep every step's latents.
+    pub keep_step_latents: bool,
+}
+
+impl Default for EditOptions {
+    fn default() -> Self {
+        Self {
+            mode: EditMode::Auto,
+            cross_replace: CrossReplace::default(),
+            self_replace: Window::until(0.5),
+            blend: None,
+            reweight: Vec::new(),
+            self_max_pixels: None,
+            sdedit: None,
+            record_attention: false,
+            keep_step_latents: false,
+        }
+    }
+}
+
+/// The outcome of an edit: row 0 is the source reconstruction, rows 1.. the targets.
+pub struct EditResult {
+    /// `[B, C, h, w]`.
+    pub latents: Tensor,
+    pub prompts: Vec<String>,
+    /// The mode that ran (`Auto` resolved).
+    pub mode: EditMode,
+    /// Mean cross-attention over steps, layers and heads at latent/4: `[B, r_h, r_w, 77]`.
+    pub attention_maps: Option<Tensor>,
+    /// `[T, B, C, h, w]` when asked for.
+    pub step_latents: Option<Tensor>,
+    pub controller: Option<P2PController>,
+}
+
+/// Resolves `Auto` and checks that the mode fits the prompts.
+pub fn resolve_mode(mode: EditMode, source: &str, targets: &[String]) -> Result<EditMode> {
+    let n = source.split(' ').count();
+    let same = targets.iter().all(|t| t.split(' ').count() == n);
+    match mode {
+        EditMode::Auto => Ok(if same { EditMode::Replace } else { EditMode::Refine }),
+        EditMode::Replace if !same => {
+            let bad = targets.iter().find(|t| t.split(' ').count() != n).unwrap();
+            Err(invalid(format!(
+                "--mode replace needs targets with as many words as the source: \"{source}\" has {n}, \"{bad}\" has {}",
+                bad.split(' ').count()
+            )))
+        }
+        m => Ok(m),
+    }
+}
+
+/// Builds the Prompt-to-Prompt controller for `source` → `targets` (the reference's
+/// `make_controller`).
+pub fn build_controller(
+    sd: &StableDiffusion,
+    source: &str,
+    targets: &[String],
+    opts: &EditOptions,
+    num_steps: usize,
+    latent_grid: (usize, usize),
+) -> Result<P2PController> {
+    let tok = &sd.tokenizer;
+    let dev = &sd.device;
+    if targets.is_empty() {
+        return Err(invalid("at least one target prompt is needed"));
+    }
+    opts.cross_replace.default.validate("--cross-replace")?;
+    for (w, win) in &opts.cross_replace.words {
+        win.validate(&format!("--cross-replace for `{w}`"))?;
+    }
+    opts.self_replace.validate("--self-replace")?;
+    let mode = resolve_mode(opts.mode, source, targets)?;
+    let b = targets.len() + 1;
+
+    // Cross-attention α: T+1 rows, default window for every token, then per word.
+    let mut alpha = vec![vec![[0f32; MAX_LEN]; targets.len()]; num_steps + 1];
+    let set = |alpha: &mut Vec<Vec<[f32; MAX_LEN]>>, win: Window, k: usize, toks: &[usize]| {
+        let (s, e) = win.rows(num_steps + 1);
+        for (row, a) in alpha.iter_mut().enumerate() {
+            let v = if row >= s && row < e { 1.0 } else { 0.0 };
+            for &t in toks {
+                a[k][t] = v;
+            }
+        }
+    };
+    let all: Vec<usize> = (0..MAX_LEN).collect();
+    for k in 0..targets.len() {
+        set(&mut alpha, opts.cross_replace.default, k, &all);
+    }
+    for (word, win) in &opts.cross_replace.words {
+        let mut found = false;
+        for (k, t) in targets.iter().enumerate() {
+            let p = align::word_positions(tok, t, &Word::Text(word.clone()));
+            if !p.is_empty() {
+                set(&mut alpha, *win, k, &p);
+                found = true;
+            }
+        }
+        if !found {
+            return Err(invalid(format!(
+                "--cross-replace names `{word}`, which is in no target prompt"
+            )));
+        }
+    }
+
+    let cross_map = match mode {
+        EditMode::Replace => {
+            let rows: Vec<f32> = targets
+                .iter()
+                .map(|t| align::replacement_mapper(tok, source, t))
+                .collect::<Result<Vec<_>>>()?
+                .into_iter()
+                .flatten()
+                .flatten()
+                .collect();
+            CrossMap::Replace(Tensor::from_vec(rows, (targets.len(), MAX_LEN, MAX_LEN), dev)?)
+        }
+        EditMode::Refine => {
+            let mut maps = Vec::new();
+            let mut alphas = Vec::new();
+            for t in targets {
+                let (m, a) = align::refine_mapper(tok, source, t);
+                maps.push(Tensor::from_vec(m.iter().map(|x| *x as u32).collect::<Vec<_>>(), MAX_LEN, dev)?);
+                alphas.extend(a);
+            }
+            CrossMap::Refine {
+                map: maps,
+                alpha: Tensor::from_vec(alphas, (targets.len(), 1, 1, MAX_LEN), dev)?,
+            }
+        }
+        EditMode::Auto => unreachable!("resolved above"),
+    };
+    let cross_map = if mode == EditMode::Replace && targets.iter().all(|t| t == source) {
+        CrossMap::Identity
+    } else {
+        cross_map
+    };
+
+    let equalizer = if opts.reweight.is_empty() {
+        None
+    } else {
+        for (w, v) in &opts.reweight {
+            if !v.is_finite() {
+                return Err(invalid(format!("--reweight `{w}={v}`: not a finite number")));
+            }
+            if targets.iter().all(|t| align::word_positions(tok, t, &Word::Text(w.clone())).is_empty()) {
+                return Err(invalid(format!("--reweight names `{w}`, which is in no target prompt")));
+            }
+        }
+        let mut rows = Vec::new();
+        for t in targets {
+            let present: Vec<(String, f64)> = opts
+                .reweight
+                .iter()
+                .filter(|(w, _)| !align::word_positions(tok, t, &Word::Text(w.clone())).is_empty())
+                .cloned()
+                .collect();
+            rows.push(align::equalizer(tok, t, &present)?);
+        }
+        Some(rows)
+    };
+
+    let blend = match &opts.blend {
+        None => None,
+        Some(bo) => {
+            let mut words = vec![0f32; b * MAX_LEN];
+            let mut sub = vec![0f32; b * MAX_LEN];
+            let prompts: Vec<&str> = std::iter::once(source).chain(targets.iter().map(|s| s.as_str())).collect();
+            for w in &bo.source_words {
+                for p in align::require_word(tok, source, w)? {
+                    words[p] = 1.0;
+                }
+            }
+            for w in &bo.target_words {
+                let mut found = false;
+                for (k, t) in targets.iter().enumerate() {
+                    for p in align::word_positions(tok, t, &Word::Text(w.clone())) {
+                        words[(k + 1) * MAX_LEN + p] = 1.0;
+                        found = true;
+                    }
+                }
+                if !found {
+                    return Err(invalid(format!("--blend names `{w}`, which is in no target prompt")));
+                }
+            }
+            for w in &bo.subtract {
+                let mut found = false;
+                for (k, p) in prompts.iter().enumerate() {
+                    for t in align::word_positions(tok, p, &Word::Text(w.clone())) {
+                        sub[k * MAX_LEN + t] = 1.0;
+                        found = true;
+                    }
+                }
+                if !found {
+                    return Err(invalid(format!("--blend-subtract names `{w}`, which is in no prompt")));
+                }
+            }
+            for (name, th) in [("--blend-threshold", bo.threshold), ("subtract threshold", bo.subtract_threshold)] {
+                if !(0.0..=1.0).contains(&th) {
+                    return Err(invalid(format!("{name} must be in [0, 1], got {th}")));
+                }
+            }
+            Some(LocalBlend {
+                words: Tensor::from_vec(words, (b, MAX_LEN), dev)?,
+                subtract: if bo.subtract.is_empty() {
+                    None
+                } else {
+                    Some(Tensor::from_vec(sub, (b, MAX_LEN), dev)?)
+                },
+                threshold: (bo.threshold, bo.subtract_threshold),
+                start_step: (bo.start * num_steps as f64) as usize,
+            })
+        }
+    };
+    let self_window = opts.self_replace.rows(num_steps);
+    let self_max = opts
+        .self_max_pixels
+        .unwrap_or((latent_grid.0 / 2) * (latent_grid.1 / 2));
+    let mut c = P2PController::new(
+        b,
+        alpha,
+        cross_map,
+        equalizer,
+        self_window,
+        self_max,
+        blend,
+        latent_grid,
+        dev,
+    )?;
+    c.record_maps = opts.record_attention;
+    Ok(c)
+}
+
+/// Edits an inversion: one batch with the source prompt as row 0 and `targets` after it,
+/// every row starting from z_T and using the inversion's per-step null embeddings.
+pub fn edit(
+    sd: &StableDiffusion,
+    inv: &Inversion,
+    targets: &[String],
+    opts: &EditOptions,
+    progress: &mut dyn Progress,
+) -> Result<EditResult> {
+    let ddim = Ddim::new(&inv.scheduler, inv.num_steps)?;
+    let (_, _, h, w) = inv.latent_t.dims4()?;
+    let mut prompts = vec![inv.prompt.clone()];
+    prompts.extend(targets.iter().cloned());
+    let refs: Vec<&str> = prompts.iter().map(|s| s.as_str()).collect();
+    let (cond, _) = sd.encode_prompts(&refs)?;
+    let nulls = inv.null_embedding_list(&sd.device)?;
+    let start = inv.latent_t.to_device(&sd.device)?;
+    let mut step_latents = Vec::new();
+    let keep = opts.keep_step_latents;
+    let mut record = |_: usize, z: &Tensor| -> Result<()> {
+        if keep {
+            step_latents.push(z.to_device(&candle_core::Device::Cpu)?.unsqueeze(0)?);
+        }
+        Ok(())
+    };
+
+    if let Some(strength) = opts.sdedit {
+        if !(strength > 0.0 && strength <= 1.0) {
+            return Err(invalid(format!("--sdedit must be in (0, 1], got {strength}")));
+        }
+        let z0 = inv.image_latent.as_ref().ok_or_else(|| {
+            invalid("--sdedit needs the inversion's image latent, which this file lacks")
+        })?;
+        let k = (strength * inv.num_steps as f64) as usize;
+        if k == 0 {
+            return Err(invalid(format!("--sdedit {strength} starts after the last step")));
+        }
+        // The inverted latent at noise level k: DDIM inversion of z₀ with the source prompt.
+        let source = cond.narrow(0, 0, 1)?;
+        let pivots = crate::inversion::ddim_inversion_steps(sd, &ddim, &z0.to_device(&sd.device)?, &source, k, progress)?;
+        let spec = SampleSpec {
+            start: &pivots[k],
+            cond: &cond,
+            uncond: &nulls,
+            guidance: inv.guidance,
+            first_step: inv.num_steps - k,
+        };
+        let latents = sample(sd, &ddim, &spec, &mut NoControl, progress, &mut record)?;
+        return Ok(EditResult {
+            latents,
+            prompts,
+            mode: opts.mode,
+            attention_maps: None,
+            step_latents: stack(step_latents)?,
+            controller: None,
+        });
+    }
+
+    let mut controller = build_controller(sd, &inv.prompt, targets, opts, inv.num_steps, (h, w))?;
+    let mode = resolve_mode(opts.mode, &inv.prompt, targets)?;
+    let spec = SampleSpec {
+        start: &start,
+        cond: &cond,
+        uncond: &nulls,
+        guidance: inv.guidance,
+        first_step: 0,
+    };
+    let latents = sample(sd, &ddim, &spec, &mut controller, progress, &mut record)?;
+    let attention_maps = if opts.record_attention {
+        match controller.store.average_maps()? {
+            Some(m) => {
+                let (rh, rw) = controller.store_grid;
+                let b = m.dim(0)?;
+                Some(m.reshape((b, rh, rw, MAX_LEN))?.to_dtype(DType::F32)?)
+            }
+            None => None,
+        }
+    } else {
+        None
+    };
+    Ok(EditResult {
+        latents,
+        prompts,
+        mode,
+        attention_maps,
+        step_latents: stack(step_latents)?,
+        controller: Some(controller),
+    })
+}
+
+fn stack(v: Vec<Tensor>) -> Result<Option<Tensor>> {
+    if v.is_empty() {
+        Ok(None)
+    } else {
+        Ok(Some(Tensor::cat(&v, 0)?))
+    }
+}

@@ -181,9 +181,13 @@ impl WeightStore {
         }
     }
 
-    fn entry_location(&self, e: &Entry) -> String {
+    fn entry_location(&self, e: &Entry, name: &str) -> String {
         let path = self.files[e.file].path.display();
-        format!("{path} (as `{}`)", e.key)
+        if e.key == name {
+            path.to_string()
+        } else {
+            format!("{path} (as `{}`)", e.key)
+        }
     }
 
     /// Reads `name` with its stored shape, in the store's dtype, on the store's device.
@@ -215,7 +219,7 @@ impl WeightStore {
             if e.shape != shape {
                 return Err(Error::TensorShape {
                     name: name.to_string(),
-                    location: self.entry_location(e),
+                    location: self.entry_location(e, name),
                     expected: shape.to_vec(),
                     got: e.shape.clone(),
                 });
@@ -223,7 +227,7 @@ impl WeightStore {
         }
         let dtype = candle_dtype(e.dtype).ok_or_else(|| Error::TensorDtype {
             name: name.to_string(),
-            location: self.entry_location(e),
+            location: self.entry_location(e, name),
             dtype: dtype_name(e.dtype),
         })?;
         let f = &self.files[e.file];

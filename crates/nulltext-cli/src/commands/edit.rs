@@ -200,7 +200,7 @@ pub fn run(a: EditArgs, ctx: &Ctx) -> Result<()> {
                     (i, text)
                 })
                 .collect();
-            rows.push(render::attention_strip(&flat, rh, rw, &tokens, 96));
+            rows.push(render::attention_strip(&flat, rh, rw, &tokens, 128));
         }
         image_io::save_png(&render::stack_vertical(&rows), p)?;
         written.push(p.clone());

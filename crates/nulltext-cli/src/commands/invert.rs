@@ -110,14 +110,14 @@ pub fn run(a: InvertArgs, ctx: &Ctx) -> Result<()> {
             a.steps
         ));
     }
-    ctx.say(format!("  {:<18} {:>12} {:>12} {:>14}", "", "PSNR vs VAE", "PSNR vs input", "latent MSE"));
+    ctx.say(format!("  {:<24} {:>12} {:>13} {:>14}", "", "PSNR vs VAE", "PSNR vs input", "latent MSE"));
     let line = |name: &str, im: &image::RgbImage, z: Option<&Tensor>| -> Result<String> {
         let mse = match z {
             Some(z) => format!("{:>14.6}", latent_mse(z, &z0)?),
             None => format!("{:>14}", "-"),
         };
         let vs_vae = if std::ptr::eq(im, &vae) { "         -   ".to_string() } else { format!("{:>9.2} dB", image_io::psnr(im, &vae)) };
-        Ok(format!("  {name:<18} {vs_vae} {:>10.2} dB {mse}", image_io::psnr(im, &img)))
+        Ok(format!("  {name:<24} {vs_vae} {:>10.2} dB {mse}", image_io::psnr(im, &img)))
     };
     ctx.say(line(&format!("{} (this file)", a.method), &rec, Some(&rec_latent))?);
     if a.compare && a.method != Method::Ddim {

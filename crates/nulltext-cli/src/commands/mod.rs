@@ -1,6 +1,7 @@
 //! One module per subcommand; each parses its arguments and calls the library.
 
 mod bench;
+mod demo;
 mod edit;
 mod generate;
 mod info;
@@ -51,6 +52,9 @@ pub struct ModelArg {
 
 #[derive(Subcommand)]
 pub enum Command {
+    /// Invert the bundled photo with the bundled tiny model and edit it (run from the
+    /// repository root).
+    Demo(demo::DemoArgs),
     /// Invert a photo: find z_T and per-step null-text embeddings that reproduce it.
     Invert(invert::InvertArgs),
     /// Edit an inverted photo by changing its caption (Prompt-to-Prompt).
@@ -71,6 +75,7 @@ pub enum Command {
 
 pub fn run(cmd: Command, ctx: &Ctx) -> Result<()> {
     match cmd {
+        Command::Demo(a) => demo::run(a, ctx),
         Command::Invert(a) => invert::run(a, ctx),
         Command::Edit(a) => edit::run(a, ctx),
         Command::Reconstruct(a) => reconstruct::run(a, ctx),

@@ -1,0 +1,253 @@
+//! End-to-end tests of the `nulltext` command on the tiny fixture model and real image
+//! files, including bad input: each must fail with a one-line message naming the culprit
+//! and write nothing.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn tiny() -> PathBuf {
+    root().join("tests/fixtures/models/tiny-sd15")
+}
+
+fn photo() -> PathBuf {
+    root().join("tests/fixtures/inputs/chelsea256.png")
+}
+
+fn nulltext(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_nulltext"))
+        .args(args)
+        .env("RAYON_NUM_THREADS", "2")
+        .env_remove("NULLTEXT_MODEL")
+        .output()
+        .expect("run nulltext")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = nulltext(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "nulltext {args:?} failed:\n{stderr}");
+    String::from_utf8_lossy(&out.stdout).into_owned() + &stderr
+}
+
+/// Runs a command that must fail; returns its stderr.
+fn fails(args: &[&str]) -> String {
+    let out = nulltext(args);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "nulltext {args:?} should fail:\n{stderr}");
+    assert!(stderr.starts_with("error: "), "{stderr}");
+    stderr
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("nulltext-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A copy of the tiny model (weights as symlinks unless `copy_weights`).
+fn model_copy(name: &str, copy_weights: bool) -> PathBuf {
+    let d = tmp(name).join("model");
+    for sub in ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] {
+        std::fs::create_dir_all(d.join(sub)).unwrap();
+        for e in std::fs::read_dir(tiny().join(sub)).unwrap() {
+            let e = e.unwrap();
+            let to = d.join(sub).join(e.file_name());
+            if e.path().extension().is_some_and(|x| x == "safetensors") && !copy_weights {
+                std::os::unix::fs::symlink(e.path().canonicalize().unwrap(), &to).unwrap();
+            } else {
+                std::fs::copy(e.path(), &to).unwrap();
+            }
+        }
+    }
+    std::fs::copy(tiny().join("model_index.json"), d.join("model_index.json")).unwrap();
+    d
+}
+
+#[test]
+fn tokens_json_lists_ids_tokens_and_words() {
+    let out = ok(&["tokens", "--json", "-p", "a close-up photo of a cat"]);
+    let v: serde_json::Value = serde_json::from_str(out.lines().take_while(|l| !l.starts_with("warning")).collect::<Vec<_>>().join("\n").as_str()).unwrap();
+    assert_eq!(v["ids"].as_array().unwrap().len(), 77);
+    assert_eq!(v["ids"][0], 49406);
+    assert_eq!(v["tokens"][2], "close</w>");
+    assert_eq!(v["words"][3], "close-up");
+    assert_eq!(v["words"][8], "cat");
+}
+
+#[test]
+fn invert_edit_reconstruct_round_trip() {
+    let d = tmp("roundtrip");
+    let inv = d.join("cat.nti.safetensors");
+    let rec = d.join("rec.png");
+    let out = ok(&[
+        "invert", "--model", s(&tiny()), "--image", s(&photo()), "--prompt", "a close up photo of a cat",
+        "--out", s(&inv), "--steps", "10", "--inner-steps", "2", "--reconstruction", s(&rec), "--compare",
+    ]);
+    assert!(out.contains("PSNR"), "{out}");
+    assert!(out.contains("ddim (baseline)"), "{out}");
+    assert!(inv.is_file() && rec.is_file());
+    let loaded = nulltext::inversion_file::load(&inv).unwrap();
+    assert_eq!(loaded.num_steps, 10);
+    assert_eq!(loaded.null_embeddings.dims(), &[10, 77, 32]);
+    assert_eq!(loaded.model_fingerprint, "f99da5222da910ce");
+
+    // The reconstruction command gives the inversion's own reconstruction.
+    let rec2 = d.join("rec2.png");
+    let lat = d.join("z0.safetensors");
+    ok(&["reconstruct", "--model", s(&tiny()), "--inversion", s(&inv), "--out", s(&rec2), "--save-latents", s(&lat)]);
+    let a = image::open(&rec).unwrap().to_rgb8();
+    let b = image::open(&rec2).unwrap().to_rgb8();
+    assert!(nulltext::image_io::psnr(&a, &b) > 40.0);
+
+    let edits = d.join("edits");
+    let grid = d.join("grid.png");
+    let maps = d.join("maps.png");
+    let latents = d.join("latents.safetensors");
+    let out = ok(&[
+        "edit", "--model", s(&tiny()), "--inversion", s(&inv),
+        "--target", "a close up photo of a dog", "--target", "a close up photo of a tiger",
+        "--blend", "cat:dog tiger", "--reweight", "tiger=2", "--cross-replace", "0.8,tiger=0.4",
+        "--out-dir", s(&edits), "--grid", s(&grid), "--attention-maps", s(&maps), "--save-latents", s(&latents),
+    ]);
+    assert!(out.contains("(replace)"), "{out}");
+    for f in ["reconstruction.png", "01-a-close-up-photo-of-a-dog.png", "02-a-close-up-photo-of-a-tiger.png"] {
+        assert!(edits.join(f).is_file(), "{f}");
+    }
+    let g = image::open(&grid).unwrap();
+    assert!(g.width() > 4 * 256, "input | reconstruction | 2 edits");
+    assert!(image::open(&maps).unwrap().height() > 2 * 128);
+    let t = candle_core::safetensors::load(&latents, &candle_core::Device::Cpu).unwrap();
+    assert_eq!(t["latents"].dims(), &[3, 4, 32, 32]);
+
+    // Refine (a word added) and SDEdit.
+    let out = ok(&["edit", "--model", s(&tiny()), "--inversion", s(&inv), "--target", "a close up photo of a fluffy cat", "--out-dir", s(&d.join("refine"))]);
+    assert!(out.contains("(refine)"), "{out}");
+    let out = ok(&["edit", "--model", s(&tiny()), "--inversion", s(&inv), "--target", "a close up photo of a dog", "--sdedit", "0.5", "--out-dir", s(&d.join("sdedit"))]);
+    assert!(out.contains("sdedit"), "{out}");
+
+    // Bad edits: clear errors naming the word or value, nothing written.
+    let bad = d.join("bad");
+    let e = fails(&["edit", "--model", s(&tiny()), "--inversion", s(&inv), "--target", "a close up photo of a fluffy cat", "--mode", "replace", "--out-dir", s(&bad)]);
+    assert!(e.contains("as many words") && e.contains("fluffy"), "{e}");
+    let e = fails(&["edit", "--model", s(&tiny()), "--inversion", s(&inv), "--target", "a close up photo of a dog", "--blend", "cat:zebra", "--out-dir", s(&bad)]);
+    assert!(e.contains("`zebra`"), "{e}");
+    let e = fails(&["edit", "--model", s(&tiny()), "--inversion", s(&inv), "--target", "a close up photo of a dog", "--blend", "horse:dog", "--out-dir", s(&bad)]);
+    assert!(e.contains("`horse`"), "{e}");
+    let e = fails(&["edit", "--model", s(&tiny()), "--inversion", s(&inv), "--target", "a close up photo of a dog", "--reweight", "zebra=2", "--out-dir", s(&bad)]);
+    assert!(e.contains("`zebra`"), "{e}");
+    let e = fails(&["edit", "--model", s(&tiny()), "--inversion", s(&inv), "--target", "a close up photo of a dog", "--cross-replace", "1.5", "--out-dir", s(&bad)]);
+    assert!(e.contains("--cross-replace") && e.contains("1.5"), "{e}");
+    assert!(!bad.exists(), "nothing written for bad edits");
+
+    // An inversion from another model.
+    let other = d.join("other");
+    ok(&["random-model", "--preset", "tiny", "--seed", "7", "--out", s(&other)]);
+    let e = fails(&["edit", "--model", s(&other), "--inversion", s(&inv), "--target", "a close up photo of a dog", "--out-dir", s(&bad)]);
+    assert!(e.contains("fingerprint") && e.contains("--force"), "{e}");
+    assert!(!bad.exists());
+
+    // A truncated inversion file.
+    let trunc = d.join("trunc.nti.safetensors");
+    let bytes = std::fs::read(&inv).unwrap();
+    std::fs::write(&trunc, &bytes[..bytes.len() / 2]).unwrap();
+    let e = fails(&["reconstruct", "--model", s(&tiny()), "--inversion", s(&trunc), "--out", s(&bad.join("x.png"))]);
+    assert!(e.contains("trunc.nti.safetensors"), "{e}");
+    assert!(!bad.exists());
+}
+
+#[test]
+fn generate_writes_a_png() {
+    let d = tmp("generate");
+    let out = d.join("g.png");
+    ok(&["generate", "--model", s(&tiny()), "--prompt", "a red circle", "--steps", "3", "--seed", "1", "--out", s(&out)]);
+    let img = image::open(&out).unwrap();
+    assert_eq!((img.width(), img.height()), (256, 256));
+}
+
+#[test]
+fn bad_models_are_named() {
+    let d = tmp("badmodels");
+    let png = d.join("x.png");
+    // Missing folder.
+    let e = fails(&["generate", "--model", s(&d.join("nope")), "--prompt", "x", "--out", s(&png)]);
+    assert!(e.contains("nope"), "{e}");
+    // Missing config key.
+    let m = model_copy("nokey", false);
+    let cfg = m.join("unet/config.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    v.as_object_mut().unwrap().remove("cross_attention_dim");
+    std::fs::write(&cfg, v.to_string()).unwrap();
+    let e = fails(&["generate", "--model", s(&m), "--prompt", "x", "--out", s(&png)]);
+    assert!(e.contains("cross_attention_dim") && e.contains("unet/config.json"), "{e}");
+    // Wrong tensor shape (config says 48, weights are 32 wide).
+    v["cross_attention_dim"] = serde_json::json!(48);
+    std::fs::write(&cfg, v.to_string()).unwrap();
+    let e = fails(&["generate", "--model", s(&m), "--prompt", "x", "--out", s(&png)]);
+    assert!(e.contains("attn2.to_k.weight") && e.contains("[32, 48]"), "{e}");
+    // Corrupt safetensors.
+    let m = model_copy("corrupt", false);
+    let f = m.join("vae/diffusion_pytorch_model.safetensors");
+    std::fs::remove_file(&f).unwrap();
+    std::fs::write(&f, b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all").unwrap();
+    let e = fails(&["generate", "--model", s(&m), "--prompt", "x", "--out", s(&png)]);
+    assert!(e.contains("vae/diffusion_pytorch_model.safetensors") && e.contains("safetensors"), "{e}");
+    assert!(!png.exists());
+    // Only .bin weights.
+    let m = model_copy("bin", false);
+    std::fs::remove_file(m.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
+    std::fs::write(m.join("unet/diffusion_pytorch_model.bin"), b"pickle").unwrap();
+    let e = fails(&["generate", "--model", s(&m), "--prompt", "x", "--out", s(&png)]);
+    assert!(e.contains(".bin") && e.contains("safetensors"), "{e}");
+    // A repo id that is not in the cache.
+    let e = fails(&["info", "--model", "nobody/no-such-model"]);
+    assert!(e.contains("nobody/no-such-model") && e.contains("cache"), "{e}");
+}
+
+#[test]
+fn bad_images_are_refused_before_any_work() {
+    let d = tmp("badimages");
+    let out = d.join("x.nti.safetensors");
+    let run = |img: &Path| fails(&["invert", "--model", s(&tiny()), "--image", s(img), "--prompt", "a cat", "--out", s(&out)]);
+    let e = run(&d.join("missing.png"));
+    assert!(e.contains("missing.png"), "{e}");
+    let text = d.join("notes.png");
+    std::fs::write(&text, "this is not an image").unwrap();
+    let e = run(&text);
+    assert!(e.contains("notes.png"), "{e}");
+    let tiny_img = d.join("one.png");
+    image::RgbImage::new(1, 1).save(&tiny_img).unwrap();
+    let e = run(&tiny_img);
+    assert!(e.contains("one.png") && e.contains("1×1"), "{e}");
+    let empty = d.join("empty.png");
+    std::fs::write(&empty, b"").unwrap();
+    let e = run(&empty);
+    assert!(e.contains("empty.png"), "{e}");
+    assert!(!out.exists());
+}
+
+#[test]
+fn long_prompts_are_truncated_with_a_warning() {
+    let words: Vec<String> = (0..300).map(|i| format!("w{i}")).collect();
+    let prompt = words.join(" ");
+    let out = ok(&["tokens", "-p", &prompt]);
+    assert!(out.contains("longer than 77 tokens"), "{out}");
+    assert!(out.contains("77 of 77"), "{out}");
+}
+
+#[test]
+fn info_reports_the_fixture_model() {
+    let out = ok(&["info", "--model", s(&tiny()), "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out[..out.rfind('}').unwrap() + 1]).unwrap();
+    assert_eq!(v["fingerprint"], "f99da5222da910ce");
+    assert_eq!(v["image_size"], 256);
+    assert_eq!(v["prediction_type"], "epsilon");
+}

@@ -71,13 +71,9 @@ pub fn parse_dtype(spec: &str, device: &Device) -> Result<DType> {
     })
 }
 
-pub fn load_model(spec: &str, device: &Device, dtype: DType, quiet: bool) -> Result<StableDiffusion> {
+pub fn load_model(spec: &str, opts: &LoadOptions, quiet: bool) -> Result<StableDiffusion> {
     let sp = crate::progress::spinner(quiet, &format!("loading {spec}"));
-    let opts = LoadOptions {
-        device: device.clone(),
-        dtype,
-    };
-    let sd = StableDiffusion::load(spec, &opts).with_context(|| format!("cannot load model `{spec}`"))?;
+    let sd = StableDiffusion::load(spec, opts).with_context(|| format!("cannot load model `{spec}`"))?;
     if let Some(s) = sp {
         s.finish_and_clear();
     }

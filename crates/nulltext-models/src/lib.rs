@@ -13,6 +13,7 @@ pub mod nn;
 pub mod random;
 pub mod resnet;
 pub mod scheduler;
+pub mod single_file;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;

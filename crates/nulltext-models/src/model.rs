@@ -23,6 +23,12 @@ pub struct LoadOptions {
     pub device: Device,
     /// Compute dtype of the weights (f32 by default; f16/bf16 on GPUs).
     pub dtype: DType,
+    /// For single-file checkpoints: take the component configs (and tokenizer, scheduler)
+    /// from this diffusers folder instead of inferring them from the tensor shapes.
+    pub config_dir: Option<PathBuf>,
+    /// For single-file checkpoints: `epsilon` or `v_prediction` (default: a sidecar
+    /// `<name>.yaml` with `parameterization: "v"`, else `epsilon`).
+    pub prediction_type: Option<String>,
 }
 
 impl Default for LoadOptions {
@@ -30,8 +36,39 @@ impl Default for LoadOptions {
         Self {
             device: Device::Cpu,
             dtype: DType::F32,
+            config_dir: None,
+            prediction_type: None,
         }
     }
+}
+
+/// Fails with every missing or misshapen tensor listed, not just the first.
+pub fn check_complete(
+    store: &WeightStore,
+    required: &[(String, Vec<usize>)],
+    label: &str,
+) -> Result<()> {
+    let mut problems = Vec::new();
+    for (name, shape) in required {
+        match store.shape_of(name) {
+            None => problems.push(format!("missing `{name}`")),
+            Some(s) if s != shape.as_slice() => {
+                problems.push(format!("`{name}` has shape {s:?}, expected {shape:?}"))
+            }
+            _ => {}
+        }
+    }
+    if problems.is_empty() {
+        return Ok(());
+    }
+    let n = problems.len();
+    let shown: Vec<String> = problems.into_iter().take(12).collect();
+    Err(Error::Msg(format!(
+        "{label}: {n} tensor{} do not fit the architecture: {}{}",
+        if n == 1 { "" } else { "s" },
+        shown.join("; "),
+        if n > 12 { format!("; and {} more", n - 12) } else { String::new() }
+    )))
 }
 
 /// The Hugging Face hub cache folder: `$HF_HUB_CACHE`, `$HF_HOME/hub` or
@@ -173,16 +210,126 @@ pub struct StableDiffusion {
 }
 
 impl StableDiffusion {
-    /// Loads from a diffusers folder or a cached Hugging Face repo id.
+    /// Loads from a diffusers folder, a single-file `.safetensors` checkpoint or a cached
+    /// Hugging Face repo id.
     pub fn load(spec: &str, opts: &LoadOptions) -> Result<Self> {
         let path = resolve_model_path(spec)?;
         if path.is_file() {
-            return Err(Error::Unsupported(format!(
-                "{}: single-file checkpoints are not supported yet; pass a diffusers folder",
-                path.display()
-            )));
+            let ext = path
+                .extension()
+                .map(|e| e.to_string_lossy().to_ascii_lowercase())
+                .unwrap_or_default();
+            return match ext.as_str() {
+                "safetensors" => Self::load_single_file(&path, spec, opts),
+                "ckpt" | "pt" | "pth" | "bin" => Err(Error::Unsupported(format!(
+                    "{}: pickle checkpoints are not loaded (unpickling can run arbitrary code); \
+                     convert it to safetensors first, e.g. with \
+                     `python -c \"import torch, safetensors.torch as s; \
+                     s.save_file({{k: v.contiguous() for k, v in torch.load('{0}', weights_only=True)['state_dict'].items() \
+                     if hasattr(v, 'contiguous')}}, '{0}.safetensors')\"`",
+                    path.display()
+                ))),
+                _ => Err(Error::Unsupported(format!(
+                    "{}: not a model (expected a diffusers folder or a .safetensors checkpoint)",
+                    path.display()
+                ))),
+            };
         }
         Self::load_diffusers(&path, spec, opts)
+    }
+
+    /// A single-file checkpoint in the original key layout.
+    fn load_single_file(path: &Path, name: &str, opts: &LoadOptions) -> Result<Self> {
+        use crate::single_file as sf;
+        let shapes = sf::read_shapes(path)?;
+        if !shapes.keys().any(|k| k.starts_with(sf::UNET_PREFIX)) {
+            return Err(Error::Unsupported(format!(
+                "{}: not a Stable Diffusion checkpoint (no `{}*` tensors)",
+                path.display(),
+                sf::UNET_PREFIX
+            )));
+        }
+        let mut d = sf::detect(&shapes).map_err(|e| Error::Config {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        })?;
+        let prediction = opts
+            .prediction_type
+            .clone()
+            .or_else(|| sf::sidecar_prediction(path))
+            .unwrap_or_else(|| "epsilon".into());
+        let mut scheduler = sf::scheduler_for(&prediction);
+        let mut tokenizer = None;
+        if let Some(dir) = &opts.config_dir {
+            d.unet = read_json(&dir.join("unet/config.json"))?;
+            d.vae = read_json(&dir.join("vae/config.json"))?;
+            let mut text: ClipTextConfig = read_json(&dir.join("text_encoder/config.json"))?;
+            text.use_penultimate_layer = false;
+            d.text = text;
+            let sp = dir.join("scheduler/scheduler_config.json");
+            if sp.is_file() {
+                scheduler = SchedulerConfig::from_file(&sp)?;
+                if let Some(p) = &opts.prediction_type {
+                    scheduler.prediction_type = p.clone();
+                }
+            }
+            if dir.join("tokenizer/vocab.json").is_file() {
+                tokenizer = Some(ClipTokenizer::from_dir(&dir.join("tokenizer"))?);
+            }
+        } else if d.openclip && prediction == "v_prediction" {
+            // SD 2.x 768-v: 96×96 latents and upcast attention, as its config says.
+            d.unet.sample_size = 96;
+            d.unet.upcast_attention = true;
+        }
+        scheduler.validate()?;
+        let tokenizer = match tokenizer {
+            Some(t) => t,
+            None if d.openclip => ClipTokenizer::bundled_with_pad("!"),
+            None => ClipTokenizer::bundled(),
+        };
+        let (dev, dt) = (&opts.device, opts.dtype);
+        let stores = sf::open_stores(path, &d, dev, dt)?;
+        let configs = crate::random::ModelConfigs {
+            unet: serde_json::to_value(&d.unet).map_err(|e| Error::Msg(e.to_string()))?,
+            vae: serde_json::to_value(&d.vae).map_err(|e| Error::Msg(e.to_string()))?,
+            text_encoder: serde_json::to_value(&d.text).map_err(|e| Error::Msg(e.to_string()))?,
+            scheduler: serde_json::Value::Null,
+            pad_token: String::new(),
+        };
+        let label = path.display().to_string();
+        for ((component, required), store) in crate::random::tensor_lists(&configs)?
+            .iter()
+            .zip([&stores.unet, &stores.vae, &stores.text])
+        {
+            check_complete(store, required, &format!("{label} ({component})"))?;
+        }
+        let extra = sf::unclaimed_keys(&shapes, &d);
+        if !extra.is_empty() {
+            let shown: Vec<&str> = extra.iter().take(8).map(|s| s.as_str()).collect();
+            tracing::warn!(
+                "{label}: {} tensor{} not used: {}{}",
+                extra.len(),
+                if extra.len() == 1 { " is" } else { "s are" },
+                shown.join(", "),
+                if extra.len() > 8 { ", …" } else { "" }
+            );
+        }
+        let fingerprint = unet_fingerprint(&stores.unet)?;
+        let unet = UNet2DConditionModel::load(&stores.unet.root(), &d.unet)?;
+        let vae = AutoencoderKL::load(&stores.vae.root(), &d.vae)?;
+        let text_encoder = ClipTextTransformer::load(&stores.text.root(), &d.text)?;
+        Ok(Self {
+            tokenizer,
+            text_encoder,
+            unet,
+            vae,
+            scheduler,
+            fingerprint,
+            name: name.to_string(),
+            path: path.to_path_buf(),
+            device: dev.clone(),
+            dtype: dt,
+        })
     }
 
     fn load_diffusers(dir: &Path, name: &str, opts: &LoadOptions) -> Result<Self> {

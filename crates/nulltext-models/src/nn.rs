@@ -249,25 +249,41 @@ impl Conv2d {
         let (_, _, in_h, in_w) = x.dims4()?;
         let (_, _, k, _) = self.weight.dims4()?;
         let (stride, padding) = (self.stride, self.padding);
-        let weight = self.weight.clone();
-        let flipped = if stride == 1 { Some(self.flipped()?) } else { None };
+        let flipped = self.flipped()?;
         Ok(attach_grad(x, value, move |g, _| {
-            match &flipped {
-                // A stride-1 convolution's input gradient is a convolution of the output
-                // gradient with the transposed, flipped kernel.
-                Some(f) => g.conv2d(f, k - 1 - padding, 1, 1, 1),
-                None => {
-                    let out_h = (g.dim(2)? - 1) * stride + k - 2 * padding;
-                    let out_pad = in_h - out_h;
-                    let gx = g.conv_transpose2d(&weight, padding, out_pad, stride, 1)?;
-                    if gx.dim(3)? != in_w {
-                        candle_core::bail!("conv2d backward: width mismatch");
-                    }
-                    Ok(gx)
-                }
-            }
+            // The input gradient is a stride-1 convolution of the output gradient — spread
+            // out by the stride with zeros in between — with the transposed, flipped kernel.
+            let g = if stride == 1 { g.clone() } else { dilate(g, stride)? };
+            let left = k - 1 - padding;
+            let (_, _, gh, gw) = g.dims4()?;
+            let right_h = (in_h + k - 1).saturating_sub(gh + left);
+            let right_w = (in_w + k - 1).saturating_sub(gw + left);
+            let g = if stride == 1 && right_h == left && right_w == left {
+                g
+            } else {
+                g.pad_with_zeros(2, left, right_h)?.pad_with_zeros(3, left, right_w)?
+            };
+            let pad = if stride == 1 && right_h == left && right_w == left { left } else { 0 };
+            g.conv2d(&flipped, pad, 1, 1, 1)?
+                .narrow(2, 0, in_h)?
+                .narrow(3, 0, in_w)
         })?)
     }
+}
+
+/// Spreads `g` `[B, C, H, W]` to `[B, C, sH, sW]` with `g` at multiples of `s`, zeros elsewhere.
+fn dilate(g: &Tensor, s: usize) -> candle_core::Result<Tensor> {
+    let (b, c, h, w) = g.dims4()?;
+    let mut parts = vec![g.clone()];
+    let z = g.zeros_like()?;
+    parts.extend(std::iter::repeat_n(z, s - 1));
+    // (B, C, H, s, W) -> (B, C, sH, W)
+    let rows = Tensor::stack(&parts, 3)?.reshape((b, c, h * s, w))?;
+    let mut parts = vec![rows.clone()];
+    let z = rows.zeros_like()?;
+    parts.extend(std::iter::repeat_n(z, s - 1));
+    // (B, C, sH, W, s) -> (B, C, sH, sW)
+    Tensor::stack(&parts, 4)?.reshape((b, c, h * s, w * s))
 }
 
 /// Group normalization with frozen affine parameters.
@@ -295,24 +311,57 @@ impl GroupNorm {
         })
     }
 
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let (b, c) = (dims[0], dims[1]);
+    /// `(x − μ)/σ` per group, `[B, G, n]` in f32, and `1/σ` `[B, G, 1]`.
+    fn normalized(&self, x: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        let b = x.dim(0)?;
         let n = x.elem_count() / (b * self.groups);
-        let dtype = x.dtype();
         let xs = x.reshape((b, self.groups, n))?.to_dtype(DType::F32)?;
         let mean = (xs.sum_keepdim(2)? / n as f64)?;
         let xs = xs.broadcast_sub(&mean)?;
         let var = (xs.sqr()?.sum_keepdim(2)? / n as f64)?;
-        let xs = xs.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        let rstd = (var + self.eps)?.sqrt()?.recip()?;
+        Ok((xs.broadcast_mul(&rstd)?, rstd))
+    }
+
+    fn channel_shape(&self, dims: &[usize]) -> Vec<usize> {
         let mut wd = vec![1usize; dims.len()];
-        wd[1] = c;
-        let y = xs
-            .to_dtype(dtype)?
-            .reshape(dims)?
-            .broadcast_mul(&self.weight.reshape(wd.clone())?)?
-            .broadcast_add(&self.bias.reshape(wd)?)?;
-        Ok(y)
+        wd[1] = dims[1];
+        wd
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let dtype = x.dtype();
+        let wd = self.channel_shape(&dims);
+        let value = |x: &Tensor| -> candle_core::Result<Tensor> {
+            let (xn, _) = self.normalized(x)?;
+            xn.to_dtype(dtype)?
+                .reshape(dims.clone())?
+                .broadcast_mul(&self.weight.reshape(wd.clone())?)?
+                .broadcast_add(&self.bias.reshape(wd.clone())?)
+        };
+        if !x.track_op() {
+            return Ok(value(x)?);
+        }
+        let xd = x.detach();
+        let y = value(&xd)?;
+        let this = self.clone();
+        Ok(attach_grad(x, y, move |g, _| {
+            // dx = (1/σ)(ĝ − mean(ĝ) − x̂·mean(ĝ x̂)) per group, with ĝ = g·γ.
+            let (xn, rstd) = this.normalized(&xd)?;
+            let (b, groups, n) = xn.dims3()?;
+            let gg = g
+                .to_dtype(DType::F32)?
+                .broadcast_mul(&this.weight.to_dtype(DType::F32)?.reshape(this.channel_shape(g.dims()))?)?
+                .reshape((b, groups, n))?;
+            let m1 = (gg.sum_keepdim(2)? / n as f64)?;
+            let m2 = ((&gg * &xn)?.sum_keepdim(2)? / n as f64)?;
+            let dx = gg
+                .broadcast_sub(&m1)?
+                .sub(&xn.broadcast_mul(&m2)?)?
+                .broadcast_mul(&rstd)?;
+            dx.reshape(g.dims())?.to_dtype(g.dtype())
+        })?)
     }
 }
 
@@ -343,13 +392,25 @@ impl LayerNorm {
                 self.eps as f32,
             )?);
         }
-        // The fused kernel records no backward op: build it from differentiable ops.
-        let n = x.dim(D::Minus1)? as f64;
-        let mean = (x.sum_keepdim(D::Minus1)? / n)?;
-        let xc = x.broadcast_sub(&mean)?;
-        let var = (xc.sqr()?.sum_keepdim(D::Minus1)? / n)?;
-        let xn = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        Ok(xn.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?)
+        // The fused kernel records no backward op: attach the input gradient
+        // dx = (1/σ)(ĝ − mean(ĝ) − x̂·mean(ĝ x̂)), ĝ = g·γ, computed in f32.
+        let xd = x.detach();
+        let y = candle_nn::ops::layer_norm(&xd, &self.weight, &self.bias, self.eps as f32)?;
+        let (weight, eps) = (self.weight.clone(), self.eps);
+        Ok(attach_grad(&x, y, move |g, _| {
+            let xf = xd.to_dtype(DType::F32)?;
+            let n = xf.dim(D::Minus1)? as f64;
+            let mean = (xf.sum_keepdim(D::Minus1)? / n)?;
+            let xc = xf.broadcast_sub(&mean)?;
+            let var = (xc.sqr()?.sum_keepdim(D::Minus1)? / n)?;
+            let rstd = (var + eps)?.sqrt()?.recip()?;
+            let xn = xc.broadcast_mul(&rstd)?;
+            let gg = g.to_dtype(DType::F32)?.broadcast_mul(&weight.to_dtype(DType::F32)?)?;
+            let m1 = (gg.sum_keepdim(D::Minus1)? / n)?;
+            let m2 = ((&gg * &xn)?.sum_keepdim(D::Minus1)? / n)?;
+            let dx = gg.broadcast_sub(&m1)?.sub(&xn.broadcast_mul(&m2)?)?.broadcast_mul(&rstd)?;
+            dx.to_dtype(g.dtype())
+        })?)
     }
 }
 

@@ -77,6 +77,11 @@ impl ClipTokenizer {
         Self::from_strs(BUNDLED_VOCAB, BUNDLED_MERGES, None).expect("bundled tokenizer")
     }
 
+    /// The bundled vocabulary padding with `pad` (SD 2.x pads with `!`, id 0).
+    pub fn bundled_with_pad(pad: &str) -> Self {
+        Self::from_strs(BUNDLED_VOCAB, BUNDLED_MERGES, Some(pad)).expect("bundled tokenizer")
+    }
+
     /// Reads `vocab.json`, `merges.txt` and, if present, the padding token from
     /// `special_tokens_map.json` / `tokenizer_config.json` of a tokenizer folder.
     pub fn from_dir(dir: &Path) -> Result<Self> {

@@ -37,6 +37,8 @@ pub struct WeightStore {
     used: Mutex<BTreeSet<String>>,
     /// In recording mode every lookup succeeds with a placeholder and is written down.
     recorded: Option<Mutex<Vec<(String, Vec<usize>)>>>,
+    /// Tensors computed at load time (e.g. split from a fused file tensor), by name.
+    overlay: HashMap<String, Tensor>,
 }
 
 fn dtype_name(d: safetensors::Dtype) -> String {
@@ -124,6 +126,7 @@ impl WeightStore {
             dtype,
             used: Mutex::new(BTreeSet::new()),
             recorded: None,
+            overlay: HashMap::new(),
         })
     }
 
@@ -138,6 +141,7 @@ impl WeightStore {
             dtype: DType::F32,
             used: Mutex::new(BTreeSet::new()),
             recorded: Some(Mutex::new(Vec::new())),
+            overlay: HashMap::new(),
         }
     }
 
@@ -158,7 +162,12 @@ impl WeightStore {
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.recorded.is_some() || self.index.contains_key(name)
+        self.recorded.is_some() || self.overlay.contains_key(name) || self.index.contains_key(name)
+    }
+
+    /// Adds a tensor computed at load time under `name` (it wins over the files).
+    pub fn insert(&mut self, name: String, t: Tensor) {
+        self.overlay.insert(name, t);
     }
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
@@ -167,7 +176,10 @@ impl WeightStore {
 
     /// Shape of a tensor as stored, if present.
     pub fn shape_of(&self, name: &str) -> Option<&[usize]> {
-        self.index.get(name).map(|e| e.shape.as_slice())
+        match self.overlay.get(name) {
+            Some(t) => Some(t.dims()),
+            None => self.index.get(name).map(|e| e.shape.as_slice()),
+        }
     }
 
     fn location(&self) -> String {
@@ -211,6 +223,20 @@ impl WeightStore {
     }
 
     fn read_raw(&self, name: &str, shape: Option<&[usize]>) -> Result<Tensor> {
+        if let Some(t) = self.overlay.get(name) {
+            if let Some(shape) = shape {
+                if t.dims() != shape {
+                    return Err(Error::TensorShape {
+                        name: name.to_string(),
+                        location: self.location(),
+                        expected: shape.to_vec(),
+                        got: t.dims().to_vec(),
+                    });
+                }
+            }
+            self.used.lock().unwrap().insert(name.to_string());
+            return Ok(t.to_device(&Device::Cpu)?);
+        }
         let e = self.index.get(name).ok_or_else(|| Error::MissingTensor {
             name: name.to_string(),
             location: self.location(),

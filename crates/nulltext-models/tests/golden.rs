@@ -5,12 +5,12 @@ mod common;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use common::*;
-use nulltext_models::{LoadOptions, StableDiffusion};
+use nulltext_models::StableDiffusion;
 
 const TOL: f64 = 1e-4;
 
 fn model() -> StableDiffusion {
-    StableDiffusion::load(tiny_model().to_str().unwrap(), &LoadOptions::default()).unwrap()
+    StableDiffusion::load(tiny_model().to_str().unwrap(), &load_options()).unwrap()
 }
 
 fn prompts() -> Vec<String> {
@@ -71,8 +71,8 @@ fn text_embeddings_match() {
 fn unet_eps_matches() {
     let sd = model();
     let g = golden("unet_eps.safetensors");
-    let x = &g["x"];
-    let ctx = &g["context"];
+    let x = &on_device(&g["x"]);
+    let ctx = &on_device(&g["context"]);
     let x0 = x.i(0..1).unwrap();
     let (uncond, cond) = (ctx.i(0..1).unwrap(), ctx.i(1..2).unwrap());
     let cases = [
@@ -99,15 +99,16 @@ fn vae_matches() {
         .unwrap()
         .unsqueeze(0)
         .unwrap();
+    let x = on_device(&x);
     let d = sd.vae.encode(&x).unwrap();
     assert_close("vae mean", &d.mean, &g["mean"], TOL);
     assert_close("vae logvar", &d.logvar, &g["logvar"], TOL);
     let z = sd.image_to_latent(&x).unwrap();
     assert_close("image latent", &z, &g["image_latent"], TOL);
-    let x = sd.vae.decode(&(&g["image_latent"] / 0.18215).unwrap()).unwrap();
+    let x = sd.vae.decode(&(on_device(&g["image_latent"]) / 0.18215).unwrap()).unwrap();
     assert_close("vae decoded", &x, &g["decoded"], TOL);
     // u8 pixels: identical but for values within rounding distance of an integer.
-    let img = sd.latent_to_image(&g["image_latent"]).unwrap();
+    let img = sd.latent_to_image(&on_device(&g["image_latent"])).unwrap().to_device(&Device::Cpu).unwrap();
     let u8s = (img * 255.0).unwrap().floor().unwrap().permute((0, 2, 3, 1)).unwrap();
     let want = g["decoded_u8"].to_dtype(DType::F32).unwrap();
     let diff = (u8s - want).unwrap().abs().unwrap();

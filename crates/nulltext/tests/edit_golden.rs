@@ -1,7 +1,6 @@
 //! Prompt-to-Prompt parity with the PyTorch goldens: token bookkeeping (`seq_align.json`)
 //! and the final latents of every golden edit of `chelsea.nti.safetensors`.
 
-#[path = "common.rs"]
 mod common;
 
 #[global_allocator]

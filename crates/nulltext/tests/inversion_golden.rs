@@ -1,6 +1,5 @@
 //! Inversion parity with the PyTorch goldens (`tests/fixtures/golden/chelsea_*`).
 
-#[path = "common.rs"]
 mod common;
 
 #[global_allocator]
@@ -24,7 +23,7 @@ fn image_latent_matches() {
 fn ddim_inversion_trajectory_matches() {
     let sd = load_tiny();
     let g = golden("chelsea_ddim_inversion.safetensors");
-    let z0 = g["latents"].i(0..1).unwrap();
+    let z0 = on_device(&g["latents"].i(0..1).unwrap());
     let ddim = Ddim::new(&sd.scheduler, 50).unwrap();
     let cond = sd.encode_prompt("a close up photo of a cat").unwrap();
     assert_close("cond", &cond, &g["cond"], 1e-4);
@@ -41,17 +40,17 @@ fn null_text_gradient_matches_golden() {
     let d = golden("chelsea_ddim_inversion.safetensors");
     let ddim = Ddim::new(&sd.scheduler, 50).unwrap();
     let t = ddim.timesteps()[0];
-    let z = g["latent_T"].clone();
-    let target = d["latents"].i(49..50).unwrap();
-    let cond = &g["cond"];
-    let var = Var::from_tensor(&g["uncond_init"]).unwrap();
+    let z = on_device(&g["latent_T"]);
+    let target = on_device(&d["latents"].i(49..50).unwrap());
+    let cond = &on_device(&g["cond"]);
+    let var = Var::from_tensor(&on_device(&g["uncond_init"])).unwrap();
     let eps_c = predict_eps(&sd, &ddim, &z, t, cond, &mut NoControl, 0).unwrap();
     let eps_u = predict_eps(&sd, &ddim, &z, t, var.as_tensor(), &mut NoControl, 0).unwrap();
     let noise = (&eps_u + ((&eps_c - &eps_u).unwrap() * 7.5).unwrap()).unwrap();
     let prev = ddim.step(&noise, t, &z).unwrap();
     let loss = (prev - target).unwrap().sqr().unwrap().mean_all().unwrap();
     let grads = loss.backward().unwrap();
-    let grad = grads.get(var.as_tensor()).unwrap();
+    let grad = &grads.get(var.as_tensor()).unwrap().to_device(&candle_core::Device::Cpu).unwrap();
     let want = &g["grad0"];
     assert_close("∂loss/∂∅ at step 0", grad, want, 1e-4);
     // And the direction, as a scale-free check.
@@ -76,11 +75,11 @@ fn null_text_steps_match_from_golden_trajectory() {
     let mut worst_loss = 0f64;
     for i in [0usize, 1, 25, 49] {
         // Build a 1-step problem: start at z̄_i, target z*_{T-1-i}, init ∅_{i-1}.
-        let z = g["nti_latents"].i(i..i + 1).unwrap();
-        let target = d["latents"].i(49 - i..50 - i).unwrap();
-        let init = if i == 0 { g["uncond_init"].clone() } else { g["null_embeddings"].i(i - 1..i).unwrap() };
+        let z = on_device(&g["nti_latents"].i(i..i + 1).unwrap());
+        let target = on_device(&d["latents"].i(49 - i..50 - i).unwrap());
+        let init = on_device(&if i == 0 { g["uncond_init"].clone() } else { g["null_embeddings"].i(i - 1..i).unwrap() });
         let t = ddim.timesteps()[i];
-        let cond = &g["cond"];
+        let cond = &on_device(&g["cond"]);
         let eps_c = predict_eps(&sd, &ddim, &z, t, cond, &mut NoControl, i).unwrap();
         let var = Var::from_tensor(&init).unwrap();
         let lr = 1e-2 * (1.0 - i as f64 / 100.0);
@@ -171,6 +170,7 @@ fn full_null_text_inversion_matches_golden() {
     }
     eprintln!("largest relative loss deviation over 500 iterations: {worst:.3e}");
     let rec = report.final_latent.unwrap();
+    let (rec, z0) = (rec.to_device(&candle_core::Device::Cpu).unwrap(), z0.to_device(&candle_core::Device::Cpu).unwrap());
     let mse = (&rec - &z0).unwrap().sqr().unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap() as f64;
     let golden_mse = (g["nti_latents"].i(50..51).unwrap() - &g["image_latent"]).unwrap().sqr().unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap() as f64;
     eprintln!("reconstruction latent MSE {mse:.6} (golden {golden_mse:.6})");
@@ -200,4 +200,54 @@ impl TestAdam {
 #[allow(dead_code)]
 fn f64s(t: &Tensor) -> Vec<f64> {
     t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+}
+
+/// The analytic gradient w.r.t. the null embedding against central finite differences
+/// along random directions, at a late step where the loss is well above rounding.
+#[test]
+fn null_text_gradient_agrees_with_finite_differences() {
+    let sd = load_tiny();
+    let g = golden("chelsea_nti.safetensors");
+    let d = golden("chelsea_ddim_inversion.safetensors");
+    let ddim = Ddim::new(&sd.scheduler, 50).unwrap();
+    let i = 40;
+    let t = ddim.timesteps()[i];
+    let z = on_device(&g["nti_latents"].i(i..i + 1).unwrap());
+    let target = on_device(&d["latents"].i(49 - i..50 - i).unwrap());
+    let cond = on_device(&g["cond"]);
+    let u0 = on_device(&g["null_embeddings"].i(i - 1..i).unwrap());
+    let eps_c = predict_eps(&sd, &ddim, &z, t, &cond, &mut NoControl, i).unwrap();
+    let loss_of = |u: &Tensor| -> (Tensor, f64) {
+        let eps_u = predict_eps(&sd, &ddim, &z, t, u, &mut NoControl, i).unwrap();
+        let noise = (&eps_u + ((&eps_c - &eps_u).unwrap() * 7.5).unwrap()).unwrap();
+        let prev = ddim.step(&noise, t, &z).unwrap();
+        let loss = (prev - &target).unwrap().sqr().unwrap().mean_all().unwrap();
+        let v = loss.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+        (loss, v)
+    };
+    let var = Var::from_tensor(&u0).unwrap();
+    let (loss, _) = loss_of(var.as_tensor());
+    let grads = loss.backward().unwrap();
+    let grad = grads.get(var.as_tensor()).unwrap().to_dtype(DType::F64).unwrap();
+    // Along the gradient itself (the largest change) and two mixed directions; the loss is
+    // O(1e-2) in f32, so the step must move it well above rounding.
+    let gnorm = grad.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap().sqrt();
+    let unit_grad = (&grad / gnorm).unwrap().to_dtype(DType::F32).unwrap();
+    for seed in 0..3u64 {
+        let noise = nulltext::text2img::seeded_noise(seed, (1, 1, 77, 32), &candle_core::Device::Cpu)
+            .unwrap()
+            .reshape((1, 77, 32))
+            .unwrap();
+        let nn = noise.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt() as f64;
+        let mix = if seed == 0 { 0.0 } else { 0.5 };
+        let dir = ((&unit_grad * (1.0 - mix)).unwrap() + (on_device(&noise) * (mix / nn)).unwrap()).unwrap();
+        let h = 0.5;
+        let (_, lp) = loss_of(&(&u0 + (&dir * h).unwrap()).unwrap());
+        let (_, lm) = loss_of(&(&u0 - (&dir * h).unwrap()).unwrap());
+        let fd = (lp - lm) / (2.0 * h);
+        let an = (&grad * dir.to_dtype(DType::F64).unwrap()).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+        let rel = (fd - an).abs() / an.abs().max(1e-12);
+        eprintln!("direction {seed}: analytic {an:.6e}, finite difference {fd:.6e}, relative {rel:.2e}");
+        assert!(rel < 2e-2, "gradient disagrees with finite differences: {an} vs {fd}");
+    }
 }

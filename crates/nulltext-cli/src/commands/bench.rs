@@ -91,7 +91,7 @@ pub fn run(a: BenchArgs, ctx: &Ctx) -> Result<()> {
             bail!("unknown stage `{s}` ({})", STAGES.join(", "));
         }
     }
-    let sd = ctx.load(&a.model.model)?;
+    let sd = ctx.load(&a.model)?;
     let dev = sd.device.clone();
     let size = a.size.unwrap_or(sd.default_image_size());
     let f = sd.vae_scale_factor();

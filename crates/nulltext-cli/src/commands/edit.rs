@@ -130,7 +130,7 @@ pub fn run(a: EditArgs, ctx: &Ctx) -> Result<()> {
     if let Some(r) = &a.reweight {
         opts.reweight = parse_reweight(r)?;
     }
-    let sd = ctx.load(&a.model.model)?;
+    let sd = ctx.load(&a.model)?;
     inv.check_model(&sd, a.force)?;
     // Check prompts, words and windows before any sampling.
     if opts.sdedit.is_none() {

@@ -32,7 +32,7 @@ pub struct GenerateArgs {
 }
 
 pub fn run(a: GenerateArgs, ctx: &Ctx) -> Result<()> {
-    let sd = ctx.load(&a.model.model)?;
+    let sd = ctx.load(&a.model)?;
     let size = sd.default_image_size();
     let opts = GenerateOptions {
         prompt: a.prompt,

@@ -20,7 +20,7 @@ fn count(t: &nulltext::models::weights::WeightStore) -> usize {
 }
 
 pub fn run(a: InfoArgs, ctx: &Ctx) -> Result<()> {
-    let sd = ctx.load(&a.model.model)?;
+    let sd = ctx.load(&a.model)?;
     let u = sd.unet.config();
     let family = if sd.context_dim() == 1024 { "Stable Diffusion 2.x" } else if sd.context_dim() == 768 { "Stable Diffusion 1.x" } else { "Stable Diffusion-shaped (custom size)" };
     let dir = &sd.path;

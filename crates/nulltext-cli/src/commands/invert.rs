@@ -60,7 +60,7 @@ pub fn run(a: InvertArgs, ctx: &Ctx) -> Result<()> {
     let start = Instant::now();
     // Read the image first: a bad image fails before the model loads.
     let raw = image_io::read_rgb(&a.image)?;
-    let sd = ctx.load(&a.model.model)?;
+    let sd = ctx.load(&a.model)?;
     let size = a.size.unwrap_or(sd.default_image_size() as u32);
     let f = sd.vae_scale_factor() as u32;
     if size == 0 || size % f != 0 {

@@ -22,10 +22,16 @@ pub struct Ctx {
 }
 
 impl Ctx {
-    pub fn load(&self, model: &str) -> Result<nulltext::StableDiffusion> {
+    pub fn load(&self, m: &ModelArg) -> Result<nulltext::StableDiffusion> {
         let device = crate::runtime::parse_device(&self.device)?;
         let dtype = crate::runtime::parse_dtype(&self.dtype, &device)?;
-        crate::runtime::load_model(model, &device, dtype, self.quiet)
+        let opts = nulltext::models::LoadOptions {
+            device,
+            dtype,
+            config_dir: m.model_config.clone(),
+            prediction_type: m.prediction_type.clone(),
+        };
+        crate::runtime::load_model(&m.model, &opts, self.quiet)
     }
 
     pub fn bars(&self) -> crate::progress::Bars {
@@ -48,6 +54,14 @@ pub struct ModelArg {
     /// runwayml/stable-diffusion-v1-5). Default: $NULLTEXT_MODEL.
     #[arg(long, short = 'm', env = "NULLTEXT_MODEL")]
     pub model: String,
+    /// For a single-file checkpoint: a diffusers folder whose configs (and tokenizer and
+    /// scheduler) describe it, instead of inferring them from the tensor shapes.
+    #[arg(long)]
+    pub model_config: Option<std::path::PathBuf>,
+    /// For a single-file checkpoint: epsilon or v_prediction (SD 2.x 768 models). Default:
+    /// `parameterization` of a sidecar `<name>.yaml`, else epsilon.
+    #[arg(long)]
+    pub prediction_type: Option<String>,
 }
 
 #[derive(Subcommand)]

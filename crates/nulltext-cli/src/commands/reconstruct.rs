@@ -25,7 +25,7 @@ pub struct ReconstructArgs {
 
 pub fn run(a: ReconstructArgs, ctx: &Ctx) -> Result<()> {
     let inv = nulltext::inversion_file::load(&a.inversion)?;
-    let sd = ctx.load(&a.model.model)?;
+    let sd = ctx.load(&a.model)?;
     inv.check_model(&sd, a.force)?;
     let z = nulltext::reconstruct(&sd, &inv, &mut ctx.bars())?;
     let img = super::decode(&sd, &z)?.remove(0);

@@ -6,6 +6,30 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 
+/// The device the golden tests run on: `NULLTEXT_TEST_DEVICE=cuda` (in a build with the
+/// `cuda` feature) runs them on the GPU with the same tolerances.
+pub fn device() -> Device {
+    match std::env::var("NULLTEXT_TEST_DEVICE").as_deref() {
+        Ok("cuda") => Device::new_cuda(0).expect("NULLTEXT_TEST_DEVICE=cuda needs a CUDA build and GPU"),
+        Ok("metal") => Device::new_metal(0).expect("NULLTEXT_TEST_DEVICE=metal needs a Metal build"),
+        _ => Device::Cpu,
+    }
+}
+
+/// Model loading options for the test device (f32 always: the tolerances are f32's).
+pub fn load_options() -> nulltext_models::LoadOptions {
+    nulltext_models::LoadOptions {
+        device: device(),
+        dtype: DType::F32,
+        ..Default::default()
+    }
+}
+
+/// A golden tensor on the test device.
+pub fn on_device(t: &Tensor) -> Tensor {
+    t.to_device(&device()).unwrap()
+}
+
 pub fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
 }

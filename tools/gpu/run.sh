@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Measurements on a lent NVIDIA machine (which has no Rust toolchain and no network).
+# Binaries are built elsewhere with `tools/gpu/build.sh` into .gpu/ and carried with the
+# working tree; PyTorch is already there, diffusers travels as a wheel in .whl/.
+#
+#   tools/gpu/run.sh parity|bench|invert|pytorch ...   (results under $OUT)
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+BIN=/tmp/nt-bin
+CUDA_LIBS=/usr/local/cuda/lib64:/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib
+export LD_LIBRARY_PATH=$CUDA_LIBS:${LD_LIBRARY_PATH:-}
+mkdir -p $BIN
+for f in .gpu/*.xz; do
+  [ -e "$f" ] || continue
+  b="$BIN/$(basename "${f%.xz}")"
+  [ -x "$b" ] || { python3 -c "import lzma,sys,shutil; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2],'wb'))" "$f" "$b" && chmod +x "$b"; }
+done
+NT=$BIN/nulltext
+MODEL=/tmp/sd15-random
+IMG=/tmp/chelsea512.png
+need_model() {
+  [ -d $MODEL ] || $NT -q random-model --preset sd15 --out $MODEL
+  [ -f $IMG ] || python3 -c "from PIL import Image; Image.open('tests/fixtures/inputs/chelsea256.png').resize((512,512), Image.LANCZOS).save('$IMG')"
+}
+gpu_mem_watch() { nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$1" & echo $!; }
+peak_of() { sort -n "$1" | tail -1; }
+
+for stage in "$@"; do
+  echo "=== $stage $(date +%T)"
+  case $stage in
+    info)
+      nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv ;;
+    parity)
+      # The golden tests, on the GPU, with the CPU tolerances.
+      for t in $BIN/golden $BIN/inversion_golden $BIN/edit_golden; do
+        [ -x "$t" ] || continue
+        NULLTEXT_TEST_DEVICE=cuda RAYON_NUM_THREADS=4 $t --include-ignored --test-threads 1 --nocapture 2>&1 | grep -E "max\||worst|cosine|MSE|deviation|test result|panicked|FAILED|row 0" | tee -a "$OUT/parity.txt"
+      done ;;
+    bench)
+      need_model
+      for dt in f32 f16; do
+        $NT --device cuda --dtype $dt bench --model $MODEL --size 512 --repeat 5 --warmup 2 --json "$OUT/bench-$dt.json" 2>&1 | tee -a "$OUT/bench.txt"
+      done ;;
+    invert-f16|invert-f32)
+      need_model
+      dt=${stage#invert-}
+      w=$(gpu_mem_watch /tmp/mem-$dt.txt)
+      /usr/bin/time -v $NT --device cuda --dtype $dt invert --model $MODEL --image $IMG --prompt "a close up photo of a cat" \
+        --out /tmp/cat-$dt.nti.safetensors --early-stop=-1 --reconstruction "$OUT/rec-$dt.png" 2>&1 | grep -vE "^\s+(Page|Volun|Invol|Swaps|File|Socket|Signals|Average|Exit|Minor|Major|Percent|System|User)" | tee -a "$OUT/invert-$dt.txt"
+      kill $w; echo "peak GPU memory used (MiB, nvidia-smi): $(peak_of /tmp/mem-$dt.txt)" | tee -a "$OUT/invert-$dt.txt"
+      w=$(gpu_mem_watch /tmp/mem-e-$dt.txt)
+      $NT --device cuda --dtype $dt edit --model $MODEL --inversion /tmp/cat-$dt.nti.safetensors --target "a close up photo of a dog" --out-dir /tmp/edits-$dt 2>&1 | tee -a "$OUT/invert-$dt.txt"
+      $NT --device cuda --dtype $dt edit --model $MODEL --inversion /tmp/cat-$dt.nti.safetensors --target "a close up photo of a dog" --blend "cat:dog" --out-dir /tmp/edits-$dt 2>&1 | tee -a "$OUT/invert-$dt.txt"
+      kill $w; echo "edit peak GPU memory used (MiB, nvidia-smi): $(peak_of /tmp/mem-e-$dt.txt)" | tee -a "$OUT/invert-$dt.txt" ;;
+    pytorch-fp32|pytorch-fp16)
+      need_model
+      dt=${stage#pytorch-}
+      python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >/dev/null 2>&1
+      PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 python3 tools/bench_pytorch.py --model $MODEL --device cuda --dtype $dt --size 512 \
+        --repeat 5 --warmup 2 --full --no-early-stop --stages unet_b1,unet_b2,nti_iter,vae_encode,vae_decode,text_encoder \
+        --json "$OUT/pytorch-$dt.json" 2>&1 | grep -v Warning | tee -a "$OUT/pytorch.txt" ;;
+    *) echo "unknown stage $stage" ;;
+  esac
+done

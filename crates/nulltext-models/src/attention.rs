@@ -17,8 +17,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tenso
 
 /// `softmax(q kᵀ · scale)` over the keys: `[B, heads, Lq, Lk]`.
 pub fn attention_probs(q: &Tensor, k: &Tensor, scale: f64) -> Result<Tensor> {
-    let scores = (q.matmul(&k.t()?)? * scale)?;
-    crate::nn::softmax_last_dim(&scores)
+    let scores = q.matmul(&k.t()?)?;
+    crate::nn::scaled_softmax_last_dim(&scores, scale)
 }
 
 /// Multi-head attention, self or cross, as diffusers' `Attention` with the default processor.

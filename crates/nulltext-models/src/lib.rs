@@ -5,6 +5,7 @@ pub mod attention;
 pub mod clip;
 pub mod config;
 pub mod control;
+pub mod cpu_kernels;
 pub mod embeddings;
 pub mod error;
 pub mod fingerprint;

@@ -52,7 +52,8 @@ pub fn check_complete(
     for (name, shape) in required {
         match store.shape_of(name) {
             None => problems.push(format!("missing `{name}`")),
-            Some(s) if s != shape.as_slice() => {
+            // a linear layer may be stored as a 1×1 convolution
+            Some(s) if s != shape.as_slice() && !(s.len() == 4 && s[2..] == [1, 1] && s[..2] == shape[..]) => {
                 problems.push(format!("`{name}` has shape {s:?}, expected {shape:?}"))
             }
             _ => {}

@@ -293,6 +293,34 @@ pub struct GroupNorm {
     pub bias: Tensor,
     pub groups: usize,
     pub eps: f64,
+    /// γ and β as host vectors when the weights are f32 on the CPU (the fast kernel).
+    cpu_affine: Option<Arc<(Vec<f32>, Vec<f32>)>>,
+}
+
+/// Group normalization on the CPU in two passes (`crate::cpu_kernels::group_norm`).
+struct CpuGroupNorm {
+    groups: usize,
+    eps: f64,
+    affine: Arc<(Vec<f32>, Vec<f32>)>,
+}
+
+impl CustomOp1 for CpuGroupNorm {
+    fn name(&self) -> &'static str {
+        "cpu-group-norm"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dims = l.shape().dims();
+        let (b, c) = (dims[0], dims[1]);
+        let hw: usize = dims[2..].iter().product();
+        let x = match (s, l.contiguous_offsets()) {
+            (CpuStorage::F32(v), Some((a, e))) => &v[a..e],
+            _ => candle_core::bail!("cpu-group-norm: f32 contiguous input expected"),
+        };
+        let (gamma, beta) = &*self.affine;
+        let out = crate::cpu_kernels::group_norm(x, b, c, hw, self.groups, gamma, beta, self.eps);
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
 }
 
 impl GroupNorm {
@@ -303,11 +331,22 @@ impl GroupNorm {
                 vb.prefix()
             )));
         }
+        let weight = vb.get(&[channels], "weight")?;
+        let bias = vb.get(&[channels], "bias")?;
+        let cpu_affine = if weight.device().is_cpu() && weight.dtype() == DType::F32 && weight.dims() == [channels] && vb.store().recorded().is_empty() {
+            match (weight.to_vec1::<f32>(), bias.to_vec1::<f32>()) {
+                (Ok(w), Ok(b)) => Some(Arc::new((w, b))),
+                _ => None,
+            }
+        } else {
+            None
+        };
         Ok(Self {
-            weight: vb.get(&[channels], "weight")?,
-            bias: vb.get(&[channels], "bias")?,
+            weight,
+            bias,
             groups,
             eps,
+            cpu_affine,
         })
     }
 
@@ -334,6 +373,14 @@ impl GroupNorm {
         let dtype = x.dtype();
         let wd = self.channel_shape(&dims);
         let value = |x: &Tensor| -> candle_core::Result<Tensor> {
+            if let (Some(affine), DType::F32, true) = (&self.cpu_affine, x.dtype(), x.device().is_cpu()) {
+                let op = CpuGroupNorm {
+                    groups: self.groups,
+                    eps: self.eps,
+                    affine: affine.clone(),
+                };
+                return x.contiguous()?.apply_op1_no_bwd(&op);
+            }
             let (xn, _) = self.normalized(x)?;
             xn.to_dtype(dtype)?
                 .reshape(dims.clone())?
@@ -416,14 +463,53 @@ impl LayerNorm {
 
 /// Softmax over the last dimension; differentiable (candle's fused kernel is not).
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    let x = x.contiguous()?;
-    if !x.track_op() {
-        return Ok(candle_nn::ops::softmax_last_dim(&x)?);
+    scaled_softmax_last_dim(x, 1.0)
+}
+
+/// `softmax(scale · x)` over the last dimension in place (CPU, f32).
+struct CpuScaledSoftmax(f32);
+
+impl CustomOp1 for CpuScaledSoftmax {
+    fn name(&self) -> &'static str {
+        "cpu-scaled-softmax"
     }
-    let value = candle_nn::ops::softmax_last_dim(&x.detach())?;
-    // dy/dx · g = y ⊙ (g − Σ g⊙y)
-    Ok(attach_grad(&x, value, |g, y| {
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let n = *l.shape().dims().last().unwrap_or(&1);
+        let mut v = match (s, l.contiguous_offsets()) {
+            (CpuStorage::F32(v), Some((a, e))) => v[a..e].to_vec(),
+            _ => candle_core::bail!("cpu-scaled-softmax: f32 contiguous input expected"),
+        };
+        crate::cpu_kernels::softmax_rows(&mut v, n, self.0);
+        Ok((CpuStorage::F32(v), l.shape().clone()))
+    }
+}
+
+/// `softmax(scale · x)` over the last dimension; differentiable. On the CPU in f32 it is
+/// one vectorized pass per row (candle's computes a scalar `expf` per element).
+pub fn scaled_softmax_last_dim(x: &Tensor, scale: f64) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let value = |x: &Tensor| -> candle_core::Result<Tensor> {
+        if x.device().is_cpu() && x.dtype() == DType::F32 {
+            x.apply_op1_no_bwd(&CpuScaledSoftmax(scale as f32))
+        } else if scale == 1.0 {
+            candle_nn::ops::softmax_last_dim(x)
+        } else {
+            candle_nn::ops::softmax_last_dim(&(x * scale)?)
+        }
+    };
+    if !x.track_op() {
+        return Ok(value(&x)?);
+    }
+    let y = value(&x.detach())?;
+    // d softmax(s·x)/dx · g = s · y ⊙ (g − Σ g⊙y)
+    Ok(attach_grad(&x, y, move |g, y| {
         let dot = (g * y)?.sum_keepdim(D::Minus1)?;
-        y * g.broadcast_sub(&dot)?
+        let d = (y * g.broadcast_sub(&dot)?)?;
+        if scale == 1.0 {
+            Ok(d)
+        } else {
+            d * scale
+        }
     })?)
 }

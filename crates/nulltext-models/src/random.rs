@@ -31,6 +31,9 @@ pub enum Preset {
     Sd21V,
     /// The tiny SD 1.5-shaped model of the test fixtures (256 px).
     Tiny,
+    /// A tiny SD 2.x-shaped model: linear projections, an OpenCLIP-style (GELU) text
+    /// encoder padding with `!`, v-prediction.
+    TinyV,
 }
 
 impl std::str::FromStr for Preset {
@@ -41,7 +44,8 @@ impl std::str::FromStr for Preset {
             "sd21-base" | "sd2.1-base" => Ok(Preset::Sd21Base),
             "sd21-v" | "sd2.1-v" | "sd21" => Ok(Preset::Sd21V),
             "tiny" => Ok(Preset::Tiny),
-            _ => Err(format!("unknown preset `{s}` (sd15, sd21-base, sd21-v, tiny)")),
+            "tiny-v" => Ok(Preset::TinyV),
+            _ => Err(format!("unknown preset `{s}` (sd15, sd21-base, sd21-v, tiny, tiny-v)")),
         }
     }
 }
@@ -134,7 +138,20 @@ impl Preset {
                 scheduler: scheduler("epsilon"),
                 pad_token: eot,
             },
+            Preset::TinyV => ModelConfigs {
+                // one head per 64 channels, as SD 2.x (here: one head everywhere)
+                unet: unet(&[32, 64, 64, 64], json!([1, 1, 1, 1]), 64, 32, true, true),
+                vae: vae(&[32, 32, 64, 64], 256),
+                text_encoder: clip(64, 128, 3, 1, "gelu", 32),
+                scheduler: scheduler("v_prediction"),
+                pad_token: "!".into(),
+            },
         }
+    }
+
+    /// Whether the text encoder is OpenCLIP (SD 2.x) in the original single-file layout.
+    pub fn openclip(self) -> bool {
+        matches!(self, Preset::Sd21Base | Preset::Sd21V | Preset::TinyV)
     }
 }
 
@@ -307,6 +324,241 @@ pub fn write_random_model(dir: &Path, configs: &ModelConfigs, seed: u64, f16: bo
         }),
     )?;
     let _ = SchedulerConfig::default();
+    Ok(())
+}
+
+fn inv_resnet(leaf: &str) -> String {
+    let map = [
+        ("norm1.", "in_layers.0."),
+        ("conv1.", "in_layers.2."),
+        ("time_emb_proj.", "emb_layers.1."),
+        ("norm2.", "out_layers.0."),
+        ("conv2.", "out_layers.3."),
+        ("conv_shortcut.", "skip_connection."),
+    ];
+    map.iter()
+        .find_map(|(a, b)| leaf.strip_prefix(a).map(|r| format!("{b}{r}")))
+        .unwrap_or_else(|| leaf.to_string())
+}
+
+/// The original (CompVis) name of a diffusers UNet tensor.
+fn original_unet(name: &str, layers: usize, up_attn: &[bool]) -> Option<String> {
+    let simple = [
+        ("time_embedding.linear_1.", "time_embed.0."),
+        ("time_embedding.linear_2.", "time_embed.2."),
+        ("conv_in.", "input_blocks.0.0."),
+        ("conv_norm_out.", "out.0."),
+        ("conv_out.", "out.2."),
+        ("mid_block.resnets.0.", "middle_block.0."),
+        ("mid_block.attentions.0.", "middle_block.1."),
+        ("mid_block.resnets.1.", "middle_block.2."),
+    ];
+    for (a, b) in simple {
+        if let Some(r) = name.strip_prefix(a) {
+            let r = if a.contains("resnets") { inv_resnet(r) } else { r.to_string() };
+            return Some(format!("{}{b}{r}", crate::single_file::UNET_PREFIX));
+        }
+    }
+    let p: Vec<&str> = name.splitn(5, '.').collect();
+    if p.len() < 5 {
+        return None;
+    }
+    let (blocks, b, kind, l, rest) = (p[0], p[1].parse::<usize>().ok()?, p[2], p[3], p[4]);
+    let l: usize = l.parse().ok()?;
+    let k = match (blocks, kind) {
+        ("down_blocks", "resnets") => format!("input_blocks.{}.0.{}", 1 + b * (layers + 1) + l, inv_resnet(rest)),
+        ("down_blocks", "attentions") => format!("input_blocks.{}.1.{rest}", 1 + b * (layers + 1) + l),
+        ("down_blocks", "downsamplers") => format!("input_blocks.{}.0.op.{}", 1 + b * (layers + 1) + layers, rest.strip_prefix("conv.")?),
+        ("up_blocks", "resnets") => format!("output_blocks.{}.0.{}", b * (layers + 1) + l, inv_resnet(rest)),
+        ("up_blocks", "attentions") => format!("output_blocks.{}.1.{rest}", b * (layers + 1) + l),
+        ("up_blocks", "upsamplers") => format!(
+            "output_blocks.{}.{}.conv.{}",
+            b * (layers + 1) + layers,
+            if up_attn[b] { 2 } else { 1 },
+            rest.strip_prefix("conv.")?
+        ),
+        _ => return None,
+    };
+    Some(format!("{}{k}", crate::single_file::UNET_PREFIX))
+}
+
+/// The original name of a diffusers VAE tensor, and whether it is stored as a 1×1 conv.
+fn original_vae(name: &str, levels: usize) -> Option<(String, bool)> {
+    let pre = crate::single_file::VAE_PREFIX;
+    if name.starts_with("quant_conv.") || name.starts_with("post_quant_conv.") {
+        return Some((format!("{pre}{name}"), false));
+    }
+    let (side, rest) = name.split_once('.')?;
+    let fix = |r: &str| r.replacen("conv_shortcut.", "nin_shortcut.", 1);
+    let (out, conv) = if let Some(r) = rest.strip_prefix("conv_norm_out.") {
+        (format!("norm_out.{r}"), false)
+    } else if rest.starts_with("conv_in.") || rest.starts_with("conv_out.") {
+        (rest.to_string(), false)
+    } else if let Some(r) = rest.strip_prefix("mid_block.resnets.0.") {
+        (format!("mid.block_1.{}", fix(r)), false)
+    } else if let Some(r) = rest.strip_prefix("mid_block.resnets.1.") {
+        (format!("mid.block_2.{}", fix(r)), false)
+    } else if let Some(r) = rest.strip_prefix("mid_block.attentions.0.") {
+        let (n, leaf) = r.rsplit_once('.')?;
+        let n = match n {
+            "group_norm" => "norm",
+            "to_q" => "q",
+            "to_k" => "k",
+            "to_v" => "v",
+            "to_out.0" => "proj_out",
+            _ => return None,
+        };
+        (format!("mid.attn_1.{n}.{leaf}"), n != "norm" && leaf == "weight")
+    } else {
+        let p: Vec<&str> = rest.splitn(3, '.').collect();
+        let (kind, i, r) = (p[0], p.get(1)?.parse::<usize>().ok()?, *p.get(2)?);
+        let (orig, idx) = match kind {
+            "down_blocks" => ("down", i),
+            "up_blocks" => ("up", levels - 1 - i),
+            _ => return None,
+        };
+        let r = if let Some(r) = r.strip_prefix("resnets.") {
+            format!("block.{}", fix(r))
+        } else if let Some(r) = r.strip_prefix("downsamplers.0.") {
+            format!("downsample.{r}")
+        } else if let Some(r) = r.strip_prefix("upsamplers.0.") {
+            format!("upsample.{r}")
+        } else {
+            return None;
+        };
+        (format!("{orig}.{idx}.{r}"), false)
+    };
+    Some((format!("{pre}{side}.{out}"), conv))
+}
+
+/// How one tensor of a single-file checkpoint is made from the random diffusers tensors.
+enum Recipe {
+    /// The tensor of that (component, diffusers name), reshaped.
+    Same(&'static str, String),
+    /// Those tensors concatenated along dimension 0 (OpenCLIP's fused `in_proj`).
+    Concat(&'static str, Vec<String>),
+    /// Fresh random values (tensors nulltext ignores, e.g. OpenCLIP's last layer).
+    Fresh,
+}
+
+/// Writes the same random weights as [`write_random_model`] as one single-file checkpoint
+/// in the original CompVis/A1111 layout (OpenCLIP for SD 2.x presets).
+pub fn write_random_single_file(path: &Path, configs: &ModelConfigs, openclip: bool, seed: u64) -> Result<()> {
+    let lists = tensor_lists(configs)?;
+    let uc: UNetConfig = serde_json::from_value(configs.unet.clone()).map_err(|e| Error::Msg(e.to_string()))?;
+    let vc: VaeConfig = serde_json::from_value(configs.vae.clone()).map_err(|e| Error::Msg(e.to_string()))?;
+    let cc: ClipTextConfig = serde_json::from_value(configs.text_encoder.clone()).map_err(|e| Error::Msg(e.to_string()))?;
+    let layers = match &uc.layers_per_block {
+        crate::config::PerBlock::One(l) => *l,
+        crate::config::PerBlock::Each(v) => v[0],
+    };
+    let up_attn: Vec<bool> = uc.up_block_types.iter().map(|t| t.starts_with("CrossAttn")).collect();
+    let levels = vc.block_out_channels.len();
+    let mut out: Vec<(String, Vec<usize>, Recipe)> = Vec::new();
+    for (component, list) in &lists {
+        let comp: &'static str = component;
+        for (name, shape) in list {
+            match comp {
+                "unet" => {
+                    let k = original_unet(name, layers, &up_attn)
+                        .ok_or_else(|| Error::Msg(format!("no original name for unet `{name}`")))?;
+                    out.push((k, shape.clone(), Recipe::Same(comp, name.clone())));
+                }
+                "vae" => {
+                    let (k, conv) = original_vae(name, levels)
+                        .ok_or_else(|| Error::Msg(format!("no original name for vae `{name}`")))?;
+                    let mut sh = shape.clone();
+                    if conv && sh.len() == 2 {
+                        sh.extend([1, 1]);
+                    }
+                    out.push((k, sh, Recipe::Same(comp, name.clone())));
+                }
+                _ if !openclip => out.push((
+                    format!("{}{name}", crate::single_file::CLIP_PREFIX),
+                    shape.clone(),
+                    Recipe::Same(comp, name.clone()),
+                )),
+                _ => {}
+            }
+        }
+    }
+    if openclip {
+        let o = crate::single_file::OPENCLIP_PREFIX;
+        let h = cc.hidden_size;
+        let t = |s: &str| format!("text_model.{s}");
+        out.push((format!("{o}token_embedding.weight"), vec![cc.vocab_size, h], Recipe::Same("text_encoder", t("embeddings.token_embedding.weight"))));
+        out.push((format!("{o}positional_embedding"), vec![cc.max_position_embeddings, h], Recipe::Same("text_encoder", t("embeddings.position_embedding.weight"))));
+        out.push((format!("{o}ln_final.weight"), vec![h], Recipe::Same("text_encoder", t("final_layer_norm.weight"))));
+        out.push((format!("{o}ln_final.bias"), vec![h], Recipe::Same("text_encoder", t("final_layer_norm.bias"))));
+        // The file holds one layer more than the diffusers model uses (SD 2.x takes the
+        // penultimate layer), plus the projection; nulltext ignores them.
+        for i in 0..=cc.num_hidden_layers {
+            let p = format!("{o}transformer.resblocks.{i}");
+            let l = t(&format!("encoder.layers.{i}"));
+            let real = i < cc.num_hidden_layers;
+            let mut add = |k: String, shape: Vec<usize>, r: Recipe| out.push((k, shape, if real { r } else { Recipe::Fresh }));
+            add(format!("{p}.attn.in_proj_weight"), vec![3 * h, h], Recipe::Concat("text_encoder", ["q", "k", "v"].iter().map(|x| format!("{l}.self_attn.{x}_proj.weight")).collect()));
+            add(format!("{p}.attn.in_proj_bias"), vec![3 * h], Recipe::Concat("text_encoder", ["q", "k", "v"].iter().map(|x| format!("{l}.self_attn.{x}_proj.bias")).collect()));
+            for (from, to, shape) in [
+                ("attn.out_proj", "self_attn.out_proj", vec![h, h]),
+                ("ln_1", "layer_norm1", vec![h]),
+                ("ln_2", "layer_norm2", vec![h]),
+                ("mlp.c_fc", "mlp.fc1", vec![cc.intermediate_size, h]),
+                ("mlp.c_proj", "mlp.fc2", vec![h, cc.intermediate_size]),
+            ] {
+                let bias_shape = vec![shape[0]];
+                if shape.len() == 2 {
+                    add(format!("{p}.{from}.weight"), shape.clone(), Recipe::Same("text_encoder", format!("{l}.{to}.weight")));
+                    add(format!("{p}.{from}.bias"), bias_shape, Recipe::Same("text_encoder", format!("{l}.{to}.bias")));
+                } else {
+                    add(format!("{p}.{from}.weight"), shape.clone(), Recipe::Same("text_encoder", format!("{l}.{to}.weight")));
+                    add(format!("{p}.{from}.bias"), shape.clone(), Recipe::Same("text_encoder", format!("{l}.{to}.bias")));
+                }
+            }
+        }
+        out.push((format!("{o}text_projection"), vec![h, h], Recipe::Fresh));
+    }
+    let shapes_of: std::collections::HashMap<(&str, &str), Vec<usize>> = lists
+        .iter()
+        .flat_map(|(c, l)| l.iter().map(move |(n, s)| ((*c, n.as_str()), s.clone())))
+        .collect();
+    let values = |r: &Recipe, name: &str, shape: &[usize]| -> Vec<f32> {
+        match r {
+            Recipe::Same(c, n) => init(n, &shapes_of[&(*c, n.as_str())], seed, c),
+            Recipe::Concat(c, ns) => ns
+                .iter()
+                .flat_map(|n| init(n, &shapes_of[&(*c, n.as_str())], seed, c))
+                .collect(),
+            Recipe::Fresh => init(name, shape, seed ^ 0xfeed, "extra"),
+        }
+    };
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), json!({"format": "pt"}));
+    let mut offset = 0usize;
+    for (name, shape, _) in &out {
+        let bytes = shape.iter().product::<usize>() * 4;
+        header.insert(name.clone(), json!({"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + bytes]}));
+        offset += bytes;
+    }
+    let mut h = serde_json::to_vec(&Value::Object(header)).map_err(|e| Error::Msg(e.to_string()))?;
+    while h.len() % 8 != 0 {
+        h.push(b' ');
+    }
+    let io = |e: std::io::Error| Error::io(path, e);
+    let tmp = path.with_extension("safetensors.tmp");
+    {
+        let mut w = std::io::BufWriter::with_capacity(1 << 22, std::fs::File::create(&tmp).map_err(io)?);
+        w.write_all(&(h.len() as u64).to_le_bytes()).map_err(io)?;
+        w.write_all(&h).map_err(io)?;
+        for (name, shape, r) in &out {
+            for x in values(r, name, shape) {
+                w.write_all(&x.to_le_bytes()).map_err(io)?;
+            }
+        }
+        w.flush().map_err(io)?;
+    }
+    std::fs::rename(&tmp, path).map_err(io)?;
     Ok(())
 }
 

@@ -244,6 +244,72 @@ fn long_prompts_are_truncated_with_a_warning() {
 }
 
 #[test]
+fn models_are_found_in_the_hugging_face_cache() {
+    let home = tmp("hfhome");
+    let snap = home.join("hub/models--acme--tiny-sd/snapshots/0123abcd");
+    std::fs::create_dir_all(snap.parent().unwrap()).unwrap();
+    std::os::unix::fs::symlink(tiny().canonicalize().unwrap(), &snap).unwrap();
+    std::fs::create_dir_all(home.join("hub/models--acme--tiny-sd/refs")).unwrap();
+    std::fs::write(home.join("hub/models--acme--tiny-sd/refs/main"), "0123abcd").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_nulltext"))
+        .args(["info", "--json", "--model", "acme/tiny-sd"])
+        .env("HF_HOME", &home)
+        .env_remove("HF_HUB_CACHE")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("f99da5222da910ce"), "{stdout}");
+}
+
+#[test]
+fn single_file_checkpoints_load_from_the_cli() {
+    let single = root().join("tests/fixtures/models/tiny-sd15.safetensors");
+    let out = ok(&["info", "--json", "--model", s(&single), "--model-config", s(&tiny())]);
+    assert!(out.contains("f99da5222da910ce") && out.contains("single file"), "{out}");
+    let d = tmp("sf-cli");
+    let file = d.join("v.safetensors");
+    ok(&["random-model", "--preset", "tiny-v", "--single-file", s(&file)]);
+    let out = ok(&["info", "--json", "--model", s(&file), "--prediction-type", "v_prediction"]);
+    assert!(out.contains("v_prediction") && out.contains("\"text_hidden_size\": 64"), "{out}");
+}
+
+#[test]
+fn ctrl_c_stops_cleanly_and_writes_nothing() {
+    let d = tmp("ctrlc");
+    let out = d.join("cat.nti.safetensors");
+    let child = Command::new(env!("CARGO_BIN_EXE_nulltext"))
+        .args(["invert", "--model", s(&tiny()), "--image", s(&photo()), "--prompt", "a cat", "--out", s(&out)])
+        .env("RAYON_NUM_THREADS", "2")
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let res = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert_eq!(res.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    assert!(!out.exists(), "no inversion file after Ctrl-C");
+    let leftovers: Vec<_> = std::fs::read_dir(&d).unwrap().collect();
+    assert!(leftovers.is_empty(), "no temporary files left: {leftovers:?}");
+}
+
+#[test]
+fn a_300_word_prompt_is_truncated_with_a_warning() {
+    let d = tmp("long");
+    let words: Vec<String> = (0..300).map(|i| format!("word{i}")).collect();
+    let out = ok(&[
+        "invert", "--model", s(&tiny()), "--image", s(&photo()), "--prompt", &words.join(" "),
+        "--out", s(&d.join("x.nti.safetensors")), "--steps", "2", "--inner-steps", "1",
+    ]);
+    assert!(out.contains("longer than 77 tokens"), "{out}");
+    assert!(d.join("x.nti.safetensors").is_file());
+}
+
+#[test]
 fn info_reports_the_fixture_model() {
     let out = ok(&["info", "--model", s(&tiny()), "--json"]);
     let v: serde_json::Value = serde_json::from_str(&out[..out.rfind('}').unwrap() + 1]).unwrap();

@@ -12,29 +12,28 @@ pub struct InfoArgs {
     json: bool,
 }
 
-fn count(t: &nulltext::models::weights::WeightStore) -> usize {
-    t.names()
-        .filter_map(|n| t.shape_of(n))
-        .map(|s| s.iter().product::<usize>())
-        .sum()
-}
 
 pub fn run(a: InfoArgs, ctx: &Ctx) -> Result<()> {
     let sd = ctx.load(&a.model)?;
     let u = sd.unet.config();
     let family = if sd.context_dim() == 1024 { "Stable Diffusion 2.x" } else if sd.context_dim() == 768 { "Stable Diffusion 1.x" } else { "Stable Diffusion-shaped (custom size)" };
-    let dir = &sd.path;
+    let configs = nulltext::models::random::ModelConfigs {
+        unet: serde_json::to_value(sd.unet.config())?,
+        vae: serde_json::to_value(sd.vae.config())?,
+        text_encoder: serde_json::to_value(sd.text_encoder.config())?,
+        scheduler: serde_json::Value::Null,
+        pad_token: String::new(),
+    };
     let mut params = serde_json::Map::new();
-    for (component, stem) in [("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"), ("text_encoder", "model")] {
-        if let Ok(files) = nulltext::models::model::component_weight_files(&dir.join(component), stem) {
-            let store = nulltext::models::weights::WeightStore::open(&files, &candle_core::Device::Cpu, candle_core::DType::F32)?;
-            params.insert(component.into(), serde_json::json!(count(&store)));
-        }
+    for (component, n) in nulltext::models::random::parameter_counts(&configs)? {
+        params.insert(component.into(), serde_json::json!(n));
     }
+    let layout = if sd.path.is_file() { "single file (original layout)" } else { "diffusers folder" };
     let v = serde_json::json!({
         "model": sd.name,
         "path": sd.path,
         "family": family,
+        "layout": layout,
         "prediction_type": sd.scheduler.prediction_type,
         "timestep_spacing": sd.scheduler.timestep_spacing,
         "image_size": sd.default_image_size(),

@@ -8,11 +8,201 @@ use crate::error::Result;
 use crate::nn::{Conv2d, GroupNorm, LayerNorm, Linear};
 use crate::weights::Vb;
 
+/// Score elements (B·heads·Lq·Lk) above which the CPU computes attention in query chunks.
+const CHUNK_ABOVE: usize = 1 << 24;
+/// Score elements per chunk (64 MiB of f32).
+const CHUNK_ELEMS: usize = 1 << 24;
+
 /// `softmax(q kᵀ · scale) v` for `[B, heads, L, d]` inputs, never handing out the
 /// probabilities. This is the path every layer takes when no controller asks for them.
+///
+/// On the CPU, large attentions (the full-resolution self-attention of SD at 512 px holds
+/// 8 × 4096 × 4096 scores) run in chunks of queries, so the scores stay in cache, and
+/// their backward recomputes each chunk's probabilities instead of keeping them all
+/// (flash-attention style): memory stays bounded during null-text optimization.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    let probs = attention_probs(q, k, scale)?;
-    Ok(probs.matmul(v)?)
+    let (b, h, lq, _) = q.dims4()?;
+    let lk = k.dim(2)?;
+    if !q.device().is_cpu() || b * h * lq * lk <= CHUNK_ABOVE {
+        let probs = attention_probs(q, k, scale)?;
+        return Ok(probs.matmul(v)?);
+    }
+    attention_chunked(q, k, v, scale, (CHUNK_ELEMS / (b * h * lk)).clamp(1, lq))
+}
+
+/// [`attention`] in chunks of `chunk` queries, with a recomputing backward.
+pub fn attention_chunked(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, chunk: usize) -> Result<Tensor> {
+    let tracked = q.track_op() || k.track_op() || v.track_op();
+    let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
+    let out = chunked_forward(&qd, &kd, &vd, scale, chunk)?;
+    if !tracked {
+        return Ok(out);
+    }
+    Ok(q.apply_op3_arc(
+        k,
+        v,
+        std::sync::Arc::new(Box::new(ChunkedAttention {
+            value: std::sync::Mutex::new(Some(out)),
+            scale,
+            chunk,
+        })),
+    )?)
+}
+
+fn chunked_forward(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, chunk: usize) -> candle_core::Result<Tensor> {
+    let lq = q.dim(2)?;
+    let kt = k.t()?.contiguous()?;
+    let mut outs = Vec::with_capacity(lq.div_ceil(chunk));
+    for start in (0..lq).step_by(chunk) {
+        let n = chunk.min(lq - start);
+        let qc = q.narrow(2, start, n)?.contiguous()?;
+        let p = crate::nn::scaled_softmax_last_dim(&qc.matmul(&kt)?, scale).map_err(to_candle)?;
+        outs.push(p.matmul(v)?);
+    }
+    Tensor::cat(&outs, 2)
+}
+
+fn to_candle(e: crate::Error) -> candle_core::Error {
+    match e {
+        crate::Error::Candle(c) => c,
+        e => candle_core::Error::Msg(e.to_string()),
+    }
+}
+
+/// Chunked attention as one graph node with a recomputing backward.
+struct ChunkedAttention {
+    value: std::sync::Mutex<Option<Tensor>>,
+    scale: f64,
+    chunk: usize,
+}
+
+impl candle_core::CustomOp3 for ChunkedAttention {
+    fn name(&self) -> &'static str {
+        "chunked-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let v = self
+            .value
+            .lock()
+            .unwrap()
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("chunked attention value used twice".into()))?
+            .contiguous()?;
+        let (storage, layout) = v.storage_and_layout();
+        match &*storage {
+            candle_core::Storage::Cpu(s) if layout.start_offset() == 0 => Ok((s.clone(), layout.shape().clone())),
+            _ => candle_core::bail!("chunked attention: expected a fresh CPU tensor"),
+        }
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CudaStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CudaStorage,
+        _: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        use candle_core::backend::BackendStorage;
+        let v = self
+            .value
+            .lock()
+            .unwrap()
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("chunked attention value used twice".into()))?
+            .contiguous()?;
+        let (storage, layout) = v.storage_and_layout();
+        match &*storage {
+            candle_core::Storage::Cuda(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
+            _ => candle_core::bail!("chunked attention: expected a CUDA tensor"),
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (q, k, v) = (q.detach(), k.detach(), v.detach());
+        let lq = q.dim(2)?;
+        let kt = k.t()?.contiguous()?;
+        let vt = v.t()?.contiguous()?;
+        let mut dq = Vec::new();
+        let mut dk = k.zeros_like()?;
+        let mut dv = v.zeros_like()?;
+        for start in (0..lq).step_by(self.chunk) {
+            let n = self.chunk.min(lq - start);
+            let qc = q.narrow(2, start, n)?.contiguous()?;
+            let gc = g.narrow(2, start, n)?.contiguous()?;
+            // P = softmax(s·Q Kᵀ) for this chunk, recomputed
+            let p = crate::nn::scaled_softmax_last_dim(&qc.matmul(&kt)?, self.scale).map_err(to_candle)?;
+            // dV += Pᵀ dO; dP = dO Vᵀ; dS = s·P ⊙ (dP − Σ dP⊙P); dQ = dS K; dK += dSᵀ Q
+            dv = (dv + p.t()?.matmul(&gc)?)?;
+            let dp = gc.matmul(&vt)?;
+            let dot = (&dp * &p)?.sum_keepdim(candle_core::D::Minus1)?;
+            let ds = ((p * dp.broadcast_sub(&dot)?)? * self.scale)?;
+            dq.push(ds.matmul(&k)?);
+            dk = (dk + ds.t()?.matmul(&qc)?)?;
+        }
+        Ok((Some(Tensor::cat(&dq, 2)?), Some(dk), Some(dv)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn rand(seed: u64, shape: (usize, usize, usize, usize)) -> Tensor {
+        let n = shape.0 * shape.1 * shape.2 * shape.3;
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// Chunked attention equals the plain one, forward and backward.
+    #[test]
+    fn chunked_attention_matches_plain() {
+        let (q, k, v) = (rand(1, (2, 3, 50, 8)), rand(2, (2, 3, 40, 8)), rand(3, (2, 3, 40, 8)));
+        let w = rand(4, (2, 3, 50, 8));
+        let grads = |chunked: bool| {
+            let (qv, kv, vv) = (Var::from_tensor(&q).unwrap(), Var::from_tensor(&k).unwrap(), Var::from_tensor(&v).unwrap());
+            let out = if chunked {
+                attention_chunked(qv.as_tensor(), kv.as_tensor(), vv.as_tensor(), 0.35, 7).unwrap()
+            } else {
+                attention_probs(qv.as_tensor(), kv.as_tensor(), 0.35).unwrap().matmul(vv.as_tensor()).unwrap()
+            };
+            let loss = (&out * &w).unwrap().sum_all().unwrap();
+            let g = loss.backward().unwrap();
+            [out, g.get(qv.as_tensor()).unwrap().clone(), g.get(kv.as_tensor()).unwrap().clone(), g.get(vv.as_tensor()).unwrap().clone()]
+        };
+        let (a, b) = (grads(false), grads(true));
+        for (x, y) in a.iter().zip(&b) {
+            let e: f32 = (x - y).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+            assert!(e < 1e-5, "{e}");
+        }
+    }
 }
 
 /// `softmax(q kᵀ · scale)` over the keys: `[B, heads, Lq, Lk]`.

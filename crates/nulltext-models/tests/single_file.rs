@@ -135,3 +135,33 @@ fn pickle_checkpoints_are_refused() {
     let err = StableDiffusion::load(p.to_str().unwrap(), &load_options()).err().unwrap().to_string();
     assert!(err.contains("safetensors") && err.contains("model.ckpt"), "{err}");
 }
+
+/// `*.fp16.safetensors` variants load (converted to f32), with the same fingerprint.
+#[test]
+fn fp16_variant_files_load() {
+    let d = tmp("fp16");
+    for sub in ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] {
+        std::fs::create_dir_all(d.join(sub)).unwrap();
+        for e in std::fs::read_dir(tiny_model().join(sub)).unwrap() {
+            let e = e.unwrap();
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(stem) = name.strip_suffix(".safetensors") {
+                let ts = candle_core::safetensors::load(e.path(), &Device::Cpu).unwrap();
+                let half: Vec<(String, Tensor)> = ts.into_iter().map(|(k, t)| (k, t.to_dtype(DType::F16).unwrap())).collect();
+                let out = d.join(sub).join(format!("{stem}.fp16.safetensors"));
+                safetensors::tensor::serialize_to_file(half.iter().map(|(k, t)| (k.as_str(), t)), None, &out).unwrap();
+            } else {
+                std::fs::copy(e.path(), d.join(sub).join(&name)).unwrap();
+            }
+        }
+    }
+    std::fs::copy(tiny_model().join("model_index.json"), d.join("model_index.json")).unwrap();
+    let half = StableDiffusion::load(d.to_str().unwrap(), &load_options()).unwrap();
+    let full = StableDiffusion::load(tiny_model().to_str().unwrap(), &load_options()).unwrap();
+    assert_eq!(half.fingerprint, "f99da5222da910ce", "the fingerprint hashes f16 values");
+    let (e1, _, _) = outputs(&full);
+    let (e2, _, _) = outputs(&half);
+    let err = max_err(&e1, &e2);
+    eprintln!("UNet ε, f16 weights vs f32 weights: max|difference| = {err:.2e}");
+    assert!(err > 0.0 && err < 1e-2 * (1.0 + max_abs(&e1)));
+}

@@ -14,6 +14,7 @@ use nulltext::sampling::{guided_eps, predict_eps, Controller};
 
 use super::{Ctx, ModelArg};
 
+/// Stages run unless `--only` says otherwise.
 const STAGES: [&str; 8] = [
     "text_encoder",
     "unet_b1",
@@ -24,6 +25,9 @@ const STAGES: [&str; 8] = [
     "edit_step",
     "unet_b2_probs",
 ];
+
+/// Whole-job stages, only with `--only`: a full 50 × 10 null-text inversion and one edit.
+const JOBS: [&str; 2] = ["invert", "edit"];
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -37,8 +41,9 @@ pub struct BenchArgs {
     repeat: usize,
     #[arg(long, default_value_t = 1)]
     warmup: usize,
-    /// Comma-separated stages (default: all): text_encoder, unet_b1, unet_b2, nti_iter,
-    /// vae_encode, vae_decode, edit_step, unet_b2_probs.
+    /// Comma-separated stages (default: all but the whole jobs): text_encoder, unet_b1,
+    /// unet_b2, nti_iter, vae_encode, vae_decode, edit_step, unet_b2_probs; whole jobs:
+    /// invert (a 50-step, 10-iteration null-text inversion), edit (one target).
     #[arg(long)]
     only: Option<String>,
     /// Also write the results as JSON.
@@ -87,8 +92,8 @@ pub fn run(a: BenchArgs, ctx: &Ctx) -> Result<()> {
         None => STAGES.iter().map(|s| s.to_string()).collect(),
     };
     for s in &stages {
-        if !STAGES.contains(&s.as_str()) {
-            bail!("unknown stage `{s}` ({})", STAGES.join(", "));
+        if !STAGES.contains(&s.as_str()) && !JOBS.contains(&s.as_str()) {
+            bail!("unknown stage `{s}` ({}, {})", STAGES.join(", "), JOBS.join(", "));
         }
     }
     let sd = ctx.load(&a.model)?;
@@ -106,6 +111,12 @@ pub fn run(a: BenchArgs, ctx: &Ctx) -> Result<()> {
     let image = ((nulltext::text2img::seeded_noise(2, (1, 3, size, size), &dev)? * 0.5)?.clamp(-1f32, 1f32))?;
     let target = nulltext::text2img::seeded_noise(3, (1, c, h, w), &dev)?;
     let eps_c = predict_eps(&sd, &ddim, &z, t, &cond, &mut NoControl, 10)?;
+    let photo = {
+        let px = ((&image + 1.0)? * 127.5)?.clamp(0f32, 255f32)?.to_dtype(candle_core::DType::U8)?;
+        let v: Vec<u8> = px.squeeze(0)?.permute((1, 2, 0))?.flatten_all()?.to_vec1()?;
+        image::RgbImage::from_raw(size as u32, size as u32, v).expect("image size")
+    };
+    let mut inversion: Option<nulltext::Inversion> = None;
     let mut rows = Vec::new();
     ctx.say(format!(
         "nulltext bench: {} at {size}×{size} ({h}×{w} latents), {:?}, {:?}, {} threads",
@@ -116,7 +127,7 @@ pub fn run(a: BenchArgs, ctx: &Ctx) -> Result<()> {
     ));
     ctx.say(format!("{:<16} {:>10} {:>22} {:>12}", "stage", "median s", "min – max s", "peak GiB"));
     for stage in &stages {
-        let run_once = || -> Result<()> {
+        let mut run_once = || -> Result<()> {
             match stage.as_str() {
                 "text_encoder" => sync(&sd.encode_prompt("a close up photo of a cat")?)?,
                 "unet_b1" => sync(&sd.unet.forward(&z, t as f64, &cond)?)?,
@@ -135,6 +146,23 @@ pub fn run(a: BenchArgs, ctx: &Ctx) -> Result<()> {
                 }
                 "vae_encode" => sync(&sd.image_to_latent(&image)?)?,
                 "vae_decode" => sync(&sd.latent_to_image(&z)?)?,
+                "invert" => {
+                    let opts = nulltext::InvertOptions { early_stop: -1.0, ..Default::default() };
+                    let (inv, _) = nulltext::invert_image(&sd, &photo, "a close up photo of a cat", &opts, &mut nulltext::NoProgress)?;
+                    inversion = Some(inv);
+                }
+                "edit" => {
+                    let inv = match &inversion {
+                        Some(i) => i.clone(),
+                        None => {
+                            let opts = nulltext::InvertOptions { method: nulltext::Method::Ddim, ..Default::default() };
+                            nulltext::invert_image(&sd, &photo, "a close up photo of a cat", &opts, &mut nulltext::NoProgress)?.0
+                        }
+                    };
+                    let targets = vec!["a close up photo of a dog".to_string()];
+                    let r = nulltext::edit::edit(&sd, &inv, &targets, &EditOptions::default(), &mut nulltext::NoProgress)?;
+                    sync(&sd.latent_to_image(&r.latents)?)?
+                }
                 "edit_step" => {
                     let targets = vec!["a close up photo of a dog".to_string()];
                     let mut ctl = nulltext::edit::build_controller(
@@ -153,12 +181,13 @@ pub fn run(a: BenchArgs, ctx: &Ctx) -> Result<()> {
             }
             Ok(())
         };
-        for _ in 0..a.warmup {
+        let whole_job = JOBS.contains(&stage.as_str());
+        for _ in 0..if whole_job { 0 } else { a.warmup } {
             run_once()?;
         }
         reset_peak();
         let mut times = Vec::new();
-        for _ in 0..a.repeat.max(1) {
+        for _ in 0..if whole_job { 1 } else { a.repeat.max(1) } {
             let s = Instant::now();
             run_once()?;
             times.push(s.elapsed().as_secs_f64());

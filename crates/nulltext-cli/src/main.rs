@@ -54,7 +54,9 @@ fn main() {
         cancel: progress::install_ctrlc(),
     };
     if let Err(e) = commands::run(cli.command, &ctx) {
-        if e.downcast_ref::<nulltext::Error>().is_some_and(|e| matches!(e, nulltext::Error::Cancelled)) {
+        if e.downcast_ref::<nulltext::Error>()
+            .is_some_and(|e| matches!(e, nulltext::Error::Cancelled))
+        {
             eprintln!("interrupted: nothing was written");
             std::process::exit(130);
         }

@@ -52,11 +52,16 @@ impl Progress for Bars {
         match event {
             Event::Start { stage, total } => {
                 self.finish();
-                let bar = ProgressBar::with_draw_target(Some(*total as u64), ProgressDrawTarget::stderr());
+                let bar = ProgressBar::with_draw_target(
+                    Some(*total as u64),
+                    ProgressDrawTarget::stderr(),
+                );
                 bar.set_style(
-                    ProgressStyle::with_template("{prefix:>24} [{bar:30}] {pos}/{len} {msg} ({elapsed}, ETA {eta})")
-                        .unwrap()
-                        .progress_chars("=> "),
+                    ProgressStyle::with_template(
+                        "{prefix:>24} [{bar:30}] {pos}/{len} {msg} ({elapsed}, ETA {eta})",
+                    )
+                    .unwrap()
+                    .progress_chars("=> "),
                 );
                 bar.set_prefix(stage.name());
                 self.bar = Some(bar);
@@ -67,13 +72,23 @@ impl Progress for Bars {
                     b.set_position(*done as u64);
                 }
             }
-            Event::Iteration { step, iteration, loss } => {
+            Event::Iteration {
+                step,
+                iteration,
+                loss,
+            } => {
                 self.last_loss = *loss;
                 if let Some(b) = &self.bar {
-                    b.set_message(format!("step {} iter {} loss {loss:.3e}", step + 1, iteration + 1));
+                    b.set_message(format!(
+                        "step {} iter {} loss {loss:.3e}",
+                        step + 1,
+                        iteration + 1
+                    ));
                 }
             }
-            Event::StepDone { step, iterations, .. } => {
+            Event::StepDone {
+                step, iterations, ..
+            } => {
                 if let Some(b) = &self.bar {
                     // early-stopped steps skip their remaining iterations
                     b.set_position(((step + 1) * self.inner_steps) as u64);

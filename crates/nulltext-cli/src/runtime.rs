@@ -8,7 +8,9 @@ use nulltext::models::{LoadOptions, StableDiffusion};
 /// re-detects the core count on every matrix product, and its element-wise pool and rayon
 /// compete for the same cores.
 pub fn configure_threads() {
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     // SAFETY: called at the start of main, before any other thread exists.
     unsafe {
         if std::env::var_os("RAYON_NUM_THREADS").is_none() {
@@ -42,10 +44,14 @@ pub fn parse_device(spec: &str) -> Result<Device> {
         }
         s if s == "cuda" || s.starts_with("cuda:") => {
             if !candle_core::utils::cuda_is_available() {
-                bail!("this nulltext was built without CUDA support (rebuild with `--features cuda`)");
+                bail!(
+                    "this nulltext was built without CUDA support (rebuild with `--features cuda`)"
+                );
             }
             let n: usize = match s.strip_prefix("cuda:") {
-                Some(n) => n.parse().with_context(|| format!("device `{s}`: bad GPU index"))?,
+                Some(n) => n
+                    .parse()
+                    .with_context(|| format!("device `{s}`: bad GPU index"))?,
                 None => 0,
             };
             Device::new_cuda(n).with_context(|| format!("cannot open CUDA device {n}"))
@@ -73,7 +79,8 @@ pub fn parse_dtype(spec: &str, device: &Device) -> Result<DType> {
 
 pub fn load_model(spec: &str, opts: &LoadOptions, quiet: bool) -> Result<StableDiffusion> {
     let sp = crate::progress::spinner(quiet, &format!("loading {spec}"));
-    let sd = StableDiffusion::load(spec, opts).with_context(|| format!("cannot load model `{spec}`"))?;
+    let sd =
+        StableDiffusion::load(spec, opts).with_context(|| format!("cannot load model `{spec}`"))?;
     if let Some(s) = sp {
         s.finish_and_clear();
     }

@@ -37,7 +37,10 @@ fn ok(args: &[&str]) -> String {
 fn fails(args: &[&str]) -> String {
     let out = nulltext(args);
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success(), "nulltext {args:?} should fail:\n{stderr}");
+    assert!(
+        !out.status.success(),
+        "nulltext {args:?} should fail:\n{stderr}"
+    );
     assert!(stderr.starts_with("error: "), "{stderr}");
     stderr
 }
@@ -75,7 +78,14 @@ fn model_copy(name: &str, copy_weights: bool) -> PathBuf {
 #[test]
 fn tokens_json_lists_ids_tokens_and_words() {
     let out = ok(&["tokens", "--json", "-p", "a close-up photo of a cat"]);
-    let v: serde_json::Value = serde_json::from_str(out.lines().take_while(|l| !l.starts_with("warning")).collect::<Vec<_>>().join("\n").as_str()).unwrap();
+    let v: serde_json::Value = serde_json::from_str(
+        out.lines()
+            .take_while(|l| !l.starts_with("warning"))
+            .collect::<Vec<_>>()
+            .join("\n")
+            .as_str(),
+    )
+    .unwrap();
     assert_eq!(v["ids"].as_array().unwrap().len(), 77);
     assert_eq!(v["ids"][0], 49406);
     assert_eq!(v["tokens"][2], "close</w>");
@@ -89,8 +99,22 @@ fn invert_edit_reconstruct_round_trip() {
     let inv = d.join("cat.nti.safetensors");
     let rec = d.join("rec.png");
     let out = ok(&[
-        "invert", "--model", s(&tiny()), "--image", s(&photo()), "--prompt", "a close up photo of a cat",
-        "--out", s(&inv), "--steps", "10", "--inner-steps", "2", "--reconstruction", s(&rec), "--compare",
+        "invert",
+        "--model",
+        s(&tiny()),
+        "--image",
+        s(&photo()),
+        "--prompt",
+        "a close up photo of a cat",
+        "--out",
+        s(&inv),
+        "--steps",
+        "10",
+        "--inner-steps",
+        "2",
+        "--reconstruction",
+        s(&rec),
+        "--compare",
     ]);
     assert!(out.contains("PSNR"), "{out}");
     assert!(out.contains("ddim (baseline)"), "{out}");
@@ -103,7 +127,17 @@ fn invert_edit_reconstruct_round_trip() {
     // The reconstruction command gives the inversion's own reconstruction.
     let rec2 = d.join("rec2.png");
     let lat = d.join("z0.safetensors");
-    ok(&["reconstruct", "--model", s(&tiny()), "--inversion", s(&inv), "--out", s(&rec2), "--save-latents", s(&lat)]);
+    ok(&[
+        "reconstruct",
+        "--model",
+        s(&tiny()),
+        "--inversion",
+        s(&inv),
+        "--out",
+        s(&rec2),
+        "--save-latents",
+        s(&lat),
+    ]);
     let a = image::open(&rec).unwrap().to_rgb8();
     let b = image::open(&rec2).unwrap().to_rgb8();
     assert!(nulltext::image_io::psnr(&a, &b) > 40.0);
@@ -113,13 +147,36 @@ fn invert_edit_reconstruct_round_trip() {
     let maps = d.join("maps.png");
     let latents = d.join("latents.safetensors");
     let out = ok(&[
-        "edit", "--model", s(&tiny()), "--inversion", s(&inv),
-        "--target", "a close up photo of a dog", "--target", "a close up photo of a tiger",
-        "--blend", "cat:dog tiger", "--reweight", "tiger=2", "--cross-replace", "0.8,tiger=0.4",
-        "--out-dir", s(&edits), "--grid", s(&grid), "--attention-maps", s(&maps), "--save-latents", s(&latents),
+        "edit",
+        "--model",
+        s(&tiny()),
+        "--inversion",
+        s(&inv),
+        "--target",
+        "a close up photo of a dog",
+        "--target",
+        "a close up photo of a tiger",
+        "--blend",
+        "cat:dog tiger",
+        "--reweight",
+        "tiger=2",
+        "--cross-replace",
+        "0.8,tiger=0.4",
+        "--out-dir",
+        s(&edits),
+        "--grid",
+        s(&grid),
+        "--attention-maps",
+        s(&maps),
+        "--save-latents",
+        s(&latents),
     ]);
     assert!(out.contains("(replace)"), "{out}");
-    for f in ["reconstruction.png", "01-a-close-up-photo-of-a-dog.png", "02-a-close-up-photo-of-a-tiger.png"] {
+    for f in [
+        "reconstruction.png",
+        "01-a-close-up-photo-of-a-dog.png",
+        "02-a-close-up-photo-of-a-tiger.png",
+    ] {
         assert!(edits.join(f).is_file(), "{f}");
     }
     let g = image::open(&grid).unwrap();
@@ -129,29 +186,129 @@ fn invert_edit_reconstruct_round_trip() {
     assert_eq!(t["latents"].dims(), &[3, 4, 32, 32]);
 
     // Refine (a word added) and SDEdit.
-    let out = ok(&["edit", "--model", s(&tiny()), "--inversion", s(&inv), "--target", "a close up photo of a fluffy cat", "--out-dir", s(&d.join("refine"))]);
+    let out = ok(&[
+        "edit",
+        "--model",
+        s(&tiny()),
+        "--inversion",
+        s(&inv),
+        "--target",
+        "a close up photo of a fluffy cat",
+        "--out-dir",
+        s(&d.join("refine")),
+    ]);
     assert!(out.contains("(refine)"), "{out}");
-    let out = ok(&["edit", "--model", s(&tiny()), "--inversion", s(&inv), "--target", "a close up photo of a dog", "--sdedit", "0.5", "--out-dir", s(&d.join("sdedit"))]);
+    let out = ok(&[
+        "edit",
+        "--model",
+        s(&tiny()),
+        "--inversion",
+        s(&inv),
+        "--target",
+        "a close up photo of a dog",
+        "--sdedit",
+        "0.5",
+        "--out-dir",
+        s(&d.join("sdedit")),
+    ]);
     assert!(out.contains("sdedit"), "{out}");
 
     // Bad edits: clear errors naming the word or value, nothing written.
     let bad = d.join("bad");
-    let e = fails(&["edit", "--model", s(&tiny()), "--inversion", s(&inv), "--target", "a close up photo of a fluffy cat", "--mode", "replace", "--out-dir", s(&bad)]);
+    let e = fails(&[
+        "edit",
+        "--model",
+        s(&tiny()),
+        "--inversion",
+        s(&inv),
+        "--target",
+        "a close up photo of a fluffy cat",
+        "--mode",
+        "replace",
+        "--out-dir",
+        s(&bad),
+    ]);
     assert!(e.contains("as many words") && e.contains("fluffy"), "{e}");
-    let e = fails(&["edit", "--model", s(&tiny()), "--inversion", s(&inv), "--target", "a close up photo of a dog", "--blend", "cat:zebra", "--out-dir", s(&bad)]);
+    let e = fails(&[
+        "edit",
+        "--model",
+        s(&tiny()),
+        "--inversion",
+        s(&inv),
+        "--target",
+        "a close up photo of a dog",
+        "--blend",
+        "cat:zebra",
+        "--out-dir",
+        s(&bad),
+    ]);
     assert!(e.contains("`zebra`"), "{e}");
-    let e = fails(&["edit", "--model", s(&tiny()), "--inversion", s(&inv), "--target", "a close up photo of a dog", "--blend", "horse:dog", "--out-dir", s(&bad)]);
+    let e = fails(&[
+        "edit",
+        "--model",
+        s(&tiny()),
+        "--inversion",
+        s(&inv),
+        "--target",
+        "a close up photo of a dog",
+        "--blend",
+        "horse:dog",
+        "--out-dir",
+        s(&bad),
+    ]);
     assert!(e.contains("`horse`"), "{e}");
-    let e = fails(&["edit", "--model", s(&tiny()), "--inversion", s(&inv), "--target", "a close up photo of a dog", "--reweight", "zebra=2", "--out-dir", s(&bad)]);
+    let e = fails(&[
+        "edit",
+        "--model",
+        s(&tiny()),
+        "--inversion",
+        s(&inv),
+        "--target",
+        "a close up photo of a dog",
+        "--reweight",
+        "zebra=2",
+        "--out-dir",
+        s(&bad),
+    ]);
     assert!(e.contains("`zebra`"), "{e}");
-    let e = fails(&["edit", "--model", s(&tiny()), "--inversion", s(&inv), "--target", "a close up photo of a dog", "--cross-replace", "1.5", "--out-dir", s(&bad)]);
+    let e = fails(&[
+        "edit",
+        "--model",
+        s(&tiny()),
+        "--inversion",
+        s(&inv),
+        "--target",
+        "a close up photo of a dog",
+        "--cross-replace",
+        "1.5",
+        "--out-dir",
+        s(&bad),
+    ]);
     assert!(e.contains("--cross-replace") && e.contains("1.5"), "{e}");
     assert!(!bad.exists(), "nothing written for bad edits");
 
     // An inversion from another model.
     let other = d.join("other");
-    ok(&["random-model", "--preset", "tiny", "--seed", "7", "--out", s(&other)]);
-    let e = fails(&["edit", "--model", s(&other), "--inversion", s(&inv), "--target", "a close up photo of a dog", "--out-dir", s(&bad)]);
+    ok(&[
+        "random-model",
+        "--preset",
+        "tiny",
+        "--seed",
+        "7",
+        "--out",
+        s(&other),
+    ]);
+    let e = fails(&[
+        "edit",
+        "--model",
+        s(&other),
+        "--inversion",
+        s(&inv),
+        "--target",
+        "a close up photo of a dog",
+        "--out-dir",
+        s(&bad),
+    ]);
     assert!(e.contains("fingerprint") && e.contains("--force"), "{e}");
     assert!(!bad.exists());
 
@@ -159,7 +316,15 @@ fn invert_edit_reconstruct_round_trip() {
     let trunc = d.join("trunc.nti.safetensors");
     let bytes = std::fs::read(&inv).unwrap();
     std::fs::write(&trunc, &bytes[..bytes.len() / 2]).unwrap();
-    let e = fails(&["reconstruct", "--model", s(&tiny()), "--inversion", s(&trunc), "--out", s(&bad.join("x.png"))]);
+    let e = fails(&[
+        "reconstruct",
+        "--model",
+        s(&tiny()),
+        "--inversion",
+        s(&trunc),
+        "--out",
+        s(&bad.join("x.png")),
+    ]);
     assert!(e.contains("trunc.nti.safetensors"), "{e}");
     assert!(!bad.exists());
 }
@@ -168,7 +333,19 @@ fn invert_edit_reconstruct_round_trip() {
 fn generate_writes_a_png() {
     let d = tmp("generate");
     let out = d.join("g.png");
-    ok(&["generate", "--model", s(&tiny()), "--prompt", "a red circle", "--steps", "3", "--seed", "1", "--out", s(&out)]);
+    ok(&[
+        "generate",
+        "--model",
+        s(&tiny()),
+        "--prompt",
+        "a red circle",
+        "--steps",
+        "3",
+        "--seed",
+        "1",
+        "--out",
+        s(&out),
+    ]);
     let img = image::open(&out).unwrap();
     assert_eq!((img.width(), img.height()), (256, 256));
 }
@@ -178,45 +355,110 @@ fn bad_models_are_named() {
     let d = tmp("badmodels");
     let png = d.join("x.png");
     // Missing folder.
-    let e = fails(&["generate", "--model", s(&d.join("nope")), "--prompt", "x", "--out", s(&png)]);
+    let e = fails(&[
+        "generate",
+        "--model",
+        s(&d.join("nope")),
+        "--prompt",
+        "x",
+        "--out",
+        s(&png),
+    ]);
     assert!(e.contains("nope"), "{e}");
     // Missing config key.
     let m = model_copy("nokey", false);
     let cfg = m.join("unet/config.json");
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
     v.as_object_mut().unwrap().remove("cross_attention_dim");
     std::fs::write(&cfg, v.to_string()).unwrap();
-    let e = fails(&["generate", "--model", s(&m), "--prompt", "x", "--out", s(&png)]);
-    assert!(e.contains("cross_attention_dim") && e.contains("unet/config.json"), "{e}");
+    let e = fails(&[
+        "generate",
+        "--model",
+        s(&m),
+        "--prompt",
+        "x",
+        "--out",
+        s(&png),
+    ]);
+    assert!(
+        e.contains("cross_attention_dim") && e.contains("unet/config.json"),
+        "{e}"
+    );
     // Wrong tensor shape (config says 48, weights are 32 wide).
     v["cross_attention_dim"] = serde_json::json!(48);
     std::fs::write(&cfg, v.to_string()).unwrap();
-    let e = fails(&["generate", "--model", s(&m), "--prompt", "x", "--out", s(&png)]);
-    assert!(e.contains("attn2.to_k.weight") && e.contains("[32, 48]"), "{e}");
+    let e = fails(&[
+        "generate",
+        "--model",
+        s(&m),
+        "--prompt",
+        "x",
+        "--out",
+        s(&png),
+    ]);
+    assert!(
+        e.contains("attn2.to_k.weight") && e.contains("[32, 48]"),
+        "{e}"
+    );
     // Corrupt safetensors.
     let m = model_copy("corrupt", false);
     let f = m.join("vae/diffusion_pytorch_model.safetensors");
     std::fs::remove_file(&f).unwrap();
     std::fs::write(&f, b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all").unwrap();
-    let e = fails(&["generate", "--model", s(&m), "--prompt", "x", "--out", s(&png)]);
-    assert!(e.contains("vae/diffusion_pytorch_model.safetensors") && e.contains("safetensors"), "{e}");
+    let e = fails(&[
+        "generate",
+        "--model",
+        s(&m),
+        "--prompt",
+        "x",
+        "--out",
+        s(&png),
+    ]);
+    assert!(
+        e.contains("vae/diffusion_pytorch_model.safetensors") && e.contains("safetensors"),
+        "{e}"
+    );
     assert!(!png.exists());
     // Only .bin weights.
     let m = model_copy("bin", false);
     std::fs::remove_file(m.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
     std::fs::write(m.join("unet/diffusion_pytorch_model.bin"), b"pickle").unwrap();
-    let e = fails(&["generate", "--model", s(&m), "--prompt", "x", "--out", s(&png)]);
+    let e = fails(&[
+        "generate",
+        "--model",
+        s(&m),
+        "--prompt",
+        "x",
+        "--out",
+        s(&png),
+    ]);
     assert!(e.contains(".bin") && e.contains("safetensors"), "{e}");
     // A repo id that is not in the cache.
     let e = fails(&["info", "--model", "nobody/no-such-model"]);
-    assert!(e.contains("nobody/no-such-model") && e.contains("cache"), "{e}");
+    assert!(
+        e.contains("nobody/no-such-model") && e.contains("cache"),
+        "{e}"
+    );
 }
 
 #[test]
 fn bad_images_are_refused_before_any_work() {
     let d = tmp("badimages");
     let out = d.join("x.nti.safetensors");
-    let run = |img: &Path| fails(&["invert", "--model", s(&tiny()), "--image", s(img), "--prompt", "a cat", "--out", s(&out)]);
+    let run = |img: &Path| {
+        fails(&[
+            "invert",
+            "--model",
+            s(&tiny()),
+            "--image",
+            s(img),
+            "--prompt",
+            "a cat",
+            "--out",
+            s(&out),
+        ])
+    };
     let e = run(&d.join("missing.png"));
     assert!(e.contains("missing.png"), "{e}");
     let text = d.join("notes.png");
@@ -258,20 +500,50 @@ fn models_are_found_in_the_hugging_face_cache() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("f99da5222da910ce"), "{stdout}");
 }
 
 #[test]
 fn single_file_checkpoints_load_from_the_cli() {
     let single = root().join("tests/fixtures/models/tiny-sd15.safetensors");
-    let out = ok(&["info", "--json", "--model", s(&single), "--model-config", s(&tiny())]);
-    assert!(out.contains("f99da5222da910ce") && out.contains("single file"), "{out}");
+    let out = ok(&[
+        "info",
+        "--json",
+        "--model",
+        s(&single),
+        "--model-config",
+        s(&tiny()),
+    ]);
+    assert!(
+        out.contains("f99da5222da910ce") && out.contains("single file"),
+        "{out}"
+    );
     let d = tmp("sf-cli");
     let file = d.join("v.safetensors");
-    ok(&["random-model", "--preset", "tiny-v", "--single-file", s(&file)]);
-    let out = ok(&["info", "--json", "--model", s(&file), "--prediction-type", "v_prediction"]);
-    assert!(out.contains("v_prediction") && out.contains("\"text_hidden_size\": 64"), "{out}");
+    ok(&[
+        "random-model",
+        "--preset",
+        "tiny-v",
+        "--single-file",
+        s(&file),
+    ]);
+    let out = ok(&[
+        "info",
+        "--json",
+        "--model",
+        s(&file),
+        "--prediction-type",
+        "v_prediction",
+    ]);
+    assert!(
+        out.contains("v_prediction") && out.contains("\"text_hidden_size\": 64"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -279,14 +551,27 @@ fn ctrl_c_stops_cleanly_and_writes_nothing() {
     let d = tmp("ctrlc");
     let out = d.join("cat.nti.safetensors");
     let child = Command::new(env!("CARGO_BIN_EXE_nulltext"))
-        .args(["invert", "--model", s(&tiny()), "--image", s(&photo()), "--prompt", "a cat", "--out", s(&out)])
+        .args([
+            "invert",
+            "--model",
+            s(&tiny()),
+            "--image",
+            s(&photo()),
+            "--prompt",
+            "a cat",
+            "--out",
+            s(&out),
+        ])
         .env("RAYON_NUM_THREADS", "2")
         .stderr(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
     std::thread::sleep(std::time::Duration::from_secs(4));
-    let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(status.success());
     let res = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&res.stderr);
@@ -294,7 +579,10 @@ fn ctrl_c_stops_cleanly_and_writes_nothing() {
     assert!(stderr.contains("interrupted"), "{stderr}");
     assert!(!out.exists(), "no inversion file after Ctrl-C");
     let leftovers: Vec<_> = std::fs::read_dir(&d).unwrap().collect();
-    assert!(leftovers.is_empty(), "no temporary files left: {leftovers:?}");
+    assert!(
+        leftovers.is_empty(),
+        "no temporary files left: {leftovers:?}"
+    );
 }
 
 #[test]
@@ -302,8 +590,19 @@ fn a_300_word_prompt_is_truncated_with_a_warning() {
     let d = tmp("long");
     let words: Vec<String> = (0..300).map(|i| format!("word{i}")).collect();
     let out = ok(&[
-        "invert", "--model", s(&tiny()), "--image", s(&photo()), "--prompt", &words.join(" "),
-        "--out", s(&d.join("x.nti.safetensors")), "--steps", "2", "--inner-steps", "1",
+        "invert",
+        "--model",
+        s(&tiny()),
+        "--image",
+        s(&photo()),
+        "--prompt",
+        &words.join(" "),
+        "--out",
+        s(&d.join("x.nti.safetensors")),
+        "--steps",
+        "2",
+        "--inner-steps",
+        "1",
     ]);
     assert!(out.contains("longer than 77 tokens"), "{out}");
     assert!(d.join("x.nti.safetensors").is_file());

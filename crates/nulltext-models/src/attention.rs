@@ -31,7 +31,13 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tenso
 }
 
 /// [`attention`] in chunks of `chunk` queries, with a recomputing backward.
-pub fn attention_chunked(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, chunk: usize) -> Result<Tensor> {
+pub fn attention_chunked(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    chunk: usize,
+) -> Result<Tensor> {
     let tracked = q.track_op() || k.track_op() || v.track_op();
     let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
     let out = chunked_forward(&qd, &kd, &vd, scale, chunk)?;
@@ -49,7 +55,13 @@ pub fn attention_chunked(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, chunk: 
     )?)
 }
 
-fn chunked_forward(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, chunk: usize) -> candle_core::Result<Tensor> {
+fn chunked_forward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    chunk: usize,
+) -> candle_core::Result<Tensor> {
     let lq = q.dim(2)?;
     let kt = k.t()?.contiguous()?;
     let mut outs = Vec::with_capacity(lq.div_ceil(chunk));
@@ -99,7 +111,9 @@ impl candle_core::CustomOp3 for ChunkedAttention {
             .contiguous()?;
         let (storage, layout) = v.storage_and_layout();
         match &*storage {
-            candle_core::Storage::Cpu(s) if layout.start_offset() == 0 => Ok((s.clone(), layout.shape().clone())),
+            candle_core::Storage::Cpu(s) if layout.start_offset() == 0 => {
+                Ok((s.clone(), layout.shape().clone()))
+            }
             _ => candle_core::bail!("chunked attention: expected a fresh CPU tensor"),
         }
     }
@@ -149,7 +163,8 @@ impl candle_core::CustomOp3 for ChunkedAttention {
             let qc = q.narrow(2, start, n)?.contiguous()?;
             let gc = g.narrow(2, start, n)?.contiguous()?;
             // P = softmax(s·Q Kᵀ) for this chunk, recomputed
-            let p = crate::nn::scaled_softmax_last_dim(&qc.matmul(&kt)?, self.scale).map_err(to_candle)?;
+            let p = crate::nn::scaled_softmax_last_dim(&qc.matmul(&kt)?, self.scale)
+                .map_err(to_candle)?;
             // dV += Pᵀ dO; dP = dO Vᵀ; dS = s·P ⊙ (dP − Σ dP⊙P); dQ = dS K; dK += dSᵀ Q
             dv = (dv + p.t()?.matmul(&gc)?)?;
             let dp = gc.matmul(&vt)?;
@@ -184,22 +199,45 @@ mod tests {
     /// Chunked attention equals the plain one, forward and backward.
     #[test]
     fn chunked_attention_matches_plain() {
-        let (q, k, v) = (rand(1, (2, 3, 50, 8)), rand(2, (2, 3, 40, 8)), rand(3, (2, 3, 40, 8)));
+        let (q, k, v) = (
+            rand(1, (2, 3, 50, 8)),
+            rand(2, (2, 3, 40, 8)),
+            rand(3, (2, 3, 40, 8)),
+        );
         let w = rand(4, (2, 3, 50, 8));
         let grads = |chunked: bool| {
-            let (qv, kv, vv) = (Var::from_tensor(&q).unwrap(), Var::from_tensor(&k).unwrap(), Var::from_tensor(&v).unwrap());
+            let (qv, kv, vv) = (
+                Var::from_tensor(&q).unwrap(),
+                Var::from_tensor(&k).unwrap(),
+                Var::from_tensor(&v).unwrap(),
+            );
             let out = if chunked {
                 attention_chunked(qv.as_tensor(), kv.as_tensor(), vv.as_tensor(), 0.35, 7).unwrap()
             } else {
-                attention_probs(qv.as_tensor(), kv.as_tensor(), 0.35).unwrap().matmul(vv.as_tensor()).unwrap()
+                attention_probs(qv.as_tensor(), kv.as_tensor(), 0.35)
+                    .unwrap()
+                    .matmul(vv.as_tensor())
+                    .unwrap()
             };
             let loss = (&out * &w).unwrap().sum_all().unwrap();
             let g = loss.backward().unwrap();
-            [out, g.get(qv.as_tensor()).unwrap().clone(), g.get(kv.as_tensor()).unwrap().clone(), g.get(vv.as_tensor()).unwrap().clone()]
+            [
+                out,
+                g.get(qv.as_tensor()).unwrap().clone(),
+                g.get(kv.as_tensor()).unwrap().clone(),
+                g.get(vv.as_tensor()).unwrap().clone(),
+            ]
         };
         let (a, b) = (grads(false), grads(true));
         for (x, y) in a.iter().zip(&b) {
-            let e: f32 = (x - y).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+            let e: f32 = (x - y)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
             assert!(e < 1e-5, "{e}");
         }
     }
@@ -262,8 +300,7 @@ impl Attention {
         let split = |t: Tensor| -> Result<Tensor> {
             let (b, l, inner) = t.dims3()?;
             // (B, L, heads·d) -> (B, heads, L, d)
-            Ok(t
-                .reshape((b, l, self.heads, inner / self.heads))?
+            Ok(t.reshape((b, l, self.heads, inner / self.heads))?
                 .transpose(1, 2)?
                 .contiguous()?)
         };
@@ -372,7 +409,15 @@ impl BasicTransformerBlock {
             norm1: LayerNorm::load(&vb.pp("norm1"), dim, 1e-5)?,
             attn1: Attention::load(&vb.pp("attn1"), dim, dim, heads, dim_head, upcast, s1)?,
             norm2: LayerNorm::load(&vb.pp("norm2"), dim, 1e-5)?,
-            attn2: Attention::load(&vb.pp("attn2"), dim, context_dim, heads, dim_head, upcast, s2)?,
+            attn2: Attention::load(
+                &vb.pp("attn2"),
+                dim,
+                context_dim,
+                heads,
+                dim_head,
+                upcast,
+                s2,
+            )?,
             norm3: LayerNorm::load(&vb.pp("norm3"), dim, 1e-5)?,
             ff: FeedForward::load(&vb.pp("ff"), dim)?,
         })
@@ -390,7 +435,10 @@ impl BasicTransformerBlock {
         let h = self.norm1.forward(x)?;
         let x = (self.attn1.forward(&h, None, height, width, control, step)? + x)?;
         let h = self.norm2.forward(&x)?;
-        let x = (self.attn2.forward(&h, Some(context), height, width, control, step)? + x)?;
+        let x = (self
+            .attn2
+            .forward(&h, Some(context), height, width, control, step)?
+            + x)?;
         let h = self.norm3.forward(&x)?;
         Ok((self.ff.forward(&h)? + x)?)
     }
@@ -483,9 +531,8 @@ impl Transformer2DModel {
         let residual = x;
         let x = self.norm.forward(x)?;
         // (B, C, H, W) -> (B, H·W, C)
-        let to_seq = |t: Tensor| -> Result<Tensor> {
-            Ok(t.permute((0, 2, 3, 1))?.reshape((b, h * w, ()))?)
-        };
+        let to_seq =
+            |t: Tensor| -> Result<Tensor> { Ok(t.permute((0, 2, 3, 1))?.reshape((b, h * w, ()))?) };
         let mut x = match &self.proj_in {
             Projection::Conv(p) => to_seq(p.forward(&x)?)?,
             Projection::Linear(p) => p.forward(&to_seq(x)?)?,
@@ -495,7 +542,9 @@ impl Transformer2DModel {
         }
         // (B, H·W, C) -> (B, C, H, W)
         let to_img = |t: Tensor| -> Result<Tensor> {
-            Ok(t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous()?)
+            Ok(t.reshape((b, h, w, c))?
+                .permute((0, 3, 1, 2))?
+                .contiguous()?)
         };
         let x = match &self.proj_out {
             Projection::Conv(p) => p.forward(&to_img(x)?)?,

@@ -35,7 +35,9 @@ impl ClipAttention {
         let hd = h / self.heads;
         let split = |t: Tensor| -> Result<Tensor> {
             // (B, L, H) -> (B, heads, L, hd)
-            Ok(t.reshape((b, l, self.heads, hd))?.transpose(1, 2)?.contiguous()?)
+            Ok(t.reshape((b, l, self.heads, hd))?
+                .transpose(1, 2)?
+                .contiguous()?)
         };
         let q = split((self.q_proj.forward(x)? * (hd as f64).powf(-0.5))?)?;
         let k = split(self.k_proj.forward(x)?)?;
@@ -71,7 +73,9 @@ impl ClipLayer {
     }
 
     fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let h = self.self_attn.forward(&self.layer_norm1.forward(x)?, mask)?;
+        let h = self
+            .self_attn
+            .forward(&self.layer_norm1.forward(x)?, mask)?;
         let x = (x + h)?;
         let h = self.fc1.forward(&self.layer_norm2.forward(&x)?)?;
         let h = if self.quick_gelu {
@@ -109,7 +113,11 @@ impl ClipTextTransformer {
                 "position_embedding.weight",
             )?,
             layers,
-            final_layer_norm: LayerNorm::load(&vb.pp("final_layer_norm"), c.hidden_size, c.layer_norm_eps)?,
+            final_layer_norm: LayerNorm::load(
+                &vb.pp("final_layer_norm"),
+                c.hidden_size,
+                c.layer_norm_eps,
+            )?,
             config: config.clone(),
         })
     }

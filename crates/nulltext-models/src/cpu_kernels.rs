@@ -115,7 +115,10 @@ unsafe fn softmax_row_avx2(row: &mut [f32], scale: f32) {
     while i < full {
         let x = _mm256_fmsub_ps(_mm256_loadu_ps(p.add(i)), vscale, vshift);
         let x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
-        let n = _mm256_round_ps(_mm256_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        let n = _mm256_round_ps(
+            _mm256_mul_ps(x, log2e),
+            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+        );
         let r = _mm256_fnmadd_ps(n, ln2_lo, _mm256_fnmadd_ps(n, ln2_hi, x));
         let mut q = c[0];
         q = _mm256_fmadd_ps(q, r, c[1]);
@@ -124,7 +127,10 @@ unsafe fn softmax_row_avx2(row: &mut [f32], scale: f32) {
         q = _mm256_fmadd_ps(q, r, c[4]);
         q = _mm256_fmadd_ps(q, r, c[5]);
         q = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(q, r), r, r), one);
-        let pow2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), bias), 23));
+        let pow2 = _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_add_epi32(_mm256_cvtps_epi32(n), bias),
+            23,
+        ));
         let e = _mm256_mul_ps(q, pow2);
         _mm256_storeu_ps(p.add(i), e);
         vsum = _mm256_add_ps(vsum, e);
@@ -221,12 +227,28 @@ fn group_norm_body(x: &[f32], out: &mut [f32], hw: usize, gamma: &[f32], beta: &
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn group_norm_avx2(x: &[f32], out: &mut [f32], hw: usize, gamma: &[f32], beta: &[f32], eps: f64) {
+unsafe fn group_norm_avx2(
+    x: &[f32],
+    out: &mut [f32],
+    hw: usize,
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f64,
+) {
     group_norm_body(x, out, hw, gamma, beta, eps)
 }
 
 /// Group normalization of `x` `[B, C, HW]` (contiguous) with per-channel `gamma`, `beta`.
-pub fn group_norm(x: &[f32], b: usize, c: usize, hw: usize, groups: usize, gamma: &[f32], beta: &[f32], eps: f64) -> Vec<f32> {
+pub fn group_norm(
+    x: &[f32],
+    b: usize,
+    c: usize,
+    hw: usize,
+    groups: usize,
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f64,
+) -> Vec<f32> {
     let mut out = vec![0f32; x.len()];
     let cg = c / groups;
     let avx2 = has_avx2();
@@ -274,7 +296,9 @@ mod tests {
     }
 
     fn check_softmax(n: usize) {
-        let mut data: Vec<f32> = (0..3 * n).map(|i| ((i * 7919) % 101) as f32 / 13.0 - 3.0).collect();
+        let mut data: Vec<f32> = (0..3 * n)
+            .map(|i| ((i * 7919) % 101) as f32 / 13.0 - 3.0)
+            .collect();
         let orig = data.clone();
         softmax_rows(&mut data, n, 0.7);
         for r in 0..3 {

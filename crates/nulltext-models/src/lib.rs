@@ -23,7 +23,9 @@ pub mod weights;
 pub use candle_core;
 pub use clip::ClipTextTransformer;
 pub use config::{ClipTextConfig, SchedulerConfig, UNetConfig, VaeConfig};
-pub use control::{AttentionCall, AttentionControl, AttentionKind, AttentionSite, NoControl, Place};
+pub use control::{
+    AttentionCall, AttentionControl, AttentionKind, AttentionSite, NoControl, Place,
+};
 pub use error::{Error, Result};
 pub use model::{LoadOptions, StableDiffusion};
 pub use scheduler::Ddim;

@@ -53,7 +53,10 @@ pub fn check_complete(
         match store.shape_of(name) {
             None => problems.push(format!("missing `{name}`")),
             // a linear layer may be stored as a 1×1 convolution
-            Some(s) if s != shape.as_slice() && !(s.len() == 4 && s[2..] == [1, 1] && s[..2] == shape[..]) => {
+            Some(s)
+                if s != shape.as_slice()
+                    && !(s.len() == 4 && s[2..] == [1, 1] && s[..2] == shape[..]) =>
+            {
                 problems.push(format!("`{name}` has shape {s:?}, expected {shape:?}"))
             }
             _ => {}
@@ -68,7 +71,11 @@ pub fn check_complete(
         "{label}: {n} tensor{} do not fit the architecture: {}{}",
         if n == 1 { "" } else { "s" },
         shown.join("; "),
-        if n > 12 { format!("; and {} more", n - 12) } else { String::new() }
+        if n > 12 {
+            format!("; and {} more", n - 12)
+        } else {
+            String::new()
+        }
     )))
 }
 
@@ -100,7 +107,8 @@ fn looks_like_repo_id(s: &str) -> bool {
 /// Finds the snapshot folder of `repo_id` in the hub cache: the one `refs/main` names,
 /// else the most recently modified.
 pub fn resolve_hf_repo(repo_id: &str) -> Result<PathBuf> {
-    let cache = hf_cache_dir().ok_or_else(|| Error::Msg("no HOME or HF_HOME to find the Hugging Face cache".into()))?;
+    let cache = hf_cache_dir()
+        .ok_or_else(|| Error::Msg("no HOME or HF_HOME to find the Hugging Face cache".into()))?;
     let repo = cache.join(format!("models--{}", repo_id.replace('/', "--")));
     let snapshots = repo.join("snapshots");
     if !snapshots.is_dir() {
@@ -160,12 +168,13 @@ pub fn component_weight_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
         for idx in [index, index_alt] {
             if idx.is_file() {
                 let v: serde_json::Value = read_json(&idx)?;
-                let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
-                    Error::Config {
+                let map = v
+                    .get("weight_map")
+                    .and_then(|m| m.as_object())
+                    .ok_or_else(|| Error::Config {
                         path: idx.clone(),
                         msg: "no `weight_map`".into(),
-                    }
-                })?;
+                    })?;
                 let mut files: Vec<PathBuf> = map
                     .values()
                     .filter_map(|f| f.as_str())
@@ -179,8 +188,11 @@ pub fn component_weight_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
     }
     let has_bin = std::fs::read_dir(dir)
         .map(|rd| {
-            rd.flatten()
-                .any(|e| e.path().extension().is_some_and(|x| x == "bin" || x == "ckpt"))
+            rd.flatten().any(|e| {
+                e.path()
+                    .extension()
+                    .is_some_and(|x| x == "bin" || x == "ckpt")
+            })
         })
         .unwrap_or(false);
     if has_bin {
@@ -298,10 +310,11 @@ impl StableDiffusion {
             pad_token: String::new(),
         };
         let label = path.display().to_string();
-        for ((component, required), store) in crate::random::tensor_lists(&configs)?
-            .iter()
-            .zip([&stores.unet, &stores.vae, &stores.text])
-        {
+        for ((component, required), store) in crate::random::tensor_lists(&configs)?.iter().zip([
+            &stores.unet,
+            &stores.vae,
+            &stores.text,
+        ]) {
             check_complete(store, required, &format!("{label} ({component})"))?;
         }
         let extra = sf::unclaimed_keys(&shapes, &d);
@@ -349,14 +362,20 @@ impl StableDiffusion {
         let scheduler = if sched_path.is_file() {
             SchedulerConfig::from_file(&sched_path)?
         } else {
-            tracing::warn!("{}: missing; using Stable Diffusion's DDIM defaults", sched_path.display());
+            tracing::warn!(
+                "{}: missing; using Stable Diffusion's DDIM defaults",
+                sched_path.display()
+            );
             SchedulerConfig::default()
         };
         let tok_dir = dir.join("tokenizer");
         let tokenizer = if tok_dir.join("vocab.json").is_file() {
             ClipTokenizer::from_dir(&tok_dir)?
         } else {
-            tracing::warn!("{}: no vocab.json; using the bundled CLIP vocabulary", tok_dir.display());
+            tracing::warn!(
+                "{}: no vocab.json; using the bundled CLIP vocabulary",
+                tok_dir.display()
+            );
             ClipTokenizer::bundled()
         };
 
@@ -382,8 +401,10 @@ impl StableDiffusion {
             dev,
             dt,
         )?;
-        let text_encoder = ClipTextTransformer::load(&text_store.root(), &text_cfg)
-            .map_err(|e| with_component(e, "text_encoder", &dir.join("text_encoder/config.json")))?;
+        let text_encoder =
+            ClipTextTransformer::load(&text_store.root(), &text_cfg).map_err(|e| {
+                with_component(e, "text_encoder", &dir.join("text_encoder/config.json"))
+            })?;
         Ok(Self {
             tokenizer,
             text_encoder,
@@ -423,7 +444,11 @@ impl StableDiffusion {
             .map(|p| self.tokenizer.encode_padded(p))
             .collect();
         let ids: Vec<u32> = encs.iter().flat_map(|e| e.ids.iter().copied()).collect();
-        let ids = Tensor::from_vec(ids, (prompts.len(), crate::tokenizer::MAX_LEN), &self.device)?;
+        let ids = Tensor::from_vec(
+            ids,
+            (prompts.len(), crate::tokenizer::MAX_LEN),
+            &self.device,
+        )?;
         let emb = self.text_encoder.forward(&ids)?.to_dtype(DType::F32)?;
         Ok((emb, encs))
     }
@@ -450,7 +475,10 @@ impl StableDiffusion {
             Some(s) => (z + s)?,
             None => z.clone(),
         };
-        let x = self.vae.decode(&(z / c.scaling_factor)?)?.to_dtype(DType::F32)?;
+        let x = self
+            .vae
+            .decode(&(z / c.scaling_factor)?)?
+            .to_dtype(DType::F32)?;
         Ok(((x / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
     }
 }

@@ -142,7 +142,9 @@ impl Linear {
     /// Loads a linear layer stored as a 1×1 convolution (`[out, in, 1, 1]`), or as a matrix.
     pub fn load_maybe_conv(vb: &Vb, in_dim: usize, out_dim: usize) -> Result<Self> {
         let weight = match vb.shape_of("weight") {
-            Some([_, _, 1, 1]) => vb.get(&[out_dim, in_dim, 1, 1], "weight")?.reshape((out_dim, in_dim))?,
+            Some([_, _, 1, 1]) => vb
+                .get(&[out_dim, in_dim, 1, 1], "weight")?
+                .reshape((out_dim, in_dim))?,
             _ => vb.get(&[out_dim, in_dim], "weight")?,
         };
         Ok(Self {
@@ -253,7 +255,11 @@ impl Conv2d {
         Ok(attach_grad(x, value, move |g, _| {
             // The input gradient is a stride-1 convolution of the output gradient — spread
             // out by the stride with zeros in between — with the transposed, flipped kernel.
-            let g = if stride == 1 { g.clone() } else { dilate(g, stride)? };
+            let g = if stride == 1 {
+                g.clone()
+            } else {
+                dilate(g, stride)?
+            };
             let left = k - 1 - padding;
             let (_, _, gh, gw) = g.dims4()?;
             let right_h = (in_h + k - 1).saturating_sub(gh + left);
@@ -261,9 +267,14 @@ impl Conv2d {
             let g = if stride == 1 && right_h == left && right_w == left {
                 g
             } else {
-                g.pad_with_zeros(2, left, right_h)?.pad_with_zeros(3, left, right_w)?
+                g.pad_with_zeros(2, left, right_h)?
+                    .pad_with_zeros(3, left, right_w)?
             };
-            let pad = if stride == 1 && right_h == left && right_w == left { left } else { 0 };
+            let pad = if stride == 1 && right_h == left && right_w == left {
+                left
+            } else {
+                0
+            };
             g.conv2d(&flipped, pad, 1, 1, 1)?
                 .narrow(2, 0, in_h)?
                 .narrow(3, 0, in_w)
@@ -333,7 +344,11 @@ impl GroupNorm {
         }
         let weight = vb.get(&[channels], "weight")?;
         let bias = vb.get(&[channels], "bias")?;
-        let cpu_affine = if weight.device().is_cpu() && weight.dtype() == DType::F32 && weight.dims() == [channels] && vb.store().recorded().is_empty() {
+        let cpu_affine = if weight.device().is_cpu()
+            && weight.dtype() == DType::F32
+            && weight.dims() == [channels]
+            && vb.store().recorded().is_empty()
+        {
             match (weight.to_vec1::<f32>(), bias.to_vec1::<f32>()) {
                 (Ok(w), Ok(b)) => Some(Arc::new((w, b))),
                 _ => None,
@@ -373,7 +388,9 @@ impl GroupNorm {
         let dtype = x.dtype();
         let wd = self.channel_shape(&dims);
         let value = |x: &Tensor| -> candle_core::Result<Tensor> {
-            if let (Some(affine), DType::F32, true) = (&self.cpu_affine, x.dtype(), x.device().is_cpu()) {
+            if let (Some(affine), DType::F32, true) =
+                (&self.cpu_affine, x.dtype(), x.device().is_cpu())
+            {
                 let op = CpuGroupNorm {
                     groups: self.groups,
                     eps: self.eps,
@@ -399,7 +416,12 @@ impl GroupNorm {
             let (b, groups, n) = xn.dims3()?;
             let gg = g
                 .to_dtype(DType::F32)?
-                .broadcast_mul(&this.weight.to_dtype(DType::F32)?.reshape(this.channel_shape(g.dims()))?)?
+                .broadcast_mul(
+                    &this
+                        .weight
+                        .to_dtype(DType::F32)?
+                        .reshape(this.channel_shape(g.dims()))?,
+                )?
                 .reshape((b, groups, n))?;
             let m1 = (gg.sum_keepdim(2)? / n as f64)?;
             let m2 = ((&gg * &xn)?.sum_keepdim(2)? / n as f64)?;
@@ -452,10 +474,15 @@ impl LayerNorm {
             let var = (xc.sqr()?.sum_keepdim(D::Minus1)? / n)?;
             let rstd = (var + eps)?.sqrt()?.recip()?;
             let xn = xc.broadcast_mul(&rstd)?;
-            let gg = g.to_dtype(DType::F32)?.broadcast_mul(&weight.to_dtype(DType::F32)?)?;
+            let gg = g
+                .to_dtype(DType::F32)?
+                .broadcast_mul(&weight.to_dtype(DType::F32)?)?;
             let m1 = (gg.sum_keepdim(D::Minus1)? / n)?;
             let m2 = ((&gg * &xn)?.sum_keepdim(D::Minus1)? / n)?;
-            let dx = gg.broadcast_sub(&m1)?.sub(&xn.broadcast_mul(&m2)?)?.broadcast_mul(&rstd)?;
+            let dx = gg
+                .broadcast_sub(&m1)?
+                .sub(&xn.broadcast_mul(&m2)?)?
+                .broadcast_mul(&rstd)?;
             dx.to_dtype(g.dtype())
         })?)
     }

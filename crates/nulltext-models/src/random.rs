@@ -45,7 +45,9 @@ impl std::str::FromStr for Preset {
             "sd21-v" | "sd2.1-v" | "sd21" => Ok(Preset::Sd21V),
             "tiny" => Ok(Preset::Tiny),
             "tiny-v" => Ok(Preset::TinyV),
-            _ => Err(format!("unknown preset `{s}` (sd15, sd21-base, sd21-v, tiny, tiny-v)")),
+            _ => Err(format!(
+                "unknown preset `{s}` (sd15, sd21-base, sd21-v, tiny, tiny-v)"
+            )),
         }
     }
 }
@@ -81,7 +83,14 @@ fn vae(blocks: &[usize], sample_size: usize) -> Value {
     })
 }
 
-fn unet(blocks: &[usize], heads: Value, cross: usize, sample: usize, linear: bool, upcast: bool) -> Value {
+fn unet(
+    blocks: &[usize],
+    heads: Value,
+    cross: usize,
+    sample: usize,
+    linear: bool,
+    upcast: bool,
+) -> Value {
     json!({
         "_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": heads,
         "block_out_channels": blocks, "center_input_sample": false,
@@ -120,7 +129,14 @@ impl Preset {
             Preset::Sd21Base | Preset::Sd21V => {
                 let v = self == Preset::Sd21V;
                 ModelConfigs {
-                    unet: unet(&[320, 640, 1280, 1280], json!([5, 10, 20, 20]), 1024, if v { 96 } else { 64 }, true, v),
+                    unet: unet(
+                        &[320, 640, 1280, 1280],
+                        json!([5, 10, 20, 20]),
+                        1024,
+                        if v { 96 } else { 64 },
+                        true,
+                        v,
+                    ),
                     vae: vae(&[128, 256, 512, 512], if v { 768 } else { 512 }),
                     text_encoder: clip(1024, 4096, 23, 16, "gelu", 512),
                     scheduler: scheduler(if v { "v_prediction" } else { "epsilon" }),
@@ -178,8 +194,9 @@ impl Rng {
 }
 
 fn seed_of(seed: u64, name: &str) -> u64 {
-    name.bytes()
-        .fold(seed ^ 0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+    name.bytes().fold(seed ^ 0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 /// Values of one tensor, by its name and shape.
@@ -195,7 +212,9 @@ fn init(name: &str, shape: &[usize], seed: u64, component: &str) -> Vec<f32> {
     } else if shape.len() >= 2 {
         let fan_in: usize = shape[1..].iter().product();
         let bound = 1.0 / (fan_in as f32).sqrt();
-        (0..n).map(|_| bound * (2.0 * rng.uniform() - 1.0)).collect()
+        (0..n)
+            .map(|_| bound * (2.0 * rng.uniform() - 1.0))
+            .collect()
     } else {
         vec![0.0; n]
     };
@@ -206,14 +225,22 @@ fn init(name: &str, shape: &[usize], seed: u64, component: &str) -> Vec<f32> {
             v[..half].iter_mut().for_each(|x| *x *= 16.0);
         }
         ("vae", "post_quant_conv.weight") => v.iter_mut().for_each(|x| *x /= 16.0),
-        ("unet", "conv_out.weight") | ("unet", "conv_out.bias") => v.iter_mut().for_each(|x| *x *= 0.1),
+        ("unet", "conv_out.weight") | ("unet", "conv_out.bias") => {
+            v.iter_mut().for_each(|x| *x *= 0.1)
+        }
         _ => {}
     }
     v
 }
 
 /// Writes a safetensors file tensor by tensor (bounded memory), atomically.
-fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>)], seed: u64, component: &str, f16: bool) -> Result<()> {
+fn write_safetensors(
+    path: &Path,
+    tensors: &[(String, Vec<usize>)],
+    seed: u64,
+    component: &str,
+    f16: bool,
+) -> Result<()> {
     let mut sorted: Vec<&(String, Vec<usize>)> = tensors.iter().collect();
     sorted.sort_by(|a, b| a.0.cmp(&b.0));
     sorted.dedup_by(|a, b| a.0 == b.0);
@@ -229,21 +256,24 @@ fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>)], seed: u64, c
         );
         offset += bytes;
     }
-    let mut h = serde_json::to_vec(&Value::Object(header)).map_err(|e| Error::Msg(e.to_string()))?;
+    let mut h =
+        serde_json::to_vec(&Value::Object(header)).map_err(|e| Error::Msg(e.to_string()))?;
     while h.len() % 8 != 0 {
         h.push(b' ');
     }
     let io = |e: std::io::Error| Error::io(path, e);
     let tmp = path.with_extension("safetensors.tmp");
     {
-        let mut w = std::io::BufWriter::with_capacity(1 << 22, std::fs::File::create(&tmp).map_err(io)?);
+        let mut w =
+            std::io::BufWriter::with_capacity(1 << 22, std::fs::File::create(&tmp).map_err(io)?);
         w.write_all(&(h.len() as u64).to_le_bytes()).map_err(io)?;
         w.write_all(&h).map_err(io)?;
         for (name, shape) in &sorted {
             let v = init(name, shape, seed, component);
             if f16 {
                 for x in v {
-                    w.write_all(&half::f16::from_f32(x).to_le_bytes()).map_err(io)?;
+                    w.write_all(&half::f16::from_f32(x).to_le_bytes())
+                        .map_err(io)?;
                 }
             } else {
                 for x in v {
@@ -258,13 +288,18 @@ fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>)], seed: u64, c
 }
 
 /// The tensors (names and shapes) each component of `configs` needs.
-pub fn tensor_lists(configs: &ModelConfigs) -> Result<[(&'static str, Vec<(String, Vec<usize>)>); 3]> {
+pub fn tensor_lists(
+    configs: &ModelConfigs,
+) -> Result<[(&'static str, Vec<(String, Vec<usize>)>); 3]> {
     let parse = |v: &Value, what: &str| -> Result<String> {
         serde_json::to_string(v).map_err(|e| Error::Msg(format!("{what}: {e}")))
     };
-    let uc: UNetConfig = serde_json::from_str(&parse(&configs.unet, "unet")?).map_err(|e| Error::Msg(e.to_string()))?;
-    let vc: VaeConfig = serde_json::from_str(&parse(&configs.vae, "vae")?).map_err(|e| Error::Msg(e.to_string()))?;
-    let cc: ClipTextConfig = serde_json::from_str(&parse(&configs.text_encoder, "text_encoder")?).map_err(|e| Error::Msg(e.to_string()))?;
+    let uc: UNetConfig = serde_json::from_str(&parse(&configs.unet, "unet")?)
+        .map_err(|e| Error::Msg(e.to_string()))?;
+    let vc: VaeConfig = serde_json::from_str(&parse(&configs.vae, "vae")?)
+        .map_err(|e| Error::Msg(e.to_string()))?;
+    let cc: ClipTextConfig = serde_json::from_str(&parse(&configs.text_encoder, "text_encoder")?)
+        .map_err(|e| Error::Msg(e.to_string()))?;
     let s = WeightStore::recording();
     UNet2DConditionModel::load(&s.root(), &uc)?;
     let unet = s.recorded();
@@ -292,10 +327,15 @@ pub fn write_random_model(dir: &Path, configs: &ModelConfigs, seed: u64, f16: bo
     write_json(&dir.join("unet/config.json"), &configs.unet)?;
     write_json(&dir.join("vae/config.json"), &configs.vae)?;
     write_json(&dir.join("text_encoder/config.json"), &configs.text_encoder)?;
-    write_json(&dir.join("scheduler/scheduler_config.json"), &configs.scheduler)?;
+    write_json(
+        &dir.join("scheduler/scheduler_config.json"),
+        &configs.scheduler,
+    )?;
     let tok = dir.join("tokenizer");
-    std::fs::write(tok.join("vocab.json"), crate::tokenizer::BUNDLED_VOCAB).map_err(|e| Error::io(&tok, e))?;
-    std::fs::write(tok.join("merges.txt"), crate::tokenizer::BUNDLED_MERGES).map_err(|e| Error::io(&tok, e))?;
+    std::fs::write(tok.join("vocab.json"), crate::tokenizer::BUNDLED_VOCAB)
+        .map_err(|e| Error::io(&tok, e))?;
+    std::fs::write(tok.join("merges.txt"), crate::tokenizer::BUNDLED_MERGES)
+        .map_err(|e| Error::io(&tok, e))?;
     write_json(
         &tok.join("special_tokens_map.json"),
         &json!({"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": configs.pad_token}),
@@ -305,9 +345,15 @@ pub fn write_random_model(dir: &Path, configs: &ModelConfigs, seed: u64, f16: bo
         &json!({"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": true, "pad_token": configs.pad_token}),
     )?;
     for (component, list) in &lists {
-        let file = if *component == "text_encoder" { "model" } else { "diffusion_pytorch_model" };
+        let file = if *component == "text_encoder" {
+            "model"
+        } else {
+            "diffusion_pytorch_model"
+        };
         let variant = if f16 { ".fp16" } else { "" };
-        let path = dir.join(component).join(format!("{file}{variant}.safetensors"));
+        let path = dir
+            .join(component)
+            .join(format!("{file}{variant}.safetensors"));
         write_safetensors(&path, list, seed, component, f16)?;
     }
     write_json(
@@ -355,7 +401,11 @@ fn original_unet(name: &str, layers: usize, up_attn: &[bool]) -> Option<String> 
     ];
     for (a, b) in simple {
         if let Some(r) = name.strip_prefix(a) {
-            let r = if a.contains("resnets") { inv_resnet(r) } else { r.to_string() };
+            let r = if a.contains("resnets") {
+                inv_resnet(r)
+            } else {
+                r.to_string()
+            };
             return Some(format!("{}{b}{r}", crate::single_file::UNET_PREFIX));
         }
     }
@@ -366,10 +416,24 @@ fn original_unet(name: &str, layers: usize, up_attn: &[bool]) -> Option<String> 
     let (blocks, b, kind, l, rest) = (p[0], p[1].parse::<usize>().ok()?, p[2], p[3], p[4]);
     let l: usize = l.parse().ok()?;
     let k = match (blocks, kind) {
-        ("down_blocks", "resnets") => format!("input_blocks.{}.0.{}", 1 + b * (layers + 1) + l, inv_resnet(rest)),
-        ("down_blocks", "attentions") => format!("input_blocks.{}.1.{rest}", 1 + b * (layers + 1) + l),
-        ("down_blocks", "downsamplers") => format!("input_blocks.{}.0.op.{}", 1 + b * (layers + 1) + layers, rest.strip_prefix("conv.")?),
-        ("up_blocks", "resnets") => format!("output_blocks.{}.0.{}", b * (layers + 1) + l, inv_resnet(rest)),
+        ("down_blocks", "resnets") => format!(
+            "input_blocks.{}.0.{}",
+            1 + b * (layers + 1) + l,
+            inv_resnet(rest)
+        ),
+        ("down_blocks", "attentions") => {
+            format!("input_blocks.{}.1.{rest}", 1 + b * (layers + 1) + l)
+        }
+        ("down_blocks", "downsamplers") => format!(
+            "input_blocks.{}.0.op.{}",
+            1 + b * (layers + 1) + layers,
+            rest.strip_prefix("conv.")?
+        ),
+        ("up_blocks", "resnets") => format!(
+            "output_blocks.{}.0.{}",
+            b * (layers + 1) + l,
+            inv_resnet(rest)
+        ),
         ("up_blocks", "attentions") => format!("output_blocks.{}.1.{rest}", b * (layers + 1) + l),
         ("up_blocks", "upsamplers") => format!(
             "output_blocks.{}.{}.conv.{}",
@@ -408,7 +472,10 @@ fn original_vae(name: &str, levels: usize) -> Option<(String, bool)> {
             "to_out.0" => "proj_out",
             _ => return None,
         };
-        (format!("mid.attn_1.{n}.{leaf}"), n != "norm" && leaf == "weight")
+        (
+            format!("mid.attn_1.{n}.{leaf}"),
+            n != "norm" && leaf == "weight",
+        )
     } else {
         let p: Vec<&str> = rest.splitn(3, '.').collect();
         let (kind, i, r) = (p[0], p.get(1)?.parse::<usize>().ok()?, *p.get(2)?);
@@ -443,16 +510,28 @@ enum Recipe {
 
 /// Writes the same random weights as [`write_random_model`] as one single-file checkpoint
 /// in the original CompVis/A1111 layout (OpenCLIP for SD 2.x presets).
-pub fn write_random_single_file(path: &Path, configs: &ModelConfigs, openclip: bool, seed: u64) -> Result<()> {
+pub fn write_random_single_file(
+    path: &Path,
+    configs: &ModelConfigs,
+    openclip: bool,
+    seed: u64,
+) -> Result<()> {
     let lists = tensor_lists(configs)?;
-    let uc: UNetConfig = serde_json::from_value(configs.unet.clone()).map_err(|e| Error::Msg(e.to_string()))?;
-    let vc: VaeConfig = serde_json::from_value(configs.vae.clone()).map_err(|e| Error::Msg(e.to_string()))?;
-    let cc: ClipTextConfig = serde_json::from_value(configs.text_encoder.clone()).map_err(|e| Error::Msg(e.to_string()))?;
+    let uc: UNetConfig =
+        serde_json::from_value(configs.unet.clone()).map_err(|e| Error::Msg(e.to_string()))?;
+    let vc: VaeConfig =
+        serde_json::from_value(configs.vae.clone()).map_err(|e| Error::Msg(e.to_string()))?;
+    let cc: ClipTextConfig = serde_json::from_value(configs.text_encoder.clone())
+        .map_err(|e| Error::Msg(e.to_string()))?;
     let layers = match &uc.layers_per_block {
         crate::config::PerBlock::One(l) => *l,
         crate::config::PerBlock::Each(v) => v[0],
     };
-    let up_attn: Vec<bool> = uc.up_block_types.iter().map(|t| t.starts_with("CrossAttn")).collect();
+    let up_attn: Vec<bool> = uc
+        .up_block_types
+        .iter()
+        .map(|t| t.starts_with("CrossAttn"))
+        .collect();
     let levels = vc.block_out_channels.len();
     let mut out: Vec<(String, Vec<usize>, Recipe)> = Vec::new();
     for (component, list) in &lists {
@@ -486,19 +565,57 @@ pub fn write_random_single_file(path: &Path, configs: &ModelConfigs, openclip: b
         let o = crate::single_file::OPENCLIP_PREFIX;
         let h = cc.hidden_size;
         let t = |s: &str| format!("text_model.{s}");
-        out.push((format!("{o}token_embedding.weight"), vec![cc.vocab_size, h], Recipe::Same("text_encoder", t("embeddings.token_embedding.weight"))));
-        out.push((format!("{o}positional_embedding"), vec![cc.max_position_embeddings, h], Recipe::Same("text_encoder", t("embeddings.position_embedding.weight"))));
-        out.push((format!("{o}ln_final.weight"), vec![h], Recipe::Same("text_encoder", t("final_layer_norm.weight"))));
-        out.push((format!("{o}ln_final.bias"), vec![h], Recipe::Same("text_encoder", t("final_layer_norm.bias"))));
+        out.push((
+            format!("{o}token_embedding.weight"),
+            vec![cc.vocab_size, h],
+            Recipe::Same("text_encoder", t("embeddings.token_embedding.weight")),
+        ));
+        out.push((
+            format!("{o}positional_embedding"),
+            vec![cc.max_position_embeddings, h],
+            Recipe::Same("text_encoder", t("embeddings.position_embedding.weight")),
+        ));
+        out.push((
+            format!("{o}ln_final.weight"),
+            vec![h],
+            Recipe::Same("text_encoder", t("final_layer_norm.weight")),
+        ));
+        out.push((
+            format!("{o}ln_final.bias"),
+            vec![h],
+            Recipe::Same("text_encoder", t("final_layer_norm.bias")),
+        ));
         // The file holds one layer more than the diffusers model uses (SD 2.x takes the
         // penultimate layer), plus the projection; nulltext ignores them.
         for i in 0..=cc.num_hidden_layers {
             let p = format!("{o}transformer.resblocks.{i}");
             let l = t(&format!("encoder.layers.{i}"));
             let real = i < cc.num_hidden_layers;
-            let mut add = |k: String, shape: Vec<usize>, r: Recipe| out.push((k, shape, if real { r } else { Recipe::Fresh }));
-            add(format!("{p}.attn.in_proj_weight"), vec![3 * h, h], Recipe::Concat("text_encoder", ["q", "k", "v"].iter().map(|x| format!("{l}.self_attn.{x}_proj.weight")).collect()));
-            add(format!("{p}.attn.in_proj_bias"), vec![3 * h], Recipe::Concat("text_encoder", ["q", "k", "v"].iter().map(|x| format!("{l}.self_attn.{x}_proj.bias")).collect()));
+            let mut add = |k: String, shape: Vec<usize>, r: Recipe| {
+                out.push((k, shape, if real { r } else { Recipe::Fresh }))
+            };
+            add(
+                format!("{p}.attn.in_proj_weight"),
+                vec![3 * h, h],
+                Recipe::Concat(
+                    "text_encoder",
+                    ["q", "k", "v"]
+                        .iter()
+                        .map(|x| format!("{l}.self_attn.{x}_proj.weight"))
+                        .collect(),
+                ),
+            );
+            add(
+                format!("{p}.attn.in_proj_bias"),
+                vec![3 * h],
+                Recipe::Concat(
+                    "text_encoder",
+                    ["q", "k", "v"]
+                        .iter()
+                        .map(|x| format!("{l}.self_attn.{x}_proj.bias"))
+                        .collect(),
+                ),
+            );
             for (from, to, shape) in [
                 ("attn.out_proj", "self_attn.out_proj", vec![h, h]),
                 ("ln_1", "layer_norm1", vec![h]),
@@ -508,11 +625,27 @@ pub fn write_random_single_file(path: &Path, configs: &ModelConfigs, openclip: b
             ] {
                 let bias_shape = vec![shape[0]];
                 if shape.len() == 2 {
-                    add(format!("{p}.{from}.weight"), shape.clone(), Recipe::Same("text_encoder", format!("{l}.{to}.weight")));
-                    add(format!("{p}.{from}.bias"), bias_shape, Recipe::Same("text_encoder", format!("{l}.{to}.bias")));
+                    add(
+                        format!("{p}.{from}.weight"),
+                        shape.clone(),
+                        Recipe::Same("text_encoder", format!("{l}.{to}.weight")),
+                    );
+                    add(
+                        format!("{p}.{from}.bias"),
+                        bias_shape,
+                        Recipe::Same("text_encoder", format!("{l}.{to}.bias")),
+                    );
                 } else {
-                    add(format!("{p}.{from}.weight"), shape.clone(), Recipe::Same("text_encoder", format!("{l}.{to}.weight")));
-                    add(format!("{p}.{from}.bias"), shape.clone(), Recipe::Same("text_encoder", format!("{l}.{to}.bias")));
+                    add(
+                        format!("{p}.{from}.weight"),
+                        shape.clone(),
+                        Recipe::Same("text_encoder", format!("{l}.{to}.weight")),
+                    );
+                    add(
+                        format!("{p}.{from}.bias"),
+                        shape.clone(),
+                        Recipe::Same("text_encoder", format!("{l}.{to}.bias")),
+                    );
                 }
             }
         }
@@ -538,17 +671,22 @@ pub fn write_random_single_file(path: &Path, configs: &ModelConfigs, openclip: b
     let mut offset = 0usize;
     for (name, shape, _) in &out {
         let bytes = shape.iter().product::<usize>() * 4;
-        header.insert(name.clone(), json!({"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + bytes]}));
+        header.insert(
+            name.clone(),
+            json!({"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + bytes]}),
+        );
         offset += bytes;
     }
-    let mut h = serde_json::to_vec(&Value::Object(header)).map_err(|e| Error::Msg(e.to_string()))?;
+    let mut h =
+        serde_json::to_vec(&Value::Object(header)).map_err(|e| Error::Msg(e.to_string()))?;
     while h.len() % 8 != 0 {
         h.push(b' ');
     }
     let io = |e: std::io::Error| Error::io(path, e);
     let tmp = path.with_extension("safetensors.tmp");
     {
-        let mut w = std::io::BufWriter::with_capacity(1 << 22, std::fs::File::create(&tmp).map_err(io)?);
+        let mut w =
+            std::io::BufWriter::with_capacity(1 << 22, std::fs::File::create(&tmp).map_err(io)?);
         w.write_all(&(h.len() as u64).to_le_bytes()).map_err(io)?;
         w.write_all(&h).map_err(io)?;
         for (name, shape, r) in &out {

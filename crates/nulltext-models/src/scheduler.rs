@@ -31,12 +31,18 @@ pub fn alphas_cumprod(c: &SchedulerConfig) -> Result<Vec<f32>> {
     let n = c.num_train_timesteps;
     let betas: Vec<f32> = match c.beta_schedule.as_str() {
         "linear" => linspace_f32(c.beta_start as f32, c.beta_end as f32, n),
-        "scaled_linear" => linspace_f32((c.beta_start as f32).sqrt(), (c.beta_end as f32).sqrt(), n)
-            .into_iter()
-            .map(|b| b * b)
-            .collect(),
+        "scaled_linear" => {
+            linspace_f32((c.beta_start as f32).sqrt(), (c.beta_end as f32).sqrt(), n)
+                .into_iter()
+                .map(|b| b * b)
+                .collect()
+        }
         "squaredcos_cap_v2" => {
-            let alpha_bar = |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::FRAC_PI_2).cos().powi(2);
+            let alpha_bar = |t: f64| {
+                ((t + 0.008) / 1.008 * std::f64::consts::FRAC_PI_2)
+                    .cos()
+                    .powi(2)
+            };
             (0..n)
                 .map(|i| {
                     let (t1, t2) = (i as f64 / n as f64, (i + 1) as f64 / n as f64);
@@ -93,7 +99,10 @@ impl Ddim {
         let timesteps: Vec<usize> = match config.timestep_spacing.as_str() {
             "leading" => {
                 let ratio = n / t;
-                (0..t).rev().map(|i| i * ratio + config.steps_offset).collect()
+                (0..t)
+                    .rev()
+                    .map(|i| i * ratio + config.steps_offset)
+                    .collect()
             }
             "trailing" => {
                 let ratio = n as f64 / t as f64;
@@ -103,7 +112,10 @@ impl Ddim {
             }
             "linspace" => {
                 let step = (n - 1) as f64 / (t.max(2) - 1) as f64;
-                (0..t).rev().map(|i| (i as f64 * step).round() as usize).collect()
+                (0..t)
+                    .rev()
+                    .map(|i| (i as f64 * step).round() as usize)
+                    .collect()
             }
             s => return Err(Error::Unsupported(format!("timestep_spacing `{s}`"))),
         };

@@ -43,14 +43,22 @@ pub fn unet_key(key: &str, layers: usize) -> Option<String> {
         ("out.0.", "conv_norm_out."),
         ("out.2.", "conv_out."),
     ];
-    if let Some(s) = simple.iter().find_map(|(a, b)| k.strip_prefix(a).map(|r| format!("{b}{r}"))) {
+    if let Some(s) = simple
+        .iter()
+        .find_map(|(a, b)| k.strip_prefix(a).map(|r| format!("{b}{r}")))
+    {
         return Some(s);
     }
     let parts: Vec<&str> = k.splitn(4, '.').collect();
     if parts.len() < 4 {
         return None;
     }
-    let (group, i, j, rest) = (parts[0], parts[1].parse::<usize>().ok()?, parts[2], parts[3]);
+    let (group, i, j, rest) = (
+        parts[0],
+        parts[1].parse::<usize>().ok()?,
+        parts[2],
+        parts[3],
+    );
     let j: usize = j.parse().ok()?;
     match group {
         "input_blocks" => {
@@ -59,7 +67,10 @@ pub fn unet_key(key: &str, layers: usize) -> Option<String> {
                 let r = rest.strip_prefix("op.")?;
                 Some(format!("down_blocks.{block}.downsamplers.0.conv.{r}"))
             } else if j == 0 {
-                Some(format!("down_blocks.{block}.resnets.{layer}.{}", resnet_leaf(rest)?))
+                Some(format!(
+                    "down_blocks.{block}.resnets.{layer}.{}",
+                    resnet_leaf(rest)?
+                ))
             } else {
                 Some(format!("down_blocks.{block}.attentions.{layer}.{rest}"))
             }
@@ -67,7 +78,10 @@ pub fn unet_key(key: &str, layers: usize) -> Option<String> {
         "output_blocks" => {
             let (block, layer) = (i / (layers + 1), i % (layers + 1));
             if j == 0 {
-                Some(format!("up_blocks.{block}.resnets.{layer}.{}", resnet_leaf(rest)?))
+                Some(format!(
+                    "up_blocks.{block}.resnets.{layer}.{}",
+                    resnet_leaf(rest)?
+                ))
             } else if let Some(r) = rest.strip_prefix("conv.") {
                 Some(format!("up_blocks.{block}.upsamplers.0.conv.{r}"))
             } else {
@@ -80,7 +94,9 @@ pub fn unet_key(key: &str, layers: usize) -> Option<String> {
 
 /// `middle_block.N.…` has the index in the middle: handle it separately.
 fn unet_middle_key(key: &str) -> Option<String> {
-    let k = key.strip_prefix(UNET_PREFIX)?.strip_prefix("middle_block.")?;
+    let k = key
+        .strip_prefix(UNET_PREFIX)?
+        .strip_prefix("middle_block.")?;
     let (i, rest) = k.split_once('.')?;
     match i {
         "0" => Some(format!("mid_block.resnets.0.{}", resnet_leaf(rest)?)),
@@ -192,7 +208,12 @@ pub fn detect(shapes: &BTreeMap<String, Vec<usize>>) -> Result<Detected> {
         .find(|l| attn[*l])
         .ok_or_else(|| Error::Unsupported("the UNet has no attention".into()))?;
     let a = 1 + first_attn * (layers + 1);
-    let to_k = shape(shapes, &u(&format!("input_blocks.{a}.1.transformer_blocks.0.attn2.to_k.weight")))?;
+    let to_k = shape(
+        shapes,
+        &u(&format!(
+            "input_blocks.{a}.1.transformer_blocks.0.attn2.to_k.weight"
+        )),
+    )?;
     let context = to_k[1];
     let linear = shape(shapes, &u(&format!("input_blocks.{a}.1.proj_in.weight")))?.len() == 2;
     let heads: Vec<usize> = if context == 768 {
@@ -203,12 +224,26 @@ pub fn detect(shapes: &BTreeMap<String, Vec<usize>>) -> Result<Detected> {
     let conv_out = shape(shapes, &u("out.2.weight"))?;
     let down: Vec<String> = attn
         .iter()
-        .map(|a| if *a { "CrossAttnDownBlock2D" } else { "DownBlock2D" }.to_string())
+        .map(|a| {
+            if *a {
+                "CrossAttnDownBlock2D"
+            } else {
+                "DownBlock2D"
+            }
+            .to_string()
+        })
         .collect();
     let up: Vec<String> = attn
         .iter()
         .rev()
-        .map(|a| if *a { "CrossAttnUpBlock2D" } else { "UpBlock2D" }.to_string())
+        .map(|a| {
+            if *a {
+                "CrossAttnUpBlock2D"
+            } else {
+                "UpBlock2D"
+            }
+            .to_string()
+        })
         .collect();
     let unet: UNetConfig = serde_json::from_value(serde_json::json!({
         "in_channels": in_channels, "out_channels": conv_out[0],
@@ -222,11 +257,16 @@ pub fn detect(shapes: &BTreeMap<String, Vec<usize>>) -> Result<Detected> {
 
     let v = |s: &str| format!("{VAE_PREFIX}{s}");
     let mut vblocks = Vec::new();
-    while let Some(s) = shapes.get(&v(&format!("encoder.down.{}.block.0.conv1.weight", vblocks.len()))) {
+    while let Some(s) = shapes.get(&v(&format!(
+        "encoder.down.{}.block.0.conv1.weight",
+        vblocks.len()
+    ))) {
         vblocks.push(s[0]);
     }
     if vblocks.is_empty() {
-        return Err(Error::Unsupported("single-file checkpoint has no VAE (first_stage_model.*)".into()));
+        return Err(Error::Unsupported(
+            "single-file checkpoint has no VAE (first_stage_model.*)".into(),
+        ));
     }
     let vlayers = (0..)
         .take_while(|j| shapes.contains_key(&v(&format!("encoder.down.0.block.{j}.conv1.weight"))))
@@ -246,7 +286,9 @@ pub fn detect(shapes: &BTreeMap<String, Vec<usize>>) -> Result<Detected> {
         let emb = shape(shapes, &o("token_embedding.weight"))?;
         let hidden = emb[1];
         let all = (0..)
-            .take_while(|i| shapes.contains_key(&o(&format!("transformer.resblocks.{i}.ln_1.weight"))))
+            .take_while(|i| {
+                shapes.contains_key(&o(&format!("transformer.resblocks.{i}.ln_1.weight")))
+            })
             .count();
         let inter = shape(shapes, &o("transformer.resblocks.0.mlp.c_fc.weight"))?[0];
         serde_json::from_value(serde_json::json!({
@@ -261,7 +303,9 @@ pub fn detect(shapes: &BTreeMap<String, Vec<usize>>) -> Result<Detected> {
         let emb = shape(shapes, &c("embeddings.token_embedding.weight"))?;
         let hidden = emb[1];
         let layers = (0..)
-            .take_while(|i| shapes.contains_key(&c(&format!("encoder.layers.{i}.layer_norm1.weight"))))
+            .take_while(|i| {
+                shapes.contains_key(&c(&format!("encoder.layers.{i}.layer_norm1.weight")))
+            })
             .count();
         let inter = shape(shapes, &c("encoder.layers.0.mlp.fc1.weight"))?[0];
         serde_json::from_value(serde_json::json!({
@@ -299,7 +343,12 @@ pub struct SingleFileStores {
     pub text: WeightStore,
 }
 
-pub fn open_stores(path: &Path, d: &Detected, device: &Device, dtype: DType) -> Result<SingleFileStores> {
+pub fn open_stores(
+    path: &Path,
+    d: &Detected,
+    device: &Device,
+    dtype: DType,
+) -> Result<SingleFileStores> {
     let files = vec![path.to_path_buf()];
     let layers = d.layers_per_block;
     let unet = WeightStore::open_renamed(&files, device, dtype, |k| unet_key(k, layers))?;
@@ -307,7 +356,8 @@ pub fn open_stores(path: &Path, d: &Detected, device: &Device, dtype: DType) -> 
     let vae = WeightStore::open_renamed(&files, device, dtype, |k| vae_key(k, levels))?;
     let text = if d.openclip {
         let mut store = WeightStore::open_renamed(&files, device, dtype, |k| {
-            k.strip_prefix(OPENCLIP_PREFIX).map(|r| format!("openclip.{r}"))
+            k.strip_prefix(OPENCLIP_PREFIX)
+                .map(|r| format!("openclip.{r}"))
         })?;
         openclip_to_clip(&mut store, &d.text)?;
         store
@@ -325,10 +375,22 @@ fn openclip_to_clip(store: &mut WeightStore, c: &ClipTextConfig) -> Result<()> {
     let h = c.hidden_size;
     let get = |s: &WeightStore, k: &str| s.get_any_shape(&format!("openclip.{k}"));
     let mut out: Vec<(String, Tensor)> = vec![
-        ("text_model.embeddings.token_embedding.weight".into(), get(store, "token_embedding.weight")?),
-        ("text_model.embeddings.position_embedding.weight".into(), get(store, "positional_embedding")?),
-        ("text_model.final_layer_norm.weight".into(), get(store, "ln_final.weight")?),
-        ("text_model.final_layer_norm.bias".into(), get(store, "ln_final.bias")?),
+        (
+            "text_model.embeddings.token_embedding.weight".into(),
+            get(store, "token_embedding.weight")?,
+        ),
+        (
+            "text_model.embeddings.position_embedding.weight".into(),
+            get(store, "positional_embedding")?,
+        ),
+        (
+            "text_model.final_layer_norm.weight".into(),
+            get(store, "ln_final.weight")?,
+        ),
+        (
+            "text_model.final_layer_norm.bias".into(),
+            get(store, "ln_final.bias")?,
+        ),
     ];
     for i in 0..c.num_hidden_layers {
         let p = format!("transformer.resblocks.{i}");
@@ -336,8 +398,14 @@ fn openclip_to_clip(store: &mut WeightStore, c: &ClipTextConfig) -> Result<()> {
         let w = get(store, &format!("{p}.attn.in_proj_weight"))?;
         let b = get(store, &format!("{p}.attn.in_proj_bias"))?;
         for (j, name) in ["q_proj", "k_proj", "v_proj"].iter().enumerate() {
-            out.push((format!("{t}.self_attn.{name}.weight"), w.narrow(0, j * h, h)?.contiguous()?));
-            out.push((format!("{t}.self_attn.{name}.bias"), b.narrow(0, j * h, h)?.contiguous()?));
+            out.push((
+                format!("{t}.self_attn.{name}.weight"),
+                w.narrow(0, j * h, h)?.contiguous()?,
+            ));
+            out.push((
+                format!("{t}.self_attn.{name}.bias"),
+                b.narrow(0, j * h, h)?.contiguous()?,
+            ));
         }
         for (from, to) in [
             ("attn.out_proj", "self_attn.out_proj"),
@@ -347,7 +415,10 @@ fn openclip_to_clip(store: &mut WeightStore, c: &ClipTextConfig) -> Result<()> {
             ("mlp.c_proj", "mlp.fc2"),
         ] {
             for leaf in ["weight", "bias"] {
-                out.push((format!("{t}.{to}.{leaf}"), get(store, &format!("{p}.{from}.{leaf}"))?));
+                out.push((
+                    format!("{t}.{to}.{leaf}"),
+                    get(store, &format!("{p}.{from}.{leaf}"))?,
+                ));
             }
         }
     }
@@ -370,9 +441,16 @@ pub fn unclaimed_keys(shapes: &BTreeMap<String, Vec<usize>>, d: &Detected) -> Ve
             true
         } else {
             // EMA copies, loss weights and the like are ignored on purpose.
-            k.starts_with("model_ema.") || k == "alphas_cumprod" || k.starts_with("betas") || k.starts_with("alphas")
-                || k.starts_with("sqrt_") || k.starts_with("log_one_minus") || k.starts_with("posterior_")
-                || k == "logvar" || k.starts_with("model.diffusion_model") || k == "cond_stage_model.transformer.text_model.embeddings.position_ids"
+            k.starts_with("model_ema.")
+                || k == "alphas_cumprod"
+                || k.starts_with("betas")
+                || k.starts_with("alphas")
+                || k.starts_with("sqrt_")
+                || k.starts_with("log_one_minus")
+                || k.starts_with("posterior_")
+                || k == "logvar"
+                || k.starts_with("model.diffusion_model")
+                || k == "cond_stage_model.transformer.text_model.embeddings.position_ids"
         };
         if !claimed {
             out.insert(k.clone());

@@ -133,7 +133,11 @@ impl ClipTokenizer {
             None => eos,
         };
         let byte_encoder = bytes_to_unicode();
-        let byte_decoder = byte_encoder.iter().enumerate().map(|(b, c)| (*c, b as u8)).collect();
+        let byte_decoder = byte_encoder
+            .iter()
+            .enumerate()
+            .map(|(b, c)| (*c, b as u8))
+            .collect();
         let pattern = Regex::new(
             r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}|[^\s\p{L}\p{N}]+",
         )
@@ -270,9 +274,7 @@ impl ClipTokenizer {
         let len = ids.len();
         ids.resize(MAX_LEN, self.pad);
         if let Some(cut) = &truncated {
-            tracing::warn!(
-                "prompt is longer than {MAX_LEN} tokens; cut off: \"{cut}\""
-            );
+            tracing::warn!("prompt is longer than {MAX_LEN} tokens; cut off: \"{cut}\"");
         }
         Encoding {
             ids,
@@ -291,7 +293,9 @@ impl ClipTokenizer {
     pub fn decode(&self, ids: &[u32]) -> String {
         let mut bytes = Vec::new();
         for id in ids {
-            let Some(tok) = self.decoder.get(id) else { continue };
+            let Some(tok) = self.decoder.get(id) else {
+                continue;
+            };
             let tok = tok.replace("</w>", " ");
             for c in tok.chars() {
                 match self.byte_decoder.get(&c) {
@@ -361,7 +365,10 @@ mod tests {
     #[test]
     fn bundled_basics() {
         let t = ClipTokenizer::bundled();
-        assert_eq!(t.encode("a photo of a cat"), vec![49406, 320, 1125, 539, 320, 2368, 49407]);
+        assert_eq!(
+            t.encode("a photo of a cat"),
+            vec![49406, 320, 1125, 539, 320, 2368, 49407]
+        );
         assert_eq!(t.decode(&[320, 1125, 539, 320, 2368]), "a photo of a cat");
         let e = t.encode_padded("");
         assert_eq!(e.len, 2);
@@ -372,10 +379,22 @@ mod tests {
     #[test]
     fn word_positions_follow_the_reference() {
         let t = ClipTokenizer::bundled();
-        assert_eq!(t.word_positions("a close up photo of a cat", "cat"), vec![7]);
-        assert_eq!(t.word_positions("a close up photo of a cat", "a"), vec![1, 6]);
-        assert_eq!(t.word_positions("a close-up photo, of a CAT!", "photo,"), vec![5, 6]);
-        assert_eq!(t.word_positions("a hippopotamus and a cat", "hippopotamus"), vec![2, 3, 4]);
+        assert_eq!(
+            t.word_positions("a close up photo of a cat", "cat"),
+            vec![7]
+        );
+        assert_eq!(
+            t.word_positions("a close up photo of a cat", "a"),
+            vec![1, 6]
+        );
+        assert_eq!(
+            t.word_positions("a close-up photo, of a CAT!", "photo,"),
+            vec![5, 6]
+        );
+        assert_eq!(
+            t.word_positions("a hippopotamus and a cat", "hippopotamus"),
+            vec![2, 3, 4]
+        );
         assert!(t.word_positions("a cat", "dog").is_empty());
     }
 }

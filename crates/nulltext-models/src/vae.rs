@@ -77,7 +77,11 @@ impl VaeMidBlock {
         Ok(Self {
             resnet_0: ResnetBlock2D::load(&vb.pp("resnets.0"), shape)?,
             attention: if attention {
-                Some(VaeAttention::load(&vb.pp("attentions.0"), channels, groups)?)
+                Some(VaeAttention::load(
+                    &vb.pp("attentions.0"),
+                    channels,
+                    groups,
+                )?)
             } else {
                 None
             },
@@ -139,7 +143,14 @@ impl Encoder {
             down,
             mid: VaeMidBlock::load(&vb.pp("mid_block"), ch[n - 1], g, c.mid_block_add_attention)?,
             conv_norm_out: GroupNorm::load(&vb.pp("conv_norm_out"), g, ch[n - 1], VAE_EPS)?,
-            conv_out: Conv2d::load(&vb.pp("conv_out"), ch[n - 1], 2 * c.latent_channels, 3, 1, 1)?,
+            conv_out: Conv2d::load(
+                &vb.pp("conv_out"),
+                ch[n - 1],
+                2 * c.latent_channels,
+                3,
+                1,
+                1,
+            )?,
         })
     }
 

@@ -262,16 +262,30 @@ impl WeightStore {
         if bytes.len() != n * dtype.size_in_bytes() {
             return Err(Error::Safetensors {
                 path: f.path.clone(),
-                msg: format!("tensor `{}` has {} bytes for shape {:?}", e.key, bytes.len(), e.shape),
+                msg: format!(
+                    "tensor `{}` has {} bytes for shape {:?}",
+                    e.key,
+                    bytes.len(),
+                    e.shape
+                ),
             });
         }
         self.used.lock().unwrap().insert(name.to_string());
-        Ok(Tensor::from_raw_buffer(bytes, dtype, &e.shape, &Device::Cpu)?)
+        Ok(Tensor::from_raw_buffer(
+            bytes,
+            dtype,
+            &e.shape,
+            &Device::Cpu,
+        )?)
     }
 
     fn read(&self, name: &str, shape: Option<&[usize]>, dtype: DType) -> Result<Tensor> {
         let t = self.read_raw(name, shape)?;
-        let t = if t.dtype() == dtype { t } else { t.to_dtype(dtype)? };
+        let t = if t.dtype() == dtype {
+            t
+        } else {
+            t.to_dtype(dtype)?
+        };
         Ok(t.to_device(&self.device)?)
     }
 

@@ -29,10 +29,18 @@ fn tokenizer_ids_match_transformers() {
         let prompt = p["prompt"].as_str().unwrap();
         let ids: Vec<u32> = serde_json::from_value(p["ids"].clone()).unwrap();
         let ids_77: Vec<u32> = serde_json::from_value(p["ids_77"].clone()).unwrap();
-        assert_eq!(sd.tokenizer.encode(prompt), ids, "unpadded ids of {prompt:?}");
+        assert_eq!(
+            sd.tokenizer.encode(prompt),
+            ids,
+            "unpadded ids of {prompt:?}"
+        );
         let enc = sd.tokenizer.encode_padded(prompt);
         assert_eq!(enc.ids, ids_77, "padded ids of {prompt:?}");
-        assert_eq!(enc.truncated.is_some(), ids.len() > 77, "truncation of {prompt:?}");
+        assert_eq!(
+            enc.truncated.is_some(),
+            ids.len() > 77,
+            "truncation of {prompt:?}"
+        );
         n += 1;
     }
     assert_eq!(n, 12);
@@ -41,7 +49,12 @@ fn tokenizer_ids_match_transformers() {
     let g = golden("tokens.safetensors");
     let ids: Vec<Vec<i64>> = g["ids_77"].to_vec2().unwrap();
     for (prompt, want) in prompts().iter().zip(ids) {
-        let got: Vec<i64> = bundled.encode_padded(prompt).ids.iter().map(|i| *i as i64).collect();
+        let got: Vec<i64> = bundled
+            .encode_padded(prompt)
+            .ids
+            .iter()
+            .map(|i| *i as i64)
+            .collect();
         assert_eq!(got, want, "{prompt:?}");
     }
 }
@@ -49,10 +62,21 @@ fn tokenizer_ids_match_transformers() {
 #[test]
 fn truncation_reports_what_was_cut() {
     let sd = model();
-    let long = prompts().into_iter().find(|p| p.starts_with("word0")).unwrap();
+    let long = prompts()
+        .into_iter()
+        .find(|p| p.starts_with("word0"))
+        .unwrap();
     let enc = sd.tokenizer.encode_padded(&long);
     let cut = enc.truncated.expect("truncated");
-    assert!(long.ends_with(&cut.replace(' ', "").replace("word", " word").trim().to_string()) || cut.contains("word59"), "{cut}");
+    assert!(
+        long.ends_with(
+            &cut.replace(' ', "")
+                .replace("word", " word")
+                .trim()
+                .to_string()
+        ) || cut.contains("word59"),
+        "{cut}"
+    );
     assert_eq!(enc.ids.len(), 77);
     assert_eq!(enc.ids[76], 49407);
 }
@@ -105,16 +129,39 @@ fn vae_matches() {
     assert_close("vae logvar", &d.logvar, &g["logvar"], TOL);
     let z = sd.image_to_latent(&x).unwrap();
     assert_close("image latent", &z, &g["image_latent"], TOL);
-    let x = sd.vae.decode(&(on_device(&g["image_latent"]) / 0.18215).unwrap()).unwrap();
+    let x = sd
+        .vae
+        .decode(&(on_device(&g["image_latent"]) / 0.18215).unwrap())
+        .unwrap();
     assert_close("vae decoded", &x, &g["decoded"], TOL);
     // u8 pixels: identical but for values within rounding distance of an integer.
-    let img = sd.latent_to_image(&on_device(&g["image_latent"])).unwrap().to_device(&Device::Cpu).unwrap();
-    let u8s = (img * 255.0).unwrap().floor().unwrap().permute((0, 2, 3, 1)).unwrap();
+    let img = sd
+        .latent_to_image(&on_device(&g["image_latent"]))
+        .unwrap()
+        .to_device(&Device::Cpu)
+        .unwrap();
+    let u8s = (img * 255.0)
+        .unwrap()
+        .floor()
+        .unwrap()
+        .permute((0, 2, 3, 1))
+        .unwrap();
     let want = g["decoded_u8"].to_dtype(DType::F32).unwrap();
     let diff = (u8s - want).unwrap().abs().unwrap();
-    let off: f32 = diff.ge(1f32).unwrap().to_dtype(DType::F32).unwrap().sum_all().unwrap().to_scalar().unwrap();
+    let off: f32 = diff
+        .ge(1f32)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
     let worst = max_abs(&diff);
-    eprintln!("decoded u8: {off} of {} values off by ≤ {worst}", diff.elem_count());
+    eprintln!(
+        "decoded u8: {off} of {} values off by ≤ {worst}",
+        diff.elem_count()
+    );
     assert!(worst <= 1.0 && off < 0.001 * diff.elem_count() as f32);
 }
 

@@ -33,9 +33,17 @@ pub enum Event {
     /// One unit of a stage is done (`done` of `total`).
     Advance { stage: Stage, done: usize },
     /// One null-text Adam iteration: sampling step, iteration (0-based), loss before the update.
-    Iteration { step: usize, iteration: usize, loss: f64 },
+    Iteration {
+        step: usize,
+        iteration: usize,
+        loss: f64,
+    },
     /// A null-text step finished after `iterations` updates.
-    StepDone { step: usize, iterations: usize, loss: f64 },
+    StepDone {
+        step: usize,
+        iterations: usize,
+        loss: f64,
+    },
     /// A stage ended.
     Finish { stage: Stage },
 }

@@ -35,7 +35,9 @@ impl std::str::FromStr for Crop {
                 top: *top,
                 bottom: *bottom,
             }),
-            _ => Err(format!("crop `{s}`: expected four numbers LEFT,RIGHT,TOP,BOTTOM")),
+            _ => Err(format!(
+                "crop `{s}`: expected four numbers LEFT,RIGHT,TOP,BOTTOM"
+            )),
         }
     }
 }
@@ -58,13 +60,18 @@ pub fn read_rgb(path: &Path) -> Result<RgbImage> {
         .with_guessed_format()
         .map_err(|e| err(e.to_string()))?;
     if reader.format().is_none() {
-        return Err(err("not an image nulltext can read (PNG, JPEG or WebP)".into()));
+        return Err(err(
+            "not an image nulltext can read (PNG, JPEG or WebP)".into()
+        ));
     }
     let mut decoder = reader
         .into_decoder()
         .map_err(|e| err(format!("cannot decode: {e}")))?;
-    let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
-    let mut img = DynamicImage::from_decoder(decoder).map_err(|e| err(format!("cannot decode: {e}")))?;
+    let orientation = decoder
+        .orientation()
+        .unwrap_or(image::metadata::Orientation::NoTransforms);
+    let mut img =
+        DynamicImage::from_decoder(decoder).map_err(|e| err(format!("cannot decode: {e}")))?;
     img.apply_orientation(orientation);
     if img.width() == 0 || img.height() == 0 {
         return Err(err("the image is empty".into()));
@@ -83,7 +90,11 @@ pub fn prepare(img: &RgbImage, crop: Crop, size: u32, path: &Path) -> Result<Rgb
             path: path.to_path_buf(),
             msg: format!(
                 "{w}×{h} pixels{} leave{} {cw}×{ch}; at least {MIN_SIDE}×{MIN_SIDE} are needed",
-                if crop == Crop::default() { "" } else { " cropped" },
+                if crop == Crop::default() {
+                    ""
+                } else {
+                    " cropped"
+                },
                 if crop == Crop::default() { "s" } else { "" },
             ),
         });
@@ -95,7 +106,12 @@ pub fn prepare(img: &RgbImage, crop: Crop, size: u32, path: &Path) -> Result<Rgb
     if side == size {
         return Ok(square);
     }
-    Ok(image::imageops::resize(&square, size, size, FilterType::Lanczos3))
+    Ok(image::imageops::resize(
+        &square,
+        size,
+        size,
+        FilterType::Lanczos3,
+    ))
 }
 
 /// Reads and prepares an input image for a model working at `size` pixels.
@@ -106,8 +122,12 @@ pub fn load_image(path: &Path, crop: Crop, size: u32) -> Result<RgbImage> {
 /// `[1, 3, H, W]` in [−1, 1]: p / 127.5 − 1.
 pub fn image_to_tensor(img: &RgbImage, device: &Device) -> Result<Tensor> {
     let (w, h) = img.dimensions();
-    let t = Tensor::from_vec(img.as_raw().clone(), (h as usize, w as usize, 3), &Device::Cpu)?
-        .to_dtype(DType::F32)?;
+    let t = Tensor::from_vec(
+        img.as_raw().clone(),
+        (h as usize, w as usize, 3),
+        &Device::Cpu,
+    )?
+    .to_dtype(DType::F32)?;
     let t = ((t / 127.5)? - 1.0)?.permute((2, 0, 1))?.unsqueeze(0)?;
     Ok(t.to_device(device)?.contiguous()?)
 }
@@ -118,7 +138,11 @@ pub fn tensor_to_images(t: &Tensor) -> Result<Vec<RgbImage>> {
     if c != 3 {
         return Err(Error::InvalidInput(format!("expected 3 channels, got {c}")));
     }
-    let px = (t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.clamp(0f32, 1f32)? * 255.0)?
+    let px = (t
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .clamp(0f32, 1f32)?
+        * 255.0)?
         .floor()?
         .to_dtype(DType::U8)?
         .permute((0, 2, 3, 1))?

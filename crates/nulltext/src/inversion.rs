@@ -477,7 +477,9 @@ pub fn invert_latent(
     progress: &mut dyn Progress,
 ) -> Result<(Inversion, InvertReport)> {
     if !(opts.guidance.is_finite()) || opts.inner_steps == 0 && opts.method.optimizes() {
-        return Err(invalid("guidance must be finite and --inner-steps at least 1"));
+        return Err(invalid(
+            "guidance must be finite and --inner-steps at least 1",
+        ));
     }
     let ddim = Ddim::new(&sd.scheduler, opts.num_steps)?;
     let (emb, _) = sd.encode_prompts(&[prompt, ""])?;
@@ -505,7 +507,10 @@ pub fn invert_latent(
     report.seconds_optimization = start.elapsed().as_secs_f64();
     let null_embeddings = Tensor::cat(&nulls, 0)?.to_dtype(DType::F32)?;
     let latent_t = pivots[opts.num_steps].to_dtype(DType::F32)?;
-    for (what, t) in [("the null embeddings", &null_embeddings), ("z_T", &latent_t)] {
+    for (what, t) in [
+        ("the null embeddings", &null_embeddings),
+        ("z_T", &latent_t),
+    ] {
         if !is_finite(t)? {
             return Err(Error::NonFinite(what.into()));
         }
@@ -541,7 +546,9 @@ pub fn invert_image(
     let (w, h) = image.dimensions();
     let f = sd.vae_scale_factor() as u32;
     if w % f != 0 || h % f != 0 {
-        return Err(invalid(format!("image size {w}×{h} is not a multiple of {f}")));
+        return Err(invalid(format!(
+            "image size {w}×{h} is not a multiple of {f}"
+        )));
     }
     progress.event(&Event::Start {
         stage: Stage::EncodeImage,

@@ -42,8 +42,8 @@ pub fn to_bytes(inv: &Inversion) -> Result<Vec<u8>> {
         .iter()
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    let scheduler = serde_json::to_string(&inv.scheduler)
-        .map_err(|e| Error::InvalidInput(e.to_string()))?;
+    let scheduler =
+        serde_json::to_string(&inv.scheduler).map_err(|e| Error::InvalidInput(e.to_string()))?;
     for (k, v) in [
         ("format", FORMAT.to_string()),
         ("prompt", inv.prompt.clone()),
@@ -59,7 +59,9 @@ pub fn to_bytes(inv: &Inversion) -> Result<Vec<u8>> {
         meta.insert(k.to_string(), v);
     }
     let cpu = |t: &Tensor| -> Result<Tensor> {
-        Ok(t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.contiguous()?)
+        Ok(t.to_device(&Device::Cpu)?
+            .to_dtype(DType::F32)?
+            .contiguous()?)
     };
     let mut tensors: Vec<(String, Tensor)> = vec![
         ("latent_T".into(), cpu(&inv.latent_t)?),
@@ -99,8 +101,11 @@ pub fn load(path: &Path) -> Result<Inversion> {
 /// Parses the bytes of an inversion file (errors are `InvalidInput` with the reason).
 pub fn from_bytes(bytes: &[u8]) -> Result<Inversion> {
     let bad = |m: String| Error::InvalidInput(m);
-    let st = safetensors::SafeTensors::deserialize(bytes)
-        .map_err(|e| bad(format!("not a valid inversion file ({e}); truncated or not a safetensors file?")))?;
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| {
+        bad(format!(
+            "not a valid inversion file ({e}); truncated or not a safetensors file?"
+        ))
+    })?;
     let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
         .map_err(|e| bad(format!("unreadable header: {e}")))?;
     let meta: BTreeMap<String, String> = header
@@ -127,9 +132,12 @@ pub fn from_bytes(bytes: &[u8]) -> Result<Inversion> {
         )));
     }
     let parse_usize = |k: &str| -> Result<usize> {
-        key(k)?
-            .parse::<usize>()
-            .map_err(|_| bad(format!("metadata `{k}` = `{}` is not a whole number", meta[k])))
+        key(k)?.parse::<usize>().map_err(|_| {
+            bad(format!(
+                "metadata `{k}` = `{}` is not a whole number",
+                meta[k]
+            ))
+        })
     };
     let num_steps = parse_usize("num_steps")?;
     let height = parse_usize("height")?;
@@ -156,7 +164,10 @@ pub fn from_bytes(bytes: &[u8]) -> Result<Inversion> {
     let null_embeddings = need("null_embeddings")?;
     let image_latent = tensor("image_latent")?;
     if latent_t.rank() != 4 || latent_t.dim(0)? != 1 {
-        return Err(bad(format!("`latent_T` has shape {:?}, expected [1, C, h, w]", latent_t.dims())));
+        return Err(bad(format!(
+            "`latent_T` has shape {:?}, expected [1, C, h, w]",
+            latent_t.dims()
+        )));
     }
     if null_embeddings.rank() != 3 || null_embeddings.dim(0)? != num_steps {
         return Err(bad(format!(
@@ -173,7 +184,11 @@ pub fn from_bytes(bytes: &[u8]) -> Result<Inversion> {
             )));
         }
     }
-    for (name, t) in [("latent_T", Some(&latent_t)), ("null_embeddings", Some(&null_embeddings)), ("image_latent", image_latent.as_ref())] {
+    for (name, t) in [
+        ("latent_T", Some(&latent_t)),
+        ("null_embeddings", Some(&null_embeddings)),
+        ("image_latent", image_latent.as_ref()),
+    ] {
         if let Some(t) = t {
             let s: f32 = t.abs()?.sum_all()?.to_scalar()?;
             if !s.is_finite() {
@@ -185,7 +200,10 @@ pub fn from_bytes(bytes: &[u8]) -> Result<Inversion> {
     for (name, _) in st.tensors() {
         if !KNOWN_TENSORS.contains(&name.as_str()) {
             let view = st.tensor(&name).map_err(|e| bad(e.to_string()))?;
-            extra_tensors.insert(name.clone(), candle_core::safetensors::Load::load(&view, &Device::Cpu)?);
+            extra_tensors.insert(
+                name.clone(),
+                candle_core::safetensors::Load::load(&view, &Device::Cpu)?,
+            );
         }
     }
     let extra_metadata = meta

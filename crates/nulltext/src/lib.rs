@@ -6,18 +6,20 @@
 //! `nulltext-models`.
 
 pub mod atomic;
+pub mod edit;
 pub mod error;
 pub mod events;
 pub mod image_io;
 pub mod inversion;
 pub mod inversion_file;
-pub mod edit;
 pub mod render;
 pub mod sampling;
 pub mod text2img;
 
 pub use error::{Error, Result};
 pub use events::{CancelFlag, Event, NoProgress, Progress, Recorder, Stage};
-pub use inversion::{invert_image, invert_latent, reconstruct, Inversion, InvertOptions, InvertReport, Method};
+pub use inversion::{
+    invert_image, invert_latent, reconstruct, Inversion, InvertOptions, InvertReport, Method,
+};
 pub use nulltext_models as models;
 pub use nulltext_models::StableDiffusion;

@@ -69,7 +69,11 @@ pub fn captioned_row(items: &[(RgbImage, String)]) -> RgbImage {
     let chars = ((tile_w.saturating_sub(2 * PAD)) / GLYPH).max(1) as usize;
     let wrapped: Vec<Vec<String>> = items.iter().map(|(_, c)| wrap(c, chars)).collect();
     let lines = wrapped.iter().map(|l| l.len()).max().unwrap_or(0) as u32;
-    let caption_h = if lines == 0 { 0 } else { lines * (GLYPH + 4) + 2 * PAD };
+    let caption_h = if lines == 0 {
+        0
+    } else {
+        lines * (GLYPH + 4) + 2 * PAD
+    };
     let n = items.len() as u32;
     let mut out = RgbImage::from_pixel(
         n * tile_w + (n + 1) * PAD,
@@ -91,7 +95,13 @@ pub fn captioned_row(items: &[(RgbImage, String)]) -> RgbImage {
 /// One prompt's cross-attention maps (`maps`: `[r_h][r_w][77]` row-major, as a flat slice)
 /// for `tokens` (position, text) as a strip of grayscale heat maps, each normalized by its
 /// maximum and captioned with its token (the Prompt-to-Prompt visualization).
-pub fn attention_strip(maps: &[f32], rh: usize, rw: usize, tokens: &[(usize, String)], tile: u32) -> RgbImage {
+pub fn attention_strip(
+    maps: &[f32],
+    rh: usize,
+    rw: usize,
+    tokens: &[(usize, String)],
+    tile: u32,
+) -> RgbImage {
     let items: Vec<(RgbImage, String)> = tokens
         .iter()
         .map(|(pos, text)| {
@@ -127,7 +137,10 @@ mod tests {
 
     #[test]
     fn wraps_and_draws() {
-        assert_eq!(wrap("a close up photo of a cat", 10), vec!["a close up", "photo of a", "cat"]);
+        assert_eq!(
+            wrap("a close up photo of a cat", 10),
+            vec!["a close up", "photo of a", "cat"]
+        );
         let img = RgbImage::from_pixel(64, 64, Rgb([10, 20, 30]));
         let row = captioned_row(&[(img.clone(), "input".into()), (img, "a tiger".into())]);
         assert_eq!(row.width(), 2 * 64 + 3 * PAD);

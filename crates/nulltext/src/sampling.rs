@@ -27,7 +27,9 @@ pub fn predict_eps(
     control: &mut dyn AttentionControl,
     step: usize,
 ) -> Result<Tensor> {
-    let out = sd.unet.forward_controlled(z, t as f64, context, control, step)?;
+    let out = sd
+        .unet
+        .forward_controlled(z, t as f64, context, control, step)?;
     let out = out.to_dtype(z.dtype())?;
     Ok(ddim.epsilon(&out, t, z)?)
 }
@@ -79,7 +81,15 @@ pub fn sample(
     mut on_step: impl FnMut(usize, &Tensor) -> Result<()>,
 ) -> Result<Tensor> {
     let b = spec.cond.dim(0)?;
-    let mut z = spec.start.broadcast_as((b, spec.start.dim(1)?, spec.start.dim(2)?, spec.start.dim(3)?))?.contiguous()?;
+    let mut z = spec
+        .start
+        .broadcast_as((
+            b,
+            spec.start.dim(1)?,
+            spec.start.dim(2)?,
+            spec.start.dim(3)?,
+        ))?
+        .contiguous()?;
     let steps = ddim.timesteps();
     if spec.uncond.len() < steps.len() {
         return Err(crate::error::invalid(format!(
@@ -99,7 +109,8 @@ pub fn sample(
         let u = if u.dim(0)? == b {
             u.clone()
         } else {
-            u.broadcast_as((b, u.dim(1)?, u.dim(D::Minus1)?))?.contiguous()?
+            u.broadcast_as((b, u.dim(1)?, u.dim(D::Minus1)?))?
+                .contiguous()?
         };
         let eps = guided_eps(sd, ddim, &z, t, &u, spec.cond, spec.guidance, controller, i)?;
         z = ddim.step(&eps, t, &z)?;

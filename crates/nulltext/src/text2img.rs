@@ -20,7 +20,11 @@ pub struct GenerateOptions {
 
 /// Standard normal noise from a seeded generator on the CPU, so a seed gives the same
 /// image on every device.
-pub fn seeded_noise(seed: u64, shape: (usize, usize, usize, usize), device: &Device) -> Result<Tensor> {
+pub fn seeded_noise(
+    seed: u64,
+    shape: (usize, usize, usize, usize),
+    device: &Device,
+) -> Result<Tensor> {
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let n = shape.0 * shape.1 * shape.2 * shape.3;
@@ -38,7 +42,11 @@ pub fn seeded_noise(seed: u64, shape: (usize, usize, usize, usize), device: &Dev
 }
 
 /// Samples latents `[1, C, h, w]` for `opts.prompt`.
-pub fn generate(sd: &StableDiffusion, opts: &GenerateOptions, progress: &mut dyn Progress) -> Result<Tensor> {
+pub fn generate(
+    sd: &StableDiffusion,
+    opts: &GenerateOptions,
+    progress: &mut dyn Progress,
+) -> Result<Tensor> {
     let f = sd.vae_scale_factor();
     if opts.height % f != 0 || opts.width % f != 0 || opts.height == 0 || opts.width == 0 {
         return Err(invalid(format!(

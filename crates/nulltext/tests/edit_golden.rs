@@ -14,7 +14,10 @@ use nulltext::NoProgress;
 use serde_json::Value;
 
 fn seq_align() -> Value {
-    serde_json::from_str(&std::fs::read_to_string(fixtures().join("golden/seq_align.json")).unwrap()).unwrap()
+    serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("golden/seq_align.json")).unwrap(),
+    )
+    .unwrap()
 }
 
 #[test]
@@ -28,7 +31,11 @@ fn word_token_positions_match_reference() {
             w => panic!("{w}"),
         };
         let want: Vec<usize> = serde_json::from_value(case["inds"].clone()).unwrap();
-        assert_eq!(align::word_positions(&tok, text, &word), want, "{text:?} {word:?}");
+        assert_eq!(
+            align::word_positions(&tok, text, &word),
+            want,
+            "{text:?} {word:?}"
+        );
     }
 }
 
@@ -36,23 +43,32 @@ fn word_token_positions_match_reference() {
 fn refine_and_replace_mappers_match_reference() {
     let tok = ClipTokenizer::bundled();
     for pair in seq_align()["pairs"].as_array().unwrap() {
-        let (x, y) = (pair["prompts"][0].as_str().unwrap(), pair["prompts"][1].as_str().unwrap());
+        let (x, y) = (
+            pair["prompts"][0].as_str().unwrap(),
+            pair["prompts"][1].as_str().unwrap(),
+        );
         let want_map: Vec<i64> = serde_json::from_value(pair["refine_mapper"].clone()).unwrap();
         let want_alpha: Vec<f32> = serde_json::from_value(pair["refine_alphas"].clone()).unwrap();
         let (map, alpha) = align::refine_mapper(&tok, x, y);
         assert_eq!(alpha, want_alpha, "refine alphas {x:?} -> {y:?}");
         for j in 0..77 {
             if want_alpha[j] == 1.0 {
-                assert_eq!(map[j] as i64, want_map[j], "refine mapper[{j}] {x:?} -> {y:?}");
+                assert_eq!(
+                    map[j] as i64, want_map[j],
+                    "refine mapper[{j}] {x:?} -> {y:?}"
+                );
             } else {
                 assert_eq!(want_map[j], -1);
             }
         }
-        let Some(nz) = pair.get("replace_mapper_nonzero") else { continue };
+        let Some(nz) = pair.get("replace_mapper_nonzero") else {
+            continue;
+        };
         let got = align::replacement_mapper(&tok, x, y).unwrap();
         let mut want = vec![[0f32; 77]; 77];
         for e in nz.as_array().unwrap() {
-            want[e[0].as_u64().unwrap() as usize][e[1].as_u64().unwrap() as usize] = e[2].as_f64().unwrap() as f32;
+            want[e[0].as_u64().unwrap() as usize][e[1].as_u64().unwrap() as usize] =
+                e[2].as_f64().unwrap() as f32;
         }
         if y.contains("hippopotamus") {
             // The reference maps every token after the swapped word with mapper[j, j]
@@ -63,9 +79,17 @@ fn refine_and_replace_mappers_match_reference() {
             for i in 8..75 {
                 let mut row = [0f32; 77];
                 row[i + 2] = 1.0;
-                assert_eq!(got[i], row, "row {i}: source token {i} -> target token {}", i + 2);
+                assert_eq!(
+                    got[i],
+                    row,
+                    "row {i}: source token {i} -> target token {}",
+                    i + 2
+                );
             }
-            assert!(want[8].iter().all(|v| *v == 0.0), "the golden records the reference's defect");
+            assert!(
+                want[8].iter().all(|v| *v == 0.0),
+                "the golden records the reference's defect"
+            );
         } else {
             assert_eq!(got, want, "replace mapper {x:?} -> {y:?}");
         }
@@ -80,20 +104,31 @@ fn case_options(case: &Value) -> (Vec<String>, EditOptions) {
         _ => EditMode::Replace,
     };
     let crs = case["cross_replace_steps"].as_object().unwrap();
-    let mut cr = CrossReplace { default: Window::until(1.0), words: vec![] };
+    let mut cr = CrossReplace {
+        default: Window::until(1.0),
+        words: vec![],
+    };
     for (k, v) in crs {
         let w = match v {
             Value::Number(n) => Window::until(n.as_f64().unwrap()),
-            Value::Array(a) => Window { start: a[0].as_f64().unwrap(), end: a[1].as_f64().unwrap() },
+            Value::Array(a) => Window {
+                start: a[0].as_f64().unwrap(),
+                end: a[1].as_f64().unwrap(),
+            },
             v => panic!("{v}"),
         };
-        if k == "default_" { cr.default = w } else { cr.words.push((k.clone(), w)) }
+        if k == "default_" {
+            cr.default = w
+        } else {
+            cr.words.push((k.clone(), w))
+        }
     }
     o.cross_replace = cr;
     o.self_replace = Window::until(case["self_replace_steps"].as_f64().unwrap());
     if let Some(bw) = case.get("blend_words") {
         let words: Vec<Vec<String>> = serde_json::from_value(bw.clone()).unwrap();
-        let mut b = BlendOptions::parse(&format!("{}:{}", words[0].join("+"), words[1].join("+"))).unwrap();
+        let mut b =
+            BlendOptions::parse(&format!("{}:{}", words[0].join("+"), words[1].join("+"))).unwrap();
         if let Some(th) = case.get("blend_th") {
             b.threshold = th[0].as_f64().unwrap();
             b.subtract_threshold = th[1].as_f64().unwrap();
@@ -114,13 +149,24 @@ fn cross_replace_alpha_per_word_matches_reference() {
     let ex = &seq_align()["time_words_alpha_example"];
     let case = serde_json::json!({"kind": "replace", "prompts": ex["prompts"], "cross_replace_steps": ex["cross_replace_steps"], "self_replace_steps": 0.5});
     let (prompts, opts) = case_options(&case);
-    let c = nulltext::edit::build_controller(&sd, &prompts[0], &prompts[1..], &opts, 50, (32, 32)).unwrap();
-    let want: Vec<Vec<usize>> = serde_json::from_value(ex["alpha_steps_x_prompt_x_token_nonzero_rows"].clone()).unwrap();
+    let c = nulltext::edit::build_controller(&sd, &prompts[0], &prompts[1..], &opts, 50, (32, 32))
+        .unwrap();
+    let want: Vec<Vec<usize>> =
+        serde_json::from_value(ex["alpha_steps_x_prompt_x_token_nonzero_rows"].clone()).unwrap();
     assert_eq!(c.cross_alpha.len(), 51);
     // target 0 (dog): rows 0..40 all tokens; target 1 (tiger): default rows 0..40 but the
     // tiger token only in rows 5..20.
     let rows_for = |k: usize, tok: usize| -> Vec<usize> {
-        (0..51).filter(|r| c.cross_alpha[*r].i((k, 0, 0, tok)).unwrap().to_scalar::<f32>().unwrap() != 0.0).collect()
+        (0..51)
+            .filter(|r| {
+                c.cross_alpha[*r]
+                    .i((k, 0, 0, tok))
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    != 0.0
+            })
+            .collect()
     };
     assert_eq!(rows_for(0, 7), want[0]);
     assert_eq!(rows_for(1, 7), want[1]);
@@ -132,7 +178,8 @@ fn run_case(file: &str) {
     let meta = golden_metadata(file);
     let case: Value = serde_json::from_str(&meta["case"]).unwrap();
     let g = golden(file);
-    let inv = nulltext::inversion_file::load(&fixtures().join("golden/chelsea.nti.safetensors")).unwrap();
+    let inv =
+        nulltext::inversion_file::load(&fixtures().join("golden/chelsea.nti.safetensors")).unwrap();
     let (prompts, mut opts) = case_options(&case);
     assert_eq!(prompts[0], inv.prompt);
     opts.keep_step_latents = g.contains_key("step_latents");
@@ -140,17 +187,35 @@ fn run_case(file: &str) {
     let c = res.controller.as_ref().unwrap();
     let range: Vec<usize> = serde_json::from_str(&meta["self_replace_step_range"]).unwrap();
     assert_eq!(c.self_window, (range[0], range[1]), "self-attention window");
-    assert_eq!(c.self_max_pixels.to_string(), meta["self_replace_max_tokens"]);
+    assert_eq!(
+        c.self_max_pixels.to_string(),
+        meta["self_replace_max_tokens"]
+    );
     // token ids of the batch
     let ids: Vec<Vec<i64>> = g["token_ids"].to_vec2().unwrap();
     for (p, want) in prompts.iter().zip(&ids) {
-        let got: Vec<i64> = sd.tokenizer.encode_padded(p).ids.iter().map(|x| *x as i64).collect();
+        let got: Vec<i64> = sd
+            .tokenizer
+            .encode_padded(p)
+            .ids
+            .iter()
+            .map(|x| *x as i64)
+            .collect();
         assert_eq!(&got, want);
     }
     let alpha = Tensor::stack(&c.cross_alpha, 0).unwrap();
-    assert_eq!(max_err(&alpha, &g["cross_replace_alpha"]), 0.0, "cross-replace alpha");
+    assert_eq!(
+        max_err(&alpha, &g["cross_replace_alpha"]),
+        0.0,
+        "cross-replace alpha"
+    );
     if let Some(eq) = g.get("equalizer") {
-        let got = c.equalizer.as_ref().unwrap().reshape((prompts.len() - 1, 77)).unwrap();
+        let got = c
+            .equalizer
+            .as_ref()
+            .unwrap()
+            .reshape((prompts.len() - 1, 77))
+            .unwrap();
         assert_eq!(max_err(&got.i(0..1).unwrap(), eq), 0.0, "equalizer");
     }
     if let Some(bl) = g.get("blend_alpha_layers") {
@@ -166,7 +231,12 @@ fn run_case(file: &str) {
         }
         eprintln!("{file}: worst per-step relative latent error {worst:.3e}");
     }
-    assert_close(&format!("{file} latents"), &res.latents, &g["latents"], 1e-3);
+    assert_close(
+        &format!("{file} latents"),
+        &res.latents,
+        &g["latents"],
+        1e-3,
+    );
     let recon = golden("chelsea_recon.safetensors");
     let e = max_err(&res.latents.i(0..1).unwrap(), &recon["nti_recon_latent"]);
     eprintln!("{file}: row 0 vs the plain reconstruction: {e:.3e}");

@@ -19,7 +19,9 @@ fn tmp(name: &str) -> std::path::PathBuf {
 }
 
 fn chelsea() -> RgbImage {
-    image::open(fixtures().join("inputs/chelsea256.png")).unwrap().to_rgb8()
+    image::open(fixtures().join("inputs/chelsea256.png"))
+        .unwrap()
+        .to_rgb8()
 }
 
 #[test]
@@ -28,9 +30,12 @@ fn jpeg_and_webp_inputs() {
     let img = chelsea();
     let jpg = d.join("cat.jpg");
     let mut f = std::fs::File::create(&jpg).unwrap();
-    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut f, 95).encode_image(&img).unwrap();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut f, 95)
+        .encode_image(&img)
+        .unwrap();
     let webp = d.join("cat.webp");
-    img.save_with_format(&webp, image::ImageFormat::WebP).unwrap();
+    img.save_with_format(&webp, image::ImageFormat::WebP)
+        .unwrap();
     let j = image_io::load_image(&jpg, Crop::default(), 256).unwrap();
     let w = image_io::load_image(&webp, Crop::default(), 256).unwrap();
     let pj = image_io::psnr(&j, &img);
@@ -40,13 +45,18 @@ fn jpeg_and_webp_inputs() {
     // The format comes from the content, not the name.
     let misnamed = d.join("cat.png");
     std::fs::copy(&jpg, &misnamed).unwrap();
-    assert_eq!(image_io::load_image(&misnamed, Crop::default(), 256).unwrap(), j);
+    assert_eq!(
+        image_io::load_image(&misnamed, Crop::default(), 256).unwrap(),
+        j
+    );
 }
 
 /// A JPEG with an EXIF APP1 segment carrying `orientation`.
 fn jpeg_with_orientation(img: &RgbImage, orientation: u16) -> Vec<u8> {
     let mut jpg = Vec::new();
-    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpg, 95).encode_image(img).unwrap();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpg, 95)
+        .encode_image(img)
+        .unwrap();
     // TIFF, little endian: header, one IFD entry (0x0112 SHORT 1 = orientation), no next IFD
     let mut tiff = b"II*\x00\x08\x00\x00\x00".to_vec();
     tiff.extend(1u16.to_le_bytes());
@@ -70,11 +80,21 @@ fn jpeg_with_orientation(img: &RgbImage, orientation: u16) -> Vec<u8> {
 fn exif_orientation_is_honoured() {
     let d = tmp("exif");
     // 64 wide, 32 high: left half red, right half blue
-    let img = RgbImage::from_fn(64, 32, |x, _| if x < 32 { Rgb([255, 0, 0]) } else { Rgb([0, 0, 255]) });
+    let img = RgbImage::from_fn(64, 32, |x, _| {
+        if x < 32 {
+            Rgb([255, 0, 0])
+        } else {
+            Rgb([0, 0, 255])
+        }
+    });
     let p = d.join("rotated.jpg");
     std::fs::write(&p, jpeg_with_orientation(&img, 6)).unwrap();
     let r = image_io::read_rgb(&p).unwrap();
-    assert_eq!(r.dimensions(), (32, 64), "orientation 6 turns the picture by 90°");
+    assert_eq!(
+        r.dimensions(),
+        (32, 64),
+        "orientation 6 turns the picture by 90°"
+    );
     // rotated clockwise: the red (left) half is now on top
     assert!(r.get_pixel(16, 5)[0] > 200 && r.get_pixel(16, 58)[2] > 200);
 }
@@ -82,11 +102,22 @@ fn exif_orientation_is_honoured() {
 #[test]
 fn alpha_is_dropped_and_crops_follow_the_reference() {
     let d = tmp("alpha");
-    let rgba = RgbaImage::from_fn(300, 200, |x, y| Rgba([(x % 256) as u8, (y % 256) as u8, 7, if x < 150 { 0 } else { 255 }]));
+    let rgba = RgbaImage::from_fn(300, 200, |x, y| {
+        Rgba([
+            (x % 256) as u8,
+            (y % 256) as u8,
+            7,
+            if x < 150 { 0 } else { 255 },
+        ])
+    });
     let p = d.join("a.png");
     rgba.save(&p).unwrap();
     let rgb = image_io::read_rgb(&p).unwrap();
-    assert_eq!(rgb.get_pixel(10, 20), &Rgb([10, 20, 7]), "alpha dropped, colour kept");
+    assert_eq!(
+        rgb.get_pixel(10, 20),
+        &Rgb([10, 20, 7]),
+        "alpha dropped, colour kept"
+    );
     // centre square of 300×200 is x ∈ [50, 250)
     let sq = image_io::prepare(&rgb, Crop::default(), 200, &p).unwrap();
     assert_eq!(sq.get_pixel(0, 0), &Rgb([50, 0, 7]));
@@ -94,9 +125,16 @@ fn alpha_is_dropped_and_crops_follow_the_reference() {
     let c = image_io::prepare(&rgb, "100,0,0,0".parse().unwrap(), 200, &p).unwrap();
     assert_eq!(c.get_pixel(0, 0), &Rgb([100, 0, 7]));
     // resizing to the model size
-    assert_eq!(image_io::prepare(&rgb, Crop::default(), 64, &p).unwrap().dimensions(), (64, 64));
+    assert_eq!(
+        image_io::prepare(&rgb, Crop::default(), 64, &p)
+            .unwrap()
+            .dimensions(),
+        (64, 64)
+    );
     assert!("1,2,3".parse::<Crop>().is_err());
-    let e = image_io::prepare(&rgb, "295,0,0,0".parse().unwrap(), 64, &p).unwrap_err().to_string();
+    let e = image_io::prepare(&rgb, "295,0,0,0".parse().unwrap(), 64, &p)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("a.png") && e.contains("5×200"), "{e}");
 }
 
@@ -107,9 +145,18 @@ fn pixels_round_trip_through_tensors() {
     assert_eq!(t.dims(), &[1, 3, 256, 256]);
     let back = image_io::tensor_to_images(&((t + 1.0).unwrap() / 2.0).unwrap()).unwrap();
     // x = p/127.5 − 1 → (x+1)/2·255 = p (up to float rounding, then truncation)
-    let diff = back[0].as_raw().iter().zip(img.as_raw()).filter(|(a, b)| a != b).count();
+    let diff = back[0]
+        .as_raw()
+        .iter()
+        .zip(img.as_raw())
+        .filter(|(a, b)| a != b)
+        .count();
     assert!(diff < img.as_raw().len() / 2);
-    assert!(back[0].as_raw().iter().zip(img.as_raw()).all(|(a, b)| (*a as i32 - *b as i32).abs() <= 1));
+    assert!(back[0]
+        .as_raw()
+        .iter()
+        .zip(img.as_raw())
+        .all(|(a, b)| (*a as i32 - *b as i32).abs() <= 1));
 }
 
 fn golden_inversion() -> nulltext::Inversion {
@@ -120,16 +167,26 @@ fn golden_inversion() -> nulltext::Inversion {
 fn inversion_files_round_trip_and_keep_unknown_keys() {
     let mut inv = golden_inversion();
     assert_eq!(inv.prompt, "a close up photo of a cat");
-    assert_eq!((inv.num_steps, inv.height, inv.width, inv.guidance), (50, 256, 256, 7.5));
+    assert_eq!(
+        (inv.num_steps, inv.height, inv.width, inv.guidance),
+        (50, 256, 256, 7.5)
+    );
     assert_eq!(inv.model_fingerprint, "f99da5222da910ce");
     assert_eq!(inv.null_embeddings.dims(), &[50, 77, 32]);
-    inv.extra_metadata.insert("my_tool_note".into(), "kept".into());
-    inv.extra_tensors.insert("my_mask".into(), Tensor::ones((2, 3), DType::F32, &Device::Cpu).unwrap());
+    inv.extra_metadata
+        .insert("my_tool_note".into(), "kept".into());
+    inv.extra_tensors.insert(
+        "my_mask".into(),
+        Tensor::ones((2, 3), DType::F32, &Device::Cpu).unwrap(),
+    );
     let d = tmp("roundtrip");
     let p = d.join("x.nti.safetensors");
     inversion_file::save(&inv, &p).unwrap();
     let back = inversion_file::load(&p).unwrap();
-    assert_eq!(back.extra_metadata.get("my_tool_note").map(|s| s.as_str()), Some("kept"));
+    assert_eq!(
+        back.extra_metadata.get("my_tool_note").map(|s| s.as_str()),
+        Some("kept")
+    );
     assert_eq!(back.extra_tensors["my_mask"].dims(), &[2, 3]);
     assert_eq!(max_err(&back.null_embeddings, &inv.null_embeddings), 0.0);
     assert_eq!(back.scheduler, inv.scheduler);
@@ -138,7 +195,10 @@ fn inversion_files_round_trip_and_keep_unknown_keys() {
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
     names.sort();
-    assert_eq!(names, ["image_latent", "latent_T", "my_mask", "null_embeddings"]);
+    assert_eq!(
+        names,
+        ["image_latent", "latent_T", "my_mask", "null_embeddings"]
+    );
 }
 
 fn with(meta: &[(&str, &str)], tensors: Vec<(&str, Tensor)>) -> Vec<u8> {
@@ -158,12 +218,21 @@ fn with(meta: &[(&str, &str)], tensors: Vec<(&str, Tensor)>) -> Vec<u8> {
     for (k, t) in tensors {
         ts.insert(k.into(), t);
     }
-    safetensors::tensor::serialize(ts.iter().map(|(k, t)| (k.as_str(), t)), Some(m.into_iter().collect())).unwrap()
+    safetensors::tensor::serialize(
+        ts.iter().map(|(k, t)| (k.as_str(), t)),
+        Some(m.into_iter().collect()),
+    )
+    .unwrap()
 }
 
 #[test]
 fn bad_inversion_files_are_refused_with_the_reason() {
-    let err = |b: &[u8]| inversion_file::from_bytes(b).err().expect("must fail").to_string();
+    let err = |b: &[u8]| {
+        inversion_file::from_bytes(b)
+            .err()
+            .expect("must fail")
+            .to_string()
+    };
     let e = err(&with(&[("format", "nulltext-inversion/2")], vec![]));
     assert!(e.contains("version 2"), "{e}");
     let e = err(&with(&[("format", "something-else/1")], vec![]));
@@ -171,7 +240,10 @@ fn bad_inversion_files_are_refused_with_the_reason() {
     let e = err(&with(&[("num_steps", "40")], vec![]));
     assert!(e.contains("num_steps = 40"), "{e}");
     let inv = golden_inversion();
-    let nan = inv.null_embeddings.broadcast_mul(&Tensor::new(f32::NAN, &Device::Cpu).unwrap()).unwrap();
+    let nan = inv
+        .null_embeddings
+        .broadcast_mul(&Tensor::new(f32::NAN, &Device::Cpu).unwrap())
+        .unwrap();
     let e = err(&with(&[], vec![("null_embeddings", nan)]));
     assert!(e.contains("NaN"), "{e}");
     let e = err(&with(&[("method", "magic")], vec![]));

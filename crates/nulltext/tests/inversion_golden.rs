@@ -27,7 +27,8 @@ fn ddim_inversion_trajectory_matches() {
     let ddim = Ddim::new(&sd.scheduler, 50).unwrap();
     let cond = sd.encode_prompt("a close up photo of a cat").unwrap();
     assert_close("cond", &cond, &g["cond"], 1e-4);
-    let pivots = nulltext::inversion::ddim_inversion(&sd, &ddim, &z0, &cond, &mut NoProgress).unwrap();
+    let pivots =
+        nulltext::inversion::ddim_inversion(&sd, &ddim, &z0, &cond, &mut NoProgress).unwrap();
     let got = Tensor::cat(&pivots, 0).unwrap();
     // relative: 1e-4 × (1 + max|golden|)
     assert_close("DDIM inversion z*_0..50", &got, &g["latents"], 1e-4);
@@ -50,13 +51,34 @@ fn null_text_gradient_matches_golden() {
     let prev = ddim.step(&noise, t, &z).unwrap();
     let loss = (prev - target).unwrap().sqr().unwrap().mean_all().unwrap();
     let grads = loss.backward().unwrap();
-    let grad = &grads.get(var.as_tensor()).unwrap().to_device(&candle_core::Device::Cpu).unwrap();
+    let grad = &grads
+        .get(var.as_tensor())
+        .unwrap()
+        .to_device(&candle_core::Device::Cpu)
+        .unwrap();
     let want = &g["grad0"];
     assert_close("∂loss/∂∅ at step 0", grad, want, 1e-4);
     // And the direction, as a scale-free check.
-    let dot = (grad * want).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64;
-    let n1 = grad.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64;
-    let n2 = want.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64;
+    let dot = (grad * want)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
+    let n1 = grad
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
+    let n2 = want
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
     let cos = dot / (n1.sqrt() * n2.sqrt());
     eprintln!("gradient cosine to golden: {cos:.8}");
     assert!(cos > 0.99999, "{cos}");
@@ -77,7 +99,11 @@ fn null_text_steps_match_from_golden_trajectory() {
         // Build a 1-step problem: start at z̄_i, target z*_{T-1-i}, init ∅_{i-1}.
         let z = on_device(&g["nti_latents"].i(i..i + 1).unwrap());
         let target = on_device(&d["latents"].i(49 - i..50 - i).unwrap());
-        let init = on_device(&if i == 0 { g["uncond_init"].clone() } else { g["null_embeddings"].i(i - 1..i).unwrap() });
+        let init = on_device(&if i == 0 {
+            g["uncond_init"].clone()
+        } else {
+            g["null_embeddings"].i(i - 1..i).unwrap()
+        });
         let t = ddim.timesteps()[i];
         let cond = &on_device(&g["cond"]);
         let eps_c = predict_eps(&sd, &ddim, &z, t, cond, &mut NoControl, i).unwrap();
@@ -85,7 +111,9 @@ fn null_text_steps_match_from_golden_trajectory() {
         let lr = 1e-2 * (1.0 - i as f64 / 100.0);
         let mut adam = TestAdam::new(&init);
         for (j, want) in losses[i].iter().enumerate() {
-            if want.is_nan() { break; }
+            if want.is_nan() {
+                break;
+            }
             let eps_u = predict_eps(&sd, &ddim, &z, t, var.as_tensor(), &mut NoControl, i).unwrap();
             let noise = (&eps_u + ((&eps_c - &eps_u).unwrap() * opts.guidance).unwrap()).unwrap();
             let prev = ddim.step(&noise, t, &z).unwrap();
@@ -94,11 +122,19 @@ fn null_text_steps_match_from_golden_trajectory() {
             let l = loss.to_scalar::<f32>().unwrap() as f64;
             let rel = (l - want).abs() / want.abs();
             worst_loss = worst_loss.max(rel);
-            assert!(rel < 1e-3, "step {i} iteration {j}: loss {l} vs golden {want}");
+            assert!(
+                rel < 1e-3,
+                "step {i} iteration {j}: loss {l} vs golden {want}"
+            );
             adam.step(&var, grads.get(var.as_tensor()).unwrap(), lr);
         }
         let got = var.as_tensor();
-        assert_close(&format!("∅_{i} after its Adam run"), got, &g["null_embeddings"].i(i..i + 1).unwrap(), 1e-4);
+        assert_close(
+            &format!("∅_{i} after its Adam run"),
+            got,
+            &g["null_embeddings"].i(i..i + 1).unwrap(),
+            1e-4,
+        );
     }
     eprintln!("worst relative loss deviation: {worst_loss:.3e}");
 }
@@ -110,11 +146,20 @@ fn first_steps(golden_file: &str, early_stop: f64, k: usize) -> (f64, f64) {
     let g = golden(golden_file);
     let ddim = Ddim::new(&sd.scheduler, 50).unwrap();
     let z0 = chelsea_latent(&sd);
-    let (emb, _) = sd.encode_prompts(&["a close up photo of a cat", ""]).unwrap();
+    let (emb, _) = sd
+        .encode_prompts(&["a close up photo of a cat", ""])
+        .unwrap();
     let (cond, empty) = (emb.i(0..1).unwrap(), emb.i(1..2).unwrap());
-    let pivots = nulltext::inversion::ddim_inversion(&sd, &ddim, &z0, &cond, &mut NoProgress).unwrap();
-    let opts = InvertOptions { early_stop, ..Default::default() };
-    let mut opt = nulltext::inversion::NullTextOptimizer::new(&sd, &ddim, &pivots, &cond, &empty, &opts, false).unwrap();
+    let pivots =
+        nulltext::inversion::ddim_inversion(&sd, &ddim, &z0, &cond, &mut NoProgress).unwrap();
+    let opts = InvertOptions {
+        early_stop,
+        ..Default::default()
+    };
+    let mut opt = nulltext::inversion::NullTextOptimizer::new(
+        &sd, &ddim, &pivots, &cond, &empty, &opts, false,
+    )
+    .unwrap();
     for _ in 0..k {
         opt.step(&mut NoProgress).unwrap();
     }
@@ -132,7 +177,12 @@ fn first_steps(golden_file: &str, early_stop: f64, k: usize) -> (f64, f64) {
     eprintln!("{golden_file}: worst relative loss deviation over {k} steps: {worst:.3e}");
     assert!(worst < 1e-3, "{worst}");
     let z = opt.latent();
-    let lat_err = assert_close(&format!("z̄ after {k} steps"), z, &g["nti_latents"].i(k..k + 1).unwrap(), 1e-4);
+    let lat_err = assert_close(
+        &format!("z̄ after {k} steps"),
+        z,
+        &g["nti_latents"].i(k..k + 1).unwrap(),
+        1e-4,
+    );
     let nulls = Tensor::cat(opt.null_embeddings(), 0).unwrap();
     let null_err = max_err(&nulls, &g["null_embeddings"].i(0..k).unwrap());
     eprintln!("∅_0..{k}: max|err| = {null_err:.3e}");
@@ -159,32 +209,77 @@ fn full_null_text_inversion_matches_golden() {
     let g = golden("chelsea_nti.safetensors");
     let z0 = chelsea_latent(&sd);
     let opts = InvertOptions::default();
-    let (inv, report) = nulltext::invert_latent(&sd, &z0, "a close up photo of a cat", 256, 256, &opts, &mut NoProgress).unwrap();
+    let (inv, report) = nulltext::invert_latent(
+        &sd,
+        &z0,
+        "a close up photo of a cat",
+        256,
+        256,
+        &opts,
+        &mut NoProgress,
+    )
+    .unwrap();
     let want_losses: Vec<Vec<f64>> = g["losses"].to_vec2().unwrap();
     let mut worst = 0f64;
     for (i, got) in report.losses.iter().enumerate() {
-        assert_eq!(got.len(), 10, "step {i} never early-stops in the golden run");
+        assert_eq!(
+            got.len(),
+            10,
+            "step {i} never early-stops in the golden run"
+        );
         for (j, l) in got.iter().enumerate() {
             worst = worst.max((l - want_losses[i][j]).abs() / want_losses[i][j]);
         }
     }
     eprintln!("largest relative loss deviation over 500 iterations: {worst:.3e}");
     let rec = report.final_latent.unwrap();
-    let (rec, z0) = (rec.to_device(&candle_core::Device::Cpu).unwrap(), z0.to_device(&candle_core::Device::Cpu).unwrap());
-    let mse = (&rec - &z0).unwrap().sqr().unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap() as f64;
-    let golden_mse = (g["nti_latents"].i(50..51).unwrap() - &g["image_latent"]).unwrap().sqr().unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap() as f64;
+    let (rec, z0) = (
+        rec.to_device(&candle_core::Device::Cpu).unwrap(),
+        z0.to_device(&candle_core::Device::Cpu).unwrap(),
+    );
+    let mse = (&rec - &z0)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
+    let golden_mse = (g["nti_latents"].i(50..51).unwrap() - &g["image_latent"])
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
     eprintln!("reconstruction latent MSE {mse:.6} (golden {golden_mse:.6})");
     assert!(mse <= golden_mse * 1.05);
-    assert_close("final latent", &rec, &g["nti_latents"].i(50..51).unwrap(), 1e-4);
+    assert_close(
+        "final latent",
+        &rec,
+        &g["nti_latents"].i(50..51).unwrap(),
+        1e-4,
+    );
     let null_err = max_err(&inv.null_embeddings, &g["null_embeddings"]);
     eprintln!("null embeddings end to end: max|err| = {null_err:.3e}");
     assert!(null_err < 1e-3 * 5.0);
 }
 
 /// PyTorch's Adam, for the step test above (the library's is private).
-struct TestAdam { m: Tensor, v: Tensor, t: i32 }
+struct TestAdam {
+    m: Tensor,
+    v: Tensor,
+    t: i32,
+}
 impl TestAdam {
-    fn new(x: &Tensor) -> Self { Self { m: x.zeros_like().unwrap(), v: x.zeros_like().unwrap(), t: 0 } }
+    fn new(x: &Tensor) -> Self {
+        Self {
+            m: x.zeros_like().unwrap(),
+            v: x.zeros_like().unwrap(),
+            t: 0,
+        }
+    }
     fn step(&mut self, p: &Var, g: &Tensor, lr: f64) {
         self.t += 1;
         self.m = (&self.m + ((g - &self.m).unwrap() * 0.1).unwrap()).unwrap();
@@ -199,7 +294,12 @@ impl TestAdam {
 
 #[allow(dead_code)]
 fn f64s(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
 
 /// The analytic gradient w.r.t. the null embedding against central finite differences
@@ -222,32 +322,66 @@ fn null_text_gradient_agrees_with_finite_differences() {
         let noise = (&eps_u + ((&eps_c - &eps_u).unwrap() * 7.5).unwrap()).unwrap();
         let prev = ddim.step(&noise, t, &z).unwrap();
         let loss = (prev - &target).unwrap().sqr().unwrap().mean_all().unwrap();
-        let v = loss.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+        let v = loss
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
         (loss, v)
     };
     let var = Var::from_tensor(&u0).unwrap();
     let (loss, _) = loss_of(var.as_tensor());
     let grads = loss.backward().unwrap();
-    let grad = grads.get(var.as_tensor()).unwrap().to_dtype(DType::F64).unwrap();
+    let grad = grads
+        .get(var.as_tensor())
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
     // Along the gradient itself (the largest change) and two mixed directions; the loss is
     // O(1e-2) in f32, so the step must move it well above rounding.
-    let gnorm = grad.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap().sqrt();
+    let gnorm = grad
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+        .sqrt();
     let unit_grad = (&grad / gnorm).unwrap().to_dtype(DType::F32).unwrap();
     for seed in 0..3u64 {
-        let noise = nulltext::text2img::seeded_noise(seed, (1, 1, 77, 32), &candle_core::Device::Cpu)
+        let noise =
+            nulltext::text2img::seeded_noise(seed, (1, 1, 77, 32), &candle_core::Device::Cpu)
+                .unwrap()
+                .reshape((1, 77, 32))
+                .unwrap();
+        let nn = noise
+            .sqr()
             .unwrap()
-            .reshape((1, 77, 32))
-            .unwrap();
-        let nn = noise.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt() as f64;
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .sqrt() as f64;
         let mix = if seed == 0 { 0.0 } else { 0.5 };
-        let dir = ((&unit_grad * (1.0 - mix)).unwrap() + (on_device(&noise) * (mix / nn)).unwrap()).unwrap();
+        let dir = ((&unit_grad * (1.0 - mix)).unwrap() + (on_device(&noise) * (mix / nn)).unwrap())
+            .unwrap();
         let h = 0.5;
         let (_, lp) = loss_of(&(&u0 + (&dir * h).unwrap()).unwrap());
         let (_, lm) = loss_of(&(&u0 - (&dir * h).unwrap()).unwrap());
         let fd = (lp - lm) / (2.0 * h);
-        let an = (&grad * dir.to_dtype(DType::F64).unwrap()).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+        let an = (&grad * dir.to_dtype(DType::F64).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
         let rel = (fd - an).abs() / an.abs().max(1e-12);
-        eprintln!("direction {seed}: analytic {an:.6e}, finite difference {fd:.6e}, relative {rel:.2e}");
-        assert!(rel < 2e-2, "gradient disagrees with finite differences: {an} vs {fd}");
+        eprintln!(
+            "direction {seed}: analytic {an:.6e}, finite difference {fd:.6e}, relative {rel:.2e}"
+        );
+        assert!(
+            rel < 2e-2,
+            "gradient disagrees with finite differences: {an} vs {fd}"
+        );
     }
 }

@@ -23,17 +23,46 @@ fn null_text_beats_ddim_on_a_v_prediction_single_file_model() {
     };
     let sd = nulltext::StableDiffusion::load(file.to_str().unwrap(), &opts).unwrap();
     assert_eq!(sd.scheduler.prediction_type, "v_prediction");
-    let img = nulltext::image_io::load_image(&fixtures().join("inputs/chelsea256.png"), Default::default(), 256).unwrap();
+    let img = nulltext::image_io::load_image(
+        &fixtures().join("inputs/chelsea256.png"),
+        Default::default(),
+        256,
+    )
+    .unwrap();
     let mut mse = Vec::new();
     for method in [Method::Ddim, Method::NullText] {
-        let o = InvertOptions { method, num_steps: 10, inner_steps: 5, ..Default::default() };
-        let (inv, _) = nulltext::invert_image(&sd, &img, "a close up photo of a cat", &o, &mut NoProgress).unwrap();
+        let o = InvertOptions {
+            method,
+            num_steps: 10,
+            inner_steps: 5,
+            ..Default::default()
+        };
+        let (inv, _) =
+            nulltext::invert_image(&sd, &img, "a close up photo of a cat", &o, &mut NoProgress)
+                .unwrap();
         let rec = nulltext::reconstruct(&sd, &inv, &mut NoProgress).unwrap();
-        let z0 = inv.image_latent.as_ref().unwrap().to_device(&sd.device).unwrap();
-        let m = (rec - z0).unwrap().sqr().unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap();
+        let z0 = inv
+            .image_latent
+            .as_ref()
+            .unwrap()
+            .to_device(&sd.device)
+            .unwrap();
+        let m = (rec - z0)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         eprintln!("{method}: reconstruction latent MSE {m:.5}");
         mse.push(m);
     }
-    assert!(mse[1] < 0.75 * mse[0], "null-text {} vs ddim {}", mse[1], mse[0]);
+    assert!(
+        mse[1] < 0.75 * mse[0],
+        "null-text {} vs ddim {}",
+        mse[1],
+        mse[0]
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

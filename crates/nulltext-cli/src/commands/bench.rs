@@ -80,7 +80,11 @@ impl nulltext::models::AttentionControl for WantAll {
     fn wants(&self, _: &nulltext::models::AttentionCall) -> bool {
         true
     }
-    fn edit(&mut self, _: &nulltext::models::AttentionCall, p: Tensor) -> nulltext::models::Result<Tensor> {
+    fn edit(
+        &mut self,
+        _: &nulltext::models::AttentionCall,
+        p: Tensor,
+    ) -> nulltext::models::Result<Tensor> {
         Ok(p)
     }
 }
@@ -93,7 +97,11 @@ pub fn run(a: BenchArgs, ctx: &Ctx) -> Result<()> {
     };
     for s in &stages {
         if !STAGES.contains(&s.as_str()) && !JOBS.contains(&s.as_str()) {
-            bail!("unknown stage `{s}` ({}, {})", STAGES.join(", "), JOBS.join(", "));
+            bail!(
+                "unknown stage `{s}` ({}, {})",
+                STAGES.join(", "),
+                JOBS.join(", ")
+            );
         }
     }
     let sd = ctx.load(&a.model)?;
@@ -108,12 +116,19 @@ pub fn run(a: BenchArgs, ctx: &Ctx) -> Result<()> {
     let z2 = Tensor::cat(&[&z, &z], 0)?;
     let (emb, _) = sd.encode_prompts(&["a close up photo of a cat", ""])?;
     let (cond, uncond) = (emb.narrow(0, 0, 1)?, emb.narrow(0, 1, 1)?);
-    let image = ((nulltext::text2img::seeded_noise(2, (1, 3, size, size), &dev)? * 0.5)?.clamp(-1f32, 1f32))?;
+    let image = ((nulltext::text2img::seeded_noise(2, (1, 3, size, size), &dev)? * 0.5)?
+        .clamp(-1f32, 1f32))?;
     let target = nulltext::text2img::seeded_noise(3, (1, c, h, w), &dev)?;
     let eps_c = predict_eps(&sd, &ddim, &z, t, &cond, &mut NoControl, 10)?;
     let photo = {
-        let px = ((&image + 1.0)? * 127.5)?.clamp(0f32, 255f32)?.to_dtype(candle_core::DType::U8)?;
-        let v: Vec<u8> = px.squeeze(0)?.permute((1, 2, 0))?.flatten_all()?.to_vec1()?;
+        let px = ((&image + 1.0)? * 127.5)?
+            .clamp(0f32, 255f32)?
+            .to_dtype(candle_core::DType::U8)?;
+        let v: Vec<u8> = px
+            .squeeze(0)?
+            .permute((1, 2, 0))?
+            .flatten_all()?
+            .to_vec1()?;
         image::RgbImage::from_raw(size as u32, size as u32, v).expect("image size")
     };
     let mut inversion: Option<nulltext::Inversion> = None;
@@ -125,18 +140,27 @@ pub fn run(a: BenchArgs, ctx: &Ctx) -> Result<()> {
         sd.dtype,
         std::env::var("RAYON_NUM_THREADS").unwrap_or_default()
     ));
-    ctx.say(format!("{:<16} {:>10} {:>22} {:>12}", "stage", "median s", "min – max s", "peak GiB"));
+    ctx.say(format!(
+        "{:<16} {:>10} {:>22} {:>12}",
+        "stage", "median s", "min – max s", "peak GiB"
+    ));
     for stage in &stages {
         let mut run_once = || -> Result<()> {
             match stage.as_str() {
                 "text_encoder" => sync(&sd.encode_prompt("a close up photo of a cat")?)?,
                 "unet_b1" => sync(&sd.unet.forward(&z, t as f64, &cond)?)?,
                 "unet_b2" => sync(&sd.unet.forward(&z2, t as f64, &emb)?)?,
-                "unet_b2_probs" => sync(&sd.unet.forward_controlled(&z2, t as f64, &emb, &mut WantAll, 0)?)?,
+                "unet_b2_probs" => {
+                    sync(
+                        &sd.unet
+                            .forward_controlled(&z2, t as f64, &emb, &mut WantAll, 0)?,
+                    )?
+                }
                 "nti_iter" => {
                     let var = Var::from_tensor(&uncond)?;
                     let mut adam = Adam::new(&uncond)?;
-                    let eps_u = predict_eps(&sd, &ddim, &z, t, var.as_tensor(), &mut NoControl, 10)?;
+                    let eps_u =
+                        predict_eps(&sd, &ddim, &z, t, var.as_tensor(), &mut NoControl, 10)?;
                     let noise = (&eps_u + ((&eps_c - &eps_u)? * 7.5)?)?;
                     let prev = ddim.step(&noise, t, &z)?;
                     let loss = (prev - &target)?.sqr()?.mean_all()?;
@@ -147,20 +171,45 @@ pub fn run(a: BenchArgs, ctx: &Ctx) -> Result<()> {
                 "vae_encode" => sync(&sd.image_to_latent(&image)?)?,
                 "vae_decode" => sync(&sd.latent_to_image(&z)?)?,
                 "invert" => {
-                    let opts = nulltext::InvertOptions { early_stop: -1.0, ..Default::default() };
-                    let (inv, _) = nulltext::invert_image(&sd, &photo, "a close up photo of a cat", &opts, &mut nulltext::NoProgress)?;
+                    let opts = nulltext::InvertOptions {
+                        early_stop: -1.0,
+                        ..Default::default()
+                    };
+                    let (inv, _) = nulltext::invert_image(
+                        &sd,
+                        &photo,
+                        "a close up photo of a cat",
+                        &opts,
+                        &mut nulltext::NoProgress,
+                    )?;
                     inversion = Some(inv);
                 }
                 "edit" => {
                     let inv = match &inversion {
                         Some(i) => i.clone(),
                         None => {
-                            let opts = nulltext::InvertOptions { method: nulltext::Method::Ddim, ..Default::default() };
-                            nulltext::invert_image(&sd, &photo, "a close up photo of a cat", &opts, &mut nulltext::NoProgress)?.0
+                            let opts = nulltext::InvertOptions {
+                                method: nulltext::Method::Ddim,
+                                ..Default::default()
+                            };
+                            nulltext::invert_image(
+                                &sd,
+                                &photo,
+                                "a close up photo of a cat",
+                                &opts,
+                                &mut nulltext::NoProgress,
+                            )?
+                            .0
                         }
                     };
                     let targets = vec!["a close up photo of a dog".to_string()];
-                    let r = nulltext::edit::edit(&sd, &inv, &targets, &EditOptions::default(), &mut nulltext::NoProgress)?;
+                    let r = nulltext::edit::edit(
+                        &sd,
+                        &inv,
+                        &targets,
+                        &EditOptions::default(),
+                        &mut nulltext::NoProgress,
+                    )?;
                     sync(&sd.latent_to_image(&r.latents)?)?
                 }
                 "edit_step" => {
@@ -173,7 +222,17 @@ pub fn run(a: BenchArgs, ctx: &Ctx) -> Result<()> {
                         50,
                         (h, w),
                     )?;
-                    let e = guided_eps(&sd, &ddim, &z2, t, &Tensor::cat(&[&uncond, &uncond], 0)?, &emb, 7.5, &mut ctl, 10)?;
+                    let e = guided_eps(
+                        &sd,
+                        &ddim,
+                        &z2,
+                        t,
+                        &Tensor::cat(&[&uncond, &uncond], 0)?,
+                        &emb,
+                        7.5,
+                        &mut ctl,
+                        10,
+                    )?;
                     let zn = ddim.step(&e, t, &z2)?;
                     sync(&ctl.after_step(10, zn)?)?
                 }

@@ -48,25 +48,42 @@ pub fn run(a: DemoArgs, ctx: &Ctx) -> Result<()> {
     }
     let inv = a.out_dir.join("cat.nti.safetensors");
     let s = |p: &std::path::Path| p.display().to_string();
-    ctx.say(format!("1/2 inverting {} as \"{}\"", a.image.display(), a.prompt));
+    ctx.say(format!(
+        "1/2 inverting {} as \"{}\"",
+        a.image.display(),
+        a.prompt
+    ));
     let inv_args = vec![
-        "--model".into(), a.model.clone(),
-        "--image".into(), s(&a.image),
-        "--prompt".into(), a.prompt.clone(),
-        "--out".into(), s(&inv),
-        "--inner-steps".into(), a.inner_steps.to_string(),
-        "--reconstruction".into(), s(&a.out_dir.join("reconstruction.png")),
+        "--model".into(),
+        a.model.clone(),
+        "--image".into(),
+        s(&a.image),
+        "--prompt".into(),
+        a.prompt.clone(),
+        "--out".into(),
+        s(&inv),
+        "--inner-steps".into(),
+        a.inner_steps.to_string(),
+        "--reconstruction".into(),
+        s(&a.out_dir.join("reconstruction.png")),
     ];
     super::invert::run(parse(inv_args)?, ctx)?;
     ctx.say(format!("2/2 editing to \"{}\"", a.target));
     let edit_args = vec![
-        "--model".into(), a.model.clone(),
-        "--inversion".into(), s(&inv),
-        "--target".into(), a.target.clone(),
-        "--image".into(), s(&a.image),
-        "--out-dir".into(), s(&a.out_dir),
-        "--grid".into(), s(&a.out_dir.join("grid.png")),
-        "--attention-maps".into(), s(&a.out_dir.join("attention.png")),
+        "--model".into(),
+        a.model.clone(),
+        "--inversion".into(),
+        s(&inv),
+        "--target".into(),
+        a.target.clone(),
+        "--image".into(),
+        s(&a.image),
+        "--out-dir".into(),
+        s(&a.out_dir),
+        "--grid".into(),
+        s(&a.out_dir.join("grid.png")),
+        "--attention-maps".into(),
+        s(&a.out_dir.join("attention.png")),
     ];
     super::edit::run(parse(edit_args)?, ctx)
 }

@@ -95,7 +95,13 @@ pub fn save_latents(z: &Tensor, path: &Path) -> Result<()> {
 fn slug(s: &str) -> String {
     let mut out: String = s
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
         .collect();
     while out.contains("--") {
         out = out.replace("--", "-");
@@ -135,7 +141,14 @@ pub fn run(a: EditArgs, ctx: &Ctx) -> Result<()> {
     // Check prompts, words and windows before any sampling.
     if opts.sdedit.is_none() {
         let (_, _, h, w) = inv.latent_t.dims4()?;
-        nulltext::edit::build_controller(&sd, &inv.prompt, &a.target, &opts, inv.num_steps, (h, w))?;
+        nulltext::edit::build_controller(
+            &sd,
+            &inv.prompt,
+            &a.target,
+            &opts,
+            inv.num_steps,
+            (h, w),
+        )?;
     }
     for t in &a.target {
         if let Some(cut) = sd.tokenizer.encode_padded(t).truncated {
@@ -169,13 +182,22 @@ pub fn run(a: EditArgs, ctx: &Ctx) -> Result<()> {
     if let Some(p) = &a.grid {
         let (w, h) = images[0].dimensions();
         let input = match &a.image {
-            Some(path) => (image_io::load_image(path, Default::default(), w.min(h))?, "input".to_string()),
+            Some(path) => (
+                image_io::load_image(path, Default::default(), w.min(h))?,
+                "input".to_string(),
+            ),
             None => match &inv.image_latent {
-                Some(z0) => (super::decode(&sd, &z0.to_device(&sd.device)?)?.remove(0), "input (VAE)".to_string()),
+                Some(z0) => (
+                    super::decode(&sd, &z0.to_device(&sd.device)?)?.remove(0),
+                    "input (VAE)".to_string(),
+                ),
                 None => (image::RgbImage::new(w, h), "input".to_string()),
             },
         };
-        let mut items = vec![input, (images[0].clone(), format!("reconstruction: {}", inv.prompt))];
+        let mut items = vec![
+            input,
+            (images[0].clone(), format!("reconstruction: {}", inv.prompt)),
+        ];
         for (img, t) in images[1..].iter().zip(&a.target) {
             items.push((img.clone(), t.clone()));
         }
@@ -210,7 +232,11 @@ pub fn run(a: EditArgs, ctx: &Ctx) -> Result<()> {
         inv.prompt,
         a.target.len(),
         if a.target.len() == 1 { "" } else { "s" },
-        if a.sdedit.is_some() { "sdedit".to_string() } else { res.mode.to_string() }
+        if a.sdedit.is_some() {
+            "sdedit".to_string()
+        } else {
+            res.mode.to_string()
+        }
     ));
     for p in written {
         ctx.say(format!("wrote {}", p.display()));

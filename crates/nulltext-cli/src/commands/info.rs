@@ -12,11 +12,16 @@ pub struct InfoArgs {
     json: bool,
 }
 
-
 pub fn run(a: InfoArgs, ctx: &Ctx) -> Result<()> {
     let sd = ctx.load(&a.model)?;
     let u = sd.unet.config();
-    let family = if sd.context_dim() == 1024 { "Stable Diffusion 2.x" } else if sd.context_dim() == 768 { "Stable Diffusion 1.x" } else { "Stable Diffusion-shaped (custom size)" };
+    let family = if sd.context_dim() == 1024 {
+        "Stable Diffusion 2.x"
+    } else if sd.context_dim() == 768 {
+        "Stable Diffusion 1.x"
+    } else {
+        "Stable Diffusion-shaped (custom size)"
+    };
     let configs = nulltext::models::random::ModelConfigs {
         unet: serde_json::to_value(sd.unet.config())?,
         vae: serde_json::to_value(sd.vae.config())?,
@@ -28,7 +33,11 @@ pub fn run(a: InfoArgs, ctx: &Ctx) -> Result<()> {
     for (component, n) in nulltext::models::random::parameter_counts(&configs)? {
         params.insert(component.into(), serde_json::json!(n));
     }
-    let layout = if sd.path.is_file() { "single file (original layout)" } else { "diffusers folder" };
+    let layout = if sd.path.is_file() {
+        "single file (original layout)"
+    } else {
+        "diffusers folder"
+    };
     let v = serde_json::json!({
         "model": sd.name,
         "path": sd.path,

@@ -53,7 +53,11 @@ pub struct InvertArgs {
 }
 
 fn latent_mse(a: &Tensor, b: &Tensor) -> Result<f64> {
-    Ok((a - b)?.sqr()?.mean_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?)
+    Ok((a - b)?
+        .sqr()?
+        .mean_all()?
+        .to_dtype(candle_core::DType::F64)?
+        .to_scalar::<f64>()?)
 }
 
 pub fn run(a: InvertArgs, ctx: &Ctx) -> Result<()> {
@@ -81,7 +85,8 @@ pub fn run(a: InvertArgs, ctx: &Ctx) -> Result<()> {
     };
     let mut bars = ctx.bars().with_inner_steps(a.inner_steps);
     let (inv, report) = nulltext::invert_image(&sd, &img, &a.prompt, &opts, &mut bars)?;
-    nulltext::inversion_file::save(&inv, &a.out).with_context(|| format!("writing {}", a.out.display()))?;
+    nulltext::inversion_file::save(&inv, &a.out)
+        .with_context(|| format!("writing {}", a.out.display()))?;
     let wall = start.elapsed().as_secs_f64();
 
     // The report: reconstruction quality against the VAE round trip and the input.
@@ -96,7 +101,11 @@ pub fn run(a: InvertArgs, ctx: &Ctx) -> Result<()> {
         image_io::save_png(&rec, p)?;
     }
     let iters: usize = report.iterations.iter().sum();
-    let stopped = report.iterations.iter().filter(|n| **n < a.inner_steps).count();
+    let stopped = report
+        .iterations
+        .iter()
+        .filter(|n| **n < a.inner_steps)
+        .count();
     ctx.say(format!(
         "inverted {} with {} in {wall:.1} s (DDIM inversion {:.1} s, optimization {:.1} s)",
         a.image.display(),
@@ -110,20 +119,36 @@ pub fn run(a: InvertArgs, ctx: &Ctx) -> Result<()> {
             a.steps
         ));
     }
-    ctx.say(format!("  {:<24} {:>12} {:>13} {:>14}", "", "PSNR vs VAE", "PSNR vs input", "latent MSE"));
+    ctx.say(format!(
+        "  {:<24} {:>12} {:>13} {:>14}",
+        "", "PSNR vs VAE", "PSNR vs input", "latent MSE"
+    ));
     let line = |name: &str, im: &image::RgbImage, z: Option<&Tensor>| -> Result<String> {
         let mse = match z {
             Some(z) => format!("{:>14.6}", latent_mse(z, &z0)?),
             None => format!("{:>14}", "-"),
         };
-        let vs_vae = if std::ptr::eq(im, &vae) { "         -   ".to_string() } else { format!("{:>9.2} dB", image_io::psnr(im, &vae)) };
-        Ok(format!("  {name:<24} {vs_vae} {:>10.2} dB {mse}", image_io::psnr(im, &img)))
+        let vs_vae = if std::ptr::eq(im, &vae) {
+            "         -   ".to_string()
+        } else {
+            format!("{:>9.2} dB", image_io::psnr(im, &vae))
+        };
+        Ok(format!(
+            "  {name:<24} {vs_vae} {:>10.2} dB {mse}",
+            image_io::psnr(im, &img)
+        ))
     };
-    ctx.say(line(&format!("{} (this file)", a.method), &rec, Some(&rec_latent))?);
+    ctx.say(line(
+        &format!("{} (this file)", a.method),
+        &rec,
+        Some(&rec_latent),
+    )?);
     if a.compare && a.method != Method::Ddim {
         let mut base = inv.clone();
         let (emb, _) = sd.encode_prompts(&[""])?;
-        base.null_embeddings = emb.broadcast_as((a.steps, emb.dim(1)?, emb.dim(2)?))?.contiguous()?;
+        base.null_embeddings = emb
+            .broadcast_as((a.steps, emb.dim(1)?, emb.dim(2)?))?
+            .contiguous()?;
         base.method = Method::Ddim;
         let z = nulltext::reconstruct(&sd, &base, &mut bars)?;
         let im = super::decode(&sd, &z)?.remove(0);

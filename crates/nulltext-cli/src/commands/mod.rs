@@ -102,7 +102,10 @@ pub fn run(cmd: Command, ctx: &Ctx) -> Result<()> {
 }
 
 /// Decodes latents `[B, C, h, w]` to images.
-pub fn decode(sd: &nulltext::StableDiffusion, latents: &candle_core::Tensor) -> Result<Vec<image::RgbImage>> {
+pub fn decode(
+    sd: &nulltext::StableDiffusion,
+    latents: &candle_core::Tensor,
+) -> Result<Vec<image::RgbImage>> {
     let mut out = Vec::new();
     for i in 0..latents.dim(0)? {
         let x = sd.latent_to_image(&latents.narrow(0, i, 1)?)?;

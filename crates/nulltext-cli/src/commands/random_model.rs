@@ -2,7 +2,9 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
-use nulltext::models::random::{parameter_counts, write_random_model, write_random_single_file, Preset};
+use nulltext::models::random::{
+    parameter_counts, write_random_model, write_random_single_file, Preset,
+};
 
 use super::Ctx;
 
@@ -30,7 +32,9 @@ pub struct RandomModelArgs {
 
 fn read(dir: &std::path::Path, file: &str) -> Result<serde_json::Value> {
     let p = dir.join(file);
-    Ok(serde_json::from_str(&std::fs::read_to_string(&p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?)?)
+    Ok(serde_json::from_str(
+        &std::fs::read_to_string(&p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?,
+    )?)
 }
 
 pub fn run(a: RandomModelArgs, ctx: &Ctx) -> Result<()> {
@@ -64,7 +68,11 @@ pub fn run(a: RandomModelArgs, ctx: &Ctx) -> Result<()> {
         "wrote {} in {:.1} s: {}; {:.1} M parameters in all",
         written.join(" and "),
         start.elapsed().as_secs_f64(),
-        counts.iter().map(|(c, n)| format!("{c} {:.1} M", *n as f64 / 1e6)).collect::<Vec<_>>().join(", "),
+        counts
+            .iter()
+            .map(|(c, n)| format!("{c} {:.1} M", *n as f64 / 1e6))
+            .collect::<Vec<_>>()
+            .join(", "),
         total as f64 / 1e6
     ));
     Ok(())

@@ -57,9 +57,15 @@ pub fn run(a: TokensArgs, ctx: &Ctx) -> Result<()> {
         };
         println!("{i:>4}  {id:>6}  {text:<24} {word}");
     }
-    println!("{} of 77 positions used; the rest is padding ({})", enc.len, tok.pad());
+    println!(
+        "{} of 77 positions used; the rest is padding ({})",
+        enc.len,
+        tok.pad()
+    );
     if let Some(cut) = enc.truncated {
-        ctx.say(format!("warning: the prompt is longer than 77 tokens; cut off: \"{cut}\""));
+        ctx.say(format!(
+            "warning: the prompt is longer than 77 tokens; cut off: \"{cut}\""
+        ));
     }
     Ok(())
 }

@@ -48,10 +48,11 @@ impl UNet2DConditionModel {
         let mut down_blocks = Vec::new();
         for i in 0..n {
             let in_c = if i == 0 { ch[0] } else { ch[i - 1] };
-            let attn = (c.down_block_types[i] == "CrossAttnDownBlock2D").then_some(BlockAttention {
-                heads: heads[i],
-                transformer_layers: tlayers[i],
-            });
+            let attn =
+                (c.down_block_types[i] == "CrossAttnDownBlock2D").then_some(BlockAttention {
+                    heads: heads[i],
+                    transformer_layers: tlayers[i],
+                });
             let downsample = (i + 1 < n).then_some(c.downsample_padding);
             down_blocks.push(DownBlock::load(
                 &vb.pp(format!("down_blocks.{i}")),
@@ -115,7 +116,12 @@ impl UNet2DConditionModel {
             down_blocks,
             mid_block,
             up_blocks,
-            conv_norm_out: GroupNorm::load(&vb.pp("conv_norm_out"), c.norm_num_groups, ch[0], c.norm_eps)?,
+            conv_norm_out: GroupNorm::load(
+                &vb.pp("conv_norm_out"),
+                c.norm_num_groups,
+                ch[0],
+                c.norm_eps,
+            )?,
             conv_out: Conv2d::load(&vb.pp("conv_out"), ch[0], c.out_channels, kout, 1, kout / 2)?,
             config: config.clone(),
         })
@@ -197,7 +203,9 @@ impl UNet2DConditionModel {
             let mine: Vec<Tensor> = skips.split_off(rest);
             // Upsample to the next skip's size, so odd sizes round-trip like diffusers.
             let size = if i + 1 < n {
-                let s = skips.last().ok_or_else(|| Error::Msg("UNet skip underflow".into()))?;
+                let s = skips
+                    .last()
+                    .ok_or_else(|| Error::Msg("UNet skip underflow".into()))?;
                 Some((s.dim(2)?, s.dim(3)?))
             } else {
                 None

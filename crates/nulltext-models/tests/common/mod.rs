@@ -10,8 +10,12 @@ use candle_core::{DType, Device, Tensor};
 /// `cuda` feature) runs them on the GPU with the same tolerances.
 pub fn device() -> Device {
     match std::env::var("NULLTEXT_TEST_DEVICE").as_deref() {
-        Ok("cuda") => Device::new_cuda(0).expect("NULLTEXT_TEST_DEVICE=cuda needs a CUDA build and GPU"),
-        Ok("metal") => Device::new_metal(0).expect("NULLTEXT_TEST_DEVICE=metal needs a Metal build"),
+        Ok("cuda") => {
+            Device::new_cuda(0).expect("NULLTEXT_TEST_DEVICE=cuda needs a CUDA build and GPU")
+        }
+        Ok("metal") => {
+            Device::new_metal(0).expect("NULLTEXT_TEST_DEVICE=metal needs a Metal build")
+        }
         _ => Device::Cpu,
     }
 }
@@ -40,7 +44,8 @@ pub fn tiny_model() -> PathBuf {
 
 pub fn golden(name: &str) -> HashMap<String, Tensor> {
     let p = fixtures().join("golden").join(name);
-    candle_core::safetensors::load(&p, &Device::Cpu).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    candle_core::safetensors::load(&p, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
 pub fn golden_metadata(name: &str) -> HashMap<String, String> {
@@ -66,8 +71,16 @@ pub fn max_abs(t: &Tensor) -> f64 {
 /// max |a − b|
 pub fn max_err(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    let a = a.to_device(&Device::Cpu).unwrap().to_dtype(DType::F64).unwrap();
-    let b = b.to_device(&Device::Cpu).unwrap().to_dtype(DType::F64).unwrap();
+    let a = a
+        .to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
+    let b = b
+        .to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
     max_abs(&(a - b).unwrap())
 }
 

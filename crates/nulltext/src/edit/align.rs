@@ -55,7 +55,11 @@ pub fn require_word(tok: &ClipTokenizer, prompt: &str, word: &str) -> Result<Vec
 /// swapped word the reference writes `mapper[j, j]`, which is wrong as soon as a swapped
 /// word changes the token count (source and target positions are then offset). Here it is
 /// `mapper[i, j]`, as before that word.
-pub fn replacement_mapper(tok: &ClipTokenizer, source: &str, target: &str) -> Result<Vec<[f32; MAX_LEN]>> {
+pub fn replacement_mapper(
+    tok: &ClipTokenizer,
+    source: &str,
+    target: &str,
+) -> Result<Vec<[f32; MAX_LEN]>> {
     let wx: Vec<&str> = source.split(' ').collect();
     let wy: Vec<&str> = target.split(' ').collect();
     if wx.len() != wy.len() {
@@ -187,7 +191,11 @@ pub fn refine_mapper(tok: &ClipTokenizer, source: &str, target: &str) -> (Vec<us
 }
 
 /// Per-token attention scale: 1 everywhere but at the tokens of the given words.
-pub fn equalizer(tok: &ClipTokenizer, prompt: &str, words: &[(String, f64)]) -> Result<[f32; MAX_LEN]> {
+pub fn equalizer(
+    tok: &ClipTokenizer,
+    prompt: &str,
+    words: &[(String, f64)],
+) -> Result<[f32; MAX_LEN]> {
     let mut eq = [1f32; MAX_LEN];
     for (w, v) in words {
         for p in require_word(tok, prompt, w)? {

@@ -184,8 +184,12 @@ impl P2PController {
             CrossMap::Identity => base.broadcast_as((nt, h, q, k))?.contiguous()?,
             CrossMap::Replace(p) => {
                 // einsum('hpw,bwn->bhpn'): (H·q, 77) @ (77, 77) for each target
-                let b2 = base.reshape((1, h * q, k))?.broadcast_as((nt, h * q, k))?.contiguous()?;
-                b2.matmul(&p.to_dtype(base.dtype())?)?.reshape((nt, h, q, k))?
+                let b2 = base
+                    .reshape((1, h * q, k))?
+                    .broadcast_as((nt, h * q, k))?
+                    .contiguous()?;
+                b2.matmul(&p.to_dtype(base.dtype())?)?
+                    .reshape((nt, h, q, k))?
             }
             CrossMap::Refine { map, alpha } => {
                 let b = base.squeeze(0)?.contiguous()?;
@@ -216,7 +220,10 @@ impl P2PController {
         let to_map = |words: &Tensor| -> Result<Tensor> {
             // Σ over the words' tokens: [B, q, 77] · [B, 1, 77] -> [B, 1, r, r]
             let w = words.to_dtype(DType::F32)?.unsqueeze(1)?;
-            Ok(maps.broadcast_mul(&w)?.sum(D::Minus1)?.reshape((b, 1, r_h, r_w))?)
+            Ok(maps
+                .broadcast_mul(&w)?
+                .sum(D::Minus1)?
+                .reshape((b, 1, r_h, r_w))?)
         };
         let mask_of = |m: Tensor, pool: bool, th: f64| -> Result<(Tensor, Tensor)> {
             let m = if pool {
@@ -261,12 +268,18 @@ impl AttentionControl for P2PController {
         let b = self.batch;
         let total = probs.dim(0)?;
         // The batch is [∅ × B; C × B]: only the conditional half is edited.
-        let (uncond, cond) = (probs.narrow(0, 0, total - b)?, probs.narrow(0, total - b, b)?);
+        let (uncond, cond) = (
+            probs.narrow(0, 0, total - b)?,
+            probs.narrow(0, total - b, b)?,
+        );
         let base = cond.narrow(0, 0, 1)?;
         let targets = cond.narrow(0, 1, b - 1)?;
         let is_cross = call.site.is_cross();
         let new_targets = if is_cross && self.cross_active(call.step) {
-            Some(self.edit_cross(call.step, &base, &targets).map_err(to_model)?)
+            Some(
+                self.edit_cross(call.step, &base, &targets)
+                    .map_err(to_model)?,
+            )
         } else if !is_cross && self.self_active(call) {
             Some(base.broadcast_as(targets.shape())?.contiguous()?)
         } else {

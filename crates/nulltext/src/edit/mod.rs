@@ -74,7 +74,10 @@ impl Window {
 
     /// Rows `[⌊start·n⌋, ⌊end·n⌋)` of `n`.
     pub fn rows(&self, n: usize) -> (usize, usize) {
-        ((self.start * n as f64) as usize, (self.end * n as f64) as usize)
+        (
+            (self.start * n as f64) as usize,
+            (self.end * n as f64) as usize,
+        )
     }
 }
 
@@ -166,7 +169,9 @@ impl BlendOptions {
         let (a, b) = s.split_once(':').unwrap_or((s, s));
         let (source_words, target_words) = (words(a), words(b));
         if source_words.is_empty() && target_words.is_empty() {
-            return Err(invalid(format!("blend `{s}`: expected SOURCE_WORDS:TARGET_WORDS")));
+            return Err(invalid(format!(
+                "blend `{s}`: expected SOURCE_WORDS:TARGET_WORDS"
+            )));
         }
         Ok(Self {
             source_words,
@@ -235,7 +240,11 @@ pub fn resolve_mode(mode: EditMode, source: &str, targets: &[String]) -> Result<
     let n = source.split(' ').count();
     let same = targets.iter().all(|t| t.split(' ').count() == n);
     match mode {
-        EditMode::Auto => Ok(if same { EditMode::Replace } else { EditMode::Refine }),
+        EditMode::Auto => Ok(if same {
+            EditMode::Replace
+        } else {
+            EditMode::Refine
+        }),
         EditMode::Replace if !same => {
             let bad = targets.iter().find(|t| t.split(' ').count() != n).unwrap();
             Err(invalid(format!(
@@ -311,14 +320,22 @@ pub fn build_controller(
                 .flatten()
                 .flatten()
                 .collect();
-            CrossMap::Replace(Tensor::from_vec(rows, (targets.len(), MAX_LEN, MAX_LEN), dev)?)
+            CrossMap::Replace(Tensor::from_vec(
+                rows,
+                (targets.len(), MAX_LEN, MAX_LEN),
+                dev,
+            )?)
         }
         EditMode::Refine => {
             let mut maps = Vec::new();
             let mut alphas = Vec::new();
             for t in targets {
                 let (m, a) = align::refine_mapper(tok, source, t);
-                maps.push(Tensor::from_vec(m.iter().map(|x| *x as u32).collect::<Vec<_>>(), MAX_LEN, dev)?);
+                maps.push(Tensor::from_vec(
+                    m.iter().map(|x| *x as u32).collect::<Vec<_>>(),
+                    MAX_LEN,
+                    dev,
+                )?);
                 alphas.extend(a);
             }
             CrossMap::Refine {
@@ -339,10 +356,17 @@ pub fn build_controller(
     } else {
         for (w, v) in &opts.reweight {
             if !v.is_finite() {
-                return Err(invalid(format!("--reweight `{w}={v}`: not a finite number")));
+                return Err(invalid(format!(
+                    "--reweight `{w}={v}`: not a finite number"
+                )));
             }
-            if targets.iter().all(|t| align::word_positions(tok, t, &Word::Text(w.clone())).is_empty()) {
-                return Err(invalid(format!("--reweight names `{w}`, which is in no target prompt")));
+            if targets
+                .iter()
+                .all(|t| align::word_positions(tok, t, &Word::Text(w.clone())).is_empty())
+            {
+                return Err(invalid(format!(
+                    "--reweight names `{w}`, which is in no target prompt"
+                )));
             }
         }
         let mut rows = Vec::new();
@@ -363,7 +387,9 @@ pub fn build_controller(
         Some(bo) => {
             let mut words = vec![0f32; b * MAX_LEN];
             let mut sub = vec![0f32; b * MAX_LEN];
-            let prompts: Vec<&str> = std::iter::once(source).chain(targets.iter().map(|s| s.as_str())).collect();
+            let prompts: Vec<&str> = std::iter::once(source)
+                .chain(targets.iter().map(|s| s.as_str()))
+                .collect();
             for w in &bo.source_words {
                 for p in align::require_word(tok, source, w)? {
                     words[p] = 1.0;
@@ -378,7 +404,9 @@ pub fn build_controller(
                     }
                 }
                 if !found {
-                    return Err(invalid(format!("--blend names `{w}`, which is in no target prompt")));
+                    return Err(invalid(format!(
+                        "--blend names `{w}`, which is in no target prompt"
+                    )));
                 }
             }
             for w in &bo.subtract {
@@ -390,10 +418,15 @@ pub fn build_controller(
                     }
                 }
                 if !found {
-                    return Err(invalid(format!("--blend-subtract names `{w}`, which is in no prompt")));
+                    return Err(invalid(format!(
+                        "--blend-subtract names `{w}`, which is in no prompt"
+                    )));
                 }
             }
-            for (name, th) in [("--blend-threshold", bo.threshold), ("subtract threshold", bo.subtract_threshold)] {
+            for (name, th) in [
+                ("--blend-threshold", bo.threshold),
+                ("subtract threshold", bo.subtract_threshold),
+            ] {
                 if !(0.0..=1.0).contains(&th) {
                     return Err(invalid(format!("{name} must be in [0, 1], got {th}")));
                 }
@@ -457,18 +490,29 @@ pub fn edit(
 
     if let Some(strength) = opts.sdedit {
         if !(strength > 0.0 && strength <= 1.0) {
-            return Err(invalid(format!("--sdedit must be in (0, 1], got {strength}")));
+            return Err(invalid(format!(
+                "--sdedit must be in (0, 1], got {strength}"
+            )));
         }
         let z0 = inv.image_latent.as_ref().ok_or_else(|| {
             invalid("--sdedit needs the inversion's image latent, which this file lacks")
         })?;
         let k = (strength * inv.num_steps as f64) as usize;
         if k == 0 {
-            return Err(invalid(format!("--sdedit {strength} starts after the last step")));
+            return Err(invalid(format!(
+                "--sdedit {strength} starts after the last step"
+            )));
         }
         // The inverted latent at noise level k: DDIM inversion of z₀ with the source prompt.
         let source = cond.narrow(0, 0, 1)?;
-        let pivots = crate::inversion::ddim_inversion_steps(sd, &ddim, &z0.to_device(&sd.device)?, &source, k, progress)?;
+        let pivots = crate::inversion::ddim_inversion_steps(
+            sd,
+            &ddim,
+            &z0.to_device(&sd.device)?,
+            &source,
+            k,
+            progress,
+        )?;
         let spec = SampleSpec {
             start: &pivots[k],
             cond: &cond,

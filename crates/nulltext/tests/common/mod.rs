@@ -12,7 +12,12 @@ pub fn load_tiny() -> nulltext::StableDiffusion {
 }
 
 pub fn chelsea_latent(sd: &nulltext::StableDiffusion) -> Tensor {
-    let img = nulltext::image_io::load_image(&fixtures().join("inputs/chelsea256.png"), Default::default(), 256).unwrap();
+    let img = nulltext::image_io::load_image(
+        &fixtures().join("inputs/chelsea256.png"),
+        Default::default(),
+        256,
+    )
+    .unwrap();
     let x = nulltext::image_io::image_to_tensor(&img, &sd.device).unwrap();
     sd.image_to_latent(&x).unwrap()
 }

@@ -4,7 +4,7 @@ mod commands;
 mod progress;
 mod runtime;
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -88,7 +88,3 @@ mod tests {
         super::_assert_parser();
     }
 }
-
-// keep `Subcommand` in scope for derive users of this module
-#[allow(unused_imports)]
-use Subcommand as _;

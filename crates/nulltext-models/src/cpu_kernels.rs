@@ -22,7 +22,7 @@ fn exp_approx(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 5e-1;
     p = p * r * r + r + 1.0;
     p * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
@@ -106,7 +106,7 @@ unsafe fn softmax_row_avx2(row: &mut [f32], scale: f32) {
         _mm256_set1_ps(8.333_452e-3),
         _mm256_set1_ps(4.166_579_6e-2),
         _mm256_set1_ps(1.666_666_5e-1),
-        _mm256_set1_ps(5.000_000_1e-1),
+        _mm256_set1_ps(5e-1),
     ];
     let one = _mm256_set1_ps(1.0);
     let bias = _mm256_set1_epi32(127);
@@ -238,10 +238,9 @@ unsafe fn group_norm_avx2(
     group_norm_body(x, out, hw, gamma, beta, eps)
 }
 
-/// Group normalization of `x` `[B, C, HW]` (contiguous) with per-channel `gamma`, `beta`.
+/// Group normalization of `x` `[B, C, HW]` (contiguous, any B) with per-channel `gamma`, `beta`.
 pub fn group_norm(
     x: &[f32],
-    b: usize,
     c: usize,
     hw: usize,
     groups: usize,
@@ -267,7 +266,6 @@ pub fn group_norm(
             let _ = avx2;
             group_norm_body(xs, o, hw, ga, be, eps);
         });
-    let _ = b;
     out
 }
 

@@ -322,14 +322,14 @@ impl CustomOp1 for CpuGroupNorm {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let dims = l.shape().dims();
-        let (b, c) = (dims[0], dims[1]);
+        let c = dims[1];
         let hw: usize = dims[2..].iter().product();
         let x = match (s, l.contiguous_offsets()) {
             (CpuStorage::F32(v), Some((a, e))) => &v[a..e],
             _ => candle_core::bail!("cpu-group-norm: f32 contiguous input expected"),
         };
         let (gamma, beta) = &*self.affine;
-        let out = crate::cpu_kernels::group_norm(x, b, c, hw, self.groups, gamma, beta, self.eps);
+        let out = crate::cpu_kernels::group_norm(x, c, hw, self.groups, gamma, beta, self.eps);
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 }

@@ -287,10 +287,11 @@ fn write_safetensors(
     Ok(())
 }
 
+/// Names and shapes of a component's tensors.
+pub type TensorList = Vec<(String, Vec<usize>)>;
+
 /// The tensors (names and shapes) each component of `configs` needs.
-pub fn tensor_lists(
-    configs: &ModelConfigs,
-) -> Result<[(&'static str, Vec<(String, Vec<usize>)>); 3]> {
+pub fn tensor_lists(configs: &ModelConfigs) -> Result<[(&'static str, TensorList); 3]> {
     let parse = |v: &Value, what: &str| -> Result<String> {
         serde_json::to_string(v).map_err(|e| Error::Msg(format!("{what}: {e}")))
     };

@@ -223,8 +223,10 @@ mod tests {
 
     #[test]
     fn trailing_and_linspace() {
-        let mut c = SchedulerConfig::default();
-        c.timestep_spacing = "trailing".into();
+        let mut c = SchedulerConfig {
+            timestep_spacing: "trailing".into(),
+            ..Default::default()
+        };
         let d = Ddim::new(&c, 50).unwrap();
         assert_eq!(d.timesteps()[0], 999);
         assert_eq!(*d.timesteps().last().unwrap(), 19);

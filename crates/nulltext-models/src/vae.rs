@@ -185,9 +185,9 @@ impl Decoder {
         let n = ch.len();
         let mut up = Vec::new();
         let mut out_c = ch[0];
-        for i in 0..n {
+        for (i, &c_i) in ch.iter().enumerate() {
             let prev = out_c;
-            out_c = ch[i];
+            out_c = c_i;
             let vbb = vb.pp(format!("up_blocks.{i}"));
             let resnets = (0..c.layers_per_block + 1)
                 .map(|j| {

@@ -28,6 +28,9 @@ struct Entry {
     range: (usize, usize),
 }
 
+/// `(name, shape)` requests of a recording store.
+type Requests = Mutex<Vec<(String, Vec<usize>)>>;
+
 /// Tensors of one model component, memory-mapped.
 pub struct WeightStore {
     files: Vec<MappedFile>,
@@ -36,7 +39,7 @@ pub struct WeightStore {
     dtype: DType,
     used: Mutex<BTreeSet<String>>,
     /// In recording mode every lookup succeeds with a placeholder and is written down.
-    recorded: Option<Mutex<Vec<(String, Vec<usize>)>>>,
+    recorded: Option<Requests>,
     /// Tensors computed at load time (e.g. split from a fused file tensor), by name.
     overlay: HashMap<String, Tensor>,
 }

@@ -98,10 +98,12 @@ fn refine_and_replace_mappers_match_reference() {
 
 fn case_options(case: &Value) -> (Vec<String>, EditOptions) {
     let prompts: Vec<String> = serde_json::from_value(case["prompts"].clone()).unwrap();
-    let mut o = EditOptions::default();
-    o.mode = match case["kind"].as_str().unwrap() {
-        "refine" => EditMode::Refine,
-        _ => EditMode::Replace,
+    let mut o = EditOptions {
+        mode: match case["kind"].as_str().unwrap() {
+            "refine" => EditMode::Refine,
+            _ => EditMode::Replace,
+        },
+        ..Default::default()
     };
     let crs = case["cross_replace_steps"].as_object().unwrap();
     let mut cr = CrossReplace {

@@ -229,8 +229,7 @@ fn with(meta: &[(&str, &str)], tensors: Vec<(&str, Tensor)>) -> Vec<u8> {
 fn bad_inversion_files_are_refused_with_the_reason() {
     let err = |b: &[u8]| {
         inversion_file::from_bytes(b)
-            .err()
-            .expect("must fail")
+            .expect_err("must fail")
             .to_string()
     };
     let e = err(&with(&[("format", "nulltext-inversion/2")], vec![]));

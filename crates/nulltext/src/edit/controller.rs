@@ -309,7 +309,7 @@ impl Controller for P2PController {
             Some(b) => b.start_step,
             None => return Ok(latents),
         };
-        if step + 1 <= start {
+        if step < start {
             return Ok(latents);
         }
         let Some(mask) = self.blend_mask()? else {

@@ -88,6 +88,17 @@ struct ChunkedAttention {
     chunk: usize,
 }
 
+impl ChunkedAttention {
+    fn take(&self) -> candle_core::Result<Tensor> {
+        self.value
+            .lock()
+            .unwrap()
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("chunked attention value used twice".into()))?
+            .contiguous()
+    }
+}
+
 impl candle_core::CustomOp3 for ChunkedAttention {
     fn name(&self) -> &'static str {
         "chunked-attention"
@@ -102,13 +113,7 @@ impl candle_core::CustomOp3 for ChunkedAttention {
         _: &candle_core::CpuStorage,
         _: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let v = self
-            .value
-            .lock()
-            .unwrap()
-            .take()
-            .ok_or_else(|| candle_core::Error::Msg("chunked attention value used twice".into()))?
-            .contiguous()?;
+        let v = self.take()?;
         let (storage, layout) = v.storage_and_layout();
         match &*storage {
             candle_core::Storage::Cpu(s) if layout.start_offset() == 0 => {
@@ -128,13 +133,7 @@ impl candle_core::CustomOp3 for ChunkedAttention {
         _: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
         use candle_core::backend::BackendStorage;
-        let v = self
-            .value
-            .lock()
-            .unwrap()
-            .take()
-            .ok_or_else(|| candle_core::Error::Msg("chunked attention value used twice".into()))?
-            .contiguous()?;
+        let v = self.take()?;
         let (storage, layout) = v.storage_and_layout();
         match &*storage {
             candle_core::Storage::Cuda(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),

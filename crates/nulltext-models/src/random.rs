@@ -233,22 +233,19 @@ fn init(name: &str, shape: &[usize], seed: u64, component: &str) -> Vec<f32> {
     v
 }
 
-/// Writes a safetensors file tensor by tensor (bounded memory), atomically.
-fn write_safetensors(
+/// Writes a safetensors file tensor by tensor (bounded memory), atomically: `tensors`
+/// sorted by name, each one's values made by `values(index)` when its turn comes.
+fn write_streaming(
     path: &Path,
     tensors: &[(String, Vec<usize>)],
-    seed: u64,
-    component: &str,
     f16: bool,
+    mut values: impl FnMut(usize) -> Vec<f32>,
 ) -> Result<()> {
-    let mut sorted: Vec<&(String, Vec<usize>)> = tensors.iter().collect();
-    sorted.sort_by(|a, b| a.0.cmp(&b.0));
-    sorted.dedup_by(|a, b| a.0 == b.0);
     let elem = if f16 { 2 } else { 4 };
     let mut header = serde_json::Map::new();
     header.insert("__metadata__".into(), json!({"format": "pt"}));
     let mut offset = 0usize;
-    for (name, shape) in &sorted {
+    for (name, shape) in tensors {
         let bytes = shape.iter().product::<usize>() * elem;
         header.insert(
             name.clone(),
@@ -268,15 +265,12 @@ fn write_safetensors(
             std::io::BufWriter::with_capacity(1 << 22, std::fs::File::create(&tmp).map_err(io)?);
         w.write_all(&(h.len() as u64).to_le_bytes()).map_err(io)?;
         w.write_all(&h).map_err(io)?;
-        for (name, shape) in &sorted {
-            let v = init(name, shape, seed, component);
-            if f16 {
-                for x in v {
+        for i in 0..tensors.len() {
+            for x in values(i) {
+                if f16 {
                     w.write_all(&half::f16::from_f32(x).to_le_bytes())
                         .map_err(io)?;
-                }
-            } else {
-                for x in v {
+                } else {
                     w.write_all(&x.to_le_bytes()).map_err(io)?;
                 }
             }
@@ -285,6 +279,22 @@ fn write_safetensors(
     }
     std::fs::rename(&tmp, path).map_err(io)?;
     Ok(())
+}
+
+/// Writes one component's random tensors.
+fn write_safetensors(
+    path: &Path,
+    tensors: &[(String, Vec<usize>)],
+    seed: u64,
+    component: &str,
+    f16: bool,
+) -> Result<()> {
+    let mut sorted: Vec<(String, Vec<usize>)> = tensors.to_vec();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    sorted.dedup_by(|a, b| a.0 == b.0);
+    write_streaming(path, &sorted, f16, |i| {
+        init(&sorted[i].0, &sorted[i].1, seed, component)
+    })
 }
 
 /// Names and shapes of a component's tensors.
@@ -667,38 +677,11 @@ pub fn write_random_single_file(
         }
     };
     out.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut header = serde_json::Map::new();
-    header.insert("__metadata__".into(), json!({"format": "pt"}));
-    let mut offset = 0usize;
-    for (name, shape, _) in &out {
-        let bytes = shape.iter().product::<usize>() * 4;
-        header.insert(
-            name.clone(),
-            json!({"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + bytes]}),
-        );
-        offset += bytes;
-    }
-    let mut h =
-        serde_json::to_vec(&Value::Object(header)).map_err(|e| Error::Msg(e.to_string()))?;
-    while h.len() % 8 != 0 {
-        h.push(b' ');
-    }
-    let io = |e: std::io::Error| Error::io(path, e);
-    let tmp = path.with_extension("safetensors.tmp");
-    {
-        let mut w =
-            std::io::BufWriter::with_capacity(1 << 22, std::fs::File::create(&tmp).map_err(io)?);
-        w.write_all(&(h.len() as u64).to_le_bytes()).map_err(io)?;
-        w.write_all(&h).map_err(io)?;
-        for (name, shape, r) in &out {
-            for x in values(r, name, shape) {
-                w.write_all(&x.to_le_bytes()).map_err(io)?;
-            }
-        }
-        w.flush().map_err(io)?;
-    }
-    std::fs::rename(&tmp, path).map_err(io)?;
-    Ok(())
+    let list: Vec<(String, Vec<usize>)> =
+        out.iter().map(|(n, s, _)| (n.clone(), s.clone())).collect();
+    write_streaming(path, &list, false, |i| {
+        values(&out[i].2, &out[i].0, &out[i].1)
+    })
 }
 
 /// Parameter count of each component.

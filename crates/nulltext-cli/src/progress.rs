@@ -1,7 +1,7 @@
 //! Renders the library's progress events with indicatif, and turns Ctrl-C into a clean
 //! cancellation.
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use nulltext::{CancelFlag, Event, Progress, Stage};
 
 pub struct Bars {
@@ -11,6 +11,7 @@ pub struct Bars {
     cancel: CancelFlag,
     inner_steps: usize,
     last_loss: f64,
+    multi: Option<MultiProgress>,
 }
 
 impl Bars {
@@ -22,12 +23,19 @@ impl Bars {
             cancel,
             inner_steps: 1,
             last_loss: f64::NAN,
+            multi: None,
         }
     }
 
     /// Null-text inner iterations per step, for the step/iteration display.
     pub fn with_inner_steps(mut self, n: usize) -> Self {
         self.inner_steps = n.max(1);
+        self
+    }
+
+    /// Draws the stage bars below the bars of `multi` (e.g. a batch's item bar).
+    pub fn in_multi(mut self, multi: MultiProgress) -> Self {
+        self.multi = Some(multi);
         self
     }
 
@@ -52,10 +60,13 @@ impl Progress for Bars {
         match event {
             Event::Start { stage, total } => {
                 self.finish();
-                let bar = ProgressBar::with_draw_target(
-                    Some(*total as u64),
-                    ProgressDrawTarget::stderr(),
-                );
+                let bar = match &self.multi {
+                    Some(m) => m.add(ProgressBar::new(*total as u64)),
+                    None => ProgressBar::with_draw_target(
+                        Some(*total as u64),
+                        ProgressDrawTarget::stderr(),
+                    ),
+                };
                 bar.set_style(
                     ProgressStyle::with_template(
                         "{prefix:>24} [{bar:30}] {pos}/{len} {msg} ({elapsed}, ETA {eta})",

@@ -195,3 +195,17 @@ pub fn mse_u8(a: &RgbImage, b: &RgbImage) -> f64 {
         .sum::<f64>()
         / n as f64
 }
+
+/// Decodes latents `[B, C, h, w]` with the model's VAE, one image at a time (bounded
+/// memory), to 8-bit images.
+pub fn decode_latents(
+    sd: &nulltext_models::StableDiffusion,
+    latents: &Tensor,
+) -> Result<Vec<RgbImage>> {
+    let mut out = Vec::new();
+    for i in 0..latents.dim(0)? {
+        let z = latents.narrow(0, i, 1)?.to_device(&sd.device)?;
+        out.extend(tensor_to_images(&sd.latent_to_image(&z)?)?);
+    }
+    Ok(out)
+}

@@ -73,8 +73,46 @@ pub fn to_bytes(inv: &Inversion) -> Result<Vec<u8>> {
     for (k, t) in &inv.extra_tensors {
         tensors.push((k.clone(), t.to_device(&Device::Cpu)?.contiguous()?));
     }
-    safetensors::tensor::serialize(tensors.iter().map(|(k, t)| (k.as_str(), t)), Some(meta))
-        .map_err(|e| Error::InvalidInput(format!("serializing the inversion: {e}")))
+    let bytes =
+        safetensors::tensor::serialize(tensors.iter().map(|(k, t)| (k.as_str(), t)), Some(meta))
+            .map_err(|e| Error::InvalidInput(format!("serializing the inversion: {e}")))?;
+    canonical_header(bytes)
+}
+
+/// Rewrites a safetensors file's header with its keys sorted, so that the same inversion
+/// always gives the same bytes (the metadata map has no order of its own).
+fn canonical_header(bytes: Vec<u8>) -> Result<Vec<u8>> {
+    let bad = || Error::InvalidInput("serializing the inversion: malformed header".into());
+    let n = u64::from_le_bytes(
+        bytes
+            .get(..8)
+            .ok_or_else(bad)?
+            .try_into()
+            .map_err(|_| bad())?,
+    ) as usize;
+    let header = bytes.get(8..8 + n).ok_or_else(bad)?;
+    let value: serde_json::Value = serde_json::from_slice(header).map_err(|_| bad())?;
+    let sorted = sort_keys(value);
+    let mut h = serde_json::to_vec(&sorted).map_err(|_| bad())?;
+    while h.len() % 8 != 0 {
+        h.push(b' ');
+    }
+    let mut out = Vec::with_capacity(8 + h.len() + bytes.len() - 8 - n);
+    out.extend_from_slice(&(h.len() as u64).to_le_bytes());
+    out.extend_from_slice(&h);
+    out.extend_from_slice(&bytes[8 + n..]);
+    Ok(out)
+}
+
+fn sort_keys(v: serde_json::Value) -> serde_json::Value {
+    match v {
+        serde_json::Value::Object(o) => {
+            let sorted: std::collections::BTreeMap<String, serde_json::Value> =
+                o.into_iter().map(|(k, v)| (k, sort_keys(v))).collect();
+            serde_json::Value::Object(sorted.into_iter().collect())
+        }
+        other => other,
+    }
 }
 
 /// Writes an inversion file atomically (a temporary file renamed into place).

@@ -6,15 +6,19 @@
 //! `nulltext-models`.
 
 pub mod atomic;
+pub mod batch;
 pub mod edit;
 pub mod error;
 pub mod events;
 pub mod image_io;
 pub mod inversion;
 pub mod inversion_file;
+pub mod metrics;
+pub mod plot;
 pub mod render;
 pub mod sampling;
 pub mod text2img;
+pub mod trace;
 
 pub use error::{Error, Result};
 pub use events::{CancelFlag, Event, NoProgress, Progress, Recorder, Stage};

@@ -9,18 +9,31 @@ const PAD: u32 = 6;
 
 /// Draws `text` at (x, y) in an 8×8 bitmap font scaled ×2 (non-ASCII glyphs become `?`).
 fn draw_text(img: &mut RgbImage, text: &str, x: u32, y: u32, color: Rgb<u8>) {
+    draw_text_scaled(img, text, x, y, color, SCALE);
+}
+
+/// Draws `text` at (x, y) in the 8×8 bitmap font scaled ×`scale`.
+pub(crate) fn draw_text_scaled(
+    img: &mut RgbImage,
+    text: &str,
+    x: u32,
+    y: u32,
+    color: Rgb<u8>,
+    scale: u32,
+) {
+    let glyph_w = 8 * scale;
     for (k, c) in text.chars().enumerate() {
         let glyph = font8x8::BASIC_FONTS
             .get(c)
             .or_else(|| font8x8::BASIC_FONTS.get('?'))
             .unwrap_or([0; 8]);
-        let gx = x + k as u32 * GLYPH;
+        let gx = x + k as u32 * glyph_w;
         for (row, bits) in glyph.iter().enumerate() {
             for col in 0..8u32 {
                 if bits >> col & 1 == 1 {
-                    for dy in 0..SCALE {
-                        for dx in 0..SCALE {
-                            let (px, py) = (gx + col * SCALE + dx, y + row as u32 * SCALE + dy);
+                    for dy in 0..scale {
+                        for dx in 0..scale {
+                            let (px, py) = (gx + col * scale + dx, y + row as u32 * scale + dy);
                             if px < img.width() && py < img.height() {
                                 img.put_pixel(px, py, color);
                             }

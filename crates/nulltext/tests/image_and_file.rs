@@ -199,6 +199,10 @@ fn inversion_files_round_trip_and_keep_unknown_keys() {
         names,
         ["image_latent", "latent_T", "my_mask", "null_embeddings"]
     );
+    // The same inversion always gives the same bytes (reproducible batch runs).
+    for _ in 0..4 {
+        assert_eq!(inversion_file::to_bytes(&inv).unwrap(), bytes);
+    }
 }
 
 fn with(meta: &[(&str, &str)], tensors: Vec<(&str, Tensor)>) -> Vec<u8> {

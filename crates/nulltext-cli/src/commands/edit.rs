@@ -68,23 +68,6 @@ pub struct EditArgs {
     force: bool,
 }
 
-fn parse_reweight(s: &str) -> Result<Vec<(String, f64)>> {
-    s.split(',')
-        .map(str::trim)
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            let (w, v) = p
-                .split_once('=')
-                .ok_or_else(|| anyhow::anyhow!("--reweight `{p}`: expected WORD=SCALE"))?;
-            let v: f64 = v
-                .trim()
-                .parse()
-                .map_err(|_| anyhow::anyhow!("--reweight `{p}`: `{v}` is not a number"))?;
-            Ok((w.trim().to_string(), v))
-        })
-        .collect()
-}
-
 pub fn save_latents(z: &Tensor, path: &Path) -> Result<()> {
     let z = z.to_device(&candle_core::Device::Cpu)?.contiguous()?;
     let bytes = safetensors::tensor::serialize([("latents", &z)], None)?;
@@ -123,18 +106,14 @@ pub fn run(a: EditArgs, ctx: &Ctx) -> Result<()> {
         let mut bo = BlendOptions::parse(b)?;
         bo.threshold = a.blend_threshold;
         if let Some(s) = &a.blend_subtract {
-            bo.subtract = s
-                .split(|c: char| c == '+' || c == ',' || c.is_whitespace())
-                .filter(|w| !w.is_empty())
-                .map(String::from)
-                .collect();
+            bo.subtract = nulltext::edit::parse_words(s);
         }
         opts.blend = Some(bo);
     } else if a.blend_subtract.is_some() {
         bail!("--blend-subtract needs --blend");
     }
     if let Some(r) = &a.reweight {
-        opts.reweight = parse_reweight(r)?;
+        opts.reweight = nulltext::edit::parse_reweight(r)?;
     }
     let sd = ctx.load(&a.model)?;
     inv.check_model(&sd, a.force)?;

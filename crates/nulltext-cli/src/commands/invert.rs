@@ -50,6 +50,14 @@ pub struct InvertArgs {
     /// Also reconstruct plain DDIM inversion (w = guidance, ∅ = "") and report it.
     #[arg(long)]
     compare: bool,
+    /// Run the inversion once per budget of --trace-budgets iterations per step and write
+    /// each reconstruction's PSNR and losses here (JSON), for `nulltext plot`. The file of
+    /// --out is the run with --inner-steps iterations.
+    #[arg(long)]
+    trace: Option<PathBuf>,
+    /// Iterations per step to trace (--inner-steps is always added).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3,5")]
+    trace_budgets: Vec<usize>,
 }
 
 fn latent_mse(a: &Tensor, b: &Tensor) -> Result<f64> {
@@ -83,6 +91,9 @@ pub fn run(a: InvertArgs, ctx: &Ctx) -> Result<()> {
         early_stop: a.early_stop,
         ..Default::default()
     };
+    if let Some(trace_path) = &a.trace {
+        return run_trace(&a, ctx, &sd, &img, &opts, trace_path, start);
+    }
     let mut bars = ctx.bars().with_inner_steps(a.inner_steps);
     let (inv, report) = nulltext::invert_image(&sd, &img, &a.prompt, &opts, &mut bars)?;
     nulltext::inversion_file::save(&inv, &a.out)
@@ -159,5 +170,67 @@ pub fn run(a: InvertArgs, ctx: &Ctx) -> Result<()> {
     if let Some(p) = &a.reconstruction {
         ctx.say(format!("wrote {}", p.display()));
     }
+    Ok(())
+}
+
+fn run_trace(
+    a: &InvertArgs,
+    ctx: &Ctx,
+    sd: &nulltext::StableDiffusion,
+    img: &image::RgbImage,
+    opts: &InvertOptions,
+    trace_path: &std::path::Path,
+    start: Instant,
+) -> Result<()> {
+    let mut budgets = a.trace_budgets.clone();
+    budgets.push(a.inner_steps);
+    let mut bars = ctx.bars().with_inner_steps(a.inner_steps);
+    let mut kept = None;
+    let trace = nulltext::trace::trace(
+        sd,
+        img,
+        &a.prompt,
+        opts,
+        &budgets,
+        &mut bars,
+        |b, inv, _| {
+            if b == a.inner_steps || !a.method.optimizes() {
+                kept = Some(inv.clone());
+            }
+            Ok(())
+        },
+    )?;
+    let inv = kept.expect("the --inner-steps budget is traced");
+    nulltext::inversion_file::save(&inv, &a.out)
+        .with_context(|| format!("writing {}", a.out.display()))?;
+    let mut json = serde_json::to_vec_pretty(&trace)?;
+    json.push(b'\n');
+    nulltext::atomic::write_bytes_atomic(trace_path, &json)?;
+    if let Some(p) = &a.reconstruction {
+        let rec = nulltext::reconstruct(sd, &inv, &mut bars)?;
+        image_io::save_png(&super::decode(sd, &rec)?.remove(0), p)?;
+    }
+    ctx.say(format!(
+        "traced {} with {} in {:.1} s; VAE round trip {:.2} dB",
+        a.image.display(),
+        a.method,
+        start.elapsed().as_secs_f64(),
+        trace.vae_psnr
+    ));
+    ctx.say(format!(
+        "  {:>3} {:>10} {:>10} {:>12} {:>8} {:>12}",
+        "N", "iterations", "PSNR (dB)", "vs VAE (dB)", "SSIM", "latent MSE"
+    ));
+    for p in &trace.points {
+        ctx.say(format!(
+            "  {:>3} {:>10} {:>10.2} {:>12.2} {:>8.4} {:>12.6}",
+            p.budget, p.iterations, p.psnr, p.psnr_vs_vae, p.ssim, p.latent_mse
+        ));
+    }
+    ctx.say(format!(
+        "wrote {} and {}",
+        a.out.display(),
+        trace_path.display()
+    ));
     Ok(())
 }

@@ -1,11 +1,14 @@
 //! One module per subcommand; each parses its arguments and calls the library.
 
+mod batch;
 mod bench;
 mod demo;
 mod edit;
+mod eval;
 mod generate;
 mod info;
 mod invert;
+mod plot;
 mod random_model;
 mod reconstruct;
 mod tokens;
@@ -73,6 +76,13 @@ pub enum Command {
     Invert(invert::InvertArgs),
     /// Edit an inverted photo by changing its caption (Prompt-to-Prompt).
     Edit(edit::EditArgs),
+    /// Invert, edit and evaluate every item of a JSON-lines manifest (resumable, shardable).
+    Batch(batch::BatchArgs),
+    /// PSNR, SSIM and MSE of images against a reference, whole or under a mask.
+    Eval(eval::EvalArgs),
+    /// Draw reconstruction quality against optimization iterations (the paper's Figure 4)
+    /// from traces written by `invert --trace`.
+    Plot(plot::PlotArgs),
     /// Sample an inversion back without edits.
     Reconstruct(reconstruct::ReconstructArgs),
     /// Plain text-to-image: the smoke test of a model.
@@ -92,6 +102,9 @@ pub fn run(cmd: Command, ctx: &Ctx) -> Result<()> {
         Command::Demo(a) => demo::run(a, ctx),
         Command::Invert(a) => invert::run(a, ctx),
         Command::Edit(a) => edit::run(a, ctx),
+        Command::Batch(a) => batch::run(a, ctx),
+        Command::Eval(a) => eval::run(a, ctx),
+        Command::Plot(a) => plot::run(a, ctx),
         Command::Reconstruct(a) => reconstruct::run(a, ctx),
         Command::Generate(a) => generate::run(a, ctx),
         Command::Tokens(a) => tokens::run(a, ctx),

@@ -184,6 +184,32 @@ impl BlendOptions {
     }
 }
 
+/// Attention reweighting of target words: `"tiger=2"` or `"fluffy=2,cat=0.5"`.
+pub fn parse_reweight(s: &str) -> Result<Vec<(String, f64)>> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (w, v) = p
+                .split_once('=')
+                .ok_or_else(|| invalid(format!("reweight `{p}`: expected WORD=SCALE")))?;
+            let v: f64 = v
+                .trim()
+                .parse()
+                .map_err(|_| invalid(format!("reweight `{p}`: `{v}` is not a number")))?;
+            Ok((w.trim().to_string(), v))
+        })
+        .collect()
+}
+
+/// Words separated by spaces, `+` or commas (e.g. a blend's words to subtract).
+pub fn parse_words(s: &str) -> Vec<String> {
+    s.split(|c: char| c == '+' || c == ',' || c.is_whitespace())
+        .filter(|w| !w.is_empty())
+        .map(String::from)
+        .collect()
+}
+
 /// Everything an edit can be asked to do.
 #[derive(Debug, Clone)]
 pub struct EditOptions {

@@ -1,0 +1,133 @@
+//! Reconstruction quality against the optimization budget: the data of the paper's Figure 4
+//! (PSNR vs. null-text iterations, per method).
+//!
+//! The paper runs Algorithm 1 with N = 1 … 20 iterations per step and measures the PSNR of
+//! each reconstruction; a point of the curve is one whole inversion with budget N, since a
+//! smaller budget changes every later step's starting point. [`trace`] does exactly that
+//! for a list of budgets, and records the losses of each run.
+
+use std::time::Instant;
+
+use image::RgbImage;
+use nulltext_models::StableDiffusion;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{invalid, Result};
+use crate::events::Progress;
+use crate::inversion::{invert_latent, reconstruct, Inversion, InvertOptions, InvertReport};
+use crate::metrics::{compare, SsimWindow};
+
+/// One inversion of a trace.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TracePoint {
+    /// Iterations allowed per step (N); 0 for methods that do not optimize.
+    pub budget: usize,
+    /// Adam iterations actually run, summed over the steps (fewer than N·T when steps stop
+    /// early).
+    pub iterations: usize,
+    /// Reconstruction PSNR against the input image, dB.
+    pub psnr: f64,
+    /// Reconstruction SSIM against the input image.
+    pub ssim: f64,
+    /// Reconstruction PSNR against the VAE round trip of the input (the upper bound), dB.
+    pub psnr_vs_vae: f64,
+    /// Mean squared error of the reconstructed latent against z₀.
+    pub latent_mse: f64,
+    /// The last loss of each step.
+    pub final_losses: Vec<f64>,
+    /// Seconds of this inversion (DDIM inversion + optimization).
+    pub seconds: f64,
+}
+
+/// A method's reconstruction quality for each budget, for one image.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Trace {
+    pub method: String,
+    pub prompt: String,
+    pub model: String,
+    pub size: usize,
+    pub steps: usize,
+    pub guidance: f64,
+    pub early_stop: f64,
+    /// PSNR of the VAE round trip against the input: no inversion can beat it.
+    pub vae_psnr: f64,
+    pub points: Vec<TracePoint>,
+}
+
+/// Inverts `image` (already at the model's size) once per budget in `budgets` (iterations per
+/// step) and measures each reconstruction. Methods that do not optimize give one point.
+/// `keep(budget, inversion, report)` receives each run, e.g. to save the one wanted.
+pub fn trace(
+    sd: &StableDiffusion,
+    image: &RgbImage,
+    prompt: &str,
+    opts: &InvertOptions,
+    budgets: &[usize],
+    progress: &mut dyn Progress,
+    mut keep: impl FnMut(usize, &Inversion, &InvertReport) -> Result<()>,
+) -> Result<Trace> {
+    let budgets: Vec<usize> = if opts.method.optimizes() {
+        let mut b: Vec<usize> = budgets.to_vec();
+        b.sort_unstable();
+        b.dedup();
+        if b.is_empty() || b[0] == 0 {
+            return Err(invalid(
+                "trace budgets must be iterations per step of at least 1",
+            ));
+        }
+        b
+    } else {
+        vec![0]
+    };
+    let (w, h) = image.dimensions();
+    let x = crate::image_io::image_to_tensor(image, &sd.device)?;
+    let z0 = sd.image_to_latent(&x)?;
+    let vae = crate::image_io::decode_latents(sd, &z0)?.remove(0);
+    let vae_psnr = compare(image, &vae, None, SsimWindow::Uniform7)?.psnr;
+    let mut points = Vec::new();
+    for budget in budgets {
+        let o = InvertOptions {
+            inner_steps: budget.max(1),
+            ..opts.clone()
+        };
+        let start = Instant::now();
+        let (inv, report) = invert_latent(sd, &z0, prompt, h as usize, w as usize, &o, progress)?;
+        let seconds = start.elapsed().as_secs_f64();
+        let rec_latent = match &report.final_latent {
+            Some(z) => z.clone(),
+            None => reconstruct(sd, &inv, progress)?,
+        };
+        let rec = crate::image_io::decode_latents(sd, &rec_latent)?.remove(0);
+        let m = compare(image, &rec, None, SsimWindow::Uniform7)?;
+        let latent_mse = (&rec_latent.to_dtype(candle_core::DType::F32)? - &z0)?
+            .sqr()?
+            .mean_all()?
+            .to_scalar::<f32>()? as f64;
+        points.push(TracePoint {
+            budget,
+            iterations: report.iterations.iter().sum(),
+            psnr: m.psnr,
+            ssim: m.ssim,
+            psnr_vs_vae: compare(&vae, &rec, None, SsimWindow::Uniform7)?.psnr,
+            latent_mse,
+            final_losses: report
+                .losses
+                .iter()
+                .filter_map(|l| l.last().copied())
+                .collect(),
+            seconds,
+        });
+        keep(budget, &inv, &report)?;
+    }
+    Ok(Trace {
+        method: opts.method.to_string(),
+        prompt: prompt.to_string(),
+        model: sd.name.clone(),
+        size: w.max(h) as usize,
+        steps: opts.num_steps,
+        guidance: opts.guidance,
+        early_stop: opts.early_stop,
+        vae_psnr,
+        points,
+    })
+}

@@ -86,9 +86,49 @@ fn eval_reports_scikit_image_values() {
         "{table}"
     );
     assert!(
-        table.contains("LPIPS and CLIP score: unavailable"),
+        table.contains("unavailable without their networks' weights: LPIPS"),
         "{table}"
     );
+    // With the networks' weights: the reference packages' values.
+    let lp: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("tests/fixtures/lpips/reference.json")).unwrap(),
+    )
+    .unwrap();
+    let clip_ref: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("tests/fixtures/clip/reference.json")).unwrap(),
+    )
+    .unwrap();
+    let out = ok(&[
+        "eval",
+        "--json",
+        "-r",
+        s(&m.join("chelsea.png")),
+        "-c",
+        s(&m.join("chelsea-jpeg20.png")),
+        "--lpips",
+        s(&root().join("tests/fixtures/lpips/lpips-alex-random-backbone.safetensors")),
+    ]);
+    let got: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let want = lp["nets"]["alex"][0]["lpips"].as_f64().unwrap();
+    let g = got["candidates"][0]["lpips"].as_f64().unwrap();
+    assert!((g - want).abs() < 1e-5 * want, "{g} vs {want}");
+    let case = &clip_ref["cases"][1];
+    let out = ok(&[
+        "eval",
+        "--json",
+        "-r",
+        s(&root().join("tests/fixtures/clip/chelsea32.png")),
+        "-c",
+        s(&root().join("tests/fixtures/clip/chelsea32.png")),
+        "--clip",
+        s(&root().join("tests/fixtures/clip")),
+        "--caption",
+        case["text"].as_str().unwrap(),
+    ]);
+    let got: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let g = got["candidates"][0]["clip_score"].as_f64().unwrap();
+    let want = case["score"].as_f64().unwrap();
+    assert!((g - want).abs() < 1e-4, "{g} vs {want}");
     // Different sizes: a clear error.
     let out = run(&[
         "eval",
@@ -151,6 +191,15 @@ const SETTINGS: [&str; 8] = [
     "0",
 ];
 
+fn metric_nets() -> [&'static str; 4] {
+    [
+        "--lpips",
+        s_static(&root().join("tests/fixtures/lpips/lpips-squeeze-random-backbone.safetensors")),
+        "--clip",
+        s_static(&root().join("tests/fixtures/clip")),
+    ]
+}
+
 fn batch_args<'a>(manifest: &'a Path, out: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
     let mut v = vec![
         "-q",
@@ -162,6 +211,7 @@ fn batch_args<'a>(manifest: &'a Path, out: &'a Path, extra: &[&'a str]) -> Vec<&
         s(out),
     ];
     v.extend(SETTINGS);
+    v.extend(metric_nets());
     v.extend(extra);
     v
 }
@@ -253,12 +303,30 @@ fn batch_resumes_after_a_kill_and_shards_add_up() {
     let reference = outcome(&whole);
     let csv = std::fs::read_to_string(whole.join("summary.csv")).unwrap();
     assert_eq!(csv.lines().count(), 1 + 10 + 2 * 4, "{csv}");
+    assert!(
+        csv.starts_with("id,kind,caption,mode,psnr,ssim,mse,"),
+        "{csv}"
+    );
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(whole.join("summary.json")).unwrap())
             .unwrap();
     assert_eq!(summary["finished"], 10);
     let item3 = &summary["items"][3];
     assert!(item3["edits"][0]["background"]["psnr"].as_f64().unwrap() > 0.0);
+    for k in [
+        "lpips",
+        "background_lpips",
+        "clip_score",
+        "clip_score_edited",
+    ] {
+        assert!(item3["edits"][1][k].as_f64().is_some(), "{k}: {item3}");
+    }
+    assert!(
+        summary["items"][0]["reconstruction_lpips"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
     assert!(summary["items"][0]["edits"][0]["background"].is_null());
     assert_eq!(item3["iterations"], 6);
 

@@ -50,7 +50,7 @@ impl ClipAttention {
     }
 }
 
-struct ClipLayer {
+pub(crate) struct ClipLayer {
     self_attn: ClipAttention,
     layer_norm1: LayerNorm,
     fc1: Linear,
@@ -60,7 +60,7 @@ struct ClipLayer {
 }
 
 impl ClipLayer {
-    fn load(vb: &Vb, c: &ClipTextConfig) -> Result<Self> {
+    pub(crate) fn load(vb: &Vb, c: &ClipTextConfig) -> Result<Self> {
         let eps = c.layer_norm_eps;
         Ok(Self {
             self_attn: ClipAttention::load(&vb.pp("self_attn"), c)?,
@@ -72,7 +72,7 @@ impl ClipLayer {
         })
     }
 
-    fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let h = self
             .self_attn
             .forward(&self.layer_norm1.forward(x)?, mask)?;

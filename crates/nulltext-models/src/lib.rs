@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod clip;
+pub mod clip_score;
 pub mod config;
 pub mod control;
 pub mod cpu_kernels;

@@ -270,6 +270,10 @@ pub struct BatchOptions {
     /// Square size images are resized to; `None`: the model's.
     pub size: Option<u32>,
     pub shard: Shard,
+    /// LPIPS weights (the `lpips` package's state dict as safetensors), if wanted.
+    pub lpips: Option<PathBuf>,
+    /// A transformers CLIP folder for CLIP scores of the edits, if wanted.
+    pub clip: Option<PathBuf>,
 }
 
 /// An evaluated edit.
@@ -283,6 +287,16 @@ pub struct EditOutcome {
     pub whole: ImageMetrics,
     /// Against the input image outside the item's mask (background preservation).
     pub background: Option<ImageMetrics>,
+    /// LPIPS against the input, whole and outside the mask (with `--lpips`).
+    #[serde(default)]
+    pub lpips: Option<f64>,
+    #[serde(default)]
+    pub background_lpips: Option<f64>,
+    /// CLIP score with the target caption, whole and inside the mask (with `--clip`).
+    #[serde(default)]
+    pub clip_score: Option<f64>,
+    #[serde(default)]
+    pub clip_score_edited: Option<f64>,
     pub seconds: f64,
 }
 
@@ -303,6 +317,9 @@ pub struct ItemResult {
     pub reconstruction: ImageMetrics,
     /// The reconstruction against the VAE round trip.
     pub reconstruction_vs_vae: ImageMetrics,
+    /// LPIPS of the reconstruction against the input (with `--lpips`).
+    #[serde(default)]
+    pub reconstruction_lpips: Option<f64>,
     pub edits: Vec<EditOutcome>,
 }
 
@@ -347,7 +364,23 @@ pub fn item_dir(out_dir: &Path, id: &str) -> PathBuf {
     out_dir.join("items").join(id)
 }
 
+/// The settings an item's result depends on: its inversion's plus the metrics asked for.
 fn settings(
+    sd: &StableDiffusion,
+    item: &Item,
+    opts: &BatchOptions,
+    size: u32,
+) -> serde_json::Value {
+    let mut v = inversion_settings(sd, item, opts, size);
+    v["metrics"] = serde_json::json!({
+        "lpips": opts.lpips.as_ref().map(|p| p.display().to_string()),
+        "clip": opts.clip.as_ref().map(|p| p.display().to_string()),
+    });
+    v
+}
+
+/// The settings an item's inversion depends on.
+fn inversion_settings(
     sd: &StableDiffusion,
     item: &Item,
     opts: &BatchOptions,
@@ -411,6 +444,18 @@ pub fn run(
         .iter()
         .filter(|i| opts.shard.contains(i))
         .collect();
+    let nets = Nets {
+        lpips: match &opts.lpips {
+            Some(p) => Some(crate::lpips::Lpips::load(p, &sd.device)?),
+            None => None,
+        },
+        clip: match &opts.clip {
+            Some(p) => Some(nulltext_models::clip_score::ClipScorer::load(
+                p, &sd.device,
+            )?),
+            None => None,
+        },
+    };
     let mut report = BatchReport::default();
     for (position, item) in mine.iter().enumerate() {
         let dir = item_dir(out_dir, &item.id);
@@ -433,7 +478,18 @@ pub fn run(
             total: mine.len(),
         });
         remove_stale_temporaries(&dir);
-        match run_item(sd, item, &dir, opts, size, &want, progress) {
+        let inv_settings = inversion_settings(sd, item, opts, size);
+        match run_item(
+            sd,
+            item,
+            &dir,
+            opts,
+            size,
+            &want,
+            &inv_settings,
+            &nets,
+            progress,
+        ) {
             Ok(result) => {
                 write_json(&dir.join(RESULT_FILE), &result)?;
                 let _ = std::fs::remove_file(dir.join(ERROR_FILE));
@@ -471,6 +527,12 @@ fn load_mask(item: &Item, size: u32) -> Result<Option<Mask>> {
     Ok(Some(Mask::from_gray(&gray, true)))
 }
 
+/// The optional networks of the metrics.
+struct Nets {
+    lpips: Option<crate::lpips::Lpips>,
+    clip: Option<nulltext_models::clip_score::ClipScorer>,
+}
+
 #[derive(Serialize, Deserialize, PartialEq)]
 struct InversionDone {
     settings: serde_json::Value,
@@ -478,6 +540,7 @@ struct InversionDone {
     seconds: f64,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_item(
     sd: &StableDiffusion,
     item: &Item,
@@ -485,6 +548,8 @@ fn run_item(
     opts: &BatchOptions,
     size: u32,
     settings: &serde_json::Value,
+    inv_settings: &serde_json::Value,
+    nets: &Nets,
     progress: &mut dyn Progress,
 ) -> Result<ItemResult> {
     let input = image_io::load_image(&item.image, item.crop, size)?;
@@ -531,7 +596,7 @@ fn run_item(
     let inv_path = dir.join(INVERSION_FILE);
     let done_path = dir.join(INVERSION_DONE);
     let earlier = read_json::<InversionDone>(&done_path)
-        .filter(|d| &d.settings == settings)
+        .filter(|d| &d.settings == inv_settings)
         .and_then(|d| Some((crate::inversion_file::load(&inv_path).ok()?, d)));
     let (inv, iterations, seconds_inversion, rec_latent): (Inversion, usize, f64, _) = match earlier
     {
@@ -571,6 +636,20 @@ fn run_item(
     image_io::save_png(&rec, &dir.join("reconstruction.png"))?;
     let m =
         |a: &RgbImage, b: &RgbImage, mask: Option<&Mask>| compare(a, b, mask, SsimWindow::Uniform7);
+    let lpips = |b: &RgbImage, mask: Option<&Mask>| -> Result<Option<f64>> {
+        match &nets.lpips {
+            Some(net) => Ok(Some(net.distance(&input, b, mask)?)),
+            None => Ok(None),
+        }
+    };
+    let clip = |b: &RgbImage, caption: &str, mask: Option<&Mask>| -> Result<Option<f64>> {
+        match &nets.clip {
+            Some(net) => Ok(Some(crate::clip_score::clip_score(net, b, caption, mask)?)),
+            None => Ok(None),
+        }
+    };
+    // The region the edits may change, for the edited part's CLIP score.
+    let edited = mask.as_ref().map(|m| m.complement());
 
     let mut outcomes = Vec::new();
     for (k, (s, o)) in edits.iter().enumerate() {
@@ -592,6 +671,16 @@ fn run_item(
                 Some(mask) => Some(m(&input, &img, Some(mask))?),
                 None => None,
             },
+            lpips: lpips(&img, None)?,
+            background_lpips: match &mask {
+                Some(mask) => lpips(&img, Some(mask))?,
+                None => None,
+            },
+            clip_score: clip(&img, &s.target, None)?,
+            clip_score_edited: match &edited {
+                Some(e) => clip(&img, &s.target, Some(e))?,
+                None => None,
+            },
             seconds: start.elapsed().as_secs_f64(),
         });
     }
@@ -605,6 +694,7 @@ fn run_item(
         vae: m(&input, &vae_img, None)?,
         reconstruction: m(&input, &rec, None)?,
         reconstruction_vs_vae: m(&vae_img, &rec, None)?,
+        reconstruction_lpips: lpips(&rec, None)?,
         edits: outcomes,
     })
 }
@@ -659,6 +749,11 @@ pub fn write_summary(manifest: &Manifest, out_dir: &Path) -> Result<Summary> {
         "background_ssim": mean(bg.iter().map(|m| m.ssim)),
         "background_mse": mean(bg.iter().map(|m| m.mse)),
         "seconds_edit": mean(edits.iter().map(|e| e.seconds)),
+        "reconstruction_lpips": mean(items.iter().filter_map(|r| r.reconstruction_lpips)),
+        "edit_lpips": mean(edits.iter().filter_map(|e| e.lpips)),
+        "background_lpips": mean(edits.iter().filter_map(|e| e.background_lpips)),
+        "clip_score": mean(edits.iter().filter_map(|e| e.clip_score)),
+        "clip_score_edited": mean(edits.iter().filter_map(|e| e.clip_score_edited)),
     });
     let summary = Summary {
         manifest: manifest.path.display().to_string(),
@@ -686,18 +781,20 @@ fn csv_field(s: &str) -> String {
 
 fn summary_csv(s: &Summary) -> String {
     let mut out = String::from(
-        "id,kind,caption,mode,psnr,ssim,mse,background_psnr,background_ssim,background_mse,iterations,seconds\n",
+        "id,kind,caption,mode,psnr,ssim,mse,background_psnr,background_ssim,background_mse,lpips,background_lpips,clip_score,clip_score_edited,iterations,seconds\n",
     );
     let num = |v: f64| format!("{v:.6}");
+    let opt = |v: Option<f64>| v.map(num).unwrap_or_default();
     for r in &s.items {
         out += &format!(
-            "{},reconstruction,{},{},{},{},{},,,,{},{:.3}\n",
+            "{},reconstruction,{},{},{},{},{},,,,{},,,,{},{:.3}\n",
             csv_field(&r.id),
             csv_field(&r.prompt),
             r.method,
             num(r.reconstruction.psnr),
             num(r.reconstruction.ssim),
             num(r.reconstruction.mse),
+            opt(r.reconstruction_lpips),
             r.iterations,
             r.seconds_inversion
         );
@@ -707,13 +804,17 @@ fn summary_csv(s: &Summary) -> String {
                 None => (String::new(), String::new(), String::new()),
             };
             out += &format!(
-                "{},edit,{},{},{},{},{},{bp},{bs},{bm},,{:.3}\n",
+                "{},edit,{},{},{},{},{},{bp},{bs},{bm},{},{},{},{},,{:.3}\n",
                 csv_field(&r.id),
                 csv_field(&e.target),
                 e.mode,
                 num(e.whole.psnr),
                 num(e.whole.ssim),
                 num(e.whole.mse),
+                opt(e.lpips),
+                opt(e.background_lpips),
+                opt(e.clip_score),
+                opt(e.clip_score_edited),
                 e.seconds
             );
         }

@@ -7,12 +7,14 @@
 
 pub mod atomic;
 pub mod batch;
+pub mod clip_score;
 pub mod edit;
 pub mod error;
 pub mod events;
 pub mod image_io;
 pub mod inversion;
 pub mod inversion_file;
+pub mod lpips;
 pub mod metrics;
 pub mod plot;
 pub mod render;

@@ -83,6 +83,20 @@ impl Mask {
         (self.width, self.height)
     }
 
+    /// 1 − this mask.
+    pub fn complement(&self) -> Self {
+        Self {
+            width: self.width,
+            height: self.height,
+            weights: self.weights.iter().map(|w| 1.0 - w).collect(),
+        }
+    }
+
+    /// The weights, row-major.
+    pub fn weights(&self) -> &[f64] {
+        &self.weights
+    }
+
     /// The fraction of the image the mask covers (its mean weight).
     pub fn coverage(&self) -> f64 {
         self.weights.iter().sum::<f64>() / self.weights.len().max(1) as f64

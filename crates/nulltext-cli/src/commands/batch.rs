@@ -38,6 +38,14 @@ pub struct BatchArgs {
     /// Square size images are resized to (default: the model's).
     #[arg(long)]
     size: Option<u32>,
+    /// Also measure LPIPS with these weights (the `lpips` package's state dict as
+    /// safetensors: `tools/lpips_reference.py export`; AlexNet or SqueezeNet).
+    #[arg(long)]
+    lpips: Option<PathBuf>,
+    /// Also measure the CLIP score of each edit with its caption, with this transformers
+    /// CLIP folder (config.json + model.safetensors, e.g. openai/clip-vit-large-patch14).
+    #[arg(long)]
+    clip: Option<PathBuf>,
 }
 
 pub fn run(a: BatchArgs, ctx: &Ctx) -> Result<()> {
@@ -54,6 +62,8 @@ pub fn run(a: BatchArgs, ctx: &Ctx) -> Result<()> {
         },
         size: a.size,
         shard: a.shard,
+        lpips: a.lpips.clone(),
+        clip: a.clip.clone(),
     };
     let mine = manifest
         .items

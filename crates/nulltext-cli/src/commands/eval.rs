@@ -36,6 +36,17 @@ pub struct EvalArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// Also LPIPS, with these weights (the `lpips` package's state dict as safetensors:
+    /// `tools/lpips_reference.py export --net alex`; AlexNet or SqueezeNet).
+    #[arg(long)]
+    lpips: Option<PathBuf>,
+    /// Also the CLIP score of each candidate with --caption, with this transformers CLIP
+    /// folder (config.json + model.safetensors, e.g. openai/clip-vit-large-patch14).
+    #[arg(long, requires = "caption")]
+    clip: Option<PathBuf>,
+    /// The caption for the CLIP score.
+    #[arg(long, requires = "clip")]
+    caption: Option<String>,
 }
 
 pub fn run(a: EvalArgs, ctx: &Ctx) -> Result<()> {
@@ -51,21 +62,43 @@ pub fn run(a: EvalArgs, ctx: &Ctx) -> Result<()> {
         Window::Uniform => SsimWindow::Uniform7,
         Window::Gaussian => SsimWindow::Gaussian,
     };
+    let device = candle_core::Device::Cpu;
+    let lpips = match &a.lpips {
+        Some(p) => Some(nulltext::lpips::Lpips::load(p, &device)?),
+        None => None,
+    };
+    let clip = match &a.clip {
+        Some(p) => Some(nulltext::models::clip_score::ClipScorer::load(p, &device)?),
+        None => None,
+    };
     let mut rows = Vec::new();
     for c in &a.candidate {
         let img = image_io::read_rgb(c)?;
         let m = compare(&reference, &img, mask.as_ref(), window)
             .with_context(|| format!("comparing {} with {}", c.display(), a.reference.display()))?;
-        rows.push((c, m));
+        let l = match &lpips {
+            Some(net) => Some(net.distance(&reference, &img, mask.as_ref())?),
+            None => None,
+        };
+        let s = match (&clip, &a.caption) {
+            (Some(net), Some(caption)) => Some(nulltext::clip_score::clip_score(
+                net,
+                &img,
+                caption,
+                mask.as_ref(),
+            )?),
+            _ => None,
+        };
+        rows.push((c, m, l, s));
     }
     if a.json {
         let v: Vec<serde_json::Value> = rows
             .iter()
-            .map(|(c, m)| {
+            .map(|(c, m, l, s)| {
                 let mut v = serde_json::to_value(m).unwrap_or_default();
                 v["candidate"] = serde_json::json!(c.display().to_string());
-                v["lpips"] = serde_json::Value::Null;
-                v["clip_score"] = serde_json::Value::Null;
+                v["lpips"] = serde_json::json!(l);
+                v["clip_score"] = serde_json::json!(s);
                 v
             })
             .collect();
@@ -96,18 +129,34 @@ pub fn run(a: EvalArgs, ctx: &Ctx) -> Result<()> {
         }
     );
     println!(
-        "{:<40} {:>10} {:>8} {:>12}",
-        "candidate", "PSNR (dB)", "SSIM", "MSE"
+        "{:<40} {:>10} {:>8} {:>12} {:>8} {:>10}",
+        "candidate", "PSNR (dB)", "SSIM", "MSE", "LPIPS", "CLIP score"
     );
-    for (c, m) in &rows {
+    let opt = |v: &Option<f64>, p: usize| v.map_or("-".to_string(), |x| format!("{x:.p$}"));
+    for (c, m, l, s) in &rows {
         println!(
-            "{:<40} {:>10.3} {:>8.4} {:>12.6}",
+            "{:<40} {:>10.3} {:>8.4} {:>12.6} {:>8} {:>10}",
             c.display().to_string(),
             m.psnr,
             m.ssim,
-            m.mse
+            m.mse,
+            opt(l, 4),
+            opt(s, 2)
         );
     }
-    println!("LPIPS and CLIP score: unavailable (nulltext does not ship those networks)");
+    if lpips.is_none() || clip.is_none() {
+        let missing: Vec<&str> = [
+            (lpips.is_none(), "LPIPS (--lpips WEIGHTS)"),
+            (clip.is_none(), "CLIP score (--clip MODEL --caption TEXT)"),
+        ]
+        .iter()
+        .filter(|(m, _)| *m)
+        .map(|(_, s)| *s)
+        .collect();
+        println!(
+            "unavailable without their networks' weights: {}",
+            missing.join(", ")
+        );
+    }
     Ok(())
 }

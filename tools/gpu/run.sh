@@ -37,6 +37,20 @@ for stage in "$@"; do
         [ -x "$t" ] || continue
         NULLTEXT_TEST_DEVICE=cuda RAYON_NUM_THREADS=4 $t --include-ignored --test-threads 1 --nocapture 2>&1 | grep -E "max\||worst|cosine|MSE|deviation|test result|panicked|FAILED|row 0" | tee -a "$OUT/parity.txt"
       done ;;
+    parity-quick)
+      # The golden tests on the GPU, without the ignored 500-iteration one.
+      for t in $BIN/golden $BIN/inversion_golden $BIN/edit_golden; do
+        [ -x "$t" ] || continue
+        NULLTEXT_TEST_DEVICE=cuda RAYON_NUM_THREADS=4 $t --test-threads 1 --nocapture 2>&1 | grep -E "max\||worst|cosine|MSE|deviation|test result|panicked|FAILED|row 0" | tee -a "$OUT/parity.txt"
+      done ;;
+    tracking)
+      # cudarc's cross-stream event tracking on (candle's default) and off (nulltext's).
+      need_model
+      for tr in 1 0; do
+        echo "NULLTEXT_CUDA_EVENT_TRACKING=$tr" | tee -a "$OUT/tracking.txt"
+        NULLTEXT_CUDA_EVENT_TRACKING=$tr $NT --device cuda --dtype f16 bench --model $MODEL --size 512 --repeat 5 --warmup 2 \
+          --only unet_b1,unet_b2,nti_iter,edit_step --json "$OUT/tracking-$tr.json" 2>&1 | tee -a "$OUT/tracking.txt"
+      done ;;
     bench)
       need_model
       for dt in f32 f16; do

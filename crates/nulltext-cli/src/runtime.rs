@@ -29,7 +29,7 @@ pub fn parse_device(spec: &str) -> Result<Device> {
         "cpu" => Ok(Device::Cpu),
         "auto" => {
             if candle_core::utils::cuda_is_available() {
-                Ok(Device::new_cuda(0)?)
+                Ok(nulltext::models::device::cuda(0)?)
             } else if candle_core::utils::metal_is_available() {
                 Ok(Device::new_metal(0)?)
             } else {
@@ -54,7 +54,7 @@ pub fn parse_device(spec: &str) -> Result<Device> {
                     .with_context(|| format!("device `{s}`: bad GPU index"))?,
                 None => 0,
             };
-            Device::new_cuda(n).with_context(|| format!("cannot open CUDA device {n}"))
+            nulltext::models::device::cuda(n).with_context(|| format!("cannot open CUDA device {n}"))
         }
         s => bail!("unknown device `{s}` (cpu, cuda, cuda:N, metal, auto)"),
     }

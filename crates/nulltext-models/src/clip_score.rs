@@ -133,7 +133,7 @@ pub struct ClipScorer {
 
 /// CLIP's image normalization.
 pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
-pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_1];
+pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
 
 impl ClipScorer {
     /// Loads a transformers CLIP folder: `config.json`, `model.safetensors` (any float

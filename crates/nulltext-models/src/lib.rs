@@ -5,6 +5,7 @@ pub mod attention;
 pub mod clip;
 pub mod clip_score;
 pub mod config;
+pub mod device;
 pub mod control;
 pub mod cpu_kernels;
 pub mod embeddings;

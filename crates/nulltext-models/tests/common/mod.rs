@@ -11,7 +11,8 @@ use candle_core::{DType, Device, Tensor};
 pub fn device() -> Device {
     match std::env::var("NULLTEXT_TEST_DEVICE").as_deref() {
         Ok("cuda") => {
-            Device::new_cuda(0).expect("NULLTEXT_TEST_DEVICE=cuda needs a CUDA build and GPU")
+            nulltext_models::device::cuda(0)
+                .expect("NULLTEXT_TEST_DEVICE=cuda needs a CUDA build and GPU")
         }
         Ok("metal") => {
             Device::new_metal(0).expect("NULLTEXT_TEST_DEVICE=metal needs a Metal build")

@@ -504,3 +504,60 @@ fn trace_and_plot_draw_figure_4() {
     assert!(!d.join("x.png").exists());
     let _ = std::fs::remove_dir_all(&d);
 }
+
+#[test]
+fn serve_starts_answers_and_stops_on_ctrl_c() {
+    use std::io::{BufRead, Read, Write};
+    let d = tmp("serve");
+    let mut child = command(
+        &[
+            "serve",
+            "-m",
+            s(&tiny()),
+            "--bind",
+            "127.0.0.1:0",
+            "--data-dir",
+            s(&d.join("data")),
+        ],
+        "2",
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no URL in {line:?}"));
+    let addr = url.trim_start_matches("http://").trim_end_matches('/');
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        conn,
+        "GET /openapi.json HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut reply = String::new();
+    conn.read_to_string(&mut reply).unwrap();
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert!(reply.contains("\"openapi\""), "{reply}");
+    // Ctrl-C: a clean exit.
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let code = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "serve did not stop on SIGINT");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(code.success(), "{code:?}");
+    let _ = std::fs::remove_dir_all(&d);
+}

@@ -11,6 +11,7 @@ mod invert;
 mod plot;
 mod random_model;
 mod reconstruct;
+mod serve;
 mod tokens;
 
 use anyhow::Result;
@@ -85,6 +86,8 @@ pub enum Command {
     Plot(plot::PlotArgs),
     /// Sample an inversion back without edits.
     Reconstruct(reconstruct::ReconstructArgs),
+    /// A local web app and HTTP API: invert and edit photos as jobs.
+    Serve(serve::ServeCommand),
     /// Plain text-to-image: the smoke test of a model.
     Generate(generate::GenerateArgs),
     /// Show how a prompt is tokenized and which word each token belongs to.
@@ -106,6 +109,7 @@ pub fn run(cmd: Command, ctx: &Ctx) -> Result<()> {
         Command::Eval(a) => eval::run(a, ctx),
         Command::Plot(a) => plot::run(a, ctx),
         Command::Reconstruct(a) => reconstruct::run(a, ctx),
+        Command::Serve(a) => serve::run(a, ctx),
         Command::Generate(a) => generate::run(a, ctx),
         Command::Tokens(a) => tokens::run(a, ctx),
         Command::Info(a) => info::run(a, ctx),

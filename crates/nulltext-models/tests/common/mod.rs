@@ -10,10 +10,8 @@ use candle_core::{DType, Device, Tensor};
 /// `cuda` feature) runs them on the GPU with the same tolerances.
 pub fn device() -> Device {
     match std::env::var("NULLTEXT_TEST_DEVICE").as_deref() {
-        Ok("cuda") => {
-            nulltext_models::device::cuda(0)
-                .expect("NULLTEXT_TEST_DEVICE=cuda needs a CUDA build and GPU")
-        }
+        Ok("cuda") => nulltext_models::device::cuda(0)
+            .expect("NULLTEXT_TEST_DEVICE=cuda needs a CUDA build and GPU"),
         Ok("metal") => {
             Device::new_metal(0).expect("NULLTEXT_TEST_DEVICE=metal needs a Metal build")
         }

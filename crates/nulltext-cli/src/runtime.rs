@@ -54,7 +54,8 @@ pub fn parse_device(spec: &str) -> Result<Device> {
                     .with_context(|| format!("device `{s}`: bad GPU index"))?,
                 None => 0,
             };
-            nulltext::models::device::cuda(n).with_context(|| format!("cannot open CUDA device {n}"))
+            nulltext::models::device::cuda(n)
+                .with_context(|| format!("cannot open CUDA device {n}"))
         }
         s => bail!("unknown device `{s}` (cpu, cuda, cuda:N, metal, auto)"),
     }

@@ -99,6 +99,9 @@ struct Entry {
 pub struct Store {
     root: PathBuf,
     index: RwLock<BTreeMap<Id, Entry>>,
+    /// An exclusive lock on `DATA/lock`, held while the store is open: one server per
+    /// data folder.
+    _lock: fs::File,
 }
 
 /// A folder under `DATA/tmp` that becomes a result when published; removed if dropped
@@ -163,6 +166,19 @@ impl Store {
             fs::create_dir_all(root.join(d))
                 .with_context(|| format!("creating {}", root.join(d).display()))?;
         }
+        let lock_path = root.join("lock");
+        let lock = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .with_context(|| format!("opening {}", lock_path.display()))?;
+        if lock.try_lock().is_err() {
+            anyhow::bail!(
+                "{} is in use by another nulltext serve (one server per data folder)",
+                root.display()
+            );
+        }
         let tmp = root.join("tmp");
         for e in fs::read_dir(&tmp)?.flatten() {
             let p = e.path();
@@ -198,6 +214,7 @@ impl Store {
             index.insert(id, Entry { record, edits });
         }
         Ok(Self {
+            _lock: lock,
             root: root.to_path_buf(),
             index: RwLock::new(index),
         })

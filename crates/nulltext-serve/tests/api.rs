@@ -18,6 +18,16 @@ fn invert_edit_download_across_a_restart() {
     let dir = temp_dir("flow");
     let server = start(args(&dir));
     let addr = server.addr();
+    // One server per data folder: a second one is refused and touches nothing.
+    let before = tree(&dir);
+    let e = nulltext_serve::Server::start(load_tiny(), args(&dir))
+        .err()
+        .expect("a second server on the same folder");
+    assert!(
+        format!("{e:#}").contains("in use by another nulltext serve"),
+        "{e:#}"
+    );
+    assert_eq!(tree(&dir), before);
 
     let r = submit_inversion(addr, "4", "2");
     assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));

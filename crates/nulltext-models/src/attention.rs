@@ -481,7 +481,7 @@ impl Transformer2DModel {
         next_index: &mut usize,
     ) -> Result<Self> {
         let c = s.channels;
-        if s.heads == 0 || c % s.heads != 0 {
+        if s.heads == 0 || !c.is_multiple_of(s.heads) {
             return Err(crate::Error::Unsupported(format!(
                 "{}: {c} channels do not divide into {} heads",
                 vb.prefix(),

@@ -61,7 +61,7 @@ struct ClipVisionTransformer {
 
 impl ClipVisionTransformer {
     fn load(vb: &Vb, c: &ClipVisionConfig) -> Result<Self> {
-        if c.patch_size == 0 || c.image_size % c.patch_size != 0 {
+        if c.patch_size == 0 || !c.image_size.is_multiple_of(c.patch_size) {
             return Err(Error::Unsupported(format!(
                 "CLIP vision: image size {} is not a multiple of the patch size {}",
                 c.image_size, c.patch_size

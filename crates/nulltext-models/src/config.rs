@@ -202,7 +202,7 @@ impl UNetConfig {
             Some("UNetMidBlock2DCrossAttn") | None => {}
             Some(t) => return Err(Error::Unsupported(format!("UNet mid block type `{t}`"))),
         }
-        if self.conv_in_kernel % 2 == 0 || self.conv_out_kernel % 2 == 0 {
+        if self.conv_in_kernel.is_multiple_of(2) || self.conv_out_kernel.is_multiple_of(2) {
             return bad("even conv_in/conv_out kernels are not supported");
         }
         Ok(())
@@ -332,7 +332,9 @@ impl ClipTextConfig {
                 self.hidden_act
             )));
         }
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
             return Err(Error::Unsupported(
                 "text encoder: hidden_size must divide into the heads".into(),
             ));

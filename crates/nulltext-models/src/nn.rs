@@ -336,7 +336,7 @@ impl CustomOp1 for CpuGroupNorm {
 
 impl GroupNorm {
     pub fn load(vb: &Vb, groups: usize, channels: usize, eps: f64) -> Result<Self> {
-        if groups == 0 || channels % groups != 0 {
+        if groups == 0 || !channels.is_multiple_of(groups) {
             return Err(crate::Error::Unsupported(format!(
                 "{}: {channels} channels do not divide into {groups} groups",
                 vb.prefix()

@@ -120,7 +120,7 @@ pub fn invert_params(
             }
             "size" => {
                 size = in_range("size", number(name, v)?, SIZE_MULTIPLE, limits.max_size)?;
-                if size % SIZE_MULTIPLE != 0 {
+                if !size.is_multiple_of(SIZE_MULTIPLE) {
                     return Err(ApiError::bad_request(format!(
                         "`size` must be a multiple of {SIZE_MULTIPLE}, got {size}"
                     )));

@@ -434,7 +434,7 @@ pub fn run(
 ) -> Result<BatchReport> {
     let size = opts.size.unwrap_or(sd.default_image_size() as u32);
     let f = sd.vae_scale_factor() as u32;
-    if size == 0 || size % f != 0 {
+    if size == 0 || !size.is_multiple_of(f) {
         return Err(invalid(format!(
             "size must be a positive multiple of {f}, got {size}"
         )));

@@ -48,7 +48,11 @@ pub fn generate(
     progress: &mut dyn Progress,
 ) -> Result<Tensor> {
     let f = sd.vae_scale_factor();
-    if opts.height % f != 0 || opts.width % f != 0 || opts.height == 0 || opts.width == 0 {
+    if !opts.height.is_multiple_of(f)
+        || !opts.width.is_multiple_of(f)
+        || opts.height == 0
+        || opts.width == 0
+    {
         return Err(invalid(format!(
             "height and width must be positive multiples of {f}, got {}×{}",
             opts.width, opts.height

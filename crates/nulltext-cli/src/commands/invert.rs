@@ -75,7 +75,7 @@ pub fn run(a: InvertArgs, ctx: &Ctx) -> Result<()> {
     let sd = ctx.load(&a.model)?;
     let size = a.size.unwrap_or(sd.default_image_size() as u32);
     let f = sd.vae_scale_factor() as u32;
-    if size == 0 || size % f != 0 {
+    if size == 0 || !size.is_multiple_of(f) {
         anyhow::bail!("--size must be a positive multiple of {f}, got {size}");
     }
     let img = image_io::prepare(&raw, a.crop.unwrap_or_default(), size, &a.image)?;

@@ -561,3 +561,43 @@ fn serve_starts_answers_and_stops_on_ctrl_c() {
     assert!(code.success(), "{code:?}");
     let _ = std::fs::remove_dir_all(&d);
 }
+
+#[test]
+fn ctrl_c_stops_a_batch_and_keeps_finished_items() {
+    let d = tmp("ctrlc");
+    let m = manifest(&d);
+    let out_dir = d.join("runs");
+    let child = command(&batch_args(&m, &out_dir, &[]), "2")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while finished(&out_dir).is_empty() {
+        assert!(Instant::now() < deadline, "the batch made no progress");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    let n = finished(&out_dir).len();
+    assert!(n < 10, "the interrupt came too late");
+    assert!(
+        err.contains(&format!(
+            "interrupted: {n} of 10 items are finished and kept"
+        )),
+        "{err}"
+    );
+    // Only whole files: no temporaries, and the summary covers the finished items.
+    outcome(&out_dir);
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(summary["finished"], n);
+    let _ = std::fs::remove_dir_all(&d);
+}

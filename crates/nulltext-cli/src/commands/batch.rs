@@ -114,9 +114,24 @@ pub fn run(a: BatchArgs, ctx: &Ctx) -> Result<()> {
                 let _ = multi.println(format!("{id}: failed: {error}"));
             }
         },
-    )?;
+    );
     drop(bars);
     items_bar.finish_and_clear();
+    let report = match report {
+        Ok(r) => r,
+        Err(nulltext::Error::Cancelled) => {
+            // Finished items stay; the interrupted one left only whole files (its inversion
+            // is reused if it got that far).
+            let summary = batch::write_summary(&manifest, &a.out_dir)?;
+            eprintln!(
+                "interrupted: {} of {} items are finished and kept; run the same command again to do the rest",
+                summary.finished,
+                manifest.items.len()
+            );
+            std::process::exit(130);
+        }
+        Err(e) => return Err(e.into()),
+    };
     let summary = batch::write_summary(&manifest, &a.out_dir)?;
     ctx.say(format!(
         "shard {}/{}: {} done, {} skipped (finished before), {} failed in {:.1} s",

@@ -1,30 +1,14 @@
 //! `nulltext eval`, `nulltext batch` (resumable after a kill, shards that add up to one
 //! run) and `nulltext plot`, end to end on the tiny fixture model.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+
+use common::*;
 use std::time::{Duration, Instant};
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn tiny() -> PathBuf {
-    root().join("tests/fixtures/models/tiny-sd15")
-}
-
-fn photo() -> PathBuf {
-    root().join("tests/fixtures/inputs/chelsea256.png")
-}
-
-fn command(args: &[&str], threads: &str) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_nulltext"));
-    c.args(args)
-        .env("RAYON_NUM_THREADS", threads)
-        .env_remove("NULLTEXT_MODEL");
-    c
-}
 
 fn run(args: &[&str]) -> Output {
     command(args, "2").output().expect("run nulltext")
@@ -35,17 +19,6 @@ fn ok(args: &[&str]) -> String {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "nulltext {args:?} failed:\n{stderr}");
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("nulltext-batch-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 #[test]

@@ -2,28 +2,15 @@
 //! files, including bad input: each must fail with a one-line message naming the culprit
 //! and write nothing.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn tiny() -> PathBuf {
-    root().join("tests/fixtures/models/tiny-sd15")
-}
-
-fn photo() -> PathBuf {
-    root().join("tests/fixtures/inputs/chelsea256.png")
-}
+use common::*;
 
 fn nulltext(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_nulltext"))
-        .args(args)
-        .env("RAYON_NUM_THREADS", "2")
-        .env_remove("NULLTEXT_MODEL")
-        .output()
-        .expect("run nulltext")
+    command(args, "2").output().expect("run nulltext")
 }
 
 fn ok(args: &[&str]) -> String {
@@ -43,17 +30,6 @@ fn fails(args: &[&str]) -> String {
     );
     assert!(stderr.starts_with("error: "), "{stderr}");
     stderr
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("nulltext-cli-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 /// A copy of the tiny model (weights as symlinks unless `copy_weights`).

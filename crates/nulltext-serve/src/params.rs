@@ -250,13 +250,6 @@ fn nonempty(s: &Option<String>) -> Option<&str> {
     s.as_deref().map(str::trim).filter(|s| !s.is_empty())
 }
 
-fn words(s: &str) -> Vec<String> {
-    s.split(|c: char| c == '+' || c == ',' || c.is_whitespace())
-        .filter(|w| !w.is_empty())
-        .map(String::from)
-        .collect()
-}
-
 /// `"tiger=2"` or `"fluffy=2,cat=0.5"`.
 pub fn parse_reweight(s: &str) -> Result<Vec<(String, f64)>, ApiError> {
     s.split(',')
@@ -322,7 +315,7 @@ impl EditRequest {
                     bo.threshold = in_range("blend_threshold", t, 0.0, 1.0)?;
                 }
                 if let Some(s) = nonempty(&self.blend_subtract) {
-                    bo.subtract = words(s);
+                    bo.subtract = nulltext::edit::parse_words(s);
                 }
                 o.blend = Some(bo);
             }

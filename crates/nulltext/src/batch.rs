@@ -364,14 +364,9 @@ pub fn item_dir(out_dir: &Path, id: &str) -> PathBuf {
     out_dir.join("items").join(id)
 }
 
-/// The settings an item's result depends on: its inversion's plus the metrics asked for.
-fn settings(
-    sd: &StableDiffusion,
-    item: &Item,
-    opts: &BatchOptions,
-    size: u32,
-) -> serde_json::Value {
-    let mut v = inversion_settings(sd, item, opts, size);
+/// The settings an item's result depends on: its inversion's (`v`) plus the metrics asked
+/// for.
+fn with_metrics(mut v: serde_json::Value, opts: &BatchOptions) -> serde_json::Value {
     v["metrics"] = serde_json::json!({
         "lpips": opts.lpips.as_ref().map(|p| p.display().to_string()),
         "clip": opts.clip.as_ref().map(|p| p.display().to_string()),
@@ -459,7 +454,8 @@ pub fn run(
     let mut report = BatchReport::default();
     for (position, item) in mine.iter().enumerate() {
         let dir = item_dir(out_dir, &item.id);
-        let want = settings(sd, item, opts, size);
+        let inv_settings = inversion_settings(sd, item, opts, size);
+        let want = with_metrics(inv_settings.clone(), opts);
         if let Some(r) = read_json::<ItemResult>(&dir.join(RESULT_FILE)) {
             if r.settings == want {
                 on_item(ItemEvent::Skipped { id: &item.id });
@@ -478,7 +474,6 @@ pub fn run(
             total: mine.len(),
         });
         remove_stale_temporaries(&dir);
-        let inv_settings = inversion_settings(sd, item, opts, size);
         match run_item(
             sd,
             item,

@@ -189,6 +189,13 @@ pub fn compare(
     })
 }
 
+/// Mean squared difference of two latents (any float dtype), e.g. a reconstruction's
+/// against z₀.
+pub fn latent_mse(a: &candle_core::Tensor, b: &candle_core::Tensor) -> Result<f64> {
+    let d = (a.to_dtype(candle_core::DType::F32)? - b.to_dtype(candle_core::DType::F32)?)?;
+    Ok(d.sqr()?.mean_all()?.to_scalar::<f32>()? as f64)
+}
+
 /// PSNR in dB for intensities in [0, 1] with mean squared error `mse`.
 pub fn psnr_from_mse(mse: f64) -> f64 {
     if mse == 0.0 {

@@ -99,10 +99,7 @@ pub fn trace(
         };
         let rec = crate::image_io::decode_latents(sd, &rec_latent)?.remove(0);
         let m = compare(image, &rec, None, SsimWindow::Uniform7)?;
-        let latent_mse = (&rec_latent.to_dtype(candle_core::DType::F32)? - &z0)?
-            .sqr()?
-            .mean_all()?
-            .to_scalar::<f32>()? as f64;
+        let latent_mse = crate::metrics::latent_mse(&rec_latent, &z0)?;
         points.push(TracePoint {
             budget,
             iterations: report.iterations.iter().sum(),

@@ -4,7 +4,6 @@ use anyhow::{bail, Result};
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use nulltext::batch::{self, BatchOptions, ItemEvent, Shard};
-use nulltext::{InvertOptions, Method};
 
 use super::{Ctx, ModelArg};
 
@@ -24,20 +23,9 @@ pub struct BatchArgs {
     /// $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT or $JOB_COMPLETION_INDEX/N.
     #[arg(long, default_value = "0/1")]
     shard: Shard,
-    /// Inversion method for every item (see `nulltext invert`).
-    #[arg(long, default_value = "null-text")]
-    method: Method,
-    #[arg(long, default_value_t = 50)]
-    steps: usize,
-    #[arg(long, default_value_t = 7.5)]
-    guidance: f64,
-    #[arg(long, default_value_t = 10)]
-    inner_steps: usize,
-    #[arg(long, default_value_t = 1e-5)]
-    early_stop: f64,
-    /// Square size images are resized to (default: the model's).
-    #[arg(long)]
-    size: Option<u32>,
+    /// How every item is inverted.
+    #[command(flatten)]
+    settings: super::InvertSettings,
     /// Also measure LPIPS with these weights (the `lpips` package's state dict as
     /// safetensors: `tools/lpips_reference.py export`; AlexNet or SqueezeNet).
     #[arg(long)]
@@ -52,15 +40,8 @@ pub fn run(a: BatchArgs, ctx: &Ctx) -> Result<()> {
     let manifest = batch::read_manifest(&a.manifest)?;
     let sd = ctx.load(&a.model)?;
     let opts = BatchOptions {
-        invert: InvertOptions {
-            method: a.method,
-            num_steps: a.steps,
-            guidance: a.guidance,
-            inner_steps: a.inner_steps,
-            early_stop: a.early_stop,
-            ..Default::default()
-        },
-        size: a.size,
+        invert: a.settings.options(),
+        size: a.settings.size,
         shard: a.shard,
         lpips: a.lpips.clone(),
         clip: a.clip.clone(),
@@ -85,7 +66,7 @@ pub fn run(a: BatchArgs, ctx: &Ctx) -> Result<()> {
     items_bar.set_prefix("items");
     let mut bars = ctx
         .bars()
-        .with_inner_steps(a.inner_steps)
+        .with_inner_steps(a.settings.inner_steps)
         .in_multi(multi.clone());
     let start = std::time::Instant::now();
     let report = batch::run(

@@ -137,7 +137,7 @@ pub fn run(a: EditArgs, ctx: &Ctx) -> Result<()> {
     let start = std::time::Instant::now();
     let res = nulltext::edit::edit(&sd, &inv, &a.target, &opts, &mut ctx.bars())?;
     let secs = start.elapsed().as_secs_f64();
-    let images = super::decode(&sd, &res.latents)?;
+    let images = nulltext::image_io::decode_latents(&sd, &res.latents)?;
     let out_dir = match (&a.out_dir, &a.grid, &a.save_latents, &a.attention_maps) {
         (Some(d), ..) => Some(d.clone()),
         (None, None, None, None) => Some(PathBuf::from("edits")),
@@ -167,7 +167,7 @@ pub fn run(a: EditArgs, ctx: &Ctx) -> Result<()> {
             ),
             None => match &inv.image_latent {
                 Some(z0) => (
-                    super::decode(&sd, &z0.to_device(&sd.device)?)?.remove(0),
+                    nulltext::image_io::decode_latents(&sd, z0)?.remove(0),
                     "input (VAE)".to_string(),
                 ),
                 None => (image::RgbImage::new(w, h), "input".to_string()),

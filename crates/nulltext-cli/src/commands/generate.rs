@@ -45,7 +45,7 @@ pub fn run(a: GenerateArgs, ctx: &Ctx) -> Result<()> {
     };
     let start = std::time::Instant::now();
     let z = generate(&sd, &opts, &mut ctx.bars())?;
-    let img = super::decode(&sd, &z)?.remove(0);
+    let img = nulltext::image_io::decode_latents(&sd, &z)?.remove(0);
     nulltext::image_io::save_png(&img, &a.out)?;
     ctx.say(format!(
         "wrote {} ({}×{}, {} steps in {:.1} s)",

@@ -22,25 +22,8 @@ pub struct InvertArgs {
     /// The inversion file to write (conventionally *.nti.safetensors).
     #[arg(long, short)]
     out: PathBuf,
-    /// null-text (the paper), null-text-global (one embedding for all steps),
-    /// negative-prompt (no optimization) or ddim (plain inversion, the lower bound).
-    #[arg(long, default_value = "null-text")]
-    method: Method,
-    /// DDIM steps.
-    #[arg(long, default_value_t = 50)]
-    steps: usize,
-    /// Classifier-free guidance scale used while optimizing and editing.
-    #[arg(long, default_value_t = 7.5)]
-    guidance: f64,
-    /// Adam iterations per step (N).
-    #[arg(long, default_value_t = 10)]
-    inner_steps: usize,
-    /// Early-stop threshold ε (a step stops once its loss < ε + i·2e-5).
-    #[arg(long, default_value_t = 1e-5)]
-    early_stop: f64,
-    /// Square size the photo is resized to (default: the model's, 512 for SD 1.x).
-    #[arg(long)]
-    size: Option<u32>,
+    #[command(flatten)]
+    settings: super::InvertSettings,
     /// Pixels to cut from the sides before the centre square is taken: LEFT,RIGHT,TOP,BOTTOM.
     #[arg(long)]
     crop: Option<Crop>,
@@ -60,20 +43,12 @@ pub struct InvertArgs {
     trace_budgets: Vec<usize>,
 }
 
-fn latent_mse(a: &Tensor, b: &Tensor) -> Result<f64> {
-    Ok((a - b)?
-        .sqr()?
-        .mean_all()?
-        .to_dtype(candle_core::DType::F64)?
-        .to_scalar::<f64>()?)
-}
-
 pub fn run(a: InvertArgs, ctx: &Ctx) -> Result<()> {
     let start = Instant::now();
     // Read the image first: a bad image fails before the model loads.
     let raw = image_io::read_rgb(&a.image)?;
     let sd = ctx.load(&a.model)?;
-    let size = a.size.unwrap_or(sd.default_image_size() as u32);
+    let size = a.settings.size.unwrap_or(sd.default_image_size() as u32);
     let f = sd.vae_scale_factor() as u32;
     if size == 0 || !size.is_multiple_of(f) {
         anyhow::bail!("--size must be a positive multiple of {f}, got {size}");
@@ -83,18 +58,11 @@ pub fn run(a: InvertArgs, ctx: &Ctx) -> Result<()> {
     if let Some(cut) = &enc.truncated {
         eprintln!("warning: the prompt is longer than 77 tokens; cut off: \"{cut}\"");
     }
-    let opts = InvertOptions {
-        method: a.method,
-        num_steps: a.steps,
-        guidance: a.guidance,
-        inner_steps: a.inner_steps,
-        early_stop: a.early_stop,
-        ..Default::default()
-    };
+    let opts = a.settings.options();
     if let Some(trace_path) = &a.trace {
         return run_trace(&a, ctx, &sd, &img, &opts, trace_path, start);
     }
-    let mut bars = ctx.bars().with_inner_steps(a.inner_steps);
+    let mut bars = ctx.bars().with_inner_steps(a.settings.inner_steps);
     let (inv, report) = nulltext::invert_image(&sd, &img, &a.prompt, &opts, &mut bars)?;
     nulltext::inversion_file::save(&inv, &a.out)
         .with_context(|| format!("writing {}", a.out.display()))?;
@@ -106,8 +74,8 @@ pub fn run(a: InvertArgs, ctx: &Ctx) -> Result<()> {
         Some(z) => z.clone(),
         None => nulltext::reconstruct(&sd, &inv, &mut bars)?,
     };
-    let rec = super::decode(&sd, &rec_latent)?.remove(0);
-    let vae = super::decode(&sd, &z0)?.remove(0);
+    let rec = nulltext::image_io::decode_latents(&sd, &rec_latent)?.remove(0);
+    let vae = nulltext::image_io::decode_latents(&sd, &z0)?.remove(0);
     if let Some(p) = &a.reconstruction {
         image_io::save_png(&rec, p)?;
     }
@@ -115,19 +83,19 @@ pub fn run(a: InvertArgs, ctx: &Ctx) -> Result<()> {
     let stopped = report
         .iterations
         .iter()
-        .filter(|n| **n < a.inner_steps)
+        .filter(|n| **n < a.settings.inner_steps)
         .count();
     ctx.say(format!(
         "inverted {} with {} in {wall:.1} s (DDIM inversion {:.1} s, optimization {:.1} s)",
         a.image.display(),
-        a.method,
+        a.settings.method,
         report.seconds_ddim,
         report.seconds_optimization
     ));
-    if a.method.optimizes() {
+    if a.settings.method.optimizes() {
         ctx.say(format!(
             "  {iters} Adam iterations over {} steps ({stopped} steps stopped early)",
-            a.steps
+            a.settings.steps
         ));
     }
     ctx.say(format!(
@@ -136,7 +104,7 @@ pub fn run(a: InvertArgs, ctx: &Ctx) -> Result<()> {
     ));
     let line = |name: &str, im: &image::RgbImage, z: Option<&Tensor>| -> Result<String> {
         let mse = match z {
-            Some(z) => format!("{:>14.6}", latent_mse(z, &z0)?),
+            Some(z) => format!("{:>14.6}", nulltext::metrics::latent_mse(z, &z0)?),
             None => format!("{:>14}", "-"),
         };
         let vs_vae = if std::ptr::eq(im, &vae) {
@@ -150,19 +118,19 @@ pub fn run(a: InvertArgs, ctx: &Ctx) -> Result<()> {
         ))
     };
     ctx.say(line(
-        &format!("{} (this file)", a.method),
+        &format!("{} (this file)", a.settings.method),
         &rec,
         Some(&rec_latent),
     )?);
-    if a.compare && a.method != Method::Ddim {
+    if a.compare && a.settings.method != Method::Ddim {
         let mut base = inv.clone();
         let (emb, _) = sd.encode_prompts(&[""])?;
         base.null_embeddings = emb
-            .broadcast_as((a.steps, emb.dim(1)?, emb.dim(2)?))?
+            .broadcast_as((a.settings.steps, emb.dim(1)?, emb.dim(2)?))?
             .contiguous()?;
         base.method = Method::Ddim;
         let z = nulltext::reconstruct(&sd, &base, &mut bars)?;
-        let im = super::decode(&sd, &z)?.remove(0);
+        let im = nulltext::image_io::decode_latents(&sd, &z)?.remove(0);
         ctx.say(line("ddim (baseline)", &im, Some(&z))?);
     }
     ctx.say(line("VAE round trip", &vae, None)?);
@@ -183,8 +151,8 @@ fn run_trace(
     start: Instant,
 ) -> Result<()> {
     let mut budgets = a.trace_budgets.clone();
-    budgets.push(a.inner_steps);
-    let mut bars = ctx.bars().with_inner_steps(a.inner_steps);
+    budgets.push(a.settings.inner_steps);
+    let mut bars = ctx.bars().with_inner_steps(a.settings.inner_steps);
     let mut kept = None;
     let trace = nulltext::trace::trace(
         sd,
@@ -194,7 +162,7 @@ fn run_trace(
         &budgets,
         &mut bars,
         |b, inv, _| {
-            if b == a.inner_steps || !a.method.optimizes() {
+            if b == a.settings.inner_steps || !a.settings.method.optimizes() {
                 kept = Some(inv.clone());
             }
             Ok(())
@@ -208,12 +176,12 @@ fn run_trace(
     nulltext::atomic::write_bytes_atomic(trace_path, &json)?;
     if let Some(p) = &a.reconstruction {
         let rec = nulltext::reconstruct(sd, &inv, &mut bars)?;
-        image_io::save_png(&super::decode(sd, &rec)?.remove(0), p)?;
+        image_io::save_png(&nulltext::image_io::decode_latents(sd, &rec)?.remove(0), p)?;
     }
     ctx.say(format!(
         "traced {} with {} in {:.1} s; VAE round trip {:.2} dB",
         a.image.display(),
-        a.method,
+        a.settings.method,
         start.elapsed().as_secs_f64(),
         trace.vae_psnr
     ));

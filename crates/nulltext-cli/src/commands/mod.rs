@@ -68,6 +68,43 @@ pub struct ModelArg {
     pub prediction_type: Option<String>,
 }
 
+/// How an inversion runs (`invert`, `batch`).
+#[derive(Args, Debug, Clone)]
+pub struct InvertSettings {
+    /// null-text (the paper), null-text-global (one embedding for all steps),
+    /// negative-prompt (no optimization) or ddim (plain inversion, the lower bound).
+    #[arg(long, default_value = "null-text")]
+    pub method: nulltext::Method,
+    /// DDIM steps.
+    #[arg(long, default_value_t = 50)]
+    pub steps: usize,
+    /// Classifier-free guidance scale used while optimizing and editing.
+    #[arg(long, default_value_t = 7.5)]
+    pub guidance: f64,
+    /// Adam iterations per step (N).
+    #[arg(long, default_value_t = 10)]
+    pub inner_steps: usize,
+    /// Early-stop threshold ε (a step stops once its loss < ε + i·2e-5).
+    #[arg(long, default_value_t = 1e-5)]
+    pub early_stop: f64,
+    /// Square size the photo is resized to (default: the model's, 512 for SD 1.x).
+    #[arg(long)]
+    pub size: Option<u32>,
+}
+
+impl InvertSettings {
+    pub fn options(&self) -> nulltext::InvertOptions {
+        nulltext::InvertOptions {
+            method: self.method,
+            num_steps: self.steps,
+            guidance: self.guidance,
+            inner_steps: self.inner_steps,
+            early_stop: self.early_stop,
+            ..Default::default()
+        }
+    }
+}
+
 #[derive(Subcommand)]
 pub enum Command {
     /// Invert the bundled photo with the bundled tiny model and edit it (run from the
@@ -116,17 +153,4 @@ pub fn run(cmd: Command, ctx: &Ctx) -> Result<()> {
         Command::RandomModel(a) => random_model::run(a, ctx),
         Command::Bench(a) => bench::run(a, ctx),
     }
-}
-
-/// Decodes latents `[B, C, h, w]` to images.
-pub fn decode(
-    sd: &nulltext::StableDiffusion,
-    latents: &candle_core::Tensor,
-) -> Result<Vec<image::RgbImage>> {
-    let mut out = Vec::new();
-    for i in 0..latents.dim(0)? {
-        let x = sd.latent_to_image(&latents.narrow(0, i, 1)?)?;
-        out.extend(nulltext::image_io::tensor_to_images(&x)?);
-    }
-    Ok(out)
 }

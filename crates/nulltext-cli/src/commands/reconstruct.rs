@@ -28,7 +28,7 @@ pub fn run(a: ReconstructArgs, ctx: &Ctx) -> Result<()> {
     let sd = ctx.load(&a.model)?;
     inv.check_model(&sd, a.force)?;
     let z = nulltext::reconstruct(&sd, &inv, &mut ctx.bars())?;
-    let img = super::decode(&sd, &z)?.remove(0);
+    let img = nulltext::image_io::decode_latents(&sd, &z)?.remove(0);
     if let Some(p) = &a.save_latents {
         super::edit::save_latents(&z, p)?;
     }

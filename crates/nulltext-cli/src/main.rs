@@ -36,6 +36,7 @@ struct Cli {
 
 fn main() {
     runtime::configure_threads();
+    runtime::configure_allocator();
     let cli = Cli::parse();
     let filter = if cli.quiet { "error" } else { "warn" };
     tracing_subscriber::fmt()

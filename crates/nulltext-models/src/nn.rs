@@ -14,6 +14,7 @@ use candle_core::{
     CpuStorage, CudaStorage, CustomOp1, DType, Layout, MetalStorage, Shape, Storage, Tensor, D,
 };
 
+use crate::cpu_conv::{CpuConv, Nchw};
 use crate::error::Result;
 use crate::weights::Vb;
 
@@ -215,7 +216,29 @@ impl Conv2d {
         })
     }
 
+    /// The CPU f32 kernel (`crate::cpu_conv`) applies when the input, kernel and bias are
+    /// f32 tensors on the CPU.
+    fn cpu_geometry(&self, x: &Tensor) -> Option<CpuConv> {
+        let (c_out, c_in, k, k2) = self.weight.dims4().ok()?;
+        let ok = x.device().is_cpu()
+            && x.dtype() == DType::F32
+            && self.weight.dtype() == DType::F32
+            && self.bias.as_ref().is_none_or(|b| b.dtype() == DType::F32)
+            && k == k2
+            && x.rank() == 4;
+        ok.then(|| CpuConv::new((c_out, c_in, k), self.stride, self.padding))
+    }
+
     fn value(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if let Some(geometry) = self.cpu_geometry(x) {
+            let x = x.contiguous()?;
+            let w = self.weight.contiguous()?;
+            let op = CpuConvForward(geometry);
+            return match &self.bias {
+                Some(b) => x.apply_op3_no_bwd(&w, &b.contiguous()?, &op),
+                None => x.apply_op2_no_bwd(&w, &op),
+            };
+        }
         let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
         match &self.bias {
             Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
@@ -249,6 +272,13 @@ impl Conv2d {
         }
         let value = self.value(&x.detach())?;
         let (_, _, in_h, in_w) = x.dims4()?;
+        if let Some(geometry) = self.cpu_geometry(x) {
+            let w = self.weight.contiguous()?;
+            return Ok(attach_grad(x, value, move |g, _| {
+                g.contiguous()?
+                    .apply_op2_no_bwd(&w, &CpuConvInputGrad(geometry, in_h, in_w))
+            })?);
+        }
         let (_, _, k, _) = self.weight.dims4()?;
         let (stride, padding) = (self.stride, self.padding);
         let flipped = self.flipped()?;
@@ -279,6 +309,125 @@ impl Conv2d {
                 .narrow(2, 0, in_h)?
                 .narrow(3, 0, in_w)
         })?)
+    }
+}
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, e))) => Ok(&v[a..e]),
+        _ => candle_core::bail!("cpu conv2d: {what} must be contiguous f32"),
+    }
+}
+
+fn nchw(l: &Layout) -> candle_core::Result<Nchw> {
+    let (b, c, h, w) = l.shape().dims4()?;
+    Ok(Nchw { b, c, h, w })
+}
+
+/// `conv2d(x, w) + b` on the CPU (f32).
+struct CpuConvForward(CpuConv);
+
+impl CpuConvForward {
+    fn run(
+        &self,
+        x: (&CpuStorage, &Layout),
+        w: (&CpuStorage, &Layout),
+        b: Option<(&CpuStorage, &Layout)>,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let s = nchw(x.1)?;
+        if s.c != self.0.c_in {
+            candle_core::bail!(
+                "conv2d: {} input channels, the kernel expects {}",
+                s.c,
+                self.0.c_in
+            );
+        }
+        let bias = match b {
+            Some((b, l)) => Some(f32_slice(b, l, "bias")?),
+            None => None,
+        };
+        let out = self.0.forward(
+            f32_slice(x.0, x.1, "input")?,
+            s,
+            f32_slice(w.0, w.1, "kernel")?,
+            bias,
+        );
+        let (oh, ow) = self.0.out_hw(s.h, s.w);
+        Ok((
+            CpuStorage::F32(out),
+            Shape::from((s.b, self.0.c_out, oh, ow)),
+        ))
+    }
+}
+
+impl candle_core::CustomOp2 for CpuConvForward {
+    fn name(&self) -> &'static str {
+        "cpu-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.run((s1, l1), (s2, l2), None)
+    }
+}
+
+impl candle_core::CustomOp3 for CpuConvForward {
+    fn name(&self) -> &'static str {
+        "cpu-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.run((s1, l1), (s2, l2), Some((s3, l3)))
+    }
+}
+
+/// The input gradient of a [`CpuConvForward`] for an input of height and width `(.1, .2)`.
+struct CpuConvInputGrad(CpuConv, usize, usize);
+
+impl candle_core::CustomOp2 for CpuConvInputGrad {
+    fn name(&self) -> &'static str {
+        "cpu-conv2d-input-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, c_out, oh, ow) = l1.shape().dims4()?;
+        let s = Nchw {
+            b,
+            c: self.0.c_in,
+            h: self.1,
+            w: self.2,
+        };
+        if c_out != self.0.c_out || self.0.out_hw(s.h, s.w) != (oh, ow) {
+            candle_core::bail!(
+                "conv2d backward: gradient of shape {:?} does not fit",
+                l1.dims()
+            );
+        }
+        let dx = self.0.input_grad(
+            f32_slice(s1, l1, "gradient")?,
+            s,
+            f32_slice(s2, l2, "kernel")?,
+        );
+        Ok((CpuStorage::F32(dx), Shape::from((s.b, s.c, s.h, s.w))))
     }
 }
 

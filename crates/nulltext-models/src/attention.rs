@@ -4,141 +4,98 @@
 use candle_core::{DType, Tensor};
 
 use crate::control::{AttentionCall, AttentionControl, AttentionKind, AttentionSite, Place};
+use crate::cpu_attention::AttnDims;
 use crate::error::Result;
 use crate::nn::{Conv2d, GroupNorm, LayerNorm, Linear};
 use crate::weights::Vb;
 
-/// Score elements (B·heads·Lq·Lk) above which the CPU computes attention in query chunks.
-const CHUNK_ABOVE: usize = 1 << 24;
-/// Score elements per chunk (64 MiB of f32).
-const CHUNK_ELEMS: usize = 1 << 24;
-
 /// `softmax(q kᵀ · scale) v` for `[B, heads, L, d]` inputs, never handing out the
 /// probabilities. This is the path every layer takes when no controller asks for them.
 ///
-/// On the CPU, large attentions (the full-resolution self-attention of SD at 512 px holds
-/// 8 × 4096 × 4096 scores) run in chunks of queries, so the scores stay in cache, and
-/// their backward recomputes each chunk's probabilities instead of keeping them all
-/// (flash-attention style): memory stays bounded during null-text optimization.
+/// On the CPU in f32 it is one fused kernel (`crate::cpu_attention`): blocks of queries
+/// whose scores stay in cache, and a backward pass that recomputes each block's
+/// probabilities instead of keeping them (flash-attention style), so memory stays bounded
+/// during null-text optimization (SD's full-resolution self-attention at 512 px has
+/// 8 × 4096 × 4096 scores).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    let (b, h, lq, _) = q.dims4()?;
-    let lk = k.dim(2)?;
-    if !q.device().is_cpu() || b * h * lq * lk <= CHUNK_ABOVE {
-        let probs = attention_probs(q, k, scale)?;
-        return Ok(probs.matmul(v)?);
+    let cpu_f32 = [q, k, v]
+        .iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.rank() == 4);
+    if cpu_f32 {
+        return Ok(q.contiguous()?.apply_op3(
+            &k.contiguous()?,
+            &v.contiguous()?,
+            CpuFusedAttention {
+                scale: scale as f32,
+            },
+        )?);
     }
-    attention_chunked(q, k, v, scale, (CHUNK_ELEMS / (b * h * lk)).clamp(1, lq))
+    let probs = attention_probs(q, k, scale)?;
+    Ok(probs.matmul(v)?)
 }
 
-/// [`attention`] in chunks of `chunk` queries, with a recomputing backward.
-pub fn attention_chunked(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    scale: f64,
-    chunk: usize,
-) -> Result<Tensor> {
-    let tracked = q.track_op() || k.track_op() || v.track_op();
-    let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
-    let out = chunked_forward(&qd, &kd, &vd, scale, chunk)?;
-    if !tracked {
-        return Ok(out);
-    }
-    Ok(q.apply_op3_arc(
-        k,
-        v,
-        std::sync::Arc::new(Box::new(ChunkedAttention {
-            value: std::sync::Mutex::new(Some(out)),
-            scale,
-            chunk,
-        })),
-    )?)
+/// [`attention`] on the CPU: forward and backward by `crate::cpu_attention`.
+struct CpuFusedAttention {
+    scale: f32,
 }
 
-fn chunked_forward(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    scale: f64,
-    chunk: usize,
-) -> candle_core::Result<Tensor> {
-    let lq = q.dim(2)?;
-    let kt = k.t()?.contiguous()?;
-    let mut outs = Vec::with_capacity(lq.div_ceil(chunk));
-    for start in (0..lq).step_by(chunk) {
-        let n = chunk.min(lq - start);
-        let qc = q.narrow(2, start, n)?.contiguous()?;
-        let p = crate::nn::scaled_softmax_last_dim(&qc.matmul(&kt)?, scale).map_err(to_candle)?;
-        outs.push(p.matmul(v)?);
-    }
-    Tensor::cat(&outs, 2)
-}
-
-fn to_candle(e: crate::Error) -> candle_core::Error {
-    match e {
-        crate::Error::Candle(c) => c,
-        e => candle_core::Error::Msg(e.to_string()),
+fn attn_dims(q: &[usize], k: &[usize], v: &[usize]) -> candle_core::Result<AttnDims> {
+    match (q, k, v) {
+        ([b, h, lq, d], [kb, kh, lk, kd], [vb, vh, vl, dv])
+            if b == kb && b == vb && h == kh && h == vh && d == kd && lk == vl =>
+        {
+            Ok(AttnDims {
+                bh: b * h,
+                lq: *lq,
+                lk: *lk,
+                d: *d,
+                dv: *dv,
+            })
+        }
+        _ => candle_core::bail!("attention: q {q:?}, k {k:?}, v {v:?} do not fit"),
     }
 }
 
-/// Chunked attention as one graph node with a recomputing backward.
-struct ChunkedAttention {
-    value: std::sync::Mutex<Option<Tensor>>,
-    scale: f64,
-    chunk: usize,
-}
-
-impl ChunkedAttention {
-    fn take(&self) -> candle_core::Result<Tensor> {
-        self.value
-            .lock()
-            .unwrap()
-            .take()
-            .ok_or_else(|| candle_core::Error::Msg("chunked attention value used twice".into()))?
-            .contiguous()
+fn f32_data<'a>(
+    s: &'a candle_core::CpuStorage,
+    l: &candle_core::Layout,
+) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (candle_core::CpuStorage::F32(v), Some((a, e))) => Ok(&v[a..e]),
+        _ => candle_core::bail!("attention: contiguous f32 inputs expected"),
     }
 }
 
-impl candle_core::CustomOp3 for ChunkedAttention {
+/// The contiguous f32 data of a CPU tensor, as a host vector.
+fn host_f32(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    t.contiguous()?.flatten_all()?.to_vec1::<f32>()
+}
+
+impl candle_core::CustomOp3 for CpuFusedAttention {
     fn name(&self) -> &'static str {
-        "chunked-attention"
+        "cpu-fused-attention"
     }
 
     fn cpu_fwd(
         &self,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+        s3: &candle_core::CpuStorage,
+        l3: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let v = self.take()?;
-        let (storage, layout) = v.storage_and_layout();
-        match &*storage {
-            candle_core::Storage::Cpu(s) if layout.start_offset() == 0 => {
-                Ok((s.clone(), layout.shape().clone()))
-            }
-            _ => candle_core::bail!("chunked attention: expected a fresh CPU tensor"),
-        }
-    }
-
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &candle_core::Layout,
-        _: &candle_core::CudaStorage,
-        _: &candle_core::Layout,
-        _: &candle_core::CudaStorage,
-        _: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        use candle_core::backend::BackendStorage;
-        let v = self.take()?;
-        let (storage, layout) = v.storage_and_layout();
-        match &*storage {
-            candle_core::Storage::Cuda(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
-            _ => candle_core::bail!("chunked attention: expected a CUDA tensor"),
-        }
+        let n = attn_dims(l1.dims(), l2.dims(), l3.dims())?;
+        let out = crate::cpu_attention::forward(
+            f32_data(s1, l1)?,
+            f32_data(s2, l2)?,
+            f32_data(s3, l3)?,
+            n,
+            self.scale,
+        );
+        let mut shape = l1.dims().to_vec();
+        shape[3] = n.dv;
+        Ok((candle_core::CpuStorage::F32(out), shape.into()))
     }
 
     #[allow(clippy::type_complexity)]
@@ -150,29 +107,21 @@ impl candle_core::CustomOp3 for ChunkedAttention {
         _res: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (q, k, v) = (q.detach(), k.detach(), v.detach());
-        let lq = q.dim(2)?;
-        let kt = k.t()?.contiguous()?;
-        let vt = v.t()?.contiguous()?;
-        let mut dq = Vec::new();
-        let mut dk = k.zeros_like()?;
-        let mut dv = v.zeros_like()?;
-        for start in (0..lq).step_by(self.chunk) {
-            let n = self.chunk.min(lq - start);
-            let qc = q.narrow(2, start, n)?.contiguous()?;
-            let gc = g.narrow(2, start, n)?.contiguous()?;
-            // P = softmax(s·Q Kᵀ) for this chunk, recomputed
-            let p = crate::nn::scaled_softmax_last_dim(&qc.matmul(&kt)?, self.scale)
-                .map_err(to_candle)?;
-            // dV += Pᵀ dO; dP = dO Vᵀ; dS = s·P ⊙ (dP − Σ dP⊙P); dQ = dS K; dK += dSᵀ Q
-            dv = (dv + p.t()?.matmul(&gc)?)?;
-            let dp = gc.matmul(&vt)?;
-            let dot = (&dp * &p)?.sum_keepdim(candle_core::D::Minus1)?;
-            let ds = ((p * dp.broadcast_sub(&dot)?)? * self.scale)?;
-            dq.push(ds.matmul(&k)?);
-            dk = (dk + ds.t()?.matmul(&qc)?)?;
-        }
-        Ok((Some(Tensor::cat(&dq, 2)?), Some(dk), Some(dv)))
+        let n = attn_dims(q.dims(), k.dims(), v.dims())?;
+        let (dq, dk, dv) = crate::cpu_attention::backward(
+            &host_f32(q)?,
+            &host_f32(k)?,
+            &host_f32(v)?,
+            &host_f32(g)?,
+            n,
+            self.scale,
+        );
+        let dev = q.device();
+        Ok((
+            Some(Tensor::from_vec(dq, q.dims(), dev)?),
+            Some(Tensor::from_vec(dk, k.dims(), dev)?),
+            Some(Tensor::from_vec(dv, v.dims(), dev)?),
+        ))
     }
 }
 
@@ -195,28 +144,37 @@ mod tests {
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
-    /// Chunked attention equals the plain one, forward and backward.
+    /// The fused CPU attention equals the plain one (candle's ops and autograd), forward
+    /// and backward, through the graph.
     #[test]
-    fn chunked_attention_matches_plain() {
+    fn fused_attention_matches_plain() {
         let (q, k, v) = (
             rand(1, (2, 3, 50, 8)),
             rand(2, (2, 3, 40, 8)),
             rand(3, (2, 3, 40, 8)),
         );
         let w = rand(4, (2, 3, 50, 8));
-        let grads = |chunked: bool| {
+        let grads = |fused: bool| {
             let (qv, kv, vv) = (
                 Var::from_tensor(&q).unwrap(),
                 Var::from_tensor(&k).unwrap(),
                 Var::from_tensor(&v).unwrap(),
             );
-            let out = if chunked {
-                attention_chunked(qv.as_tensor(), kv.as_tensor(), vv.as_tensor(), 0.35, 7).unwrap()
+            let out = if fused {
+                attention(qv.as_tensor(), kv.as_tensor(), vv.as_tensor(), 0.35).unwrap()
             } else {
-                attention_probs(qv.as_tensor(), kv.as_tensor(), 0.35)
+                let scores = qv.as_tensor().matmul(&kv.as_tensor().t().unwrap()).unwrap();
+                // candle's own differentiable ops: exp / sum
+                let s = (scores * 0.35).unwrap();
+                let s = s
+                    .broadcast_sub(&s.max_keepdim(candle_core::D::Minus1).unwrap())
                     .unwrap()
-                    .matmul(vv.as_tensor())
-                    .unwrap()
+                    .exp()
+                    .unwrap();
+                let p = s
+                    .broadcast_div(&s.sum_keepdim(candle_core::D::Minus1).unwrap())
+                    .unwrap();
+                p.matmul(vv.as_tensor()).unwrap()
             };
             let loss = (&out * &w).unwrap().sum_all().unwrap();
             let g = loss.backward().unwrap();

@@ -42,24 +42,50 @@ fn parallelism() -> Parallelism {
 }
 
 /// `dst[m×n] (row stride dst_rs) ← (accumulate ? dst : 0) + lhs·rhs`, with explicit strides
-/// `(row, column)` for the operands.
+/// `(row, column)` for the operands, on all of rayon's threads.
 #[allow(clippy::too_many_arguments)]
 fn matmul(
-    (m, n, k): (usize, usize, usize),
+    mnk: (usize, usize, usize),
     dst: &mut [f32],
     dst_rs: usize,
     accumulate: bool,
     lhs: &[f32],
-    (lhs_rs, lhs_cs): (usize, usize),
+    lhs_strides: (usize, usize),
     rhs: &[f32],
-    (rhs_rs, rhs_cs): (usize, usize),
+    rhs_strides: (usize, usize),
+) {
+    gemm_f32(
+        mnk,
+        (dst, dst_rs, accumulate),
+        (lhs, lhs_strides),
+        (rhs, rhs_strides),
+        parallelism(),
+    )
+}
+
+/// [`matmul`] on the calling thread only (for work that is already parallel).
+pub(crate) fn matmul_serial(
+    mnk: (usize, usize, usize),
+    dst: (&mut [f32], usize, bool),
+    lhs: (&[f32], (usize, usize)),
+    rhs: (&[f32], (usize, usize)),
+) {
+    gemm_f32(mnk, dst, lhs, rhs, Parallelism::None)
+}
+
+fn gemm_f32(
+    (m, n, k): (usize, usize, usize),
+    (dst, dst_rs, accumulate): (&mut [f32], usize, bool),
+    (lhs, (lhs_rs, lhs_cs)): (&[f32], (usize, usize)),
+    (rhs, (rhs_rs, rhs_cs)): (&[f32], (usize, usize)),
+    parallelism: Parallelism,
 ) {
     if m == 0 || n == 0 {
         return;
     }
     assert!(dst.len() >= (m - 1) * dst_rs + n);
-    assert!(lhs.len() > (m - 1) * lhs_rs + (k.max(1) - 1) * lhs_cs);
-    assert!(rhs.len() > (k.max(1) - 1) * rhs_rs + (n - 1) * rhs_cs);
+    assert!(k == 0 || lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs);
+    assert!(k == 0 || rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs);
     // SAFETY: the asserts above keep every index gemm touches inside the slices.
     unsafe {
         gemm::gemm(
@@ -81,7 +107,7 @@ fn matmul(
             false,
             false,
             false,
-            parallelism(),
+            parallelism,
         );
     }
 }

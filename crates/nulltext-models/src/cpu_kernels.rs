@@ -169,6 +169,17 @@ fn has_avx2() -> bool {
     }
 }
 
+/// In place: softmax(scale · row), on the calling thread.
+pub fn softmax_row(row: &mut [f32], scale: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked).
+        unsafe { softmax_row_avx2(row, scale) };
+        return;
+    }
+    softmax_row_body(row, scale);
+}
+
 /// In place, for every row of `data` (rows of length `n`): softmax(scale · row).
 pub fn softmax_rows(data: &mut [f32], n: usize, scale: f32) {
     let avx2 = has_avx2();

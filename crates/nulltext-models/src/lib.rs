@@ -6,6 +6,7 @@ pub mod clip;
 pub mod clip_score;
 pub mod config;
 pub mod control;
+pub mod cpu_attention;
 pub mod cpu_conv;
 pub mod cpu_kernels;
 pub mod device;

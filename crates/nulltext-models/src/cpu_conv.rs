@@ -44,7 +44,7 @@ fn parallelism() -> Parallelism {
 /// `dst[m×n] (row stride dst_rs) ← (accumulate ? dst : 0) + lhs·rhs`, with explicit strides
 /// `(row, column)` for the operands, on all of rayon's threads.
 #[allow(clippy::too_many_arguments)]
-fn matmul(
+pub(crate) fn matmul(
     mnk: (usize, usize, usize),
     dst: &mut [f32],
     dst_rs: usize,

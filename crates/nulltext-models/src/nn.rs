@@ -158,7 +158,24 @@ impl Linear {
         self.weight.dim(0).unwrap_or(0)
     }
 
+    /// Whether the CPU f32 kernel ([`CpuLinear`]) applies.
+    fn cpu_f32(&self, x: &Tensor) -> bool {
+        x.device().is_cpu()
+            && x.dtype() == DType::F32
+            && self.weight.dtype() == DType::F32
+            && self.bias.as_ref().is_none_or(|b| b.dtype() == DType::F32)
+    }
+
     fn value(&self, x2: &Tensor) -> candle_core::Result<Tensor> {
+        if self.cpu_f32(x2) {
+            // one graph node, bias fused, input-gradient-only backward
+            let x2 = x2.contiguous()?;
+            let w = self.weight.contiguous()?;
+            return match &self.bias {
+                Some(b) => x2.apply_op3(&w, &b.contiguous()?, CpuLinear),
+                None => x2.apply_op2(&w, CpuLinear),
+            };
+        }
         let y = x2.matmul(&self.weight.t()?)?;
         match &self.bias {
             Some(b) => y.broadcast_add(b),
@@ -171,7 +188,7 @@ impl Linear {
         let in_dim = *dims.last().unwrap();
         let rows = x.elem_count() / in_dim.max(1);
         let x2 = x.reshape((rows, in_dim))?;
-        let y = if x2.track_op() {
+        let y = if x2.track_op() && !self.cpu_f32(&x2) {
             let value = self.value(&x2.detach())?;
             let w = self.weight.clone();
             // d(xWᵀ)/dx: g W
@@ -182,6 +199,142 @@ impl Linear {
         let mut out = dims;
         *out.last_mut().unwrap() = self.out_dim();
         Ok(y.reshape(out)?)
+    }
+}
+
+/// `y = x Wᵀ + b` on the CPU (f32) for `x` `[rows, in]`, `W` `[out, in]`, `b` `[out]`:
+/// one matrix product writing onto the bias; the backward gives the input gradient `g W`.
+struct CpuLinear;
+
+impl CpuLinear {
+    fn run(
+        x: (&CpuStorage, &Layout),
+        w: (&CpuStorage, &Layout),
+        b: Option<(&CpuStorage, &Layout)>,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (rows, in_dim) = x.1.shape().dims2()?;
+        let (out_dim, w_in) = w.1.shape().dims2()?;
+        if in_dim != w_in {
+            candle_core::bail!("linear: input width {in_dim}, weight expects {w_in}");
+        }
+        let xs = f32_slice(x.0, x.1, "input")?;
+        let ws = f32_slice(w.0, w.1, "weight")?;
+        let mut y = vec![0f32; rows * out_dim];
+        if let Some((b, l)) = b {
+            let bias = f32_slice(b, l, "bias")?;
+            if bias.len() != out_dim {
+                candle_core::bail!("linear: bias of {} for {out_dim} outputs", bias.len());
+            }
+            y.chunks_mut(out_dim.max(1))
+                .for_each(|r| r.copy_from_slice(bias));
+        }
+        crate::cpu_conv::matmul(
+            (rows, out_dim, in_dim),
+            &mut y,
+            out_dim,
+            b.is_some(),
+            xs,
+            (in_dim, 1),
+            ws,
+            (1, in_dim),
+        );
+        Ok((CpuStorage::F32(y), Shape::from((rows, out_dim))))
+    }
+
+    /// `g W` `[rows, in]`.
+    fn input_grad(w: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
+        g.contiguous()?.apply_op2_no_bwd(w, &CpuLinearInputGrad)
+    }
+}
+
+impl candle_core::CustomOp2 for CpuLinear {
+    fn name(&self) -> &'static str {
+        "cpu-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        Self::run((s1, l1), (s2, l2), None)
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(Self::input_grad(w, g)?), None))
+    }
+}
+
+impl candle_core::CustomOp3 for CpuLinear {
+    fn name(&self) -> &'static str {
+        "cpu-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        Self::run((s1, l1), (s2, l2), Some((s3, l3)))
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(Self::input_grad(w, g)?), None, None))
+    }
+}
+
+/// `g W` for a [`CpuLinear`]: `g` `[rows, out]`, `W` `[out, in]`.
+struct CpuLinearInputGrad;
+
+impl candle_core::CustomOp2 for CpuLinearInputGrad {
+    fn name(&self) -> &'static str {
+        "cpu-linear-input-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (rows, out_dim) = l1.shape().dims2()?;
+        let (w_out, in_dim) = l2.shape().dims2()?;
+        if out_dim != w_out {
+            candle_core::bail!("linear backward: gradient width {out_dim}, weight has {w_out}");
+        }
+        let mut dx = vec![0f32; rows * in_dim];
+        crate::cpu_conv::matmul(
+            (rows, in_dim, out_dim),
+            &mut dx,
+            in_dim,
+            false,
+            f32_slice(s1, l1, "gradient")?,
+            (out_dim, 1),
+            f32_slice(s2, l2, "weight")?,
+            (in_dim, 1),
+        );
+        Ok((CpuStorage::F32(dx), Shape::from((rows, in_dim))))
     }
 }
 
@@ -229,16 +382,18 @@ impl Conv2d {
         ok.then(|| CpuConv::new((c_out, c_in, k), self.stride, self.padding))
     }
 
-    fn value(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        if let Some(geometry) = self.cpu_geometry(x) {
-            let x = x.contiguous()?;
-            let w = self.weight.contiguous()?;
-            let op = CpuConvForward(geometry);
-            return match &self.bias {
-                Some(b) => x.apply_op3_no_bwd(&w, &b.contiguous()?, &op),
-                None => x.apply_op2_no_bwd(&w, &op),
-            };
+    /// The CPU kernel as one graph node whose backward is the input gradient only.
+    fn cpu_forward(&self, x: &Tensor, geometry: CpuConv) -> candle_core::Result<Tensor> {
+        let x = x.contiguous()?;
+        let w = self.weight.contiguous()?;
+        let op = CpuConvForward(geometry);
+        match &self.bias {
+            Some(b) => x.apply_op3(&w, &b.contiguous()?, op),
+            None => x.apply_op2(&w, op),
         }
+    }
+
+    fn value(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
         match &self.bias {
             Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
@@ -267,18 +422,14 @@ impl Conv2d {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(geometry) = self.cpu_geometry(x) {
+            return Ok(self.cpu_forward(x, geometry)?);
+        }
         if !x.track_op() {
             return Ok(self.value(x)?);
         }
         let value = self.value(&x.detach())?;
         let (_, _, in_h, in_w) = x.dims4()?;
-        if let Some(geometry) = self.cpu_geometry(x) {
-            let w = self.weight.contiguous()?;
-            return Ok(attach_grad(x, value, move |g, _| {
-                g.contiguous()?
-                    .apply_op2_no_bwd(&w, &CpuConvInputGrad(geometry, in_h, in_w))
-            })?);
-        }
         let (_, _, k, _) = self.weight.dims4()?;
         let (stride, padding) = (self.stride, self.padding);
         let flipped = self.flipped()?;
@@ -315,7 +466,7 @@ impl Conv2d {
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
     match (s, l.contiguous_offsets()) {
         (CpuStorage::F32(v), Some((a, e))) => Ok(&v[a..e]),
-        _ => candle_core::bail!("cpu conv2d: {what} must be contiguous f32"),
+        _ => candle_core::bail!("cpu kernel: {what} must be contiguous f32"),
     }
 }
 
@@ -328,6 +479,13 @@ fn nchw(l: &Layout) -> candle_core::Result<Nchw> {
 struct CpuConvForward(CpuConv);
 
 impl CpuConvForward {
+    /// The gradient of the input only: the kernel and bias are frozen.
+    fn input_grad(&self, x: &Tensor, w: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
+        let (_, _, h, wd) = x.dims4()?;
+        g.contiguous()?
+            .apply_op2_no_bwd(w, &CpuConvInputGrad(self.0, h, wd))
+    }
+
     fn run(
         &self,
         x: (&CpuStorage, &Layout),
@@ -374,6 +532,16 @@ impl candle_core::CustomOp2 for CpuConvForward {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         self.run((s1, l1), (s2, l2), None)
     }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(self.input_grad(x, w, g)?), None))
+    }
 }
 
 impl candle_core::CustomOp3 for CpuConvForward {
@@ -391,6 +559,18 @@ impl candle_core::CustomOp3 for CpuConvForward {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         self.run((s1, l1), (s2, l2), Some((s3, l3)))
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(self.input_grad(x, w, g)?), None, None))
     }
 }
 

@@ -27,6 +27,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tenso
             &v.contiguous()?,
             CpuFusedAttention {
                 scale: scale as f32,
+                lse: std::sync::Mutex::new(None),
             },
         )?);
     }
@@ -34,9 +35,11 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tenso
     Ok(probs.matmul(v)?)
 }
 
-/// [`attention`] on the CPU: forward and backward by `crate::cpu_attention`.
+/// [`attention`] on the CPU: forward and backward by `crate::cpu_attention`. The forward
+/// keeps each query's log-sum-exp (`B·heads·Lq` values) for the backward.
 struct CpuFusedAttention {
     scale: f32,
+    lse: std::sync::Mutex<Option<Vec<f32>>>,
 }
 
 fn attn_dims(q: &[usize], k: &[usize], v: &[usize]) -> candle_core::Result<AttnDims> {
@@ -86,13 +89,14 @@ impl candle_core::CustomOp3 for CpuFusedAttention {
         l3: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
         let n = attn_dims(l1.dims(), l2.dims(), l3.dims())?;
-        let out = crate::cpu_attention::forward(
+        let (out, lse) = crate::cpu_attention::forward(
             f32_data(s1, l1)?,
             f32_data(s2, l2)?,
             f32_data(s3, l3)?,
             n,
             self.scale,
         );
+        *self.lse.lock().unwrap() = Some(lse);
         let mut shape = l1.dims().to_vec();
         shape[3] = n.dv;
         Ok((candle_core::CpuStorage::F32(out), shape.into()))
@@ -104,14 +108,20 @@ impl candle_core::CustomOp3 for CpuFusedAttention {
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let n = attn_dims(q.dims(), k.dims(), v.dims())?;
+        let lse = self.lse.lock().unwrap();
+        let Some(lse) = lse.as_ref() else {
+            candle_core::bail!("attention backward before its forward");
+        };
         let (dq, dk, dv) = crate::cpu_attention::backward(
             &host_f32(q)?,
             &host_f32(k)?,
             &host_f32(v)?,
+            &host_f32(res)?,
+            lse,
             &host_f32(g)?,
             n,
             self.scale,
@@ -310,9 +320,43 @@ impl FeedForward {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.proj.forward(x)?;
+        if h.device().is_cpu() && h.dtype() == DType::F32 {
+            return self.out.forward(&h.contiguous()?.apply_op1(CpuGeglu)?);
+        }
         let half = h.dim(candle_core::D::Minus1)? / 2;
         let (hidden, gate) = (h.narrow(2, 0, half)?, h.narrow(2, half, half)?);
         self.out.forward(&(hidden * gate.gelu_erf()?)?)
+    }
+}
+
+/// `a · gelu(b)` for `h = [a | b]` on the CPU (f32), one pass each way
+/// (`crate::cpu_kernels::geglu`).
+struct CpuGeglu;
+
+impl candle_core::CustomOp1 for CpuGeglu {
+    fn name(&self) -> &'static str {
+        "cpu-geglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let mut dims = l.dims().to_vec();
+        let width = dims.last().copied().unwrap_or(0);
+        if width % 2 != 0 {
+            candle_core::bail!("geglu: odd width {width}");
+        }
+        let out = crate::cpu_kernels::geglu(f32_data(s, l)?, width / 2);
+        *dims.last_mut().unwrap() = width / 2;
+        Ok((candle_core::CpuStorage::F32(out), dims.into()))
+    }
+
+    fn bwd(&self, h: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let inner = g.dim(candle_core::D::Minus1)?;
+        let dh = crate::cpu_kernels::geglu_backward(&host_f32(h)?, &host_f32(g)?, inner);
+        Ok(Some(Tensor::from_vec(dh, h.dims(), h.device())?))
     }
 }
 

@@ -9,7 +9,7 @@
 use rayon::prelude::*;
 
 use crate::cpu_conv::matmul_serial;
-use crate::cpu_kernels::softmax_row;
+use crate::cpu_kernels::{exp_shifted_row, softmax_row};
 
 /// Score elements per block of the forward pass (4 MiB of f32: fewer, larger blocks
 /// amortize packing the keys for the product; measured 157 ms against 213 ms for 256 KiB
@@ -49,30 +49,35 @@ impl AttnDims {
     }
 }
 
-/// The attention output `[bh, lq, dv]`.
-pub fn forward(q: &[f32], k: &[f32], v: &[f32], n: AttnDims, scale: f32) -> Vec<f32> {
+/// The attention output `[bh, lq, dv]` and the log-sum-exp of every query's scaled scores
+/// `[bh, lq]` (what [`backward`] needs to recompute the probabilities in one pass).
+pub fn forward(q: &[f32], k: &[f32], v: &[f32], n: AttnDims, scale: f32) -> (Vec<f32>, Vec<f32>) {
     n.check(q, k, v);
     let mut out = vec![0f32; n.bh * n.lq * n.dv];
+    let mut lse = vec![0f32; n.bh * n.lq];
     let rows = n.block_rows();
-    let blocks_per_head = n.lq.div_ceil(rows);
     out.par_chunks_mut(n.lq * n.dv)
+        .zip(lse.par_chunks_mut(n.lq))
         .enumerate()
-        .flat_map_iter(|(h, oh)| {
+        .flat_map_iter(|(h, (oh, lh))| {
             oh.chunks_mut(rows * n.dv)
+                .zip(lh.chunks_mut(rows))
                 .enumerate()
-                .map(move |(i, ob)| (h, i, ob))
+                .map(move |(i, (ob, lb))| (h, i, ob, lb))
         })
         .for_each_init(
             || vec![0f32; rows * n.lk],
-            |scores, (h, i, ob)| {
+            |scores, (h, i, ob, lb)| {
                 let r0 = i * rows;
-                let m = ob.len() / n.dv;
-                debug_assert!(i < blocks_per_head);
+                let m = lb.len();
                 let qb = &q[(h * n.lq + r0) * n.d..(h * n.lq + r0 + m) * n.d];
                 let kh = &k[h * n.lk * n.d..(h + 1) * n.lk * n.d];
                 let vh = &v[h * n.lk * n.dv..(h + 1) * n.lk * n.dv];
                 let s = &mut scores[..m * n.lk];
-                block_probs(qb, kh, s, m, n, scale);
+                scores_block(qb, kh, s, m, n);
+                for (row, l) in s.chunks_mut(n.lk).zip(lb.iter_mut()) {
+                    *l = softmax_row(row, scale);
+                }
                 // O = P V
                 matmul_serial(
                     (m, n.dv, n.lk),
@@ -82,33 +87,48 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], n: AttnDims, scale: f32) -> Vec<
                 );
             },
         );
-    out
+    (out, lse)
 }
 
-/// `s` ← softmax(scale · Q_b Kᵀ) for `m` query rows.
-fn block_probs(qb: &[f32], kh: &[f32], s: &mut [f32], m: usize, n: AttnDims, scale: f32) {
+/// `s` ← Q_b Kᵀ for `m` query rows.
+fn scores_block(qb: &[f32], kh: &[f32], s: &mut [f32], m: usize, n: AttnDims) {
     matmul_serial(
         (m, n.lk, n.d),
         (s, n.lk, false),
         (qb, (n.d, 1)),
         (kh, (1, n.d)),
     );
-    for row in s.chunks_mut(n.lk) {
-        softmax_row(row, scale);
-    }
 }
 
 /// Gradients `(dq, dk, dv)` of the attention given the output gradient `g` `[bh, lq, dv]`.
+/// `o` and `lse` are [`forward`]'s results.
+#[allow(clippy::too_many_arguments)]
 pub fn backward(
     q: &[f32],
     k: &[f32],
     v: &[f32],
+    o: &[f32],
+    lse: &[f32],
     g: &[f32],
     n: AttnDims,
     scale: f32,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     n.check(q, k, v);
     assert_eq!(g.len(), n.bh * n.lq * n.dv);
+    assert_eq!(o.len(), g.len());
+    assert_eq!(lse.len(), n.bh * n.lq);
+    // Σⱼ dPᵢⱼ Pᵢⱼ = Σ_c dOᵢ_c Oᵢ_c: one value per query, from the output instead of the
+    // probabilities
+    let dots: Vec<f32> = g
+        .par_chunks(n.dv.max(1))
+        .zip(o.par_chunks(n.dv.max(1)))
+        .map(|(a, b)| {
+            a.iter()
+                .zip(b)
+                .map(|(x, y)| *x as f64 * *y as f64)
+                .sum::<f64>() as f32
+        })
+        .collect();
     let mut dq = vec![0f32; q.len()];
     let mut dk = vec![0f32; k.len()];
     let mut dvv = vec![0f32; v.len()];
@@ -129,7 +149,12 @@ pub fn backward(
                 let qb = &qh[r0 * n.d..(r0 + m) * n.d];
                 let gb = &gh[r0 * n.dv..(r0 + m) * n.dv];
                 let (p, dp) = (&mut p[..m * n.lk], &mut dp[..m * n.lk]);
-                block_probs(qb, kh, p, m, n, scale);
+                // P = e^(s·Q Kᵀ − lse), the forward's probabilities, in one pass
+                scores_block(qb, kh, p, m, n);
+                let lb = &lse[h * n.lq + r0..h * n.lq + r0 + m];
+                for (row, l) in p.chunks_mut(n.lk).zip(lb) {
+                    exp_shifted_row(row, scale, *l);
+                }
                 // dV += Pᵀ dO
                 matmul_serial(
                     (n.lk, n.dv, m),
@@ -145,8 +170,11 @@ pub fn backward(
                     (vh, (1, n.dv)),
                 );
                 // dS = s · P ⊙ (dP − Σⱼ dP ⊙ P), in place of dP
-                for (pr, dr) in p.chunks(n.lk).zip(dp.chunks_mut(n.lk)) {
-                    softmax_backward_row(pr, dr, scale);
+                let db = &dots[h * n.lq + r0..h * n.lq + r0 + m];
+                for ((pr, dr), dot) in p.chunks(n.lk).zip(dp.chunks_mut(n.lk)).zip(db) {
+                    for (x, pv) in dr.iter_mut().zip(pr) {
+                        *x = scale * pv * (*x - dot);
+                    }
                 }
                 // dQ = dS K
                 matmul_serial(
@@ -165,30 +193,6 @@ pub fn backward(
             }
         });
     (dq, dk, dvv)
-}
-
-/// `d` ← scale · p ⊙ (d − Σ d ⊙ p), with f64 accumulation of the dot product.
-fn softmax_backward_row(p: &[f32], d: &mut [f32], scale: f32) {
-    let mut acc = [0f32; 16];
-    let mut pc = p.chunks_exact(16);
-    let mut dc = d.chunks_exact(16);
-    let mut dot = 0f64;
-    for (a, b) in (&mut pc).zip(&mut dc) {
-        for i in 0..16 {
-            acc[i] += a[i] * b[i];
-        }
-    }
-    dot += acc.iter().map(|v| *v as f64).sum::<f64>();
-    dot += pc
-        .remainder()
-        .iter()
-        .zip(dc.remainder())
-        .map(|(a, b)| (*a as f64) * (*b as f64))
-        .sum::<f64>();
-    let dot = dot as f32;
-    for (x, pv) in d.iter_mut().zip(p) {
-        *x = scale * pv * (*x - dot);
-    }
 }
 
 #[cfg(test)]
@@ -319,8 +323,9 @@ mod tests {
             let g = rand(n.bh * n.lq * n.dv, seed + 30);
             let s = 0.37;
             let (o, dq, dk, dv) = reference(&q, &k, &v, &g, n, s as f64);
-            close(&forward(&q, &k, &v, n, s), &o, "out");
-            let (gq, gk, gv) = backward(&q, &k, &v, &g, n, s);
+            let (out, lse) = forward(&q, &k, &v, n, s);
+            close(&out, &o, "out");
+            let (gq, gk, gv) = backward(&q, &k, &v, &out, &lse, &g, n, s);
             close(&gq, &dq, "dq");
             close(&gk, &dk, "dk");
             close(&gv, &dv, "dv");

@@ -112,6 +112,32 @@ fn gemm_f32(
     }
 }
 
+/// The patch buffer of the calling thread, kept between calls: every element a tile uses
+/// is written (patches, zeros for the padding, or the product) before it is read, so it is
+/// neither zeroed nor freed — a fresh 32 MiB buffer per call cost page faults and a memset.
+struct Scratch(Vec<f32>);
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl Scratch {
+    fn take(len: usize) -> Self {
+        let mut v = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+        if v.len() < len {
+            v.resize(len, 0.0);
+        }
+        Scratch(v)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let v = std::mem::take(&mut self.0);
+        SCRATCH.with(|s| *s.borrow_mut() = v);
+    }
+}
+
 impl CpuConv {
     pub fn new((c_out, c_in, k): (usize, usize, usize), stride: usize, padding: usize) -> Self {
         assert!(stride >= 1 && k >= 1);
@@ -148,19 +174,21 @@ impl CpuConv {
         let (oh, ow) = self.out_hw(s.h, s.w);
         let n = oh * ow;
         let kk = self.c_in * self.k * self.k;
-        let mut out = vec![0f32; s.b * self.c_out * n];
-        if let Some(bias) = bias {
-            out.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
-                row.fill(bias[i % self.c_out]);
-            });
-        }
+        let mut out = match bias {
+            // every output row starts as its bias (one pass, no zeroing first)
+            Some(bias) => (0..s.b * self.c_out)
+                .flat_map(|i| std::iter::repeat_n(bias[i % self.c_out], n))
+                .collect(),
+            None => vec![0f32; s.b * self.c_out * n],
+        };
         let accumulate = bias.is_some();
         let rows = self.tile_rows(ow, oh);
-        let mut col = if self.is_pointwise() {
-            Vec::new()
+        let mut scratch = Scratch::take(if self.is_pointwise() {
+            0
         } else {
-            vec![0f32; kk * rows * ow]
-        };
+            kk * rows * ow
+        });
+        let col = &mut scratch.0;
         for bi in 0..s.b {
             let xb = &x[bi * s.c * s.h * s.w..(bi + 1) * s.c * s.h * s.w];
             let ob = &mut out[bi * self.c_out * n..(bi + 1) * self.c_out * n];
@@ -208,11 +236,12 @@ impl CpuConv {
         let plane = s.c * s.h * s.w;
         let mut dx = vec![0f32; s.b * plane];
         let rows = self.tile_rows(ow, oh);
-        let mut col = if self.is_pointwise() {
-            Vec::new()
+        let mut scratch = Scratch::take(if self.is_pointwise() {
+            0
         } else {
-            vec![0f32; kk * rows * ow]
-        };
+            kk * rows * ow
+        });
+        let col = &mut scratch.0;
         for bi in 0..s.b {
             let gb = &g[bi * self.c_out * n..(bi + 1) * self.c_out * n];
             let db = &mut dx[bi * plane..(bi + 1) * plane];

@@ -30,8 +30,8 @@ fn exp_approx(x: f32) -> f32 {
 const LANES: usize = 16;
 
 #[inline(always)]
-fn softmax_row_body(row: &mut [f32], scale: f32) {
-    // max, with independent lanes so it vectorizes
+fn row_max(row: &[f32]) -> f32 {
+    // independent lanes so that it vectorizes
     let mut m = [f32::NEG_INFINITY; LANES];
     let mut chunks = row.chunks_exact(LANES);
     for c in &mut chunks {
@@ -43,10 +43,16 @@ fn softmax_row_body(row: &mut [f32], scale: f32) {
     for &v in chunks.remainder() {
         max = max.max(v);
     }
-    if !max.is_finite() {
-        max = 0.0;
+    if max.is_finite() {
+        max
+    } else {
+        0.0
     }
-    let shift = max * scale;
+}
+
+/// `row ← e^(scale·row − shift)`; returns the sum.
+#[inline(always)]
+fn exp_shifted_body(row: &mut [f32], scale: f32, shift: f32) -> f32 {
     let mut s = [0f32; LANES];
     let mut chunks = row.chunks_exact_mut(LANES);
     for c in &mut chunks {
@@ -62,16 +68,25 @@ fn softmax_row_body(row: &mut [f32], scale: f32) {
         *v = e;
         sum += e;
     }
+    sum
+}
+
+#[inline(always)]
+fn softmax_row_body(row: &mut [f32], scale: f32) -> f32 {
+    let shift = row_max(row) * scale;
+    let sum = exp_shifted_body(row, scale, shift);
     let inv = 1.0 / sum;
     for v in row.iter_mut() {
         *v *= inv;
     }
+    shift + sum.ln()
 }
 
 /// The AVX2+FMA softmax row: the same arithmetic as [`exp_approx`], 8 lanes at a time.
+/// Returns the log-sum-exp of `scale · row`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn softmax_row_avx2(row: &mut [f32], scale: f32) {
+unsafe fn softmax_row_avx2(row: &mut [f32], scale: f32) -> f32 {
     use std::arch::x86_64::*;
     let n = row.len();
     let p = row.as_mut_ptr();
@@ -93,8 +108,33 @@ unsafe fn softmax_row_avx2(row: &mut [f32], scale: f32) {
         max = 0.0;
     }
     // 2. e^(scale·x − scale·max), and its sum
+    let shift = max * scale;
+    let sum = exp_shifted_avx2(row, scale, shift);
+    // 3. normalize
+    let vinv = _mm256_set1_ps(1.0 / sum);
+    let mut i = 0;
+    while i < full {
+        _mm256_storeu_ps(p.add(i), _mm256_mul_ps(_mm256_loadu_ps(p.add(i)), vinv));
+        i += 8;
+    }
+    let inv = 1.0 / sum;
+    for j in full..n {
+        *p.add(j) *= inv;
+    }
+    shift + sum.ln()
+}
+
+/// `row ← e^(scale·row − shift)` with AVX2+FMA; returns the sum.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp_shifted_avx2(row: &mut [f32], scale: f32, shift: f32) -> f32 {
+    use std::arch::x86_64::*;
+    let n = row.len();
+    let p = row.as_mut_ptr();
+    let full = n / 8 * 8;
+    let mut lanes = [0f32; 8];
     let vscale = _mm256_set1_ps(scale);
-    let vshift = _mm256_set1_ps(max * scale);
+    let vshift = _mm256_set1_ps(shift);
     let lo = _mm256_set1_ps(-87.0);
     let hi = _mm256_set1_ps(88.0);
     let log2e = _mm256_set1_ps(std::f32::consts::LOG2_E);
@@ -138,23 +178,12 @@ unsafe fn softmax_row_avx2(row: &mut [f32], scale: f32) {
     }
     _mm256_storeu_ps(lanes.as_mut_ptr(), vsum);
     let mut sum: f32 = lanes.iter().sum();
-    let shift = max * scale;
     for j in full..n {
         let e = exp_approx(*p.add(j) * scale - shift);
         *p.add(j) = e;
         sum += e;
     }
-    // 3. normalize
-    let vinv = _mm256_set1_ps(1.0 / sum);
-    let mut i = 0;
-    while i < full {
-        _mm256_storeu_ps(p.add(i), _mm256_mul_ps(_mm256_loadu_ps(p.add(i)), vinv));
-        i += 8;
-    }
-    let inv = 1.0 / sum;
-    for j in full..n {
-        *p.add(j) *= inv;
-    }
+    sum
 }
 
 fn has_avx2() -> bool {
@@ -169,15 +198,26 @@ fn has_avx2() -> bool {
     }
 }
 
-/// In place: softmax(scale · row), on the calling thread.
-pub fn softmax_row(row: &mut [f32], scale: f32) {
+/// In place: softmax(scale · row), on the calling thread. Returns the log-sum-exp of
+/// `scale · row`, from which [`exp_shifted_row`] recomputes the same probabilities.
+pub fn softmax_row(row: &mut [f32], scale: f32) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         // SAFETY: the CPU supports AVX2 and FMA (checked).
-        unsafe { softmax_row_avx2(row, scale) };
+        return unsafe { softmax_row_avx2(row, scale) };
+    }
+    softmax_row_body(row, scale)
+}
+
+/// In place: `row ← e^(scale·row − shift)`, on the calling thread.
+pub fn exp_shifted_row(row: &mut [f32], scale: f32, shift: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked).
+        unsafe { exp_shifted_avx2(row, scale, shift) };
         return;
     }
-    softmax_row_body(row, scale);
+    exp_shifted_body(row, scale, shift);
 }
 
 /// In place, for every row of `data` (rows of length `n`): softmax(scale · row).
@@ -198,8 +238,15 @@ pub fn softmax_rows(data: &mut [f32], n: usize, scale: f32) {
     });
 }
 
+/// `x σ(x)`.
 #[inline(always)]
-fn group_norm_body(x: &[f32], out: &mut [f32], hw: usize, gamma: &[f32], beta: &[f32], eps: f64) {
+fn silu(x: f32) -> f32 {
+    x / (1.0 + exp_approx(-x))
+}
+
+/// Mean and `1/σ` of a group, in f64 lanes for accuracy over large groups.
+#[inline(always)]
+fn group_stats(x: &[f32], eps: f64) -> (f64, f64) {
     let n = x.len();
     // mean and variance in f64 lanes for accuracy over large groups
     let mut s = [0f64; 8];
@@ -226,14 +273,132 @@ fn group_norm_body(x: &[f32], out: &mut [f32], hw: usize, gamma: &[f32], beta: &
         .iter()
         .map(|v| (*v as f64 - mean) * (*v as f64 - mean))
         .sum::<f64>();
-    let rstd = 1.0 / (sq / n as f64 + eps).sqrt();
+    (mean, 1.0 / (sq / n as f64 + eps).sqrt())
+}
+
+#[inline(always)]
+fn group_norm_body(
+    x: &[f32],
+    out: &mut [f32],
+    hw: usize,
+    (gamma, beta): (&[f32], &[f32]),
+    eps: f64,
+    with_silu: bool,
+) {
+    let (mean, rstd) = group_stats(x, eps);
     for (ch, (xs, os)) in x.chunks(hw).zip(out.chunks_mut(hw)).enumerate() {
         let a = (rstd as f32) * gamma[ch];
         let b = beta[ch] - (mean as f32) * a;
-        for (o, v) in os.iter_mut().zip(xs) {
-            *o = v * a + b;
+        if with_silu {
+            for (o, v) in os.iter_mut().zip(xs) {
+                *o = silu(v * a + b);
+            }
+        } else {
+            for (o, v) in os.iter_mut().zip(xs) {
+                *o = v * a + b;
+            }
         }
     }
+}
+
+/// The input gradient of one group of [`group_norm`] (and of the SiLU after it):
+/// `dx = (1/σ)(ĝ − mean(ĝ) − x̂·mean(ĝ x̂))` with `ĝ = γ·du`, `du = dy` or, through the
+/// SiLU, `dy·σ(u)(1 + u(1 − σ(u)))` with `u = γ x̂ + β`.
+#[inline(always)]
+fn group_norm_backward_body(
+    x: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    hw: usize,
+    (gamma, beta): (&[f32], &[f32]),
+    eps: f64,
+    with_silu: bool,
+) {
+    let (mean, rstd) = group_stats(x, eps);
+    let (m, r) = (mean as f32, rstd as f32);
+    // pass 1: ĝ (kept in dx) and the two sums
+    let (mut s1, mut s2) = (0f64, 0f64);
+    for (ch, ((xs, gs), ds)) in x
+        .chunks(hw)
+        .zip(dy.chunks(hw))
+        .zip(dx.chunks_mut(hw))
+        .enumerate()
+    {
+        let (ga, be) = (gamma[ch], beta[ch]);
+        let (mut a1, mut a2) = ([0f32; 8], [0f32; 8]);
+        for (k, ((xv, gv), d)) in xs.iter().zip(gs).zip(ds.iter_mut()).enumerate() {
+            let xh = (xv - m) * r;
+            let du = if with_silu {
+                let u = ga * xh + be;
+                let sg = 1.0 / (1.0 + exp_approx(-u));
+                gv * sg * (1.0 + u * (1.0 - sg))
+            } else {
+                *gv
+            };
+            let gh = ga * du;
+            *d = gh;
+            a1[k % 8] += gh;
+            a2[k % 8] += gh * xh;
+        }
+        s1 += a1.iter().map(|v| *v as f64).sum::<f64>();
+        s2 += a2.iter().map(|v| *v as f64).sum::<f64>();
+    }
+    let n = x.len() as f64;
+    let (m1, m2) = ((s1 / n) as f32, (s2 / n) as f32);
+    // pass 2: dx
+    for (xv, d) in x.iter().zip(dx.iter_mut()) {
+        let xh = (xv - m) * r;
+        *d = r * (*d - m1 - xh * m2);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn group_norm_backward_avx2(
+    x: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    hw: usize,
+    affine: (&[f32], &[f32]),
+    eps: f64,
+    with_silu: bool,
+) {
+    group_norm_backward_body(x, dy, dx, hw, affine, eps, with_silu)
+}
+
+/// The input gradient of [`group_norm`] (with `with_silu`, of the SiLU after it too) for
+/// the output gradient `dy`.
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm_backward(
+    x: &[f32],
+    dy: &[f32],
+    c: usize,
+    hw: usize,
+    groups: usize,
+    (gamma, beta): (&[f32], &[f32]),
+    eps: f64,
+    with_silu: bool,
+) -> Vec<f32> {
+    assert_eq!(x.len(), dy.len());
+    let mut dx = vec![0f32; x.len()];
+    let cg = c / groups;
+    let avx2 = has_avx2();
+    dx.par_chunks_mut(cg * hw)
+        .zip(x.par_chunks(cg * hw).zip(dy.par_chunks(cg * hw)))
+        .enumerate()
+        .for_each(|(k, (d, (xs, gs)))| {
+            let g = k % groups;
+            let aff = (&gamma[g * cg..(g + 1) * cg], &beta[g * cg..(g + 1) * cg]);
+            #[cfg(target_arch = "x86_64")]
+            if avx2 {
+                // SAFETY: the CPU supports AVX2 and FMA (checked above).
+                unsafe { group_norm_backward_avx2(xs, gs, d, hw, aff, eps, with_silu) };
+                return;
+            }
+            let _ = avx2;
+            group_norm_backward_body(xs, gs, d, hw, aff, eps, with_silu);
+        });
+    dx
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -242,14 +407,16 @@ unsafe fn group_norm_avx2(
     x: &[f32],
     out: &mut [f32],
     hw: usize,
-    gamma: &[f32],
-    beta: &[f32],
+    affine: (&[f32], &[f32]),
     eps: f64,
+    with_silu: bool,
 ) {
-    group_norm_body(x, out, hw, gamma, beta, eps)
+    group_norm_body(x, out, hw, affine, eps, with_silu)
 }
 
-/// Group normalization of `x` `[B, C, HW]` (contiguous, any B) with per-channel `gamma`, `beta`.
+/// Group normalization of `x` `[B, C, HW]` (contiguous, any B) with per-channel `gamma`,
+/// `beta`; with `with_silu`, followed by the SiLU in the same pass.
+#[allow(clippy::too_many_arguments)]
 pub fn group_norm(
     x: &[f32],
     c: usize,
@@ -258,6 +425,7 @@ pub fn group_norm(
     gamma: &[f32],
     beta: &[f32],
     eps: f64,
+    with_silu: bool,
 ) -> Vec<f32> {
     let mut out = vec![0f32; x.len()];
     let cg = c / groups;
@@ -271,13 +439,61 @@ pub fn group_norm(
             #[cfg(target_arch = "x86_64")]
             if avx2 {
                 // SAFETY: the CPU supports AVX2 and FMA (checked above).
-                unsafe { group_norm_avx2(xs, o, hw, ga, be, eps) };
+                unsafe { group_norm_avx2(xs, o, hw, (ga, be), eps, with_silu) };
                 return;
             }
             let _ = avx2;
-            group_norm_body(xs, o, hw, ga, be, eps);
+            group_norm_body(xs, o, hw, (ga, be), eps, with_silu);
         });
     out
+}
+
+/// GELU (erf form) and its derivative at `x`.
+#[inline(always)]
+fn gelu_and_slope(x: f32) -> (f32, f32) {
+    let cdf = 0.5 * (1.0 + candle_core::cpu::erf::erf_f32(x * std::f32::consts::FRAC_1_SQRT_2));
+    // φ(x) = e^(−x²/2)/√(2π)
+    let pdf = (-0.5 * x * x).exp() * 0.398_942_3;
+    (x * cdf, cdf + x * pdf)
+}
+
+/// GEGLU: for rows `[a | b]` of width `2·inner`, `a · gelu(b)` (rows of width `inner`).
+pub fn geglu(h: &[f32], inner: usize) -> Vec<f32> {
+    let mut out = vec![0f32; h.len() / 2];
+    out.par_chunks_mut(inner.max(1))
+        .zip(h.par_chunks(2 * inner.max(1)))
+        .for_each(|(o, r)| {
+            let (a, b) = r.split_at(inner);
+            for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
+                *o = a
+                    * (b * 0.5
+                        * (1.0
+                            + candle_core::cpu::erf::erf_f32(b * std::f32::consts::FRAC_1_SQRT_2)));
+            }
+        });
+    out
+}
+
+/// The gradient of [`geglu`]'s input `h` for the output gradient `g`:
+/// `[g · gelu(b) | g · a · gelu′(b)]`.
+pub fn geglu_backward(h: &[f32], g: &[f32], inner: usize) -> Vec<f32> {
+    assert_eq!(h.len(), 2 * g.len());
+    let mut dh = vec![0f32; h.len()];
+    dh.par_chunks_mut(2 * inner.max(1))
+        .zip(
+            h.par_chunks(2 * inner.max(1))
+                .zip(g.par_chunks(inner.max(1))),
+        )
+        .for_each(|(d, (r, g))| {
+            let (a, b) = r.split_at(inner);
+            let (da, db) = d.split_at_mut(inner);
+            for i in 0..inner {
+                let (gelu, slope) = gelu_and_slope(b[i]);
+                da[i] = g[i] * gelu;
+                db[i] = g[i] * a[i] * slope;
+            }
+        });
+    dh
 }
 
 #[cfg(test)]
@@ -302,6 +518,103 @@ mod tests {
         for n in [37, 64, 77, 1024] {
             check_softmax(n);
         }
+    }
+
+    /// The log-sum-exp a softmax row returns recomputes the same probabilities.
+    #[test]
+    fn log_sum_exp_recomputes_the_probabilities() {
+        for n in [5, 40, 77, 1000] {
+            let orig: Vec<f32> = (0..n).map(|i| ((i * 31) % 17) as f32 / 3.0 - 2.5).collect();
+            let mut p = orig.clone();
+            let lse = softmax_row(&mut p, 0.8);
+            let m = orig.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64 * 0.8;
+            let want = m + orig
+                .iter()
+                .map(|v| (*v as f64 * 0.8 - m).exp())
+                .sum::<f64>()
+                .ln();
+            assert!((lse as f64 - want).abs() < 1e-5, "{lse} vs {want}");
+            let mut q = orig.clone();
+            exp_shifted_row(&mut q, 0.8, lse);
+            for (a, b) in p.iter().zip(&q) {
+                assert!((a - b).abs() < 1e-6 * (1.0 + a.abs()), "{a} vs {b}");
+            }
+        }
+    }
+
+    /// ⟨dy, f(x + εv) − f(x − εv)⟩ / 2ε  against  ⟨backward(dy), v⟩.
+    fn check_directional(
+        f: impl Fn(&[f32]) -> Vec<f32>,
+        backward: impl Fn(&[f32], &[f32]) -> Vec<f32>,
+        x: &[f32],
+        dy: &[f32],
+    ) {
+        let v: Vec<f32> = (0..x.len())
+            .map(|i| ((i * 37) % 11) as f32 / 11.0 - 0.45)
+            .collect();
+        let eps = 1e-2f32;
+        let shifted = |sign: f32| -> Vec<f64> {
+            let xs: Vec<f32> = x.iter().zip(&v).map(|(a, b)| a + sign * eps * b).collect();
+            // f64 accumulation of f's output against dy
+            f(&xs).iter().map(|y| *y as f64).collect()
+        };
+        let (p, m) = (shifted(1.0), shifted(-1.0));
+        let fd: f64 = p
+            .iter()
+            .zip(&m)
+            .zip(dy)
+            .map(|((a, b), g)| (a - b) * *g as f64)
+            .sum::<f64>()
+            / (2.0 * eps as f64);
+        let dx = backward(x, dy);
+        let an: f64 = dx.iter().zip(&v).map(|(a, b)| *a as f64 * *b as f64).sum();
+        assert!(
+            (fd - an).abs() < 2e-3 * (1.0 + an.abs()),
+            "finite difference {fd} vs {an}"
+        );
+    }
+
+    #[test]
+    fn group_norm_backward_matches_finite_differences() {
+        let (c, hw, groups) = (6, 10, 3);
+        let x: Vec<f32> = (0..2 * c * hw)
+            .map(|i| ((i * 7919) % 97) as f32 / 20.0 - 2.0)
+            .collect();
+        let dy: Vec<f32> = (0..x.len())
+            .map(|i| ((i * 13) % 23) as f32 / 10.0 - 1.1)
+            .collect();
+        let gamma: Vec<f32> = (0..c).map(|i| 0.5 + i as f32 * 0.3).collect();
+        let beta: Vec<f32> = (0..c).map(|i| i as f32 * 0.2 - 0.4).collect();
+        for silu in [false, true] {
+            check_directional(
+                |x| group_norm(x, c, hw, groups, &gamma, &beta, 1e-5, silu),
+                |x, dy| group_norm_backward(x, dy, c, hw, groups, (&gamma, &beta), 1e-5, silu),
+                &x,
+                &dy,
+            );
+        }
+    }
+
+    #[test]
+    fn geglu_backward_matches_finite_differences() {
+        let inner = 7;
+        let h: Vec<f32> = (0..3 * 2 * inner)
+            .map(|i| ((i * 31) % 29) as f32 / 7.0 - 2.0)
+            .collect();
+        let g: Vec<f32> = (0..3 * inner)
+            .map(|i| ((i * 17) % 13) as f32 / 6.0 - 1.0)
+            .collect();
+        check_directional(
+            |h| geglu(h, inner),
+            |h, g| geglu_backward(h, g, inner),
+            &h,
+            &g,
+        );
+        // and the value: a · gelu(b)
+        let y = geglu(&h, inner);
+        let (a, b) = (h[0] as f64, h[inner] as f64);
+        let erf_b = candle_core::cpu::erf::erf_f64(b / std::f64::consts::SQRT_2);
+        assert!((y[0] as f64 - a * 0.5 * b * (1.0 + erf_b)).abs() < 1e-5);
     }
 
     fn check_softmax(n: usize) {

@@ -638,10 +638,22 @@ pub struct GroupNorm {
 }
 
 /// Group normalization on the CPU in two passes (`crate::cpu_kernels::group_norm`).
+/// With `silu`, the SiLU after the normalization in the same pass. One graph node whose
+/// backward is the input gradient (`crate::cpu_kernels::group_norm_backward`).
+#[derive(Clone)]
 struct CpuGroupNorm {
     groups: usize,
     eps: f64,
     affine: Arc<(Vec<f32>, Vec<f32>)>,
+    silu: bool,
+}
+
+fn channels_and_plane(l: &Layout) -> candle_core::Result<(usize, usize)> {
+    let dims = l.shape().dims();
+    if dims.len() < 2 {
+        candle_core::bail!("group norm: input of shape {dims:?}");
+    }
+    Ok((dims[1], dims[2..].iter().product()))
 }
 
 impl CustomOp1 for CpuGroupNorm {
@@ -650,16 +662,53 @@ impl CustomOp1 for CpuGroupNorm {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let dims = l.shape().dims();
-        let c = dims[1];
-        let hw: usize = dims[2..].iter().product();
-        let x = match (s, l.contiguous_offsets()) {
-            (CpuStorage::F32(v), Some((a, e))) => &v[a..e],
-            _ => candle_core::bail!("cpu-group-norm: f32 contiguous input expected"),
-        };
+        let (c, hw) = channels_and_plane(l)?;
+        let x = f32_slice(s, l, "group norm input")?;
         let (gamma, beta) = &*self.affine;
-        let out = crate::cpu_kernels::group_norm(x, c, hw, self.groups, gamma, beta, self.eps);
+        let out =
+            crate::cpu_kernels::group_norm(x, c, hw, self.groups, gamma, beta, self.eps, self.silu);
         Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let g = g.contiguous()?;
+        Ok(Some(
+            x.apply_op2_no_bwd(&g, &CpuGroupNormGrad(self.clone()))?,
+        ))
+    }
+}
+
+/// The input gradient of a [`CpuGroupNorm`]: arguments `x` and the output gradient.
+struct CpuGroupNormGrad(CpuGroupNorm);
+
+impl candle_core::CustomOp2 for CpuGroupNormGrad {
+    fn name(&self) -> &'static str {
+        "cpu-group-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (c, hw) = channels_and_plane(l1)?;
+        if l1.dims() != l2.dims() {
+            candle_core::bail!("group norm backward: gradient shape {:?}", l2.dims());
+        }
+        let (gamma, beta) = &*self.0.affine;
+        let dx = crate::cpu_kernels::group_norm_backward(
+            f32_slice(s1, l1, "group norm input")?,
+            f32_slice(s2, l2, "group norm gradient")?,
+            c,
+            hw,
+            self.0.groups,
+            (gamma, beta),
+            self.0.eps,
+            self.0.silu,
+        );
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }
 
@@ -712,21 +761,35 @@ impl GroupNorm {
         wd
     }
 
+    /// The CPU kernel, when the affine parameters and `x` are f32 on the CPU.
+    fn cpu_op(&self, x: &Tensor, silu: bool) -> Option<CpuGroupNorm> {
+        match (&self.cpu_affine, x.dtype(), x.device().is_cpu()) {
+            (Some(affine), DType::F32, true) => Some(CpuGroupNorm {
+                groups: self.groups,
+                eps: self.eps,
+                affine: affine.clone(),
+                silu,
+            }),
+            _ => None,
+        }
+    }
+
+    /// `silu(group_norm(x))`, fused on the CPU (the pre-activation of every residual block).
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        match self.cpu_op(x, true) {
+            Some(op) => Ok(x.contiguous()?.apply_op1(op)?),
+            None => Ok(self.forward(x)?.silu()?),
+        }
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(op) = self.cpu_op(x, false) {
+            return Ok(x.contiguous()?.apply_op1(op)?);
+        }
         let dims = x.dims().to_vec();
         let dtype = x.dtype();
         let wd = self.channel_shape(&dims);
         let value = |x: &Tensor| -> candle_core::Result<Tensor> {
-            if let (Some(affine), DType::F32, true) =
-                (&self.cpu_affine, x.dtype(), x.device().is_cpu())
-            {
-                let op = CpuGroupNorm {
-                    groups: self.groups,
-                    eps: self.eps,
-                    affine: affine.clone(),
-                };
-                return x.contiguous()?.apply_op1_no_bwd(&op);
-            }
             let (xn, _) = self.normalized(x)?;
             xn.to_dtype(dtype)?
                 .reshape(dims.clone())?

@@ -165,7 +165,7 @@ impl Encoder {
             }
         }
         let x = self.mid.forward(&x)?;
-        let x = self.conv_norm_out.forward(&x)?.silu()?;
+        let x = self.conv_norm_out.forward_silu(&x)?;
         self.conv_out.forward(&x)
     }
 }
@@ -222,7 +222,7 @@ impl Decoder {
                 x = u.forward(&x, None)?;
             }
         }
-        let x = self.conv_norm_out.forward(&x)?.silu()?;
+        let x = self.conv_norm_out.forward_silu(&x)?;
         self.conv_out.forward(&x)
     }
 }

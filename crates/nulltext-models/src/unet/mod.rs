@@ -213,7 +213,7 @@ impl UNet2DConditionModel {
             x = block.forward(&x, &mine, &temb, &context, size, control, step)?;
         }
         let _ = (h, w);
-        let x = self.conv_norm_out.forward(&x)?.silu()?;
+        let x = self.conv_norm_out.forward_silu(&x)?;
         self.conv_out.forward(&x)
     }
 }

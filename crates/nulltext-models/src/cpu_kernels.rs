@@ -448,6 +448,47 @@ pub fn group_norm(
     out
 }
 
+/// Layer normalization of the rows (length `d`) of `x`, with `gamma`, `beta`.
+pub fn layer_norm(x: &[f32], d: usize, gamma: &[f32], beta: &[f32], eps: f64) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(d.max(1))
+        .zip(x.par_chunks(d.max(1)))
+        .for_each(|(o, r)| {
+            let (mean, rstd) = group_stats(r, eps);
+            let (m, rs) = (mean as f32, rstd as f32);
+            for (((o, v), g), b) in o.iter_mut().zip(r).zip(gamma).zip(beta) {
+                *o = (v - m) * rs * g + b;
+            }
+        });
+    out
+}
+
+/// The input gradient of [`layer_norm`] for the output gradient `dy`:
+/// `dx = (1/σ)(ĝ − mean(ĝ) − x̂·mean(ĝ x̂))` per row, with `ĝ = γ·dy`.
+pub fn layer_norm_backward(x: &[f32], dy: &[f32], d: usize, gamma: &[f32], eps: f64) -> Vec<f32> {
+    assert_eq!(x.len(), dy.len());
+    let mut dx = vec![0f32; x.len()];
+    dx.par_chunks_mut(d.max(1))
+        .zip(x.par_chunks(d.max(1)).zip(dy.par_chunks(d.max(1))))
+        .for_each(|(o, (r, g))| {
+            let (mean, rstd) = group_stats(r, eps);
+            let (m, rs) = (mean as f32, rstd as f32);
+            let (mut s1, mut s2) = (0f64, 0f64);
+            for ((v, gv), ga) in r.iter().zip(g).zip(gamma) {
+                let gh = (gv * ga) as f64;
+                s1 += gh;
+                s2 += gh * ((v - m) * rs) as f64;
+            }
+            let n = d as f64;
+            let (m1, m2) = ((s1 / n) as f32, (s2 / n) as f32);
+            for (((o, v), gv), ga) in o.iter_mut().zip(r).zip(g).zip(gamma) {
+                let xh = (v - m) * rs;
+                *o = rs * (gv * ga - m1 - xh * m2);
+            }
+        });
+    dx
+}
+
 /// GELU (erf form) and its derivative at `x`.
 #[inline(always)]
 fn gelu_and_slope(x: f32) -> (f32, f32) {
@@ -593,6 +634,25 @@ mod tests {
                 &dy,
             );
         }
+    }
+
+    #[test]
+    fn layer_norm_backward_matches_finite_differences() {
+        let d = 12;
+        let x: Vec<f32> = (0..5 * d)
+            .map(|i| ((i * 7919) % 89) as f32 / 17.0 - 2.0)
+            .collect();
+        let dy: Vec<f32> = (0..x.len())
+            .map(|i| ((i * 13) % 23) as f32 / 10.0 - 1.1)
+            .collect();
+        let gamma: Vec<f32> = (0..d).map(|i| 0.5 + i as f32 * 0.1).collect();
+        let beta: Vec<f32> = (0..d).map(|i| i as f32 * 0.05 - 0.3).collect();
+        check_directional(
+            |x| layer_norm(x, d, &gamma, &beta, 1e-5),
+            |x, dy| layer_norm_backward(x, dy, d, &gamma, 1e-5),
+            &x,
+            &dy,
+        );
     }
 
     #[test]

@@ -845,6 +845,14 @@ impl LayerNorm {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let x = x.contiguous()?;
+        if x.device().is_cpu()
+            && x.dtype() == DType::F32
+            && self.weight.dtype() == DType::F32
+            && self.bias.dtype() == DType::F32
+        {
+            let (w, b) = (self.weight.contiguous()?, self.bias.contiguous()?);
+            return Ok(x.apply_op3(&w, &b, CpuLayerNorm(self.eps))?);
+        }
         if !x.track_op() {
             return Ok(candle_nn::ops::layer_norm(
                 &x,
@@ -877,6 +885,63 @@ impl LayerNorm {
                 .broadcast_mul(&rstd)?;
             dx.to_dtype(g.dtype())
         })?)
+    }
+}
+
+/// Layer normalization on the CPU (f32): arguments `x`, γ, β; one graph node whose
+/// backward is the input gradient (`crate::cpu_kernels::layer_norm_backward`).
+struct CpuLayerNorm(f64);
+
+impl candle_core::CustomOp3 for CpuLayerNorm {
+    fn name(&self) -> &'static str {
+        "cpu-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = l1.dims().last().copied().unwrap_or(1);
+        let (gamma, beta) = (f32_slice(s2, l2, "γ")?, f32_slice(s3, l3, "β")?);
+        if gamma.len() != d || beta.len() != d {
+            candle_core::bail!(
+                "layer norm: width {d}, γ/β of {}/{}",
+                gamma.len(),
+                beta.len()
+            );
+        }
+        let out =
+            crate::cpu_kernels::layer_norm(f32_slice(s1, l1, "input")?, d, gamma, beta, self.0);
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = x.dim(D::Minus1)?;
+        let dx = crate::cpu_kernels::layer_norm_backward(
+            &x.flatten_all()?.to_vec1::<f32>()?,
+            &g.contiguous()?.flatten_all()?.to_vec1::<f32>()?,
+            d,
+            &w.to_vec1::<f32>()?,
+            self.0,
+        );
+        Ok((
+            Some(Tensor::from_vec(dx, x.dims(), x.device())?),
+            None,
+            None,
+        ))
     }
 }
 

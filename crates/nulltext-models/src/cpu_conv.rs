@@ -174,13 +174,13 @@ impl CpuConv {
         let (oh, ow) = self.out_hw(s.h, s.w);
         let n = oh * ow;
         let kk = self.c_in * self.k * self.k;
-        let mut out = match bias {
-            // every output row starts as its bias (one pass, no zeroing first)
-            Some(bias) => (0..s.b * self.c_out)
-                .flat_map(|i| std::iter::repeat_n(bias[i % self.c_out], n))
-                .collect(),
-            None => vec![0f32; s.b * self.c_out * n],
-        };
+        let mut out = vec![0f32; s.b * self.c_out * n];
+        if let Some(bias) = bias {
+            // every output row starts as its bias
+            out.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
+                row.fill(bias[i % self.c_out]);
+            });
+        }
         let accumulate = bias.is_some();
         let rows = self.tile_rows(ow, oh);
         let mut scratch = Scratch::take(if self.is_pointwise() {

@@ -6,7 +6,7 @@ use candle_core::{DType, Tensor};
 use crate::control::{AttentionCall, AttentionControl, AttentionKind, AttentionSite, Place};
 use crate::cpu_attention::AttnDims;
 use crate::error::Result;
-use crate::nn::{Conv2d, GroupNorm, LayerNorm, Linear};
+use crate::nn::{f32_slice, host_f32, Conv2d, GroupNorm, LayerNorm, Linear};
 use crate::weights::Vb;
 
 /// `softmax(q kᵀ · scale) v` for `[B, heads, L, d]` inputs, never handing out the
@@ -59,21 +59,6 @@ fn attn_dims(q: &[usize], k: &[usize], v: &[usize]) -> candle_core::Result<AttnD
     }
 }
 
-fn f32_data<'a>(
-    s: &'a candle_core::CpuStorage,
-    l: &candle_core::Layout,
-) -> candle_core::Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (candle_core::CpuStorage::F32(v), Some((a, e))) => Ok(&v[a..e]),
-        _ => candle_core::bail!("attention: contiguous f32 inputs expected"),
-    }
-}
-
-/// The contiguous f32 data of a CPU tensor, as a host vector.
-fn host_f32(t: &Tensor) -> candle_core::Result<Vec<f32>> {
-    t.contiguous()?.flatten_all()?.to_vec1::<f32>()
-}
-
 impl candle_core::CustomOp3 for CpuFusedAttention {
     fn name(&self) -> &'static str {
         "cpu-fused-attention"
@@ -90,9 +75,9 @@ impl candle_core::CustomOp3 for CpuFusedAttention {
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
         let n = attn_dims(l1.dims(), l2.dims(), l3.dims())?;
         let (out, lse) = crate::cpu_attention::forward(
-            f32_data(s1, l1)?,
-            f32_data(s2, l2)?,
-            f32_data(s3, l3)?,
+            f32_slice(s1, l1, "attention input")?,
+            f32_slice(s2, l2, "attention input")?,
+            f32_slice(s3, l3, "attention input")?,
             n,
             self.scale,
         );
@@ -348,7 +333,7 @@ impl candle_core::CustomOp1 for CpuGeglu {
         if width % 2 != 0 {
             candle_core::bail!("geglu: odd width {width}");
         }
-        let out = crate::cpu_kernels::geglu(f32_data(s, l)?, width / 2);
+        let out = crate::cpu_kernels::geglu(f32_slice(s, l, "attention input")?, width / 2);
         *dims.last_mut().unwrap() = width / 2;
         Ok((candle_core::CpuStorage::F32(out), dims.into()))
     }

@@ -463,11 +463,22 @@ impl Conv2d {
     }
 }
 
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+/// The data of a contiguous f32 CPU storage.
+pub(crate) fn f32_slice<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
     match (s, l.contiguous_offsets()) {
         (CpuStorage::F32(v), Some((a, e))) => Ok(&v[a..e]),
         _ => candle_core::bail!("cpu kernel: {what} must be contiguous f32"),
     }
+}
+
+/// The data of an f32 CPU tensor as a contiguous host vector (for backward passes, which
+/// receive tensors rather than storages).
+pub(crate) fn host_f32(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    t.contiguous()?.flatten_all()?.to_vec1::<f32>()
 }
 
 fn nchw(l: &Layout) -> candle_core::Result<Nchw> {
@@ -931,8 +942,8 @@ impl candle_core::CustomOp3 for CpuLayerNorm {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let d = x.dim(D::Minus1)?;
         let dx = crate::cpu_kernels::layer_norm_backward(
-            &x.flatten_all()?.to_vec1::<f32>()?,
-            &g.contiguous()?.flatten_all()?.to_vec1::<f32>()?,
+            &host_f32(x)?,
+            &host_f32(g)?,
             d,
             &w.to_vec1::<f32>()?,
             self.0,

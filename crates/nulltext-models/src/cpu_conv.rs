@@ -12,6 +12,9 @@ use rayon::prelude::*;
 
 /// Upper bound of the patch buffer of one tile.
 const TILE_BYTES: usize = 32 << 20;
+/// Upper bound of the patch buffer of a group of small images (tiny in the unit tests, so
+/// that they cover groups and a short last group).
+const GROUP_BYTES: usize = if cfg!(test) { 1 << 14 } else { TILE_BYTES };
 
 /// The geometry of a convolution (square kernel, symmetric zero padding, no dilation or
 /// groups). Its kernel is passed as `[c_out, c_in·k·k]` row-major (the `[c_out, c_in, k, k]`
@@ -175,6 +178,11 @@ impl CpuConv {
         let n = oh * ow;
         let kk = self.c_in * self.k * self.k;
         let mut out = vec![0f32; s.b * self.c_out * n];
+        let g = self.group(s, n);
+        if g > 1 {
+            self.forward_grouped(x, s, weight, bias, g, &mut out);
+            return out;
+        }
         if let Some(bias) = bias {
             // every output row starts as its bias
             out.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
@@ -235,6 +243,11 @@ impl CpuConv {
         let kk = self.c_in * self.k * self.k;
         let plane = s.c * s.h * s.w;
         let mut dx = vec![0f32; s.b * plane];
+        let gr = self.group(s, n);
+        if gr > 1 {
+            self.input_grad_grouped(g, s, weight, gr, &mut dx);
+            return dx;
+        }
         let rows = self.tile_rows(ow, oh);
         let mut scratch = Scratch::take(if self.is_pointwise() {
             0
@@ -280,6 +293,66 @@ impl CpuConv {
         dx
     }
 
+    /// The gradient of the kernel `[C_out, C_in·k·k]` given the input `x` and the gradient
+    /// `g` of the output: `Σ g · patchesᵀ` over the images and tiles of output rows.
+    pub fn weight_grad(&self, x: &[f32], s: Nchw, g: &[f32]) -> Vec<f32> {
+        assert_eq!(s.c, self.c_in);
+        assert_eq!(x.len(), s.b * s.c * s.h * s.w);
+        let (oh, ow) = self.out_hw(s.h, s.w);
+        let n = oh * ow;
+        assert_eq!(g.len(), s.b * self.c_out * n);
+        let kk = self.c_in * self.k * self.k;
+        let mut dw = vec![0f32; self.c_out * kk];
+        let gr = self.group(s, n);
+        if gr > 1 {
+            self.weight_grad_grouped(x, s, g, gr, &mut dw);
+            return dw;
+        }
+        let rows = self.tile_rows(ow, oh);
+        let mut scratch = Scratch::take(if self.is_pointwise() {
+            0
+        } else {
+            kk * rows * ow
+        });
+        let col = &mut scratch.0;
+        let plane = s.c * s.h * s.w;
+        for bi in 0..s.b {
+            let xb = &x[bi * plane..(bi + 1) * plane];
+            let gb = &g[bi * self.c_out * n..(bi + 1) * self.c_out * n];
+            if self.is_pointwise() {
+                // dW += g xᵀ
+                matmul(
+                    (self.c_out, kk, n),
+                    &mut dw,
+                    kk,
+                    true,
+                    gb,
+                    (n, 1),
+                    xb,
+                    (1, n),
+                );
+                continue;
+            }
+            for oy0 in (0..oh).step_by(rows) {
+                let oy1 = (oy0 + rows).min(oh);
+                let tn = (oy1 - oy0) * ow;
+                let col = &mut col[..kk * tn];
+                self.im2col(xb, s, (oy0, oy1), ow, col);
+                matmul(
+                    (self.c_out, kk, tn),
+                    &mut dw,
+                    kk,
+                    true,
+                    &gb[oy0 * ow..],
+                    (n, 1),
+                    col,
+                    (1, tn),
+                );
+            }
+        }
+        dw
+    }
+
     /// For each input position a patch row `(c, i, j)` reads, the range of output columns
     /// `ox` with `ox·stride + j − padding` inside `[0, w)`.
     fn valid_cols(&self, j: usize, w: usize, ow: usize) -> (usize, usize) {
@@ -296,16 +369,30 @@ impl CpuConv {
     }
 
     /// Patches of output rows `[oy0, oy1)` into `col` `[C_in·k·k, (oy1−oy0)·ow]`.
-    fn im2col(&self, xb: &[f32], s: Nchw, (oy0, oy1): (usize, usize), ow: usize, col: &mut [f32]) {
+    fn im2col(&self, xb: &[f32], s: Nchw, rows: (usize, usize), ow: usize, col: &mut [f32]) {
+        let tn = (rows.1 - rows.0) * ow;
+        self.im2col_at(xb, s, rows, ow, (col, tn, 0));
+    }
+
+    /// As [`Self::im2col`], into the columns from `offset` of rows `stride` apart.
+    fn im2col_at(
+        &self,
+        xb: &[f32],
+        s: Nchw,
+        (oy0, oy1): (usize, usize),
+        ow: usize,
+        (col, stride, offset): (&mut [f32], usize, usize),
+    ) {
         let (k, st, p) = (self.k, self.stride, self.padding);
         let tn = (oy1 - oy0) * ow;
-        col.par_chunks_mut(k * k * tn)
+        col.par_chunks_mut(k * k * stride)
             .enumerate()
             .for_each(|(c, rows)| {
                 let xc = &xb[c * s.h * s.w..(c + 1) * s.h * s.w];
                 for i in 0..k {
                     for j in 0..k {
-                        let row = &mut rows[(i * k + j) * tn..(i * k + j + 1) * tn];
+                        let r0 = (i * k + j) * stride + offset;
+                        let row = &mut rows[r0..r0 + tn];
                         let (lo, hi) = self.valid_cols(j, s.w, ow);
                         for (t, oy) in (oy0..oy1).enumerate() {
                             let seg = &mut row[t * ow..(t + 1) * ow];
@@ -332,15 +419,29 @@ impl CpuConv {
     }
 
     /// Adds the patch gradients `col` of output rows `[oy0, oy1)` into `db` `[C_in, H, W]`.
-    fn col2im(&self, col: &[f32], s: Nchw, (oy0, oy1): (usize, usize), ow: usize, db: &mut [f32]) {
+    fn col2im(&self, col: &[f32], s: Nchw, rows: (usize, usize), ow: usize, db: &mut [f32]) {
+        let tn = (rows.1 - rows.0) * ow;
+        self.col2im_at((col, tn, 0), s, rows, ow, db);
+    }
+
+    /// As [`Self::col2im`], from the columns at `offset` of rows `stride` apart.
+    fn col2im_at(
+        &self,
+        (col, stride, offset): (&[f32], usize, usize),
+        s: Nchw,
+        (oy0, oy1): (usize, usize),
+        ow: usize,
+        db: &mut [f32],
+    ) {
         let (k, st, p) = (self.k, self.stride, self.padding);
         let tn = (oy1 - oy0) * ow;
         db.par_chunks_mut(s.h * s.w)
-            .zip(col.par_chunks(k * k * tn))
+            .zip(col.par_chunks(k * k * stride))
             .for_each(|(dc, rows)| {
                 for i in 0..k {
                     for j in 0..k {
-                        let row = &rows[(i * k + j) * tn..(i * k + j + 1) * tn];
+                        let r0 = (i * k + j) * stride + offset;
+                        let row = &rows[r0..r0 + tn];
                         let (lo, hi) = self.valid_cols(j, s.w, ow);
                         for (t, oy) in (oy0..oy1).enumerate() {
                             let iy = (oy * st + i) as isize - p as isize;
@@ -363,6 +464,154 @@ impl CpuConv {
                     }
                 }
             });
+    }
+
+    /// Images per group when whole images are small: a batch of small images is convolved
+    /// as one product over all their positions (one product per image would be too small
+    /// to run well). 1 when an image alone fills a tile.
+    fn group(&self, s: Nchw, n: usize) -> usize {
+        let kk = self.c_in * self.k * self.k;
+        if s.b < 2 || n >= 1024 {
+            return 1;
+        }
+        (GROUP_BYTES / (kk.max(self.c_out) * n * 4).max(1)).clamp(1, s.b)
+    }
+
+    /// `dst` `[rows, nb·n]` ← images `[b0, b0 + nb)` of `src` `[B, rows, n]` side by side.
+    fn gather(src: &[f32], rows: usize, n: usize, (b0, nb): (usize, usize), dst: &mut [f32]) {
+        dst.par_chunks_mut(nb * n).enumerate().for_each(|(r, d)| {
+            for j in 0..nb {
+                let o = ((b0 + j) * rows + r) * n;
+                d[j * n..(j + 1) * n].copy_from_slice(&src[o..o + n]);
+            }
+        });
+    }
+
+    /// The inverse of [`Self::gather`].
+    fn scatter(src: &[f32], rows: usize, n: usize, (b0, nb): (usize, usize), dst: &mut [f32]) {
+        let img = rows * n;
+        dst[b0 * img..(b0 + nb) * img]
+            .par_chunks_mut(n)
+            .enumerate()
+            .for_each(|(k, d)| {
+                let (j, r) = (k / rows, k % rows);
+                d.copy_from_slice(&src[r * nb * n + j * n..r * nb * n + (j + 1) * n]);
+            });
+    }
+
+    /// The patches of images `[b0, b0 + nb)` side by side: `[C_in·k·k, nb·n]`.
+    fn group_patches(&self, x: &[f32], s: Nchw, (b0, nb): (usize, usize), col: &mut [f32]) {
+        let (oh, ow) = self.out_hw(s.h, s.w);
+        let n = oh * ow;
+        let plane = s.c * s.h * s.w;
+        if self.is_pointwise() {
+            Self::gather(x, s.c, n, (b0, nb), col);
+            return;
+        }
+        for j in 0..nb {
+            let xb = &x[(b0 + j) * plane..(b0 + j + 1) * plane];
+            self.im2col_at(xb, s, (0, oh), ow, (col, nb * n, j * n));
+        }
+    }
+
+    /// [`Self::forward`] for groups of small images.
+    fn forward_grouped(
+        &self,
+        x: &[f32],
+        s: Nchw,
+        weight: &[f32],
+        bias: Option<&[f32]>,
+        g: usize,
+        out: &mut [f32],
+    ) {
+        let (oh, ow) = self.out_hw(s.h, s.w);
+        let n = oh * ow;
+        let kk = self.c_in * self.k * self.k;
+        let mut scratch = Scratch::take((kk + self.c_out) * g * n);
+        let (col, tmp) = scratch.0.split_at_mut(kk * g * n);
+        for b0 in (0..s.b).step_by(g) {
+            let nb = g.min(s.b - b0);
+            let tn = nb * n;
+            let (col, tmp) = (&mut col[..kk * tn], &mut tmp[..self.c_out * tn]);
+            self.group_patches(x, s, (b0, nb), col);
+            if let Some(bias) = bias {
+                tmp.par_chunks_mut(tn)
+                    .zip(bias.par_iter())
+                    .for_each(|(r, b)| r.fill(*b));
+            }
+            matmul(
+                (self.c_out, tn, kk),
+                tmp,
+                tn,
+                bias.is_some(),
+                weight,
+                (kk, 1),
+                col,
+                (tn, 1),
+            );
+            Self::scatter(tmp, self.c_out, n, (b0, nb), out);
+        }
+    }
+
+    /// [`Self::input_grad`] for groups of small images.
+    fn input_grad_grouped(&self, gr: &[f32], s: Nchw, weight: &[f32], g: usize, dx: &mut [f32]) {
+        let (oh, ow) = self.out_hw(s.h, s.w);
+        let n = oh * ow;
+        let kk = self.c_in * self.k * self.k;
+        let plane = s.c * s.h * s.w;
+        let mut scratch = Scratch::take((kk + self.c_out) * g * n);
+        let (col, tmp) = scratch.0.split_at_mut(kk * g * n);
+        for b0 in (0..s.b).step_by(g) {
+            let nb = g.min(s.b - b0);
+            let tn = nb * n;
+            let (col, tmp) = (&mut col[..kk * tn], &mut tmp[..self.c_out * tn]);
+            Self::gather(gr, self.c_out, n, (b0, nb), tmp);
+            // patches' gradient = Wᵀ G
+            matmul(
+                (kk, tn, self.c_out),
+                col,
+                tn,
+                false,
+                weight,
+                (1, kk),
+                tmp,
+                (tn, 1),
+            );
+            if self.is_pointwise() {
+                Self::scatter(col, s.c, n, (b0, nb), dx);
+                continue;
+            }
+            for j in 0..nb {
+                let db = &mut dx[(b0 + j) * plane..(b0 + j + 1) * plane];
+                self.col2im_at((col, tn, j * n), s, (0, oh), ow, db);
+            }
+        }
+    }
+
+    /// [`Self::weight_grad`] for groups of small images.
+    fn weight_grad_grouped(&self, x: &[f32], s: Nchw, gr: &[f32], g: usize, dw: &mut [f32]) {
+        let (oh, ow) = self.out_hw(s.h, s.w);
+        let n = oh * ow;
+        let kk = self.c_in * self.k * self.k;
+        let mut scratch = Scratch::take((kk + self.c_out) * g * n);
+        let (col, tmp) = scratch.0.split_at_mut(kk * g * n);
+        for b0 in (0..s.b).step_by(g) {
+            let nb = g.min(s.b - b0);
+            let tn = nb * n;
+            let (col, tmp) = (&mut col[..kk * tn], &mut tmp[..self.c_out * tn]);
+            self.group_patches(x, s, (b0, nb), col);
+            Self::gather(gr, self.c_out, n, (b0, nb), tmp);
+            matmul(
+                (self.c_out, kk, tn),
+                dw,
+                kk,
+                true,
+                tmp,
+                (tn, 1),
+                col,
+                (1, tn),
+            );
+        }
     }
 }
 
@@ -427,6 +676,19 @@ mod tests {
     fn cases() -> Vec<(usize, usize, usize, usize, Nchw)> {
         // (c_out, k, stride, padding, input)
         vec![
+            // small images in groups of two, the last group short
+            (
+                5,
+                3,
+                1,
+                1,
+                Nchw {
+                    b: 3,
+                    c: 4,
+                    h: 7,
+                    w: 7,
+                },
+            ),
             (
                 5,
                 3,
@@ -514,6 +776,29 @@ mod tests {
             assert_eq!(got.len(), want.len());
             for (g, w) in got.iter().zip(&want) {
                 assert!((*g as f64 - w).abs() < 1e-5, "case {n}: {g} vs {w}");
+            }
+        }
+    }
+
+    /// dW[o, c, i, j] = Σ g[o, y, x] · x[c, y·s + i − p, x·s + j − p], from the definition.
+    #[test]
+    fn weight_grad_matches_the_definition() {
+        for (n, (c_out, k, stride, padding, s)) in cases().into_iter().enumerate() {
+            let conv = CpuConv::new((c_out, s.c, k), stride, padding);
+            let x = lcg(s.b * s.c * s.h * s.w, 500 + n as u64);
+            let (oh, ow) = conv.out_hw(s.h, s.w);
+            let g = lcg(s.b * c_out * oh * ow, 600 + n as u64);
+            let dw = conv.weight_grad(&x, s, &g);
+            // ⟨conv_W(x), g⟩ is linear in W: its gradient is the response to each unit kernel
+            for (i, got) in dw.iter().enumerate() {
+                let mut e = vec![0f32; dw.len()];
+                e[i] = 1.0;
+                let y = reference(&conv, &x, s, &e, None);
+                let want: f64 = y.iter().zip(&g).map(|(a, b)| a * *b as f64).sum();
+                assert!(
+                    (*got as f64 - want).abs() < 1e-4,
+                    "case {n}, weight {i}: {got} vs {want}"
+                );
             }
         }
     }

@@ -401,6 +401,68 @@ pub fn group_norm_backward(
     dx
 }
 
+/// The gradients of group norm's `gamma` and `beta` (`[C]` each) given the input `x`
+/// `[B, C, HW]` and the output gradient `dy`: `Σ dû·x̂` and `Σ dû` over images and positions,
+/// with `dû` the gradient before the SiLU when `with_silu`.
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm_affine_grads(
+    x: &[f32],
+    dy: &[f32],
+    c: usize,
+    hw: usize,
+    groups: usize,
+    (gamma, beta): (&[f32], &[f32]),
+    eps: f64,
+    with_silu: bool,
+) -> (Vec<f32>, Vec<f32>) {
+    assert_eq!(x.len(), dy.len());
+    let cg = c / groups;
+    // per (image, group): the sums of its channels
+    let parts: Vec<(usize, Vec<f64>, Vec<f64>)> = x
+        .par_chunks(cg * hw)
+        .zip(dy.par_chunks(cg * hw))
+        .enumerate()
+        .map(|(k, (xs, gs))| {
+            let g = k % groups;
+            let (mean, rstd) = group_stats(xs, eps);
+            let (m, r) = (mean as f32, rstd as f32);
+            let mut dg = vec![0f64; cg];
+            let mut db = vec![0f64; cg];
+            for (j, (xc, gc)) in xs.chunks(hw).zip(gs.chunks(hw)).enumerate() {
+                let (ga, be) = (gamma[g * cg + j], beta[g * cg + j]);
+                let (mut a, mut b) = (0f64, 0f64);
+                for (xv, gv) in xc.iter().zip(gc) {
+                    let xh = (xv - m) * r;
+                    let du = if with_silu {
+                        let u = ga * xh + be;
+                        let sg = 1.0 / (1.0 + (-u).exp());
+                        gv * sg * (1.0 + u * (1.0 - sg))
+                    } else {
+                        *gv
+                    };
+                    a += (du * xh) as f64;
+                    b += du as f64;
+                }
+                dg[j] = a;
+                db[j] = b;
+            }
+            (g, dg, db)
+        })
+        .collect();
+    let mut dgamma = vec![0f64; c];
+    let mut dbeta = vec![0f64; c];
+    for (g, dg, db) in parts {
+        for j in 0..cg {
+            dgamma[g * cg + j] += dg[j];
+            dbeta[g * cg + j] += db[j];
+        }
+    }
+    (
+        dgamma.into_iter().map(|v| v as f32).collect(),
+        dbeta.into_iter().map(|v| v as f32).collect(),
+    )
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn group_norm_avx2(

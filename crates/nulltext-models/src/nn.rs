@@ -1,11 +1,15 @@
-//! Layers with frozen weights, fast on the forward pass and exact on the backward pass.
+//! Layers fast on the forward pass and exact on the backward pass.
 //!
 //! Null-text inversion differentiates the UNet with respect to its text context only, so
-//! every layer here treats its weights as constants: the backward pass computes the
-//! gradient of the input and nothing else. Where candle's fused kernels record no backward
-//! op (softmax, layer norm) or its backward also computes unneeded weight gradients
-//! (matmul, conv2d), the value is computed without a graph and re-attached to the input
-//! with an explicit input-gradient-only backward ([`attach_grad`]).
+//! the layers treat their weights as constants: the backward pass computes the gradient of
+//! the input and nothing else. Where candle's fused kernels record no backward op (softmax,
+//! layer norm) or its backward also computes unneeded weight gradients (matmul, conv2d), the
+//! value is computed without a graph and re-attached to the input with an explicit
+//! input-gradient-only backward ([`attach_grad`]).
+//!
+//! Training (`nulltext train`) loads the weights as variables: the CPU kernels of linear
+//! layers, convolutions and layer norms then also return the weights' gradients, and group
+//! norm runs on candle's differentiable ops.
 
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -245,6 +249,31 @@ impl CpuLinear {
     fn input_grad(w: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
         g.contiguous()?.apply_op2_no_bwd(w, &CpuLinearInputGrad)
     }
+
+    /// The gradients of whichever of `x`, `W` and `b` are being differentiated: `g W`,
+    /// `gᵀ x` and the column sums of `g` (the weights' only when training them).
+    #[allow(clippy::type_complexity)]
+    fn grads(
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        let dx = match x.track_op() {
+            true => Some(Self::input_grad(w, &g)?),
+            false => None,
+        };
+        let dw = match w.track_op() {
+            true => Some(g.t()?.matmul(&x.detach().contiguous()?)?),
+            false => None,
+        };
+        let db = match b {
+            Some(b) if b.track_op() => Some(channel_sums(&g, g.dim(1)?)?),
+            _ => None,
+        };
+        Ok((dx, dw, db))
+    }
 }
 
 impl candle_core::CustomOp2 for CpuLinear {
@@ -264,12 +293,13 @@ impl candle_core::CustomOp2 for CpuLinear {
 
     fn bwd(
         &self,
-        _x: &Tensor,
+        x: &Tensor,
         w: &Tensor,
         _res: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(Self::input_grad(w, g)?), None))
+        let (dx, dw, _) = Self::grads(x, w, None, g)?;
+        Ok((dx, dw))
     }
 }
 
@@ -293,13 +323,13 @@ impl candle_core::CustomOp3 for CpuLinear {
     #[allow(clippy::type_complexity)]
     fn bwd(
         &self,
-        _x: &Tensor,
+        x: &Tensor,
         w: &Tensor,
-        _b: &Tensor,
+        b: &Tensor,
         _res: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(Self::input_grad(w, g)?), None, None))
+        Self::grads(x, w, Some(b), g)
     }
 }
 
@@ -490,11 +520,41 @@ fn nchw(l: &Layout) -> candle_core::Result<Nchw> {
 struct CpuConvForward(CpuConv);
 
 impl CpuConvForward {
-    /// The gradient of the input only: the kernel and bias are frozen.
+    /// The gradient of the input.
     fn input_grad(&self, x: &Tensor, w: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
         let (_, _, h, wd) = x.dims4()?;
         g.contiguous()?
             .apply_op2_no_bwd(w, &CpuConvInputGrad(self.0, h, wd))
+    }
+
+    /// The gradients of whichever of the input, kernel and bias are being differentiated
+    /// (the kernel's and bias's only when training them).
+    #[allow(clippy::type_complexity)]
+    fn grads(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        let dx = match x.track_op() {
+            true => Some(self.input_grad(x, w, &g)?),
+            false => None,
+        };
+        let dw = match w.track_op() {
+            true => Some(
+                x.detach()
+                    .contiguous()?
+                    .apply_op2_no_bwd(&g, &CpuConvWeightGrad(self.0))?,
+            ),
+            false => None,
+        };
+        let db = match b {
+            Some(b) if b.track_op() => Some(channel_sums(&g, g.dim(1)?)?),
+            _ => None,
+        };
+        Ok((dx, dw, db))
     }
 
     fn run(
@@ -551,7 +611,8 @@ impl candle_core::CustomOp2 for CpuConvForward {
         _res: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(self.input_grad(x, w, g)?), None))
+        let (dx, dw, _) = self.grads(x, w, None, g)?;
+        Ok((dx, dw))
     }
 }
 
@@ -577,11 +638,11 @@ impl candle_core::CustomOp3 for CpuConvForward {
         &self,
         x: &Tensor,
         w: &Tensor,
-        _b: &Tensor,
+        b: &Tensor,
         _res: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(self.input_grad(x, w, g)?), None, None))
+        self.grads(x, w, Some(b), g)
     }
 }
 
@@ -619,6 +680,42 @@ impl candle_core::CustomOp2 for CpuConvInputGrad {
             f32_slice(s2, l2, "kernel")?,
         );
         Ok((CpuStorage::F32(dx), Shape::from((s.b, s.c, s.h, s.w))))
+    }
+}
+
+/// The kernel gradient of a [`CpuConvForward`]: arguments the input and the output gradient.
+struct CpuConvWeightGrad(CpuConv);
+
+impl candle_core::CustomOp2 for CpuConvWeightGrad {
+    fn name(&self) -> &'static str {
+        "cpu-conv2d-weight-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let s = nchw(l1)?;
+        let (b, c_out, oh, ow) = l2.shape().dims4()?;
+        if b != s.b || c_out != self.0.c_out || self.0.out_hw(s.h, s.w) != (oh, ow) {
+            candle_core::bail!(
+                "conv2d kernel gradient: gradient of shape {:?} does not fit",
+                l2.dims()
+            );
+        }
+        let dw = self.0.weight_grad(
+            f32_slice(s1, l1, "input")?,
+            s,
+            f32_slice(s2, l2, "gradient")?,
+        );
+        let k = self.0.k;
+        Ok((
+            CpuStorage::F32(dw),
+            Shape::from((self.0.c_out, self.0.c_in, k, k)),
+        ))
     }
 }
 
@@ -723,6 +820,97 @@ impl candle_core::CustomOp2 for CpuGroupNormGrad {
     }
 }
 
+/// [`CpuGroupNorm`] whose γ and β are arguments (variables being trained): its backward
+/// also gives their gradients (`crate::cpu_kernels::group_norm_affine_grads`).
+#[derive(Clone, Copy)]
+struct CpuGroupNormTrain {
+    groups: usize,
+    eps: f64,
+    silu: bool,
+}
+
+impl candle_core::CustomOp3 for CpuGroupNormTrain {
+    fn name(&self) -> &'static str {
+        "cpu-group-norm-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (c, hw) = channels_and_plane(l1)?;
+        let (gamma, beta) = (f32_slice(s2, l2, "γ")?, f32_slice(s3, l3, "β")?);
+        if gamma.len() != c || beta.len() != c {
+            candle_core::bail!(
+                "group norm: {c} channels, γ/β of {}/{}",
+                gamma.len(),
+                beta.len()
+            );
+        }
+        let x = f32_slice(s1, l1, "group norm input")?;
+        let out =
+            crate::cpu_kernels::group_norm(x, c, hw, self.groups, gamma, beta, self.eps, self.silu);
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        let affine = Arc::new((w.detach().to_vec1::<f32>()?, b.detach().to_vec1::<f32>()?));
+        let op = CpuGroupNorm {
+            groups: self.groups,
+            eps: self.eps,
+            affine: affine.clone(),
+            silu: self.silu,
+        };
+        let dx = match x.track_op() {
+            true => Some(x.detach().apply_op2_no_bwd(&g, &CpuGroupNormGrad(op))?),
+            false => None,
+        };
+        let c = x.dim(1)?;
+        let hw = x.elem_count() / (x.dim(0)? * c).max(1);
+        let (dg, db) = crate::cpu_kernels::group_norm_affine_grads(
+            &host_f32(x)?,
+            &host_f32(&g)?,
+            c,
+            hw,
+            self.groups,
+            (&affine.0, &affine.1),
+            self.eps,
+            self.silu,
+        );
+        Ok((
+            dx,
+            Some(Tensor::from_vec(dg, c, x.device())?),
+            Some(Tensor::from_vec(db, c, x.device())?),
+        ))
+    }
+}
+
+/// Per-channel sums of a contiguous `[outer, c, inner…]` f32 tensor (a bias's gradient).
+fn channel_sums(g: &Tensor, c: usize) -> candle_core::Result<Tensor> {
+    let v = host_f32(g)?;
+    let inner = (v.len() / (g.dim(0)? * c).max(1)).max(1);
+    let mut out = vec![0f64; c];
+    for (k, chunk) in v.chunks(inner).enumerate() {
+        out[k % c] += chunk.iter().map(|x| *x as f64).sum::<f64>();
+    }
+    let out: Vec<f32> = out.into_iter().map(|x| x as f32).collect();
+    Tensor::from_vec(out, c, g.device())
+}
+
 impl GroupNorm {
     pub fn load(vb: &Vb, groups: usize, channels: usize, eps: f64) -> Result<Self> {
         if groups == 0 || !channels.is_multiple_of(groups) {
@@ -733,7 +921,9 @@ impl GroupNorm {
         }
         let weight = vb.get(&[channels], "weight")?;
         let bias = vb.get(&[channels], "bias")?;
+        // trained weights change under the optimizer: no host copy of them
         let cpu_affine = if weight.device().is_cpu()
+            && !weight.is_variable()
             && weight.dtype() == DType::F32
             && weight.dims() == [channels]
             && vb.store().recorded().is_empty()
@@ -785,8 +975,29 @@ impl GroupNorm {
         }
     }
 
+    /// The CPU kernel with γ and β as graph inputs (training them).
+    fn train_op(&self, x: &Tensor, silu: bool) -> Option<CpuGroupNormTrain> {
+        (self.weight.is_variable()
+            && x.device().is_cpu()
+            && x.dtype() == DType::F32
+            && self.weight.dtype() == DType::F32)
+            .then_some(CpuGroupNormTrain {
+                groups: self.groups,
+                eps: self.eps,
+                silu,
+            })
+    }
+
+    fn apply_train(&self, x: &Tensor, op: CpuGroupNormTrain) -> Result<Tensor> {
+        Ok(x.contiguous()?
+            .apply_op3(&self.weight.contiguous()?, &self.bias.contiguous()?, op)?)
+    }
+
     /// `silu(group_norm(x))`, fused on the CPU (the pre-activation of every residual block).
     pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(op) = self.train_op(x, true) {
+            return self.apply_train(x, op);
+        }
         match self.cpu_op(x, true) {
             Some(op) => Ok(x.contiguous()?.apply_op1(op)?),
             None => Ok(self.forward(x)?.silu()?),
@@ -794,6 +1005,9 @@ impl GroupNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(op) = self.train_op(x, false) {
+            return self.apply_train(x, op);
+        }
         if let Some(op) = self.cpu_op(x, false) {
             return Ok(x.contiguous()?.apply_op1(op)?);
         }
@@ -807,7 +1021,8 @@ impl GroupNorm {
                 .broadcast_mul(&self.weight.reshape(wd.clone())?)?
                 .broadcast_add(&self.bias.reshape(wd.clone())?)
         };
-        if !x.track_op() {
+        if !x.track_op() || self.weight.is_variable() {
+            // training the affine parameters: candle's graph differentiates everything
             return Ok(value(x)?);
         }
         let xd = x.detach();
@@ -936,23 +1151,41 @@ impl candle_core::CustomOp3 for CpuLayerNorm {
         &self,
         x: &Tensor,
         w: &Tensor,
-        _b: &Tensor,
+        b: &Tensor,
         _res: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let d = x.dim(D::Minus1)?;
-        let dx = crate::cpu_kernels::layer_norm_backward(
-            &host_f32(x)?,
-            &host_f32(g)?,
-            d,
-            &w.to_vec1::<f32>()?,
-            self.0,
-        );
-        Ok((
-            Some(Tensor::from_vec(dx, x.dims(), x.device())?),
-            None,
-            None,
-        ))
+        let dx = match x.track_op() {
+            true => {
+                let dx = crate::cpu_kernels::layer_norm_backward(
+                    &host_f32(x)?,
+                    &host_f32(g)?,
+                    d,
+                    &w.detach().to_vec1::<f32>()?,
+                    self.0,
+                );
+                Some(Tensor::from_vec(dx, x.dims(), x.device())?)
+            }
+            false => None,
+        };
+        // γ and β (when training them): Σ g·x̂ and Σ g over every row
+        let rows = x.elem_count() / d.max(1);
+        let g2 = g.reshape((rows, d))?;
+        let dw = match w.track_op() {
+            true => {
+                let x2 = x.detach().reshape((rows, d))?;
+                let xc = x2.broadcast_sub(&x2.mean_keepdim(1)?)?;
+                let rstd = (xc.sqr()?.mean_keepdim(1)? + self.0)?.sqrt()?.recip()?;
+                Some((g2.clone() * xc.broadcast_mul(&rstd)?)?.sum(0)?)
+            }
+            false => None,
+        };
+        let db = match b.track_op() {
+            true => Some(g2.sum(0)?),
+            false => None,
+        };
+        Ok((dx, dw, db))
     }
 }
 

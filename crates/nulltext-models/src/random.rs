@@ -34,6 +34,9 @@ pub enum Preset {
     /// A tiny SD 2.x-shaped model: linear projections, an OpenCLIP-style (GELU) text
     /// encoder padding with `!`, v-prediction.
     TinyV,
+    /// The small SD 1.x-shaped model `nulltext train` trains on 64 px shape scenes
+    /// (8×8 latents).
+    Shapes,
 }
 
 impl std::str::FromStr for Preset {
@@ -45,8 +48,9 @@ impl std::str::FromStr for Preset {
             "sd21-v" | "sd2.1-v" | "sd21" => Ok(Preset::Sd21V),
             "tiny" => Ok(Preset::Tiny),
             "tiny-v" => Ok(Preset::TinyV),
+            "shapes" => Ok(Preset::Shapes),
             _ => Err(format!(
-                "unknown preset `{s}` (sd15, sd21-base, sd21-v, tiny, tiny-v)"
+                "unknown preset `{s}` (sd15, sd21-base, sd21-v, tiny, tiny-v, shapes)"
             )),
         }
     }
@@ -151,6 +155,22 @@ impl Preset {
                     c["max_position_embeddings"] = json!(77);
                     c
                 },
+                scheduler: scheduler("epsilon"),
+                pad_token: eot,
+            },
+            Preset::Shapes => ModelConfigs {
+                unet: {
+                    let mut c = unet(&[32, 64, 64, 64], json!(4), 64, 8, false, false);
+                    c["layers_per_block"] = json!(1);
+                    c
+                },
+                vae: {
+                    let mut c = vae(&[16, 32, 64, 64], 64);
+                    c["layers_per_block"] = json!(1);
+                    c["norm_num_groups"] = json!(16);
+                    c
+                },
+                text_encoder: clip(64, 128, 2, 4, "quick_gelu", 64),
                 scheduler: scheduler("epsilon"),
                 pad_token: eot,
             },

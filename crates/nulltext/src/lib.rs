@@ -19,8 +19,10 @@ pub mod metrics;
 pub mod plot;
 pub mod render;
 pub mod sampling;
+pub mod shapes;
 pub mod text2img;
 pub mod trace;
+pub mod train;
 
 pub use error::{Error, Result};
 pub use events::{CancelFlag, Event, NoProgress, Progress, Recorder, Stage};

@@ -13,6 +13,7 @@ mod random_model;
 mod reconstruct;
 mod serve;
 mod tokens;
+mod train;
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
@@ -135,6 +136,9 @@ pub enum Command {
     RandomModel(random_model::RandomModelArgs),
     /// Time every stage (UNet, null-text iteration, VAE, text encoder, edit step).
     Bench(bench::BenchArgs),
+    /// Train the small shapes model from scratch (VAE, then UNet and text encoder) on
+    /// generated scenes; resumable.
+    Train(train::TrainArgs),
 }
 
 pub fn run(cmd: Command, ctx: &Ctx) -> Result<()> {
@@ -152,5 +156,6 @@ pub fn run(cmd: Command, ctx: &Ctx) -> Result<()> {
         Command::Info(a) => info::run(a, ctx),
         Command::RandomModel(a) => random_model::run(a, ctx),
         Command::Bench(a) => bench::run(a, ctx),
+        Command::Train(a) => train::run(a, ctx),
     }
 }

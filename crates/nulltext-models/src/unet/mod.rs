@@ -150,6 +150,16 @@ impl UNet2DConditionModel {
         self.forward_controlled(x, timestep, context, &mut NoControl, 0)
     }
 
+    /// As [`Self::forward`], with one timestep per latent (training).
+    pub fn forward_timesteps(
+        &self,
+        x: &Tensor,
+        timesteps: &[f64],
+        context: &Tensor,
+    ) -> Result<Tensor> {
+        self.run(x, timesteps, context, &mut NoControl, 0)
+    }
+
     /// As [`Self::forward`], calling `control` at every attention layer with `step`.
     pub fn forward_controlled(
         &self,
@@ -159,7 +169,25 @@ impl UNet2DConditionModel {
         control: &mut dyn AttentionControl,
         step: usize,
     ) -> Result<Tensor> {
+        let b = x.dim(0)?;
+        self.run(x, &vec![timestep; b], context, control, step)
+    }
+
+    fn run(
+        &self,
+        x: &Tensor,
+        timesteps: &[f64],
+        context: &Tensor,
+        control: &mut dyn AttentionControl,
+        step: usize,
+    ) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
+        if timesteps.len() != b {
+            return Err(Error::Msg(format!(
+                "UNet: batch of {b} latents but {} timesteps",
+                timesteps.len()
+            )));
+        }
         if c != self.config.in_channels {
             return Err(Error::Msg(format!(
                 "UNet expects {} latent channels, got {c}",
@@ -177,7 +205,7 @@ impl UNet2DConditionModel {
         let context = context.to_dtype(dtype)?;
         let ch0 = self.config.block_out_channels[0];
         let temb = timestep_embedding(
-            &vec![timestep; b],
+            timesteps,
             ch0,
             self.config.flip_sin_to_cos,
             self.config.freq_shift,

@@ -1,0 +1,141 @@
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use nulltext::train::{train, Phase, TrainEvent, TrainOptions, TrainProgress};
+use nulltext::CancelFlag;
+
+use super::Ctx;
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// The model folder to create (or to resume training in): diffusers layout, with the
+    /// training state in `train/`.
+    #[arg(long, short)]
+    out: PathBuf,
+    /// VAE training steps.
+    #[arg(long, default_value_t = TrainOptions::default().vae_steps)]
+    vae_steps: usize,
+    /// UNet + text encoder training steps.
+    #[arg(long, default_value_t = TrainOptions::default().unet_steps)]
+    unet_steps: usize,
+    #[arg(long, default_value_t = TrainOptions::default().vae_batch)]
+    vae_batch: usize,
+    #[arg(long, default_value_t = TrainOptions::default().unet_batch)]
+    unet_batch: usize,
+    #[arg(long, default_value_t = TrainOptions::default().vae_lr)]
+    vae_lr: f64,
+    #[arg(long, default_value_t = TrainOptions::default().unet_lr)]
+    unet_lr: f64,
+    /// Seeds the initial weights, the scenes and the noise.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Steps between checkpoints.
+    #[arg(long, default_value_t = TrainOptions::default().checkpoint_every)]
+    checkpoint_every: usize,
+}
+
+struct Bar {
+    bar: Option<ProgressBar>,
+    quiet: bool,
+    cancel: CancelFlag,
+    mean: f64,
+}
+
+impl TrainProgress for Bar {
+    fn event(&mut self, e: &TrainEvent) {
+        if self.quiet {
+            return;
+        }
+        match e {
+            TrainEvent::Stage { phase, step, total } => {
+                if let Some(b) = self.bar.take() {
+                    b.finish();
+                }
+                let b = ProgressBar::new(*total as u64).with_position(*step as u64);
+                b.set_style(
+                    ProgressStyle::with_template(
+                        "{prefix:>5} [{bar:30}] {pos}/{len} {msg} ({elapsed} elapsed, ETA {eta})",
+                    )
+                    .unwrap()
+                    .progress_chars("=> "),
+                );
+                b.set_prefix(phase.name());
+                self.bar = Some(b);
+                self.mean = f64::NAN;
+            }
+            TrainEvent::Step { step, loss, .. } => {
+                self.mean = if self.mean.is_nan() {
+                    *loss
+                } else {
+                    0.98 * self.mean + 0.02 * loss
+                };
+                if let Some(b) = &self.bar {
+                    b.set_position(*step as u64);
+                    b.set_message(format!("loss {:.4}", self.mean));
+                }
+            }
+            TrainEvent::Checkpoint { phase, step } => {
+                if let Some(b) = &self.bar {
+                    b.println(format!(
+                        "{}: checkpoint at step {step}, loss {:.4}",
+                        phase.name(),
+                        self.mean
+                    ));
+                }
+            }
+        }
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+}
+
+pub fn run(a: TrainArgs, ctx: &Ctx) -> Result<()> {
+    let opts = TrainOptions {
+        out: a.out.clone(),
+        vae_steps: a.vae_steps,
+        unet_steps: a.unet_steps,
+        vae_batch: a.vae_batch,
+        unet_batch: a.unet_batch,
+        vae_lr: a.vae_lr,
+        unet_lr: a.unet_lr,
+        seed: a.seed,
+        checkpoint_every: a.checkpoint_every,
+        ..TrainOptions::default()
+    };
+    let mut bar = Bar {
+        bar: None,
+        quiet: ctx.quiet,
+        cancel: ctx.cancel.clone(),
+        mean: f64::NAN,
+    };
+    let state = train(&opts, &mut bar)?;
+    if let Some(b) = bar.bar.take() {
+        b.finish();
+    }
+    let loss = |p| {
+        state
+            .recent_loss(p, 100)
+            .map_or("-".to_string(), |l| format!("{l:.4}"))
+    };
+    if state.phase == Phase::Done {
+        ctx.say(format!(
+            "trained {} in {:.1} min: VAE loss {} (mean of the last 100 steps), UNet loss {}",
+            a.out.display(),
+            state.seconds / 60.0,
+            loss(Phase::Vae),
+            loss(Phase::Unet)
+        ));
+    } else {
+        ctx.say(format!(
+            "stopped at {} step {}; run the same command again to resume",
+            state.phase.name(),
+            state.step
+        ));
+        anyhow::bail!(nulltext::Error::Cancelled);
+    }
+    Ok(())
+}

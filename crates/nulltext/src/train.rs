@@ -1,0 +1,883 @@
+//! Training a small Stable-Diffusion-shaped model from scratch on the procedural shape
+//! scenes of [`crate::shapes`], with nulltext's own layers (`nulltext train`).
+//!
+//! Two stages, as latent diffusion is trained: first the VAE (L1 + L2 reconstruction and a
+//! small KL term) on fresh scenes every step, then — with the VAE frozen and its latents
+//! rescaled to unit variance — the UNet and the CLIP-shaped text encoder together, on
+//! ε-prediction with SD's noise schedule over the latents of a fixed pool of scenes, 10 % of
+//! the captions dropped for classifier-free guidance. The model folder
+//! is in the diffusers layout from the first step (random weights, PyTorch's initialization)
+//! and every checkpoint rewrites it, so it loads like any Stable Diffusion at any time;
+//! `train/` beside it holds what resuming needs (step, optimizer moments, losses).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use nulltext_models::clip::ClipTextTransformer;
+use nulltext_models::config::{ClipTextConfig, SchedulerConfig, UNetConfig, VaeConfig};
+use nulltext_models::random::{write_random_model, Preset};
+use nulltext_models::scheduler::alphas_cumprod;
+use nulltext_models::tokenizer::ClipTokenizer;
+use nulltext_models::unet::UNet2DConditionModel;
+use nulltext_models::vae::AutoencoderKL;
+use nulltext_models::weights::WeightStore;
+
+use crate::atomic::{write_atomic, write_bytes_atomic};
+use crate::error::{invalid, Error, Result};
+use crate::shapes::{self, Split};
+
+/// What to train, and how long.
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    /// The model folder (diffusers layout); `train/` inside it holds the training state.
+    pub out: PathBuf,
+    pub vae_steps: usize,
+    pub unet_steps: usize,
+    pub vae_batch: usize,
+    pub unet_batch: usize,
+    pub vae_lr: f64,
+    pub unet_lr: f64,
+    /// Seeds the initial weights, the scenes and the noise.
+    pub seed: u64,
+    /// Steps between checkpoints (each also rewrites the loss curves).
+    pub checkpoint_every: usize,
+    /// Fraction of captions replaced by the empty prompt.
+    pub caption_dropout: f64,
+}
+
+impl Default for TrainOptions {
+    fn default() -> Self {
+        Self {
+            out: PathBuf::from("shapes-model"),
+            vae_steps: 1500,
+            unet_steps: 6000,
+            vae_batch: 16,
+            unet_batch: 64,
+            vae_lr: 1e-3,
+            unet_lr: 5e-4,
+            seed: 0,
+            checkpoint_every: 250,
+            caption_dropout: 0.1,
+        }
+    }
+}
+
+/// Image side of the training scenes (8×8 latents).
+pub const IMAGE_SIZE: usize = 64;
+/// Scenes whose latents the UNet stage draws its batches from.
+const LATENT_POOL: usize = 16384;
+/// Weight of the KL term of the VAE loss (per latent element).
+const KL_WEIGHT: f64 = 1e-4;
+/// Steps of linear learning-rate warm-up at the start of each stage.
+const WARMUP: usize = 100;
+/// Gradients are clipped to this global norm.
+const CLIP_NORM: f64 = 1.0;
+const WEIGHT_DECAY: f64 = 1e-2;
+
+/// The two training stages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    Vae,
+    Unet,
+    Done,
+}
+
+impl Phase {
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Vae => "vae",
+            Phase::Unet => "unet",
+            Phase::Done => "done",
+        }
+    }
+}
+
+/// Progress of a training run.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TrainEvent {
+    /// A stage starts (or resumes) at `step` of `total`.
+    Stage {
+        phase: Phase,
+        step: usize,
+        total: usize,
+    },
+    /// A step finished with this loss.
+    Step {
+        phase: Phase,
+        step: usize,
+        loss: f64,
+    },
+    /// The model folder and training state were written after `step`.
+    Checkpoint { phase: Phase, step: usize },
+}
+
+/// Receives training events; may ask the run to stop (it checkpoints first).
+pub trait TrainProgress {
+    fn event(&mut self, event: &TrainEvent);
+    fn cancelled(&self) -> bool {
+        false
+    }
+}
+
+impl TrainProgress for crate::NoProgress {
+    fn event(&mut self, _: &TrainEvent) {}
+}
+
+/// What `train/state.json` records.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainState {
+    pub phase: Phase,
+    /// Steps done in `phase`.
+    pub step: usize,
+    pub seed: u64,
+    pub vae_steps: usize,
+    pub unet_steps: usize,
+    pub vae_batch: usize,
+    pub unet_batch: usize,
+    /// Wall-clock seconds spent training, over every run.
+    pub seconds: f64,
+    /// `(step, loss)` of every step, per stage.
+    pub vae_losses: Vec<(usize, f64)>,
+    pub unet_losses: Vec<(usize, f64)>,
+    /// The VAE's latent scaling factor, once measured.
+    pub scaling_factor: Option<f64>,
+}
+
+impl TrainState {
+    fn path(out: &Path) -> PathBuf {
+        out.join("train").join("state.json")
+    }
+
+    fn load(out: &Path) -> Result<Option<Self>> {
+        let p = Self::path(out);
+        if !p.exists() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&p).map_err(|e| Error::Io {
+            path: p.clone(),
+            source: e,
+        })?;
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| invalid(format!("{}: not a training state ({e})", p.display())))
+    }
+
+    fn save(&self, out: &Path) -> Result<()> {
+        let json = serde_json::to_vec_pretty(self).map_err(|e| invalid(e.to_string()))?;
+        write_bytes_atomic(&Self::path(out), &json)
+    }
+
+    /// The mean loss of the last `n` steps of a stage.
+    pub fn recent_loss(&self, phase: Phase, n: usize) -> Option<f64> {
+        let l = match phase {
+            Phase::Vae => &self.vae_losses,
+            _ => &self.unet_losses,
+        };
+        let tail = &l[l.len().saturating_sub(n)..];
+        (!tail.is_empty()).then(|| tail.iter().map(|(_, v)| v).sum::<f64>() / tail.len() as f64)
+    }
+}
+
+/// A deterministic generator (SplitMix64) for noise, timesteps and caption dropout, so a
+/// run is reproducible from its seed and a resumed run draws what it would have drawn.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64, stream: u64, step: usize) -> Self {
+        Self(
+            seed ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                ^ (step as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9),
+        )
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn uniform(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    fn normal(&mut self) -> f32 {
+        // Box–Muller
+        let u1 = self.uniform().max(1e-300);
+        let u2 = self.uniform();
+        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+    }
+
+    fn normal_tensor(&mut self, shape: &[usize]) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| self.normal()).collect();
+        Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
+    }
+}
+
+/// The variables of one component, by name, and a weight store that hands them out.
+struct Trainable {
+    vars: Vec<(String, Var)>,
+    store: WeightStore,
+}
+
+impl Trainable {
+    /// Every tensor of `file` as a variable.
+    fn load(file: &Path) -> Result<Self> {
+        let src = WeightStore::open(&[file.to_path_buf()], &Device::Cpu, DType::F32)?;
+        let mut names: Vec<String> = src.names().map(str::to_string).collect();
+        names.sort();
+        let mut store = WeightStore::open(&[], &Device::Cpu, DType::F32)?;
+        let mut vars = Vec::with_capacity(names.len());
+        for name in names {
+            let v = Var::from_tensor(&src.get_any_shape(&name)?)?;
+            store.insert(name.clone(), v.as_tensor().clone());
+            vars.push((name, v));
+        }
+        Ok(Self { vars, store })
+    }
+
+    fn save(&self, file: &Path) -> Result<()> {
+        save_tensors(
+            file,
+            self.vars
+                .iter()
+                .map(|(n, v)| (n.clone(), v.as_tensor().clone())),
+        )
+    }
+}
+
+/// Writes tensors as a safetensors file (keys sorted, so equal weights give equal bytes).
+fn save_tensors(file: &Path, tensors: impl Iterator<Item = (String, Tensor)>) -> Result<()> {
+    let map: BTreeMap<String, Tensor> = tensors.collect();
+    let bytes = safetensors::tensor::serialize(map.iter().map(|(k, t)| (k.as_str(), t)), None)
+        .map_err(|e| invalid(format!("serializing {}: {e}", file.display())))?;
+    write_bytes_atomic(file, &crate::inversion_file::canonical_header(bytes)?)
+}
+
+/// AdamW (decoupled weight decay on matrices and kernels, none on biases, norms and
+/// embeddings) with global gradient-norm clipping; its moments are saved with checkpoints.
+struct AdamW {
+    m: Vec<Tensor>,
+    v: Vec<Tensor>,
+    t: usize,
+}
+
+impl AdamW {
+    const B1: f64 = 0.9;
+    const B2: f64 = 0.999;
+    const EPS: f64 = 1e-8;
+
+    fn new(vars: &[(String, Var)]) -> Result<Self> {
+        let zeros = |v: &Var| v.as_tensor().zeros_like();
+        Ok(Self {
+            m: vars
+                .iter()
+                .map(|(_, v)| zeros(v))
+                .collect::<candle_core::Result<_>>()?,
+            v: vars
+                .iter()
+                .map(|(_, v)| zeros(v))
+                .collect::<candle_core::Result<_>>()?,
+            t: 0,
+        })
+    }
+
+    fn decays(name: &str, v: &Var) -> bool {
+        v.as_tensor().rank() >= 2 && !name.contains("embedding")
+    }
+
+    /// One update; returns the gradient norm before clipping.
+    fn step(&mut self, vars: &[(String, Var)], grads: &GradStore, lr: f64) -> Result<f64> {
+        let mut sq = 0f64;
+        for (_, v) in vars {
+            if let Some(g) = grads.get(v.as_tensor()) {
+                sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+            }
+        }
+        let norm = sq.sqrt();
+        if !norm.is_finite() {
+            return Err(Error::NonFinite("the training gradients".into()));
+        }
+        let clip = if norm > CLIP_NORM {
+            CLIP_NORM / norm
+        } else {
+            1.0
+        };
+        self.t += 1;
+        let bc1 = 1.0 - Self::B1.powi(self.t as i32);
+        let bc2 = 1.0 - Self::B2.powi(self.t as i32);
+        for (i, (name, v)) in vars.iter().enumerate() {
+            let Some(g) = grads.get(v.as_tensor()) else {
+                continue;
+            };
+            let g = (g * clip)?;
+            self.m[i] = ((&self.m[i] * Self::B1)? + (&g * (1.0 - Self::B1))?)?;
+            self.v[i] = ((&self.v[i] * Self::B2)? + (g.sqr()? * (1.0 - Self::B2))?)?;
+            let denom = ((&self.v[i] / bc2)?.sqrt()? + Self::EPS)?;
+            let update = ((&self.m[i] / denom)? * (lr / bc1))?;
+            let mut p = v.as_tensor().clone();
+            if Self::decays(name, v) {
+                p = (p * (1.0 - lr * WEIGHT_DECAY))?;
+            }
+            v.set(&(p - update)?)?;
+        }
+        Ok(norm)
+    }
+
+    fn save(&self, file: &Path, vars: &[(String, Var)]) -> Result<()> {
+        let mut t: Vec<(String, Tensor)> = Vec::new();
+        for (i, (name, _)) in vars.iter().enumerate() {
+            t.push((format!("m.{name}"), self.m[i].clone()));
+            t.push((format!("v.{name}"), self.v[i].clone()));
+        }
+        t.push(("t".into(), Tensor::new(&[self.t as u32], &Device::Cpu)?));
+        save_tensors(file, t.into_iter())
+    }
+
+    fn load(file: &Path, vars: &[(String, Var)]) -> Result<Self> {
+        let st = WeightStore::open(&[file.to_path_buf()], &Device::Cpu, DType::F32)?;
+        let mut a = Self::new(vars)?;
+        for (i, (name, v)) in vars.iter().enumerate() {
+            a.m[i] = st.get(&format!("m.{name}"), v.as_tensor().dims())?;
+            a.v[i] = st.get(&format!("v.{name}"), v.as_tensor().dims())?;
+        }
+        a.t = st.get_cpu("t", DType::U32)?.to_vec1::<u32>()?[0] as usize;
+        Ok(a)
+    }
+}
+
+/// Learning rate at `step` of `total`: linear warm-up, then cosine decay to a tenth.
+fn learning_rate(base: f64, step: usize, total: usize) -> f64 {
+    if step < WARMUP {
+        return base * (step + 1) as f64 / WARMUP as f64;
+    }
+    let p = (step - WARMUP) as f64 / (total.saturating_sub(WARMUP)).max(1) as f64;
+    base * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * p.min(1.0)).cos()))
+}
+
+fn read_config<T: serde::de::DeserializeOwned>(out: &Path, file: &str) -> Result<T> {
+    Ok(nulltext_models::config::read_json(&out.join(file))?)
+}
+
+const VAE_FILE: &str = "vae/diffusion_pytorch_model.safetensors";
+const UNET_FILE: &str = "unet/diffusion_pytorch_model.safetensors";
+const TEXT_FILE: &str = "text_encoder/model.safetensors";
+
+/// A batch of training scenes as `[B, 3, 64, 64]` in [−1, 1] and their captions.
+fn scenes(seed: u64, start: u64, n: usize) -> Result<(Tensor, Vec<String>)> {
+    let (pixels, captions) = shapes::batch(seed, start, n, IMAGE_SIZE, Split::Train);
+    let x = Tensor::from_vec(pixels, (n, 3, IMAGE_SIZE, IMAGE_SIZE), &Device::Cpu)?;
+    Ok((x, captions))
+}
+
+/// Runs (or resumes) training in `opts.out` until both stages are done or `progress`
+/// cancels (after a checkpoint). Returns the final state.
+pub fn train(opts: &TrainOptions, progress: &mut dyn TrainProgress) -> Result<TrainState> {
+    let out = &opts.out;
+    let mut state = match TrainState::load(out)? {
+        Some(s) => {
+            if s.seed != opts.seed {
+                return Err(invalid(format!(
+                    "{} holds a run with seed {}, not {}; use another folder or the same seed",
+                    out.display(),
+                    s.seed,
+                    opts.seed
+                )));
+            }
+            // a finished stage stays finished; the UNet stage can be extended
+            let phase = match s.phase {
+                Phase::Done if opts.unet_steps > s.step => Phase::Unet,
+                p => p,
+            };
+            TrainState {
+                phase,
+                vae_steps: if s.phase == Phase::Vae {
+                    opts.vae_steps.max(s.step)
+                } else {
+                    s.vae_steps
+                },
+                unet_steps: opts.unet_steps,
+                ..s
+            }
+        }
+        None => {
+            if out.join("model_index.json").exists() {
+                return Err(invalid(format!(
+                    "{} already holds a model without a training state; nothing was changed",
+                    out.display()
+                )));
+            }
+            write_random_model(out, &Preset::Shapes.configs(), opts.seed, false)?;
+            zero_unused_token_rows(out)?;
+            let s = TrainState {
+                phase: Phase::Vae,
+                step: 0,
+                seed: opts.seed,
+                vae_steps: opts.vae_steps,
+                unet_steps: opts.unet_steps,
+                vae_batch: opts.vae_batch,
+                unet_batch: opts.unet_batch,
+                seconds: 0.0,
+                vae_losses: Vec::new(),
+                unet_losses: Vec::new(),
+                scaling_factor: None,
+            };
+            s.save(out)?;
+            s
+        }
+    };
+    if state.phase == Phase::Vae {
+        if !train_vae(opts, &mut state, progress)? {
+            return Ok(state);
+        }
+        measure_scaling(out, &mut state)?;
+        state.phase = Phase::Unet;
+        state.step = 0;
+        state.save(out)?;
+    }
+    if state.phase == Phase::Unet {
+        if !train_unet(opts, &mut state, progress)? {
+            return Ok(state);
+        }
+        state.phase = Phase::Done;
+        state.save(out)?;
+        write_loss_charts(out, &state)?;
+        write_examples(out)?;
+        write_model_card(out, &state)?;
+    }
+    Ok(state)
+}
+
+/// Example scenes to invert and edit, in `examples/`: the demo's red circle, and one scene
+/// of every held-out colour combination's first shape.
+fn write_examples(out: &Path) -> Result<()> {
+    let dir = out.join("examples");
+    let centred = |shape, colour, background| shapes::Scene {
+        shape,
+        colour,
+        background,
+        cx: 0.5,
+        cy: 0.5,
+        size: 0.55,
+        angle: 0.0,
+    };
+    use shapes::{Colour, Shape};
+    let mut scenes = vec![
+        centred(Shape::Circle, Colour::Red, Colour::Blue),
+        centred(Shape::Square, Colour::Yellow, Colour::Black),
+        centred(Shape::Triangle, Colour::White, Colour::Purple),
+        centred(Shape::Star, Colour::Purple, Colour::Yellow),
+    ];
+    scenes.extend(
+        shapes::held_out_combos()
+            .into_iter()
+            .take(4)
+            .map(|(s, c, b)| centred(s, c, b)),
+    );
+    for scene in scenes {
+        let name = format!(
+            "{}-{}-on-{}.png",
+            scene.colour.name(),
+            scene.shape.name(),
+            scene.background.name()
+        );
+        crate::image_io::save_png(&scene.render(IMAGE_SIZE), &dir.join(name))?;
+    }
+    Ok(())
+}
+
+/// `README.md` of the model folder: how it was trained, on what, and what it cannot do.
+fn write_model_card(out: &Path, state: &TrainState) -> Result<()> {
+    let loss = |p| {
+        state
+            .recent_loss(p, 100)
+            .map_or("-".to_string(), |l| format!("{l:.4}"))
+    };
+    let held: Vec<String> = shapes::held_out_combos()
+        .iter()
+        .map(|(s, c, b)| format!("{} {} on {}", c.name(), s.name(), b.name()))
+        .collect();
+    let card = format!(
+        "# shapes: a small Stable Diffusion trained by nulltext\n\n\
+A text-to-image latent diffusion model in the Stable Diffusion 1.x architecture and diffusers \
+layout (CLIP-shaped text encoder over the real CLIP tokenizer, UNet2DConditionModel, \
+AutoencoderKL with 8× downsampling and 4 latent channels, DDIM scheduler config), trained from \
+scratch by `nulltext train` so that the demo and the end-to-end tests edit pictures whose \
+content can be checked.\n\n\
+## Data\n\n\
+64×64 scenes generated on the fly (`nulltext::shapes`): one circle, square, triangle or \
+5-pointed star in one of seven flat colours (red, green, blue, yellow, white, black, purple) \
+on a background of another of them, 35–65 % of the image wide, rotated up to ±15°, placed \
+anywhere; captioned `a <colour> <shape> on a <background> background`. Sixteen of the 168 \
+colour combinations never appear in training (held out): {held}.\n\n\
+## Training\n\n\
+Command: `nulltext train --out models/shapes --seed {seed} --vae-steps {vs} --unet-steps {us} \
+--vae-batch {vb} --unet-batch {ub}` on a 2-core CPU, {minutes:.0} minutes in all.\n\n\
+1. VAE ({vs} steps of {vb} scenes, AdamW, learning rate 1e-3 with warm-up and cosine decay): \
+L1 + L2 reconstruction + 1e-4 × KL. Final loss (mean of the last 100 steps): {vl}. The latent \
+scaling factor, 1/σ of the latents of 512 scenes, is {scale:.5}.\n\
+2. UNet and text encoder together ({us} steps of {ub} scenes drawn from the latents of a pool \
+of {pool} scenes, AdamW 5e-4, warm-up and cosine decay, gradients clipped to norm 1), VAE \
+frozen: ε-prediction MSE with SD's scaled-linear \
+noise schedule (β 0.00085–0.012, 1000 steps); 10 % of the captions replaced by the empty \
+prompt for classifier-free guidance. Final loss: {ul}.\n\n\
+Loss curves: `train/loss-vae.png`, `train/loss-unet.png` in the training folder (not \
+shipped); every step's loss is in `train/loss.csv` there.\n\n\
+## Limits\n\n\
+It knows seven colours, four shapes and the caption template above, at 64×64 only; any other \
+word has a zero embedding. Edges are soft and shapes not always crisp; it is a test and demo \
+model, not an image generator. Random seeds give the scene's layout, the caption its content.\n",
+        held = held.join(", "),
+        seed = state.seed,
+        vs = state.vae_steps,
+        us = state.unet_steps,
+        vb = state.vae_batch,
+        ub = state.unet_batch,
+        minutes = state.seconds / 60.0,
+        vl = loss(Phase::Vae),
+        ul = loss(Phase::Unet),
+        scale = state.scaling_factor.unwrap_or(f64::NAN),
+        pool = LATENT_POOL,
+    );
+    write_bytes_atomic(&out.join("README.md"), card.as_bytes())
+}
+
+/// Only the tokens of the scene captions are ever trained; the other rows of the token
+/// embedding start (and stay) at zero, so the 49,408-row table compresses to almost nothing.
+fn zero_unused_token_rows(out: &Path) -> Result<()> {
+    let file = out.join(TEXT_FILE);
+    let tok = ClipTokenizer::from_dir(&out.join("tokenizer"))?;
+    let mut used = std::collections::BTreeSet::from([tok.bos(), tok.eos(), tok.pad()]);
+    for shape in shapes::Shape::ALL {
+        for colour in shapes::Colour::ALL {
+            for background in shapes::Colour::ALL {
+                let scene = shapes::Scene {
+                    shape,
+                    colour,
+                    background,
+                    cx: 0.0,
+                    cy: 0.0,
+                    size: 0.0,
+                    angle: 0.0,
+                };
+                used.extend(tok.encode_content(&scene.caption()));
+            }
+        }
+    }
+    let st = WeightStore::open(std::slice::from_ref(&file), &Device::Cpu, DType::F32)?;
+    let key = "text_model.embeddings.token_embedding.weight";
+    let mut tensors: Vec<(String, Tensor)> = Vec::new();
+    for name in st.names() {
+        let t = st.get_any_shape(name)?;
+        let t = if name == key {
+            let (rows, dim) = t.dims2()?;
+            let mask: Vec<f32> = (0..rows as u32)
+                .map(|r| if used.contains(&r) { 1.0 } else { 0.0 })
+                .collect();
+            t.broadcast_mul(&Tensor::from_vec(mask, (rows, 1), &Device::Cpu)?)?
+                .reshape((rows, dim))?
+        } else {
+            t
+        };
+        tensors.push((name.to_string(), t));
+    }
+    drop(st);
+    save_tensors(&file, tensors.into_iter())
+}
+
+/// Whether to stop now: cancelled, or a checkpoint step.
+fn checkpoint_due(step: usize, total: usize, every: usize) -> bool {
+    step == total || (every > 0 && step.is_multiple_of(every))
+}
+
+/// The VAE stage; `false` when cancelled (after checkpointing).
+fn train_vae(
+    opts: &TrainOptions,
+    state: &mut TrainState,
+    progress: &mut dyn TrainProgress,
+) -> Result<bool> {
+    let out = &opts.out;
+    let config: VaeConfig = read_config(out, "vae/config.json")?;
+    let weights = Trainable::load(&out.join(VAE_FILE))?;
+    let vae = AutoencoderKL::load(&weights.store.root(), &config)?;
+    let adam_file = out.join("train/adam-vae.safetensors");
+    let mut adam = if state.step > 0 && adam_file.exists() {
+        AdamW::load(&adam_file, &weights.vars)?
+    } else {
+        AdamW::new(&weights.vars)?
+    };
+    let total = state.vae_steps;
+    let batch = state.vae_batch;
+    progress.event(&TrainEvent::Stage {
+        phase: Phase::Vae,
+        step: state.step,
+        total,
+    });
+    let mut clock = Instant::now();
+    while state.step < total {
+        let step = state.step;
+        let (x, _) = scenes(opts.seed, (step * batch) as u64, batch)?;
+        let mut rng = Rng::new(opts.seed, 1, step);
+        let d = vae.encode(&x)?;
+        let std = (&d.logvar * 0.5)?.exp()?;
+        let z = (&d.mean + (std * rng.normal_tensor(d.mean.dims())?)?)?;
+        let recon = vae.decode(&z)?;
+        let diff = (recon - &x)?;
+        let rec = (diff.abs()?.mean_all()? + diff.sqr()?.mean_all()?)?;
+        let kl = (((d.mean.sqr()? + d.logvar.exp()?)? - 1.0)? - &d.logvar)?.mean_all()?;
+        let loss = (rec + (kl * (0.5 * KL_WEIGHT))?)?;
+        let value = loss.to_scalar::<f32>()? as f64;
+        if !value.is_finite() {
+            return Err(Error::NonFinite(format!("the VAE loss at step {step}")));
+        }
+        let grads = loss.backward()?;
+        adam.step(
+            &weights.vars,
+            &grads,
+            learning_rate(opts.vae_lr, step, total),
+        )?;
+        state.step += 1;
+        state.vae_losses.push((state.step, value));
+        progress.event(&TrainEvent::Step {
+            phase: Phase::Vae,
+            step: state.step,
+            loss: value,
+        });
+        let cancel = progress.cancelled();
+        if cancel || checkpoint_due(state.step, total, opts.checkpoint_every) {
+            state.seconds += clock.elapsed().as_secs_f64();
+            clock = Instant::now();
+            weights.save(&out.join(VAE_FILE))?;
+            adam.save(&adam_file, &weights.vars)?;
+            state.save(out)?;
+            write_loss_charts(out, state)?;
+            progress.event(&TrainEvent::Checkpoint {
+                phase: Phase::Vae,
+                step: state.step,
+            });
+            if cancel {
+                return Ok(false);
+            }
+        }
+    }
+    Ok(true)
+}
+
+/// Sets the VAE's `scaling_factor` to 1/σ of the latents of 512 training scenes, as SD's
+/// 0.18215 was measured, so the diffusion model sees unit-variance latents.
+fn measure_scaling(out: &Path, state: &mut TrainState) -> Result<()> {
+    let config: VaeConfig = read_config(out, "vae/config.json")?;
+    let store = WeightStore::open(&[out.join(VAE_FILE)], &Device::Cpu, DType::F32)?;
+    let vae = AutoencoderKL::load(&store.root(), &config)?;
+    let mut values = Vec::new();
+    for i in 0..8u64 {
+        let (x, _) = scenes(state.seed ^ 0x5CA1E, i * 64, 64)?;
+        values.extend(vae.encode(&x)?.mean.flatten_all()?.to_vec1::<f32>()?);
+    }
+    let n = values.len() as f64;
+    let mean = values.iter().map(|v| *v as f64).sum::<f64>() / n;
+    let var = values
+        .iter()
+        .map(|v| (*v as f64 - mean).powi(2))
+        .sum::<f64>()
+        / n;
+    let scale = 1.0 / var.sqrt().max(1e-6);
+    let path = out.join("vae/config.json");
+    let mut json: serde_json::Value = read_config(out, "vae/config.json")?;
+    json["scaling_factor"] = serde_json::json!(scale);
+    write_atomic(&path, |w| {
+        serde_json::to_writer_pretty(&mut *w, &json).map_err(|e| invalid(e.to_string()))?;
+        w.write_all(b"\n").map_err(|e| Error::Io {
+            path: path.clone(),
+            source: e,
+        })
+    })?;
+    state.scaling_factor = Some(scale);
+    Ok(())
+}
+
+/// The UNet + text encoder stage; `false` when cancelled (after checkpointing).
+fn train_unet(
+    opts: &TrainOptions,
+    state: &mut TrainState,
+    progress: &mut dyn TrainProgress,
+) -> Result<bool> {
+    let out = &opts.out;
+    let vae_config: VaeConfig = read_config(out, "vae/config.json")?;
+    let vae_store = WeightStore::open(&[out.join(VAE_FILE)], &Device::Cpu, DType::F32)?;
+    let vae = AutoencoderKL::load(&vae_store.root(), &vae_config)?;
+    let scaling = vae_config.scaling_factor;
+    let unet_config: UNetConfig = read_config(out, "unet/config.json")?;
+    let text_config: ClipTextConfig = read_config(out, "text_encoder/config.json")?;
+    let scheduler = SchedulerConfig::from_file(&out.join("scheduler/scheduler_config.json"))?;
+    let tokenizer = ClipTokenizer::from_dir(&out.join("tokenizer"))?;
+    let unet_w = Trainable::load(&out.join(UNET_FILE))?;
+    let text_w = Trainable::load(&out.join(TEXT_FILE))?;
+    let unet = UNet2DConditionModel::load(&unet_w.store.root(), &unet_config)?;
+    let text = ClipTextTransformer::load(&text_w.store.root(), &text_config)?;
+    let vars: Vec<(String, Var)> = unet_w
+        .vars
+        .iter()
+        .map(|(n, v)| (format!("unet.{n}"), v.clone()))
+        .chain(
+            text_w
+                .vars
+                .iter()
+                .map(|(n, v)| (format!("text_encoder.{n}"), v.clone())),
+        )
+        .collect();
+    let adam_file = out.join("train/adam-unet.safetensors");
+    let mut adam = if state.step > 0 && adam_file.exists() {
+        AdamW::load(&adam_file, &vars)?
+    } else {
+        AdamW::new(&vars)?
+    };
+    let alphas = alphas_cumprod(&scheduler)?;
+    let total = state.unet_steps;
+    let batch = state.unet_batch;
+    // The VAE is frozen: the latents of a fixed pool of scenes are computed once (encoding
+    // a fresh batch every step cost as much as the UNet's step itself).
+    let mut pool = Vec::with_capacity(LATENT_POOL);
+    let mut captions = Vec::with_capacity(LATENT_POOL);
+    for start in (0..LATENT_POOL).step_by(64) {
+        let n = 64.min(LATENT_POOL - start);
+        let (x, c) = scenes(opts.seed ^ 0xD1FF, start as u64, n)?;
+        pool.push((vae.encode(&x)?.mean * scaling)?);
+        captions.extend(c);
+    }
+    let pool = Tensor::cat(&pool, 0)?;
+    progress.event(&TrainEvent::Stage {
+        phase: Phase::Unet,
+        step: state.step,
+        total,
+    });
+    let mut clock = Instant::now();
+    while state.step < total {
+        let step = state.step;
+        let mut rng = Rng::new(opts.seed, 2, step);
+        let picks: Vec<u32> = (0..batch)
+            .map(|_| (rng.next() % LATENT_POOL as u64) as u32)
+            .collect();
+        let z0 = pool.index_select(&Tensor::new(picks.as_slice(), &Device::Cpu)?, 0)?;
+        let prompts: Vec<&str> = picks
+            .iter()
+            .map(|&i| &captions[i as usize])
+            .map(|c| {
+                if rng.uniform() < opts.caption_dropout {
+                    ""
+                } else {
+                    c.as_str()
+                }
+            })
+            .collect();
+        let ids: Vec<u32> = prompts
+            .iter()
+            .flat_map(|p| tokenizer.encode_padded(p).ids)
+            .collect();
+        let ids = Tensor::from_vec(
+            ids,
+            (batch, nulltext_models::tokenizer::MAX_LEN),
+            &Device::Cpu,
+        )?;
+        let context = text.forward(&ids)?;
+        let t: Vec<usize> = (0..batch)
+            .map(|_| (rng.next() % alphas.len() as u64) as usize)
+            .collect();
+        let a: Vec<f32> = t.iter().map(|&t| alphas[t].sqrt()).collect();
+        let s: Vec<f32> = t.iter().map(|&t| (1.0 - alphas[t]).sqrt()).collect();
+        let a = Tensor::from_vec(a, (batch, 1, 1, 1), &Device::Cpu)?;
+        let s = Tensor::from_vec(s, (batch, 1, 1, 1), &Device::Cpu)?;
+        let noise = rng.normal_tensor(z0.dims())?;
+        let zt = (z0.broadcast_mul(&a)? + noise.broadcast_mul(&s)?)?;
+        let ts: Vec<f64> = t.iter().map(|&t| t as f64).collect();
+        let eps = unet.forward_timesteps(&zt, &ts, &context)?;
+        let loss = (eps - &noise)?.sqr()?.mean_all()?;
+        let value = loss.to_scalar::<f32>()? as f64;
+        if !value.is_finite() {
+            return Err(Error::NonFinite(format!("the UNet loss at step {step}")));
+        }
+        let grads = loss.backward()?;
+        adam.step(&vars, &grads, learning_rate(opts.unet_lr, step, total))?;
+        state.step += 1;
+        state.unet_losses.push((state.step, value));
+        progress.event(&TrainEvent::Step {
+            phase: Phase::Unet,
+            step: state.step,
+            loss: value,
+        });
+        let cancel = progress.cancelled();
+        if cancel || checkpoint_due(state.step, total, opts.checkpoint_every) {
+            state.seconds += clock.elapsed().as_secs_f64();
+            clock = Instant::now();
+            unet_w.save(&out.join(UNET_FILE))?;
+            text_w.save(&out.join(TEXT_FILE))?;
+            adam.save(&adam_file, &vars)?;
+            state.save(out)?;
+            write_loss_charts(out, state)?;
+            progress.event(&TrainEvent::Checkpoint {
+                phase: Phase::Unet,
+                step: state.step,
+            });
+            if cancel {
+                return Ok(false);
+            }
+        }
+    }
+    Ok(true)
+}
+
+/// `train/loss.csv` (every step) and `train/loss-{vae,unet}.png` (running means of 50 steps).
+fn write_loss_charts(out: &Path, state: &TrainState) -> Result<()> {
+    let csv_path = out.join("train/loss.csv");
+    let mut csv = String::from("stage,step,loss\n");
+    for (phase, losses) in [("vae", &state.vae_losses), ("unet", &state.unet_losses)] {
+        for (s, l) in losses {
+            csv.push_str(&format!("{phase},{s},{l:.6}\n"));
+        }
+    }
+    write_bytes_atomic(&csv_path, csv.as_bytes())?;
+    for (phase, losses, title) in [
+        ("vae", &state.vae_losses, "VAE: L1 + L2 reconstruction + KL"),
+        (
+            "unet",
+            &state.unet_losses,
+            "UNet + text encoder: ε-prediction MSE",
+        ),
+    ] {
+        if losses.is_empty() {
+            continue;
+        }
+        let window = 50usize;
+        let points: Vec<(f64, f64)> = (0..losses.len())
+            .map(|i| {
+                let lo = i.saturating_sub(window - 1);
+                let mean = losses[lo..=i].iter().map(|(_, l)| l).sum::<f64>() / (i + 1 - lo) as f64;
+                (losses[i].0 as f64, mean)
+            })
+            .collect();
+        let chart = crate::plot::Chart {
+            title: title.into(),
+            x_label: "step".into(),
+            y_label: "loss (running mean of 50)".into(),
+            series: vec![crate::plot::Series {
+                label: phase.into(),
+                points,
+                color: image::Rgb([30, 100, 200]),
+                reference: false,
+            }],
+            width: 640,
+            height: 400,
+        };
+        let img = crate::plot::render(&chart);
+        crate::image_io::save_png(&img, &out.join(format!("train/loss-{phase}.png")))?;
+    }
+    Ok(())
+}

@@ -48,6 +48,10 @@ pub struct TrainOptions {
     pub checkpoint_every: usize,
     /// Fraction of captions replaced by the empty prompt.
     pub caption_dropout: f64,
+    /// Scenes whose latents the UNet stage draws its batches from (the VAE is frozen then,
+    /// so they are encoded once: encoding fresh scenes every step cost as much as the
+    /// UNet's step itself).
+    pub latent_pool: usize,
 }
 
 impl Default for TrainOptions {
@@ -63,14 +67,13 @@ impl Default for TrainOptions {
             seed: 0,
             checkpoint_every: 250,
             caption_dropout: 0.1,
+            latent_pool: 16384,
         }
     }
 }
 
 /// Image side of the training scenes (8×8 latents).
 pub const IMAGE_SIZE: usize = 64;
-/// Scenes whose latents the UNet stage draws its batches from.
-const LATENT_POOL: usize = 16384;
 /// Weight of the KL term of the VAE loss (per latent element).
 const KL_WEIGHT: f64 = 1e-4;
 /// Steps of linear learning-rate warm-up at the start of each stage.
@@ -147,6 +150,13 @@ pub struct TrainState {
     pub unet_losses: Vec<(usize, f64)>,
     /// The VAE's latent scaling factor, once measured.
     pub scaling_factor: Option<f64>,
+    /// See [`TrainOptions::latent_pool`].
+    #[serde(default = "default_pool")]
+    pub latent_pool: usize,
+}
+
+fn default_pool() -> usize {
+    TrainOptions::default().latent_pool
 }
 
 impl TrainState {
@@ -429,6 +439,7 @@ pub fn train(opts: &TrainOptions, progress: &mut dyn TrainProgress) -> Result<Tr
                 vae_losses: Vec::new(),
                 unet_losses: Vec::new(),
                 scaling_factor: None,
+                latent_pool: opts.latent_pool,
             };
             s.save(out)?;
             s
@@ -545,7 +556,7 @@ model, not an image generator. Random seeds give the scene's layout, the caption
         vl = loss(Phase::Vae),
         ul = loss(Phase::Unet),
         scale = state.scaling_factor.unwrap_or(f64::NAN),
-        pool = LATENT_POOL,
+        pool = state.latent_pool,
     );
     write_bytes_atomic(&out.join("README.md"), card.as_bytes())
 }
@@ -743,12 +754,11 @@ fn train_unet(
     let alphas = alphas_cumprod(&scheduler)?;
     let total = state.unet_steps;
     let batch = state.unet_batch;
-    // The VAE is frozen: the latents of a fixed pool of scenes are computed once (encoding
-    // a fresh batch every step cost as much as the UNet's step itself).
-    let mut pool = Vec::with_capacity(LATENT_POOL);
-    let mut captions = Vec::with_capacity(LATENT_POOL);
-    for start in (0..LATENT_POOL).step_by(64) {
-        let n = 64.min(LATENT_POOL - start);
+    let pool_size = state.latent_pool.max(1);
+    let mut pool = Vec::new();
+    let mut captions = Vec::with_capacity(pool_size);
+    for start in (0..pool_size).step_by(64) {
+        let n = 64.min(pool_size - start);
         let (x, c) = scenes(opts.seed ^ 0xD1FF, start as u64, n)?;
         pool.push((vae.encode(&x)?.mean * scaling)?);
         captions.extend(c);
@@ -764,7 +774,7 @@ fn train_unet(
         let step = state.step;
         let mut rng = Rng::new(opts.seed, 2, step);
         let picks: Vec<u32> = (0..batch)
-            .map(|_| (rng.next() % LATENT_POOL as u64) as u32)
+            .map(|_| (rng.next() % pool_size as u64) as u32)
             .collect();
         let z0 = pool.index_select(&Tensor::new(picks.as_slice(), &Device::Cpu)?, 0)?;
         let prompts: Vec<&str> = picks

@@ -34,6 +34,9 @@ pub struct TrainArgs {
     /// Steps between checkpoints.
     #[arg(long, default_value_t = TrainOptions::default().checkpoint_every)]
     checkpoint_every: usize,
+    /// Scenes whose latents the UNet stage trains on (encoded once, the VAE being frozen).
+    #[arg(long, default_value_t = TrainOptions::default().latent_pool)]
+    latent_pool: usize,
 }
 
 struct Bar {
@@ -104,6 +107,7 @@ pub fn run(a: TrainArgs, ctx: &Ctx) -> Result<()> {
         unet_lr: a.unet_lr,
         seed: a.seed,
         checkpoint_every: a.checkpoint_every,
+        latent_pool: a.latent_pool,
         ..TrainOptions::default()
     };
     let mut bar = Bar {

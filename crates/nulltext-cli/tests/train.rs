@@ -1,0 +1,133 @@
+//! `nulltext train`: a few steps of each stage, a checkpoint, a resumed and extended run,
+//! and a model folder that loads and generates like any Stable Diffusion.
+
+mod common;
+
+use common::{command, s, tmp};
+
+fn state(dir: &std::path::Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("train/state.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn trains_resumes_and_loads() {
+    let d = tmp("train");
+    let model = d.join("model");
+    let run = |unet_steps: &str| {
+        command(
+            &[
+                "--quiet",
+                "train",
+                "--out",
+                s(&model),
+                "--vae-steps",
+                "3",
+                "--unet-steps",
+                unet_steps,
+                "--vae-batch",
+                "2",
+                "--unet-batch",
+                "4",
+                "--checkpoint-every",
+                "2",
+                "--latent-pool",
+                "64",
+            ],
+            "2",
+        )
+        .output()
+        .unwrap()
+    };
+    let out = run("2");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let st = state(&model);
+    assert_eq!(st["phase"], "done");
+    assert_eq!(st["vae_losses"].as_array().unwrap().len(), 3);
+    assert_eq!(st["unet_losses"].as_array().unwrap().len(), 2);
+    let scale = st["scaling_factor"].as_f64().unwrap();
+    assert!(scale.is_finite() && scale > 0.0);
+    let vae_config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(model.join("vae/config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(vae_config["scaling_factor"].as_f64().unwrap(), scale);
+    for f in [
+        "README.md",
+        "train/loss.csv",
+        "train/loss-vae.png",
+        "train/loss-unet.png",
+        "examples/red-circle-on-blue.png",
+    ] {
+        assert!(model.join(f).is_file(), "{f} missing");
+    }
+    let unet_before = std::fs::read(model.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
+
+    // extending the UNet stage resumes from the checkpoint: the VAE is left as it was
+    let vae_before = std::fs::read(model.join("vae/diffusion_pytorch_model.safetensors")).unwrap();
+    let out = run("4");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let st = state(&model);
+    assert_eq!(st["phase"], "done");
+    assert_eq!(st["unet_losses"].as_array().unwrap().len(), 4);
+    assert_eq!(st["unet_losses"][3][0], 4);
+    assert_eq!(
+        std::fs::read(model.join("vae/diffusion_pytorch_model.safetensors")).unwrap(),
+        vae_before
+    );
+    assert_ne!(
+        std::fs::read(model.join("unet/diffusion_pytorch_model.safetensors")).unwrap(),
+        unet_before
+    );
+
+    // the folder is a Stable Diffusion model
+    let img = d.join("gen.png");
+    let out = command(
+        &[
+            "--quiet",
+            "generate",
+            "--model",
+            s(&model),
+            "--prompt",
+            "a red circle on a blue background",
+            "--steps",
+            "5",
+            "--out",
+            s(&img),
+        ],
+        "2",
+    )
+    .output()
+    .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let png = image::open(&img).unwrap();
+    assert_eq!((png.width(), png.height()), (64, 64));
+}
+
+#[test]
+fn refuses_a_folder_that_holds_another_model() {
+    let d = tmp("train-refuse");
+    let out = command(
+        &[
+            "random-model",
+            "--preset",
+            "tiny",
+            "--out",
+            s(&d.join("m")),
+        ],
+        "2",
+    )
+    .output()
+    .unwrap();
+    assert!(out.status.success());
+    let before = std::fs::read(d.join("m/unet/diffusion_pytorch_model.safetensors")).unwrap();
+    let out = command(&["train", "--out", s(&d.join("m")), "--vae-steps", "1"], "2")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("without a training state"), "{err}");
+    assert_eq!(
+        std::fs::read(d.join("m/unet/diffusion_pytorch_model.safetensors")).unwrap(),
+        before
+    );
+}

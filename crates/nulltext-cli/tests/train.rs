@@ -13,11 +13,14 @@ fn state(dir: &std::path::Path) -> serde_json::Value {
 fn trains_resumes_and_loads() {
     let d = tmp("train");
     let model = d.join("model");
+    let export = d.join("export");
     let run = |unet_steps: &str| {
         command(
             &[
                 "--quiet",
                 "train",
+                "--export-fp16",
+                s(&export),
                 "--out",
                 s(&model),
                 "--vae-steps",
@@ -39,17 +42,20 @@ fn trains_resumes_and_loads() {
         .unwrap()
     };
     let out = run("2");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let st = state(&model);
     assert_eq!(st["phase"], "done");
     assert_eq!(st["vae_losses"].as_array().unwrap().len(), 3);
     assert_eq!(st["unet_losses"].as_array().unwrap().len(), 2);
     let scale = st["scaling_factor"].as_f64().unwrap();
     assert!(scale.is_finite() && scale > 0.0);
-    let vae_config: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(model.join("vae/config.json")).unwrap(),
-    )
-    .unwrap();
+    let vae_config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("vae/config.json")).unwrap())
+            .unwrap();
     assert_eq!(vae_config["scaling_factor"].as_f64().unwrap(), scale);
     for f in [
         "README.md",
@@ -60,12 +66,17 @@ fn trains_resumes_and_loads() {
     ] {
         assert!(model.join(f).is_file(), "{f} missing");
     }
-    let unet_before = std::fs::read(model.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
+    let unet_before =
+        std::fs::read(model.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
 
     // extending the UNet stage resumes from the checkpoint: the VAE is left as it was
     let vae_before = std::fs::read(model.join("vae/diffusion_pytorch_model.safetensors")).unwrap();
     let out = run("4");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let st = state(&model);
     assert_eq!(st["phase"], "done");
     assert_eq!(st["unet_losses"].as_array().unwrap().len(), 4);
@@ -79,50 +90,60 @@ fn trains_resumes_and_loads() {
         unet_before
     );
 
-    // the folder is a Stable Diffusion model
-    let img = d.join("gen.png");
-    let out = command(
-        &[
-            "--quiet",
-            "generate",
-            "--model",
-            s(&model),
-            "--prompt",
-            "a red circle on a blue background",
-            "--steps",
-            "5",
-            "--out",
-            s(&img),
-        ],
-        "2",
-    )
-    .output()
-    .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let png = image::open(&img).unwrap();
-    assert_eq!((png.width(), png.height()), (64, 64));
+    // the half-precision copy: weights and what loading needs, no training state
+    assert!(export
+        .join("unet/diffusion_pytorch_model.fp16.safetensors")
+        .is_file());
+    assert!(export.join("text_encoder/model.fp16.safetensors").is_file());
+    assert!(!export
+        .join("unet/diffusion_pytorch_model.safetensors")
+        .exists());
+    assert!(!export.join("train").exists());
+
+    // each folder is a Stable Diffusion model
+    for m in [&model, &export] {
+        let img = d.join("gen.png");
+        let out = command(
+            &[
+                "--quiet",
+                "generate",
+                "--model",
+                s(m),
+                "--prompt",
+                "a red circle on a blue background",
+                "--steps",
+                "5",
+                "--out",
+                s(&img),
+            ],
+            "2",
+        )
+        .output()
+        .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{err}");
+        let png = image::open(&img).unwrap();
+        assert_eq!((png.width(), png.height()), (64, 64));
+    }
 }
 
 #[test]
 fn refuses_a_folder_that_holds_another_model() {
     let d = tmp("train-refuse");
     let out = command(
-        &[
-            "random-model",
-            "--preset",
-            "tiny",
-            "--out",
-            s(&d.join("m")),
-        ],
+        &["random-model", "--preset", "tiny", "--out", s(&d.join("m"))],
         "2",
     )
     .output()
     .unwrap();
     assert!(out.status.success());
     let before = std::fs::read(d.join("m/unet/diffusion_pytorch_model.safetensors")).unwrap();
-    let out = command(&["train", "--out", s(&d.join("m")), "--vae-steps", "1"], "2")
-        .output()
-        .unwrap();
+    let out = command(
+        &["train", "--out", s(&d.join("m")), "--vae-steps", "1"],
+        "2",
+    )
+    .output()
+    .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("without a training state"), "{err}");

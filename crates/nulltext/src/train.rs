@@ -407,6 +407,8 @@ pub fn train(opts: &TrainOptions, progress: &mut dyn TrainProgress) -> Result<Tr
                 Phase::Done if opts.unet_steps > s.step => Phase::Unet,
                 p => p,
             };
+            // batch sizes and the latent pool can change until their stage has run a step
+            let (vae_started, unet_started) = (!s.vae_losses.is_empty(), !s.unet_losses.is_empty());
             TrainState {
                 phase,
                 vae_steps: if s.phase == Phase::Vae {
@@ -415,6 +417,21 @@ pub fn train(opts: &TrainOptions, progress: &mut dyn TrainProgress) -> Result<Tr
                     s.vae_steps
                 },
                 unet_steps: opts.unet_steps,
+                vae_batch: if vae_started {
+                    s.vae_batch
+                } else {
+                    opts.vae_batch
+                },
+                unet_batch: if unet_started {
+                    s.unet_batch
+                } else {
+                    opts.unet_batch
+                },
+                latent_pool: if unet_started {
+                    s.latent_pool
+                } else {
+                    opts.latent_pool
+                },
                 ..s
             }
         }
@@ -758,6 +775,9 @@ fn train_unet(
     let mut pool = Vec::new();
     let mut captions = Vec::with_capacity(pool_size);
     for start in (0..pool_size).step_by(64) {
+        if progress.cancelled() {
+            return Ok(false);
+        }
         let n = 64.min(pool_size - start);
         let (x, c) = scenes(opts.seed ^ 0xD1FF, start as u64, n)?;
         pool.push((vae.encode(&x)?.mean * scaling)?);
@@ -888,6 +908,54 @@ fn write_loss_charts(out: &Path, state: &TrainState) -> Result<()> {
         };
         let img = crate::plot::render(&chart);
         crate::image_io::save_png(&img, &out.join(format!("train/loss-{phase}.png")))?;
+    }
+    Ok(())
+}
+
+/// Copies the trained model in `out` to `dest` with half-precision weights
+/// (`*.fp16.safetensors`, which every loader of the diffusers layout reads): configs,
+/// tokenizer, scheduler, model card and examples, without the training state. Half the size,
+/// for shipping; nulltext computes in f32 either way.
+pub fn export_fp16(out: &Path, dest: &Path) -> Result<()> {
+    let io = |p: &Path| {
+        let p = p.to_path_buf();
+        move |e| Error::Io { path: p, source: e }
+    };
+    for file in [
+        "model_index.json",
+        "README.md",
+        "scheduler/scheduler_config.json",
+        "unet/config.json",
+        "vae/config.json",
+        "text_encoder/config.json",
+        "tokenizer/vocab.json",
+        "tokenizer/merges.txt",
+        "tokenizer/special_tokens_map.json",
+        "tokenizer/tokenizer_config.json",
+    ] {
+        let bytes = std::fs::read(out.join(file)).map_err(io(&out.join(file)))?;
+        write_bytes_atomic(&dest.join(file), &bytes)?;
+    }
+    let examples = out.join("examples");
+    if examples.is_dir() {
+        for entry in std::fs::read_dir(&examples).map_err(io(&examples))? {
+            let path = entry.map_err(io(&examples))?.path();
+            let bytes = std::fs::read(&path).map_err(io(&path))?;
+            let name = path.file_name().unwrap_or_default();
+            write_bytes_atomic(&dest.join("examples").join(name), &bytes)?;
+        }
+    }
+    for file in [VAE_FILE, UNET_FILE, TEXT_FILE] {
+        let st = WeightStore::open(&[out.join(file)], &Device::Cpu, DType::F32)?;
+        let mut tensors = Vec::new();
+        for name in st.names() {
+            tensors.push((
+                name.to_string(),
+                st.get_any_shape(name)?.to_dtype(DType::F16)?,
+            ));
+        }
+        let target = dest.join(file.replace(".safetensors", ".fp16.safetensors"));
+        save_tensors(&target, tensors.into_iter())?;
     }
     Ok(())
 }

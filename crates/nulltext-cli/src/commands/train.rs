@@ -37,6 +37,10 @@ pub struct TrainArgs {
     /// Scenes whose latents the UNet stage trains on (encoded once, the VAE being frozen).
     #[arg(long, default_value_t = TrainOptions::default().latent_pool)]
     latent_pool: usize,
+    /// Once trained, also write a copy with half-precision weights and no training state
+    /// here (how `models/shapes` is shipped).
+    #[arg(long)]
+    export_fp16: Option<PathBuf>,
 }
 
 struct Bar {
@@ -126,6 +130,10 @@ pub fn run(a: TrainArgs, ctx: &Ctx) -> Result<()> {
             .map_or("-".to_string(), |l| format!("{l:.4}"))
     };
     if state.phase == Phase::Done {
+        if let Some(dest) = &a.export_fp16 {
+            nulltext::train::export_fp16(&a.out, dest)?;
+            ctx.say(format!("wrote {} (half-precision weights)", dest.display()));
+        }
         ctx.say(format!(
             "trained {} in {:.1} min: VAE loss {} (mean of the last 100 steps), UNet loss {}",
             a.out.display(),

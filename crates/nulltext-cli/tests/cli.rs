@@ -592,3 +592,30 @@ fn info_reports_the_fixture_model() {
     assert_eq!(v["image_size"], 256);
     assert_eq!(v["prediction_type"], "epsilon");
 }
+
+/// `demo` with its defaults, from the repository root: the bundled shapes model inverts its
+/// bundled red circle and edits it to a green one.
+#[test]
+fn demo_runs_the_main_job_on_the_bundled_model() {
+    let d = tmp("demo");
+    let out = command(&["demo", "--out-dir", s(&d), "--inner-steps", "3"], "2")
+        .current_dir(root())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    for f in [
+        "inversion.nti.safetensors",
+        "reconstruction.png",
+        "grid.png",
+        "attention.png",
+    ] {
+        assert!(d.join(f).is_file(), "{f} missing:\n{err}");
+    }
+    let edited: Vec<_> = std::fs::read_dir(&d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("green"))
+        .collect();
+    assert!(!edited.is_empty(), "no edited image in {}", d.display());
+}

@@ -1,4 +1,4 @@
-//! `nulltext demo`: the main job on the bundled tiny model, from the repository root.
+//! `nulltext demo`: the main job on the bundled shapes model, from the repository root.
 
 use std::path::PathBuf;
 
@@ -9,15 +9,19 @@ use super::Ctx;
 
 #[derive(Args)]
 pub struct DemoArgs {
-    /// Model (default: the bundled random-weight tiny model).
-    #[arg(long, short = 'm', default_value = "tests/fixtures/models/tiny-sd15")]
+    /// Model (default: the bundled shapes model, trained by `nulltext train`).
+    #[arg(long, short = 'm', default_value = "models/shapes")]
     model: String,
-    /// Photo (default: the bundled cat photo).
-    #[arg(long, short, default_value = "tests/fixtures/inputs/chelsea256.png")]
+    /// Image (default: a bundled generated scene).
+    #[arg(
+        long,
+        short,
+        default_value = "models/shapes/examples/red-circle-on-blue.png"
+    )]
     image: PathBuf,
-    #[arg(long, short, default_value = "a close up photo of a cat")]
+    #[arg(long, short, default_value = "a red circle on a blue background")]
     prompt: String,
-    #[arg(long, short, default_value = "a close up photo of a dog")]
+    #[arg(long, short, default_value = "a green circle on a blue background")]
     target: String,
     /// Where the inversion, the edited images, the grid and the attention maps go.
     #[arg(long, short, default_value = "demo")]
@@ -46,7 +50,7 @@ pub fn run(a: DemoArgs, ctx: &Ctx) -> Result<()> {
             a.image.display()
         );
     }
-    let inv = a.out_dir.join("cat.nti.safetensors");
+    let inv = a.out_dir.join("inversion.nti.safetensors");
     let s = |p: &std::path::Path| p.display().to_string();
     ctx.say(format!(
         "1/2 inverting {} as \"{}\"",

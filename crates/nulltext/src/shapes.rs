@@ -245,6 +245,20 @@ pub struct Scene {
 }
 
 impl Scene {
+    /// The scene in the middle of the picture, 55 % of it wide, upright: the layout of the
+    /// bundled examples and of the end-to-end tests' scenes.
+    pub fn centred(shape: Shape, colour: Colour, background: Colour) -> Self {
+        Self {
+            shape,
+            colour,
+            background,
+            cx: 0.5,
+            cy: 0.5,
+            size: 0.55,
+            angle: 0.0,
+        }
+    }
+
     /// `a <colour> <shape> on a <background> background`.
     pub fn caption(&self) -> String {
         format!(

@@ -194,24 +194,21 @@ impl TrainState {
     }
 }
 
-/// A deterministic generator (SplitMix64) for noise, timesteps and caption dropout, so a
-/// run is reproducible from its seed and a resumed run draws what it would have drawn.
-struct Rng(u64);
+/// The deterministic generator of noise, timesteps and caption dropout: the dataset's
+/// SplitMix64, seeded per run, stream and step, so a run is reproducible from its seed and a
+/// resumed run draws what it would have drawn.
+struct Rng(shapes::SplitMix64);
 
 impl Rng {
     fn new(seed: u64, stream: u64, step: usize) -> Self {
-        Self(
+        Self(shapes::SplitMix64::new(
             seed ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15)
                 ^ (step as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9),
-        )
+        ))
     }
 
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
 
     fn uniform(&mut self) -> f64 {
@@ -488,15 +485,7 @@ pub fn train(opts: &TrainOptions, progress: &mut dyn TrainProgress) -> Result<Tr
 /// of every held-out colour combination's first shape.
 fn write_examples(out: &Path) -> Result<()> {
     let dir = out.join("examples");
-    let centred = |shape, colour, background| shapes::Scene {
-        shape,
-        colour,
-        background,
-        cx: 0.5,
-        cy: 0.5,
-        size: 0.55,
-        angle: 0.0,
-    };
+    let centred = shapes::Scene::centred;
     use shapes::{Colour, Shape};
     let mut scenes = vec![
         centred(Shape::Circle, Colour::Red, Colour::Blue),
@@ -587,16 +576,8 @@ fn zero_unused_token_rows(out: &Path) -> Result<()> {
     for shape in shapes::Shape::ALL {
         for colour in shapes::Colour::ALL {
             for background in shapes::Colour::ALL {
-                let scene = shapes::Scene {
-                    shape,
-                    colour,
-                    background,
-                    cx: 0.0,
-                    cy: 0.0,
-                    size: 0.0,
-                    angle: 0.0,
-                };
-                used.extend(tok.encode_content(&scene.caption()));
+                let caption = shapes::Scene::centred(shape, colour, background).caption();
+                used.extend(tok.encode_content(&caption));
             }
         }
     }
@@ -621,9 +602,47 @@ fn zero_unused_token_rows(out: &Path) -> Result<()> {
     save_tensors(&file, tensors.into_iter())
 }
 
-/// Whether to stop now: cancelled, or a checkpoint step.
-fn checkpoint_due(step: usize, total: usize, every: usize) -> bool {
-    step == total || (every > 0 && step.is_multiple_of(every))
+/// Ends a step of `phase` with loss `value`: records and reports it, and checkpoints —
+/// `save` (the weights and the optimizer), the state and the loss curves — every
+/// `checkpoint_every` steps, at the last step, and when `progress` cancels. `false` when
+/// cancelled (after the checkpoint).
+#[allow(clippy::too_many_arguments)]
+fn end_step(
+    phase: Phase,
+    value: f64,
+    total: usize,
+    opts: &TrainOptions,
+    state: &mut TrainState,
+    clock: &mut Instant,
+    progress: &mut dyn TrainProgress,
+    save: impl FnOnce() -> Result<()>,
+) -> Result<bool> {
+    state.step += 1;
+    let losses = match phase {
+        Phase::Vae => &mut state.vae_losses,
+        _ => &mut state.unet_losses,
+    };
+    losses.push((state.step, value));
+    progress.event(&TrainEvent::Step {
+        phase,
+        step: state.step,
+        loss: value,
+    });
+    let cancel = progress.cancelled();
+    let every = opts.checkpoint_every;
+    let due = state.step == total || (every > 0 && state.step.is_multiple_of(every));
+    if cancel || due {
+        state.seconds += clock.elapsed().as_secs_f64();
+        *clock = Instant::now();
+        save()?;
+        state.save(&opts.out)?;
+        write_loss_charts(&opts.out, state)?;
+        progress.event(&TrainEvent::Checkpoint {
+            phase,
+            step: state.step,
+        });
+    }
+    Ok(!cancel)
 }
 
 /// The VAE stage; `false` when cancelled (after checkpointing).
@@ -672,28 +691,21 @@ fn train_vae(
             &grads,
             learning_rate(opts.vae_lr, step, total),
         )?;
-        state.step += 1;
-        state.vae_losses.push((state.step, value));
-        progress.event(&TrainEvent::Step {
-            phase: Phase::Vae,
-            step: state.step,
-            loss: value,
-        });
-        let cancel = progress.cancelled();
-        if cancel || checkpoint_due(state.step, total, opts.checkpoint_every) {
-            state.seconds += clock.elapsed().as_secs_f64();
-            clock = Instant::now();
+        let save = || -> Result<()> {
             weights.save(&out.join(VAE_FILE))?;
-            adam.save(&adam_file, &weights.vars)?;
-            state.save(out)?;
-            write_loss_charts(out, state)?;
-            progress.event(&TrainEvent::Checkpoint {
-                phase: Phase::Vae,
-                step: state.step,
-            });
-            if cancel {
-                return Ok(false);
-            }
+            adam.save(&adam_file, &weights.vars)
+        };
+        if !end_step(
+            Phase::Vae,
+            value,
+            total,
+            opts,
+            state,
+            &mut clock,
+            progress,
+            save,
+        )? {
+            return Ok(false);
         }
     }
     Ok(true)
@@ -836,29 +848,22 @@ fn train_unet(
         }
         let grads = loss.backward()?;
         adam.step(&vars, &grads, learning_rate(opts.unet_lr, step, total))?;
-        state.step += 1;
-        state.unet_losses.push((state.step, value));
-        progress.event(&TrainEvent::Step {
-            phase: Phase::Unet,
-            step: state.step,
-            loss: value,
-        });
-        let cancel = progress.cancelled();
-        if cancel || checkpoint_due(state.step, total, opts.checkpoint_every) {
-            state.seconds += clock.elapsed().as_secs_f64();
-            clock = Instant::now();
+        let save = || -> Result<()> {
             unet_w.save(&out.join(UNET_FILE))?;
             text_w.save(&out.join(TEXT_FILE))?;
-            adam.save(&adam_file, &vars)?;
-            state.save(out)?;
-            write_loss_charts(out, state)?;
-            progress.event(&TrainEvent::Checkpoint {
-                phase: Phase::Unet,
-                step: state.step,
-            });
-            if cancel {
-                return Ok(false);
-            }
+            adam.save(&adam_file, &vars)
+        };
+        if !end_step(
+            Phase::Unet,
+            value,
+            total,
+            opts,
+            state,
+            &mut clock,
+            progress,
+            save,
+        )? {
+            return Ok(false);
         }
     }
     Ok(true)

@@ -32,15 +32,7 @@ fn image(sd: &StableDiffusion, z: &candle_core::Tensor) -> RgbImage {
 /// A held-out scene (its colour combination never seen in training), centred and large
 /// enough for its shape to be unambiguous.
 fn held_out_scene(shape: Shape, colour: Colour, background: Colour) -> Scene {
-    Scene {
-        shape,
-        colour,
-        background,
-        cx: 0.5,
-        cy: 0.5,
-        size: 0.55,
-        angle: 0.0,
-    }
+    Scene::centred(shape, colour, background)
 }
 
 #[test]

@@ -14,34 +14,32 @@ fn trains_resumes_and_loads() {
     let d = tmp("train");
     let model = d.join("model");
     let export = d.join("export");
-    let run = |unet_steps: &str| {
-        command(
-            &[
-                "--quiet",
-                "train",
-                "--export-fp16",
-                s(&export),
-                "--out",
-                s(&model),
-                "--vae-steps",
-                "3",
-                "--unet-steps",
-                unet_steps,
-                "--vae-batch",
-                "2",
-                "--unet-batch",
-                "4",
-                "--checkpoint-every",
-                "2",
-                "--latent-pool",
-                "64",
-            ],
+    let run = |vae_steps: Option<&str>, unet_steps: &str, extra: &[&str]| {
+        let mut args = vec![
+            "--quiet",
+            "train",
+            "--export-fp16",
+            s(&export),
+            "--out",
+            s(&model),
+            "--unet-steps",
+            unet_steps,
+            "--vae-batch",
             "2",
-        )
-        .output()
-        .unwrap()
+            "--unet-batch",
+            "4",
+            "--checkpoint-every",
+            "2",
+            "--latent-pool",
+            "64",
+        ];
+        if let Some(v) = vae_steps {
+            args.extend(["--vae-steps", v]);
+        }
+        args.extend(extra);
+        command(&args, "2").output().unwrap()
     };
-    let out = run("2");
+    let out = run(Some("3"), "2", &[]);
     assert!(
         out.status.success(),
         "{}",
@@ -71,7 +69,7 @@ fn trains_resumes_and_loads() {
 
     // extending the UNet stage resumes from the checkpoint: the VAE is left as it was
     let vae_before = std::fs::read(model.join("vae/diffusion_pytorch_model.safetensors")).unwrap();
-    let out = run("4");
+    let out = run(Some("3"), "4", &[]);
     assert!(
         out.status.success(),
         "{}",
@@ -88,6 +86,52 @@ fn trains_resumes_and_loads() {
     assert_ne!(
         std::fs::read(model.join("unet/diffusion_pytorch_model.safetensors")).unwrap(),
         unet_before
+    );
+
+    // resuming without --vae-steps leaves a finished run alone (the default 1500 does not
+    // reopen the VAE stage)
+    let unet_after = std::fs::read(model.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
+    let out = run(None, "4", &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(state(&model)["vae_losses"].as_array().unwrap().len(), 3);
+    assert_eq!(
+        std::fs::read(model.join("unet/diffusion_pytorch_model.safetensors")).unwrap(),
+        unet_after
+    );
+
+    // more VAE steps reopen the VAE stage (here with another KL weight); the UNet stage
+    // then runs again from step 0
+    let out = run(Some("5"), "2", &["--vae-kl-weight", "1e-5"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st = state(&model);
+    assert_eq!(st["phase"], "done");
+    assert_eq!(st["vae_losses"].as_array().unwrap().len(), 5);
+    assert_eq!(st["vae_losses"][4][0], 5);
+    assert_eq!(
+        st["vae_kl_weights"],
+        serde_json::json!([[1, 1e-6], [4, 1e-5]])
+    );
+    let card = std::fs::read_to_string(model.join("README.md")).unwrap();
+    assert!(
+        card.contains("KL × 1e-6 (steps 1–3), then 1e-5 (from step 4)"),
+        "{card}"
+    );
+    assert_eq!(st["unet_losses"].as_array().unwrap().len(), 2);
+    assert_ne!(
+        std::fs::read(model.join("vae/diffusion_pytorch_model.safetensors")).unwrap(),
+        vae_before
+    );
+    assert_ne!(
+        std::fs::read(model.join("unet/diffusion_pytorch_model.safetensors")).unwrap(),
+        unet_after
     );
 
     // the half-precision copy: weights and what loading needs, no training state

@@ -122,6 +122,7 @@ pub fn api_wording(msg: &str) -> String {
         ("--blend-subtract", "blend_subtract"),
         ("--blend-threshold", "blend_threshold"),
         ("--blend", "blend"),
+        ("--attention-downscale", "attention_downscale"),
         ("--reweight", "reweight"),
         ("--mode", "mode"),
         ("--sdedit", "sdedit"),

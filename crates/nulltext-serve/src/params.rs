@@ -237,6 +237,9 @@ pub struct EditRequest {
     pub blend_threshold: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blend_subtract: Option<String>,
+    /// Blend masks and attention maps from the layers at 1/N of the latent size (1, 2, 4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention_downscale: Option<usize>,
     /// `"tiger=2"` or `"fluffy=2,cat=0.5"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reweight: Option<String>,
@@ -327,6 +330,14 @@ impl EditRequest {
         if let Some(r) = nonempty(&self.reweight) {
             o.reweight = parse_reweight(r)?;
         }
+        if let Some(d) = self.attention_downscale {
+            if ![1, 2, 4].contains(&d) {
+                return Err(ApiError::bad_request(format!(
+                    "`attention_downscale` must be 1, 2 or 4, got {d}"
+                )));
+            }
+            o.attention_downscale = d;
+        }
         if let Some(s) = self.sdedit {
             if !(s > 0.0 && s <= 1.0) {
                 return Err(ApiError::bad_request(format!(
@@ -402,7 +413,7 @@ mod tests {
     #[test]
     fn edit_requests() {
         let r: EditRequest = serde_json::from_str(
-            r#"{"targets":["a dog"],"cross_replace":0.6,"self_replace":"0.1:0.4","blend":"cat:dog","reweight":"dog=2"}"#,
+            r#"{"targets":["a dog"],"cross_replace":0.6,"self_replace":"0.1:0.4","blend":"cat:dog","reweight":"dog=2","attention_downscale":2}"#,
         )
         .unwrap();
         let o = r.options(&limits()).unwrap();
@@ -416,6 +427,7 @@ mod tests {
         );
         assert_eq!(o.blend.unwrap().target_words, vec!["dog"]);
         assert_eq!(o.reweight, vec![("dog".to_string(), 2.0)]);
+        assert_eq!(o.attention_downscale, 2);
         for (body, msg) in [
             (r#"{"targets":[]}"#, "at least one"),
             (r#"{"targets":["a","b","c"]}"#, "at most 2"),
@@ -424,6 +436,7 @@ mod tests {
             (r#"{"targets":["a"],"sdedit":2}"#, "(0, 1]"),
             (r#"{"targets":["a"],"blend_subtract":"x"}"#, "needs `blend`"),
             (r#"{"targets":["a"],"cross_replace":"x"}"#, "cross_replace"),
+            (r#"{"targets":["a"],"attention_downscale":3}"#, "1, 2 or 4"),
         ] {
             let r: EditRequest = serde_json::from_str(body).unwrap();
             let e = r.options(&limits()).unwrap_err();

@@ -49,6 +49,8 @@ pub struct EditSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blend_subtract: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention_downscale: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reweight: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sdedit: Option<f64>,
@@ -96,6 +98,9 @@ impl EditSpec {
         }
         if let Some(r) = &self.reweight {
             o.reweight = edit::parse_reweight(r)?;
+        }
+        if let Some(d) = self.attention_downscale {
+            o.attention_downscale = d;
         }
         o.sdedit = self.sdedit;
         o.cross_replace.default.validate("cross_replace")?;

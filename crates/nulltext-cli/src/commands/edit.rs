@@ -40,6 +40,11 @@ pub struct EditArgs {
     /// Words whose attention is removed from the blend mask (space or + separated).
     #[arg(long)]
     blend_subtract: Option<String>,
+    /// Blend masks and attention maps come from the cross-attention layers at 1/N of the
+    /// latent size: 4 (16×16 at 512 px, the reference's choice), 2 or 1 (sharper masks for
+    /// models with very small latents).
+    #[arg(long, default_value_t = 4)]
+    attention_downscale: usize,
     /// Attention reweighting of target words: "tiger=2" or "fluffy=2,cat=0.5".
     #[arg(long)]
     reweight: Option<String>,
@@ -57,7 +62,7 @@ pub struct EditArgs {
     #[arg(long)]
     image: Option<PathBuf>,
     /// Cross-attention maps of every token of every prompt, averaged over the steps and
-    /// the layers at 1/4 latent resolution.
+    /// the layers at 1/4 latent resolution (see --attention-downscale).
     #[arg(long)]
     attention_maps: Option<PathBuf>,
     /// Final latents as safetensors (tensor `latents`, [B, 4, h, w], row 0 the source).
@@ -100,6 +105,7 @@ pub fn run(a: EditArgs, ctx: &Ctx) -> Result<()> {
         self_replace: a.self_replace,
         sdedit: a.sdedit,
         record_attention: a.attention_maps.is_some(),
+        attention_downscale: a.attention_downscale,
         ..Default::default()
     };
     if let Some(b) = &a.blend {

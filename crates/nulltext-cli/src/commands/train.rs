@@ -14,9 +14,11 @@ pub struct TrainArgs {
     /// training state in `train/`.
     #[arg(long, short)]
     out: PathBuf,
-    /// VAE training steps.
-    #[arg(long, default_value_t = TrainOptions::default().vae_steps)]
-    vae_steps: usize,
+    /// VAE training steps [default: 1500]. Given on a run past its VAE stage and above the
+    /// steps it did, it reopens the VAE stage; the UNet stage then runs again (from its
+    /// current weights) on the new latents.
+    #[arg(long)]
+    vae_steps: Option<usize>,
     /// UNet + text encoder training steps.
     #[arg(long, default_value_t = TrainOptions::default().unet_steps)]
     unet_steps: usize,
@@ -28,6 +30,9 @@ pub struct TrainArgs {
     vae_lr: f64,
     #[arg(long, default_value_t = TrainOptions::default().unet_lr)]
     unet_lr: f64,
+    /// Weight of the VAE's KL term (per element, against the per-pixel reconstruction loss).
+    #[arg(long, default_value_t = TrainOptions::default().vae_kl_weight)]
+    vae_kl_weight: f64,
     /// Seeds the initial weights, the scenes and the noise.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -103,12 +108,14 @@ impl TrainProgress for Bar {
 pub fn run(a: TrainArgs, ctx: &Ctx) -> Result<()> {
     let opts = TrainOptions {
         out: a.out.clone(),
-        vae_steps: a.vae_steps,
+        vae_steps: a.vae_steps.unwrap_or(TrainOptions::default().vae_steps),
+        extend_vae: a.vae_steps.is_some(),
         unet_steps: a.unet_steps,
         vae_batch: a.vae_batch,
         unet_batch: a.unet_batch,
         vae_lr: a.vae_lr,
         unet_lr: a.unet_lr,
+        vae_kl_weight: a.vae_kl_weight,
         seed: a.seed,
         checkpoint_every: a.checkpoint_every,
         latent_pool: a.latent_pool,
@@ -147,7 +154,9 @@ pub fn run(a: TrainArgs, ctx: &Ctx) -> Result<()> {
             state.phase.name(),
             state.step
         ));
-        anyhow::bail!(nulltext::Error::Cancelled);
+        // the checkpoint is written: exit as interrupted, without the generic
+        // "nothing was written"
+        std::process::exit(130);
     }
     Ok(())
 }

@@ -100,7 +100,7 @@ pub struct P2PController {
     /// Self-attention is replaced only in layers with at most this many query pixels.
     pub self_max_pixels: usize,
     pub blend: Option<LocalBlend>,
-    /// Query grid of the stored cross-attention maps (latent / 4).
+    /// Query grid of the stored cross-attention maps (latent / 4 unless set otherwise).
     pub store_grid: (usize, usize),
     /// Latent grid (for the blend mask).
     pub latent_grid: (usize, usize),
@@ -313,7 +313,11 @@ impl Controller for P2PController {
             return Ok(latents);
         }
         let Some(mask) = self.blend_mask()? else {
-            return Ok(latents);
+            return Err(crate::error::invalid(format!(
+                "local blend: the UNet has no down- or up-block cross-attention layer at {}×{} \
+                 (the chosen fraction of the latent size); pick another --attention-downscale",
+                self.store_grid.0, self.store_grid.1
+            )));
         };
         // z_b ← z_0 + mask_b ⊙ (z_b − z_0)
         let z0 = latents.narrow(0, 0, 1)?;

@@ -225,6 +225,10 @@ pub struct EditOptions {
     /// SDEdit from the inverted trajectory at this fraction of the noise (no attention
     /// control); `None`: Prompt-to-Prompt.
     pub sdedit: Option<f64>,
+    /// Cross-attention maps (for local blend and pictures) come from the layers at 1/this
+    /// of the latent size: 1, 2 or 4 (the reference's 16×16 maps at 512 px are 4). Models
+    /// with very small latents blend more precisely at 1 or 2.
+    pub attention_downscale: usize,
     /// Keep the averaged cross-attention maps (for pictures).
     pub record_attention: bool,
     /// Keep every step's latents.
@@ -240,6 +244,7 @@ impl Default for EditOptions {
             blend: None,
             reweight: Vec::new(),
             self_max_pixels: None,
+            attention_downscale: 4,
             sdedit: None,
             record_attention: false,
             keep_step_latents: false,
@@ -254,7 +259,8 @@ pub struct EditResult {
     pub prompts: Vec<String>,
     /// The mode that ran (`Auto` resolved).
     pub mode: EditMode,
-    /// Mean cross-attention over steps, layers and heads at latent/4: `[B, r_h, r_w, 77]`.
+    /// Mean cross-attention over steps, layers and heads at 1/`attention_downscale` of the
+    /// latent: `[B, r_h, r_w, 77]`.
     pub attention_maps: Option<Tensor>,
     /// `[T, B, C, h, w]` when asked for.
     pub step_latents: Option<Tensor>,
@@ -298,6 +304,13 @@ pub fn build_controller(
         return Err(invalid("at least one target prompt is needed"));
     }
     opts.cross_replace.default.validate("--cross-replace")?;
+    if ![1, 2, 4].contains(&opts.attention_downscale) {
+        return Err(invalid(format!(
+            "--attention-downscale must be 1, 2 or 4 (the latent scales with cross-attention \
+             layers), got {}",
+            opts.attention_downscale
+        )));
+    }
     for (w, win) in &opts.cross_replace.words {
         win.validate(&format!("--cross-replace for `{w}`"))?;
     }
@@ -484,6 +497,10 @@ pub fn build_controller(
         latent_grid,
         dev,
     )?;
+    c.store_grid = (
+        latent_grid.0.div_ceil(opts.attention_downscale),
+        latent_grid.1.div_ceil(opts.attention_downscale),
+    );
     c.record_maps = opts.record_attention;
     Ok(c)
 }

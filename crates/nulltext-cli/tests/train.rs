@@ -37,14 +37,17 @@ fn trains_resumes_and_loads() {
             args.extend(["--vae-steps", v]);
         }
         args.extend(extra);
-        command(&args, "2").output().unwrap()
+        let out = command(&args, "2").output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     };
-    let out = run(Some("3"), "2", &[]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // a component's weights as written
+    let weights =
+        |c: &str| std::fs::read(model.join(c).join("diffusion_pytorch_model.safetensors")).unwrap();
+    run(Some("3"), "2", &[]);
     let st = state(&model);
     assert_eq!(st["phase"], "done");
     assert_eq!(st["vae_losses"].as_array().unwrap().len(), 3);
@@ -64,53 +67,28 @@ fn trains_resumes_and_loads() {
     ] {
         assert!(model.join(f).is_file(), "{f} missing");
     }
-    let unet_before =
-        std::fs::read(model.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
+    let unet_before = weights("unet");
 
     // extending the UNet stage resumes from the checkpoint: the VAE is left as it was
-    let vae_before = std::fs::read(model.join("vae/diffusion_pytorch_model.safetensors")).unwrap();
-    let out = run(Some("3"), "4", &[]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let vae_before = weights("vae");
+    run(Some("3"), "4", &[]);
     let st = state(&model);
     assert_eq!(st["phase"], "done");
     assert_eq!(st["unet_losses"].as_array().unwrap().len(), 4);
     assert_eq!(st["unet_losses"][3][0], 4);
-    assert_eq!(
-        std::fs::read(model.join("vae/diffusion_pytorch_model.safetensors")).unwrap(),
-        vae_before
-    );
-    assert_ne!(
-        std::fs::read(model.join("unet/diffusion_pytorch_model.safetensors")).unwrap(),
-        unet_before
-    );
+    assert_eq!(weights("vae"), vae_before);
+    assert_ne!(weights("unet"), unet_before);
 
     // resuming without --vae-steps leaves a finished run alone (the default 1500 does not
     // reopen the VAE stage)
-    let unet_after = std::fs::read(model.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
-    let out = run(None, "4", &[]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let unet_after = weights("unet");
+    run(None, "4", &[]);
     assert_eq!(state(&model)["vae_losses"].as_array().unwrap().len(), 3);
-    assert_eq!(
-        std::fs::read(model.join("unet/diffusion_pytorch_model.safetensors")).unwrap(),
-        unet_after
-    );
+    assert_eq!(weights("unet"), unet_after);
 
     // more VAE steps reopen the VAE stage (here with another KL weight); the UNet stage
     // then runs again from step 0
-    let out = run(Some("5"), "2", &["--vae-kl-weight", "1e-5"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run(Some("5"), "2", &["--vae-kl-weight", "1e-5"]);
     let st = state(&model);
     assert_eq!(st["phase"], "done");
     assert_eq!(st["vae_losses"].as_array().unwrap().len(), 5);
@@ -125,14 +103,8 @@ fn trains_resumes_and_loads() {
         "{card}"
     );
     assert_eq!(st["unet_losses"].as_array().unwrap().len(), 2);
-    assert_ne!(
-        std::fs::read(model.join("vae/diffusion_pytorch_model.safetensors")).unwrap(),
-        vae_before
-    );
-    assert_ne!(
-        std::fs::read(model.join("unet/diffusion_pytorch_model.safetensors")).unwrap(),
-        unet_after
-    );
+    assert_ne!(weights("vae"), vae_before);
+    assert_ne!(weights("unet"), unet_after);
 
     // the half-precision copy: weights and what loading needs, no training state
     assert!(export

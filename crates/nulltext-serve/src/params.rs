@@ -331,7 +331,7 @@ impl EditRequest {
             o.reweight = parse_reweight(r)?;
         }
         if let Some(d) = self.attention_downscale {
-            if ![1, 2, 4].contains(&d) {
+            if !nulltext::edit::ATTENTION_DOWNSCALES.contains(&d) {
                 return Err(ApiError::bad_request(format!(
                     "`attention_downscale` must be 1, 2 or 4, got {d}"
                 )));

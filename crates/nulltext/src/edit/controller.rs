@@ -100,7 +100,7 @@ pub struct P2PController {
     /// Self-attention is replaced only in layers with at most this many query pixels.
     pub self_max_pixels: usize,
     pub blend: Option<LocalBlend>,
-    /// Query grid of the stored cross-attention maps (latent / 4 unless set otherwise).
+    /// Query grid of the stored cross-attention maps (latent / `map_downscale`).
     pub store_grid: (usize, usize),
     /// Latent grid (for the blend mask).
     pub latent_grid: (usize, usize),
@@ -122,6 +122,7 @@ impl P2PController {
         self_max_pixels: usize,
         blend: Option<LocalBlend>,
         latent_grid: (usize, usize),
+        map_downscale: usize,
         device: &Device,
     ) -> Result<Self> {
         let nt = batch - 1;
@@ -150,7 +151,10 @@ impl P2PController {
             self_window,
             self_max_pixels,
             blend,
-            store_grid: (latent_grid.0.div_ceil(4), latent_grid.1.div_ceil(4)),
+            store_grid: (
+                latent_grid.0.div_ceil(map_downscale),
+                latent_grid.1.div_ceil(map_downscale),
+            ),
             latent_grid,
             store: AttentionStore::default(),
             record_maps: false,

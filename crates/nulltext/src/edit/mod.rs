@@ -210,6 +210,10 @@ pub fn parse_words(s: &str) -> Vec<String> {
         .collect()
 }
 
+/// The fractions of the latent size with down- and up-block cross-attention layers in SD's
+/// UNet (the values `EditOptions::attention_downscale` may take).
+pub const ATTENTION_DOWNSCALES: [usize; 3] = [1, 2, 4];
+
 /// Everything an edit can be asked to do.
 #[derive(Debug, Clone)]
 pub struct EditOptions {
@@ -304,7 +308,7 @@ pub fn build_controller(
         return Err(invalid("at least one target prompt is needed"));
     }
     opts.cross_replace.default.validate("--cross-replace")?;
-    if ![1, 2, 4].contains(&opts.attention_downscale) {
+    if !ATTENTION_DOWNSCALES.contains(&opts.attention_downscale) {
         return Err(invalid(format!(
             "--attention-downscale must be 1, 2 or 4 (the latent scales with cross-attention \
              layers), got {}",
@@ -495,12 +499,9 @@ pub fn build_controller(
         self_max,
         blend,
         latent_grid,
+        opts.attention_downscale,
         dev,
     )?;
-    c.store_grid = (
-        latent_grid.0.div_ceil(opts.attention_downscale),
-        latent_grid.1.div_ceil(opts.attention_downscale),
-    );
     c.record_maps = opts.record_attention;
     Ok(c)
 }

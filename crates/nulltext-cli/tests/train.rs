@@ -52,6 +52,13 @@ fn trains_resumes_and_loads() {
     assert_eq!(st["phase"], "done");
     assert_eq!(st["vae_losses"].as_array().unwrap().len(), 3);
     assert_eq!(st["unet_losses"].as_array().unwrap().len(), 2);
+    // the attention-grounding term, on by default, recorded per step
+    assert_eq!(st["attention_loss_weights"], serde_json::json!([[1, 0.05]]));
+    let grounding = st["attention_losses"].as_array().unwrap();
+    assert_eq!(grounding.len(), 2);
+    assert!(grounding
+        .iter()
+        .all(|g| (0.0..=1.0).contains(&g[1].as_f64().unwrap())));
     let scale = st["scaling_factor"].as_f64().unwrap();
     assert!(scale.is_finite() && scale > 0.0);
     let vae_config: serde_json::Value =
@@ -63,6 +70,7 @@ fn trains_resumes_and_loads() {
         "train/loss.csv",
         "train/loss-vae.png",
         "train/loss-unet.png",
+        "train/loss-grounding.png",
         "examples/red-circle-on-blue.png",
     ] {
         assert!(model.join(f).is_file(), "{f} missing");
@@ -75,6 +83,9 @@ fn trains_resumes_and_loads() {
     let st = state(&model);
     assert_eq!(st["phase"], "done");
     assert_eq!(st["unet_losses"].as_array().unwrap().len(), 4);
+    assert!(std::fs::read_to_string(model.join("README.md"))
+        .unwrap()
+        .contains("attention-grounding term (TokenCompose's token loss) × 5e-2"));
     assert_eq!(st["unet_losses"][3][0], 4);
     assert_eq!(weights("vae"), vae_before);
     assert_ne!(weights("unet"), unet_before);
@@ -86,9 +97,13 @@ fn trains_resumes_and_loads() {
     assert_eq!(state(&model)["vae_losses"].as_array().unwrap().len(), 3);
     assert_eq!(weights("unet"), unet_after);
 
-    // more VAE steps reopen the VAE stage (here with another KL weight); the UNet stage
-    // then runs again from step 0
-    run(Some("5"), "2", &["--vae-kl-weight", "1e-5"]);
+    // more VAE steps reopen the VAE stage (here with another KL weight, and no grounding
+    // term); the UNet stage then runs again from step 0
+    run(
+        Some("5"),
+        "2",
+        &["--vae-kl-weight", "1e-5", "--attention-loss", "0"],
+    );
     let st = state(&model);
     assert_eq!(st["phase"], "done");
     assert_eq!(st["vae_losses"].as_array().unwrap().len(), 5);
@@ -103,6 +118,11 @@ fn trains_resumes_and_loads() {
         "{card}"
     );
     assert_eq!(st["unet_losses"].as_array().unwrap().len(), 2);
+    // (the new UNet stage without the grounding term: its old values dropped with the stage)
+    assert_eq!(st["attention_loss_weights"], serde_json::json!([[1, 0.0]]));
+    assert!(st["attention_losses"].as_array().unwrap().is_empty());
+    assert!(!card.contains("grounding term"));
+    assert!(!model.join("train/loss-grounding.png").exists());
     assert_ne!(weights("vae"), vae_before);
     assert_ne!(weights("unet"), unet_after);
 

@@ -121,15 +121,20 @@ pub fn figure4(traces: &[Trace], against: Against) -> Chart {
 }
 
 /// "Nice" tick positions covering [lo, hi].
-fn ticks(lo: f64, hi: f64, target: usize) -> Vec<f64> {
+/// The round step (1, 2, 2.5 or 5 × 10ᵏ) that cuts `lo..hi` into about `target` parts.
+fn tick_step(lo: f64, hi: f64, target: usize) -> f64 {
     let span = (hi - lo).max(1e-9);
     let raw = span / target.max(1) as f64;
     let mag = 10f64.powf(raw.log10().floor());
-    let step = [1.0, 2.0, 2.5, 5.0, 10.0]
+    [1.0, 2.0, 2.5, 5.0, 10.0]
         .iter()
         .map(|m| m * mag)
         .find(|s| *s >= raw)
-        .unwrap_or(10.0 * mag);
+        .unwrap_or(10.0 * mag)
+}
+
+fn ticks(lo: f64, hi: f64, target: usize) -> Vec<f64> {
+    let step = tick_step(lo, hi, target);
     let first = (lo / step).ceil() * step;
     (0..)
         .map(|i| first + i as f64 * step)
@@ -137,12 +142,18 @@ fn ticks(lo: f64, hi: f64, target: usize) -> Vec<f64> {
         .collect()
 }
 
-fn fmt_tick(v: f64) -> String {
+/// A tick label with as many decimals as the tick step needs.
+fn fmt_tick(v: f64, step: f64) -> String {
     if (v - v.round()).abs() < 1e-9 {
-        format!("{}", v.round() as i64)
-    } else {
-        format!("{v:.1}")
+        return format!("{}", v.round() as i64);
     }
+    let mut decimals = 0;
+    while decimals < 6
+        && ((step * 10f64.powi(decimals)).round() - step * 10f64.powi(decimals)).abs() > 1e-6
+    {
+        decimals += 1;
+    }
+    format!("{v:.*}", decimals as usize)
 }
 
 fn line(img: &mut RgbImage, (x0, y0): (f64, f64), (x1, y1): (f64, f64), c: Rgb<u8>, dash: bool) {
@@ -192,9 +203,17 @@ pub fn render(chart: &Chart) -> RgbImage {
         .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| {
             (a.min(p.1), b.max(p.1))
         });
+    // the data's range padded by 8 % and widened to whole tick steps (a flat series gets a
+    // band around its value)
     let (ymin, ymax) = if ymin.is_finite() {
-        let pad = ((ymax - ymin) * 0.08).max(0.5);
-        ((ymin - pad).floor(), (ymax + pad).ceil())
+        let pad = ((ymax - ymin) * 0.08)
+            .max(ymax.abs().max(ymin.abs()) * 0.05)
+            .max(1e-6);
+        let step = tick_step(ymin - pad, ymax + pad, 6);
+        (
+            ((ymin - pad) / step).floor() * step,
+            ((ymax + pad) / step).ceil() * step,
+        )
     } else {
         (0.0, 1.0)
     };
@@ -202,9 +221,10 @@ pub fn render(chart: &Chart) -> RgbImage {
     let sy = |y: f64| top + (ymax - y) / (ymax - ymin) * ph;
 
     // Grid, axes, ticks.
+    let x_step = tick_step(0.0, xmax, 8);
     for t in ticks(0.0, xmax, 8) {
         line(&mut img, (sx(t), top), (sx(t), top + ph), GREY, false);
-        let s = fmt_tick(t);
+        let s = fmt_tick(t, x_step);
         let tw = s.len() as f64 * 8.0;
         draw_text_scaled(
             &mut img,
@@ -215,9 +235,10 @@ pub fn render(chart: &Chart) -> RgbImage {
             1,
         );
     }
+    let y_step = tick_step(ymin, ymax, 6);
     for t in ticks(ymin, ymax, 6) {
         line(&mut img, (left, sy(t)), (left + pw, sy(t)), GREY, false);
-        let s = fmt_tick(t);
+        let s = fmt_tick(t, y_step);
         let tw = s.len() as f64 * 8.0;
         draw_text_scaled(
             &mut img,
@@ -357,6 +378,11 @@ mod tests {
         );
         let t = ticks(17.3, 24.9, 6);
         assert_eq!(t, vec![18.0, 20.0, 22.0, 24.0]);
+        assert_eq!(ticks(0.04, 0.16, 6).len(), 7);
+        assert_eq!(fmt_tick(0.04, 0.02), "0.04");
+        assert_eq!(fmt_tick(0.125, 0.025), "0.125");
+        assert_eq!(fmt_tick(20.0, 2.0), "20");
+        assert_eq!(fmt_tick(2.5, 2.5), "2.5");
     }
 
     #[test]

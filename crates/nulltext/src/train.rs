@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use nulltext_models::clip::ClipTextTransformer;
 use nulltext_models::config::{ClipTextConfig, SchedulerConfig, UNetConfig, VaeConfig};
+use nulltext_models::control::{AttentionCall, AttentionControl};
 use nulltext_models::random::{write_random_model, Preset};
 use nulltext_models::scheduler::alphas_cumprod;
 use nulltext_models::tokenizer::ClipTokenizer;
@@ -55,6 +56,11 @@ pub struct TrainOptions {
     pub checkpoint_every: usize,
     /// Fraction of captions replaced by the empty prompt.
     pub caption_dropout: f64,
+    /// Weight of the UNet stage's attention-grounding term (0: none). The term asks each
+    /// caption word's cross-attention map to fall on its part of the scene — the colour and
+    /// shape words on the shape, the background's words off it — so that Prompt-to-Prompt's
+    /// maps (local blending, word swaps) mean what they name. See [`grounding_loss`].
+    pub attention_loss: f64,
     /// Scenes whose latents the UNet stage draws its batches from (the VAE is frozen then,
     /// so they are encoded once: encoding fresh scenes every step cost as much as the
     /// UNet's step itself).
@@ -77,12 +83,15 @@ impl Default for TrainOptions {
             checkpoint_every: 250,
             caption_dropout: 0.1,
             latent_pool: 16384,
+            attention_loss: ATTENTION_LOSS,
         }
     }
 }
 
 /// Image side of the training scenes (8×8 latents).
 pub const IMAGE_SIZE: usize = 64;
+/// Default weight of the attention-grounding term ([`TrainOptions::attention_loss`]).
+pub const ATTENTION_LOSS: f64 = 0.05;
 /// Steps of linear learning-rate warm-up at the start of each stage.
 const WARMUP: usize = 100;
 /// Gradients are clipped to this global norm.
@@ -117,11 +126,13 @@ pub enum TrainEvent {
         step: usize,
         total: usize,
     },
-    /// A step finished with this loss.
+    /// A step finished with this loss (the UNet's: ε-prediction MSE) and, in a UNet step
+    /// with one, this attention-grounding term (unweighted).
     Step {
         phase: Phase,
         step: usize,
         loss: f64,
+        grounding: Option<f64>,
     },
     /// The model folder and training state were written after `step`.
     Checkpoint { phase: Phase, step: usize },
@@ -163,6 +174,12 @@ pub struct TrainState {
     /// The VAE's KL weight from each step on where it changed: `(first step, weight)`.
     #[serde(default)]
     pub vae_kl_weights: Vec<(usize, f64)>,
+    /// The UNet stage's attention-grounding weight from each step on where it changed.
+    #[serde(default)]
+    pub attention_loss_weights: Vec<(usize, f64)>,
+    /// `(step, grounding term)` of every UNet step that had one (unweighted).
+    #[serde(default)]
+    pub attention_losses: Vec<(usize, f64)>,
 }
 
 fn default_pool() -> usize {
@@ -420,10 +437,14 @@ pub fn train(opts: &TrainOptions, progress: &mut dyn TrainProgress) -> Result<Tr
                 Phase::Done if opts.unet_steps > s.step => (Phase::Unet, s.step),
                 p => (p, s.step),
             };
-            let unet_losses = if reopen_vae {
-                Vec::new()
+            let (unet_losses, attention_losses, attention_loss_weights) = if reopen_vae {
+                (Vec::new(), Vec::new(), Vec::new())
             } else {
-                s.unet_losses.clone()
+                (
+                    s.unet_losses.clone(),
+                    s.attention_losses.clone(),
+                    s.attention_loss_weights.clone(),
+                )
             };
             // batch sizes and the latent pool can change until their stage has run a step
             let (vae_started, unet_started) = (!s.vae_losses.is_empty(), !unet_losses.is_empty());
@@ -453,6 +474,8 @@ pub fn train(opts: &TrainOptions, progress: &mut dyn TrainProgress) -> Result<Tr
                 },
                 scaling_factor: if reopen_vae { None } else { s.scaling_factor },
                 unet_losses,
+                attention_losses,
+                attention_loss_weights,
                 ..s
             }
         }
@@ -479,6 +502,8 @@ pub fn train(opts: &TrainOptions, progress: &mut dyn TrainProgress) -> Result<Tr
                 scaling_factor: None,
                 latent_pool: opts.latent_pool,
                 vae_kl_weights: Vec::new(),
+                attention_loss_weights: Vec::new(),
+                attention_losses: Vec::new(),
             };
             s.save(out)?;
             s
@@ -502,6 +527,10 @@ pub fn train(opts: &TrainOptions, progress: &mut dyn TrainProgress) -> Result<Tr
         write_loss_charts(out, &state)?;
         write_examples(out)?;
         write_model_card(out, &state)?;
+    } else if state.phase == Phase::Done {
+        // nothing left to train: the curves are drawn again (cheap, and current with the
+        // plotting code)
+        write_loss_charts(out, &state)?;
     }
     Ok(state)
 }
@@ -570,15 +599,15 @@ scaling factor, 1/σ of the latents of 512 scenes, is {scale:.5}.\n\
 of {pool} scenes, AdamW 5e-4, warm-up and cosine decay, gradients clipped to norm 1), VAE \
 frozen: ε-prediction MSE with SD's scaled-linear \
 noise schedule (β 0.00085–0.012, 1000 steps); 10 % of the captions replaced by the empty \
-prompt for classifier-free guidance. Final loss: {ul}.\n\n\
-Loss curves: `train/loss-vae.png`, `train/loss-unet.png` in the training folder (not \
-shipped); every step's loss is in `train/loss.csv` there.\n\n\
+prompt for classifier-free guidance. Final loss: {ul}.{grounding}\n\n\
+Loss curves: `train/loss-vae.png`, `train/loss-unet.png`{grounding_chart} in the training \
+folder (not shipped); every step's loss is in `train/loss.csv` there.\n\n\
 ## Limits\n\n\
 It knows seven colours, four shapes and the caption template above, at 64×64 only; any other \
 word has a zero embedding. Edges are soft and shapes not always crisp; it is a test and demo \
 model, not an image generator. Random seeds give the scene's layout, the caption its content.\n",
         held = held.join(", "),
-        kl = kl_weights(state),
+        kl = steps_and_weights(&state.vae_kl_weights),
         seed = state.seed,
         vs = state.vae_steps,
         us = state.unet_steps,
@@ -589,22 +618,55 @@ model, not an image generator. Random seeds give the scene's layout, the caption
         ul = loss(Phase::Unet),
         scale = state.scaling_factor.unwrap_or(f64::NAN),
         pool = state.latent_pool,
+        grounding = grounding_sentence(state),
+        grounding_chart = if state.attention_losses.is_empty() {
+            ""
+        } else {
+            ", `train/loss-grounding.png`"
+        },
     );
     write_bytes_atomic(&out.join("README.md"), card.as_bytes())
 }
 
-/// The VAE's KL weights in words: `1e-6`, or `1e-4 (steps 1–1100), then 1e-6 (from step 1101)`.
-fn kl_weights(state: &TrainState) -> String {
-    let w = &state.vae_kl_weights;
+/// The model card's words on the attention-grounding term, if the UNet stage had one.
+fn grounding_sentence(state: &TrainState) -> String {
+    let w = &state.attention_loss_weights;
+    if w.iter().all(|(_, weight)| *weight == 0.0) {
+        return String::new();
+    }
+    let weights = steps_and_weights(w);
+    let recent = state.attention_losses.iter().rev().take(100);
+    let n = recent.len().max(1) as f64;
+    let mean = recent.map(|(_, l)| l).sum::<f64>() / n;
+    format!(
+        " Plus an attention-grounding term (TokenCompose's token loss) × {weights}: in the \
+cross-attention layers at 8×8 and 4×4, the share of each caption word's map (mean over heads) \
+that lies on its part of the scene — the shape for the colour and shape words, the rest for \
+the background's colour and \"background\" — enters as (1 − share)², averaged; it makes the \
+words' maps, which Prompt-to-Prompt blends and swaps with, fall where the words are. Its \
+final value: {mean:.3}."
+    )
+}
+
+/// `(first step, weight)` pairs in words: `1e-6`, or `1e-4 (steps 1–1100), then 1e-6 (from
+/// step 1101)`.
+fn steps_and_weights(w: &[(usize, f64)]) -> String {
+    let weight = |x: f64| {
+        if x == 0.0 {
+            "0".to_string()
+        } else {
+            format!("{x:e}")
+        }
+    };
     match w.len() {
         0 => "-".into(),
-        1 => format!("{:e}", w[0].1),
+        1 => weight(w[0].1),
         _ => w
             .iter()
             .enumerate()
-            .map(|(i, (from, kl))| match w.get(i + 1) {
-                Some((next, _)) => format!("{kl:e} (steps {from}–{})", next - 1),
-                None => format!("{kl:e} (from step {from})"),
+            .map(|(i, (from, x))| match w.get(i + 1) {
+                Some((next, _)) => format!("{} (steps {from}–{})", weight(*x), next - 1),
+                None => format!("{} (from step {from})", weight(*x)),
             })
             .collect::<Vec<_>>()
             .join(", then "),
@@ -654,6 +716,7 @@ fn zero_unused_token_rows(out: &Path) -> Result<()> {
 fn end_step(
     phase: Phase,
     value: f64,
+    grounding: Option<f64>,
     total: usize,
     opts: &TrainOptions,
     state: &mut TrainState,
@@ -667,10 +730,14 @@ fn end_step(
         _ => &mut state.unet_losses,
     };
     losses.push((state.step, value));
+    if let Some(g) = grounding {
+        state.attention_losses.push((state.step, g));
+    }
     progress.event(&TrainEvent::Step {
         phase,
         step: state.step,
         loss: value,
+        grounding,
     });
     let cancel = progress.cancelled();
     let every = opts.checkpoint_every;
@@ -747,6 +814,7 @@ fn train_vae(
         if !end_step(
             Phase::Vae,
             value,
+            None,
             total,
             opts,
             state,
@@ -845,6 +913,22 @@ fn train_unet(
         captions.extend(c);
     }
     let pool = Tensor::cat(&pool, 0)?;
+    let grounded = opts.attention_loss > 0.0;
+    let side = IMAGE_SIZE / 8;
+    let masks = if grounded {
+        latent_masks(opts.seed ^ 0xD1FF, pool_size, side)?
+    } else {
+        Tensor::zeros((pool_size, 1, side, side), DType::F32, &Device::Cpu)?
+    };
+    if state.attention_loss_weights.is_empty() && state.step > 0 {
+        // a run from before the term existed trained without it
+        state.attention_loss_weights.push((1, 0.0));
+    }
+    if state.attention_loss_weights.last().map(|w| w.1) != Some(opts.attention_loss) {
+        state
+            .attention_loss_weights
+            .push((state.step + 1, opts.attention_loss));
+    }
     progress.event(&TrainEvent::Stage {
         phase: Phase::Unet,
         step: state.step,
@@ -857,7 +941,8 @@ fn train_unet(
         let picks: Vec<u32> = (0..batch)
             .map(|_| (rng.next() % pool_size as u64) as u32)
             .collect();
-        let z0 = pool.index_select(&Tensor::new(picks.as_slice(), &Device::Cpu)?, 0)?;
+        let picked = Tensor::new(picks.as_slice(), &Device::Cpu)?;
+        let z0 = pool.index_select(&picked, 0)?;
         let prompts: Vec<&str> = picks
             .iter()
             .map(|&i| &captions[i as usize])
@@ -889,12 +974,40 @@ fn train_unet(
         let noise = rng.normal_tensor(z0.dims())?;
         let zt = (z0.broadcast_mul(&a)? + noise.broadcast_mul(&s)?)?;
         let ts: Vec<f64> = t.iter().map(|&t| t as f64).collect();
-        let eps = unet.forward_timesteps(&zt, &ts, &context)?;
-        let loss = (eps - &noise)?.sqr()?.mean_all()?;
-        let value = loss.to_scalar::<f32>()? as f64;
+        // the layers at the latent's grid and half of it (8×8 and 4×4 at 64 px)
+        let mut probe = CrossAttentionProbe {
+            pixels: if grounded {
+                vec![side * side, (side / 2) * (side / 2)]
+            } else {
+                Vec::new()
+            },
+            maps: Vec::new(),
+        };
+        let eps = unet.forward_timesteps_controlled(&zt, &ts, &context, &mut probe)?;
+        let mse = (eps - &noise)?.sqr()?.mean_all()?;
+        let value = mse.to_scalar::<f32>()? as f64;
         if !value.is_finite() {
             return Err(Error::NonFinite(format!("the UNet loss at step {step}")));
         }
+        let roles = if grounded {
+            grounding_roles(&tokenizer, &prompts)?
+        } else {
+            None
+        };
+        let (loss, grounding) = match roles {
+            Some((object, background)) => {
+                let mask = masks.index_select(&picked, 0)?;
+                let g = grounding_loss(&probe.maps, &mask, &object, &background)?;
+                let gv = g.to_scalar::<f32>()? as f64;
+                if !gv.is_finite() {
+                    return Err(Error::NonFinite(format!(
+                        "the attention-grounding term at step {step}"
+                    )));
+                }
+                ((mse + (g * opts.attention_loss)?)?, Some(gv))
+            }
+            _ => (mse, None),
+        };
         let grads = loss.backward()?;
         adam.step(&vars, &grads, learning_rate(opts.unet_lr, step, total))?;
         let save = || -> Result<()> {
@@ -905,6 +1018,7 @@ fn train_unet(
         if !end_step(
             Phase::Unet,
             value,
+            grounding,
             total,
             opts,
             state,
@@ -918,11 +1032,132 @@ fn train_unet(
     Ok(true)
 }
 
-/// `train/loss.csv` (every step) and `train/loss-{vae,unet}.png` (running means of 50 steps).
+/// Row-major `[n, 1, side, side]` fractions of each latent cell covered by the shape, for
+/// the first `n` scenes of the training split under `seed`.
+fn latent_masks(seed: u64, n: usize, side: usize) -> Result<Tensor> {
+    let cell = IMAGE_SIZE / side;
+    let mut out = Vec::with_capacity(n * side * side);
+    for i in 0..n {
+        let mask = shapes::sample(seed, i as u64, Split::Train).mask(IMAGE_SIZE);
+        for cy in 0..side {
+            for cx in 0..side {
+                let inside = (0..cell)
+                    .flat_map(|y| (0..cell).map(move |x| (y, x)))
+                    .filter(|(y, x)| mask[(cy * cell + y) * IMAGE_SIZE + cx * cell + x])
+                    .count();
+                out.push(inside as f32 / (cell * cell) as f32);
+            }
+        }
+    }
+    Ok(Tensor::from_vec(out, (n, 1, side, side), &Device::Cpu)?)
+}
+
+/// Keeps the cross-attention probabilities of the layers with these query pixel counts,
+/// with their graph, for [`grounding_loss`].
+struct CrossAttentionProbe {
+    pixels: Vec<usize>,
+    maps: Vec<Tensor>,
+}
+
+impl AttentionControl for CrossAttentionProbe {
+    fn wants(&self, call: &AttentionCall) -> bool {
+        call.site.is_cross() && self.pixels.contains(&call.pixels())
+    }
+
+    fn edit(&mut self, _: &AttentionCall, probs: Tensor) -> nulltext_models::error::Result<Tensor> {
+        self.maps.push(probs.clone());
+        Ok(probs)
+    }
+}
+
+/// Which tokens of each caption the grounding term pulls onto the shape (`object`: the
+/// colour and shape words) and off it (`background`: the background's colour and the word
+/// "background"), as `[B, 77]` indicators; `None` when no caption has any (all dropped).
+fn grounding_roles(
+    tokenizer: &ClipTokenizer,
+    prompts: &[&str],
+) -> Result<Option<(Tensor, Tensor)>> {
+    let len = nulltext_models::tokenizer::MAX_LEN;
+    let mut object = vec![0f32; prompts.len() * len];
+    let mut background = vec![0f32; prompts.len() * len];
+    let mut any = false;
+    for (b, prompt) in prompts.iter().enumerate() {
+        if prompt.is_empty() {
+            continue;
+        }
+        // `a <colour> <shape> on a <background> background`
+        let words = tokenizer.word_token_positions(prompt);
+        if words.len() != 7 {
+            return Err(invalid(format!("not a scene caption: {prompt:?}")));
+        }
+        for (w, positions) in words.iter().enumerate() {
+            let role = match w {
+                1 | 2 => &mut object,
+                5 | 6 => &mut background,
+                _ => continue,
+            };
+            for &p in positions.iter().filter(|&&p| p < len) {
+                role[b * len + p] = 1.0;
+                any = true;
+            }
+        }
+    }
+    if !any {
+        return Ok(None);
+    }
+    let shape = (prompts.len(), len);
+    Ok(Some((
+        Tensor::from_vec(object, shape, &Device::Cpu)?,
+        Tensor::from_vec(background, shape, &Device::Cpu)?,
+    )))
+}
+
+/// The attention-grounding term (the token loss of TokenCompose, Wang et al., CVPR 2024):
+/// for every grounded token and probed cross-attention layer, the share of the token's map
+/// — its probabilities averaged over heads, over the layer's query pixels — that falls in
+/// its region (the shape for `object` tokens, the rest for `background` ones); the mean of
+/// (1 − share)² over those tokens and layers. `maps`: `[B, heads, P, 77]` each; `mask`:
+/// `[B, 1, s, s]` shape coverage at the latent's grid.
+fn grounding_loss(
+    maps: &[Tensor],
+    mask: &Tensor,
+    object: &Tensor,
+    background: &Tensor,
+) -> Result<Tensor> {
+    let (b, _, side, _) = mask.dims4()?;
+    let tokens = (object + background)?;
+    let count = tokens.sum_all()?.to_scalar::<f32>()? as f64;
+    let mut total = Tensor::zeros((), DType::F32, &Device::Cpu)?;
+    for map in maps {
+        let (_, _, pixels, _) = map.dims4()?;
+        let grid = (pixels as f64).sqrt().round() as usize;
+        let m = if grid < side {
+            mask.avg_pool2d(side / grid)?
+        } else {
+            mask.clone()
+        };
+        let m = m.reshape((b, 1, pixels))?;
+        let region = (object.unsqueeze(2)?.broadcast_mul(&m)?
+            + background.unsqueeze(2)?.broadcast_mul(&(1.0 - &m)?)?)?;
+        // [B, 77, P]: each token's map over the pixels
+        let a = map.mean(1)?.transpose(1, 2)?;
+        let inside = ((&a * &region)?.sum(2)? / (a.sum(2)? + 1e-12)?)?;
+        let miss = (1.0 - inside)?.sqr()?;
+        total = (total + ((miss * &tokens)?.sum_all()? / count)?)?;
+    }
+    Ok((total / maps.len().max(1) as f64)?)
+}
+
+/// `train/loss.csv` (every step) and `train/loss-{vae,unet,grounding}.png` (running means of
+/// 50 steps; the grounding chart once the UNet stage has that term).
 fn write_loss_charts(out: &Path, state: &TrainState) -> Result<()> {
     let csv_path = out.join("train/loss.csv");
     let mut csv = String::from("stage,step,loss\n");
-    for (phase, losses) in [("vae", &state.vae_losses), ("unet", &state.unet_losses)] {
+    for (phase, losses) in [
+        ("vae", &state.vae_losses),
+        ("unet", &state.unet_losses),
+        ("grounding", &state.attention_losses),
+    ] {
         for (s, l) in losses {
             csv.push_str(&format!("{phase},{s},{l:.6}\n"));
         }
@@ -933,10 +1168,23 @@ fn write_loss_charts(out: &Path, state: &TrainState) -> Result<()> {
         (
             "unet",
             &state.unet_losses,
-            "UNet + text encoder: ε-prediction MSE",
+            "UNet + text encoder: eps-prediction MSE",
+        ),
+        (
+            "grounding",
+            &state.attention_losses,
+            "UNet + text encoder: attention-grounding term (unweighted)",
         ),
     ] {
+        let file = out.join(format!("train/loss-{phase}.png"));
         if losses.is_empty() {
+            // (a reopened VAE stage drops the UNet stage's curves)
+            if file.exists() {
+                std::fs::remove_file(&file).map_err(|source| Error::Io {
+                    path: file.clone(),
+                    source,
+                })?;
+            }
             continue;
         }
         let window = 50usize;
@@ -961,7 +1209,7 @@ fn write_loss_charts(out: &Path, state: &TrainState) -> Result<()> {
             height: 400,
         };
         let img = crate::plot::render(&chart);
-        crate::image_io::save_png(&img, &out.join(format!("train/loss-{phase}.png")))?;
+        crate::image_io::save_png(&img, &file)?;
     }
     Ok(())
 }
@@ -1012,4 +1260,114 @@ pub fn export_fp16(out: &Path, dest: &Path) -> Result<()> {
         save_tensors(&target, tensors.into_iter())?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LEN: usize = nulltext_models::tokenizer::MAX_LEN;
+
+    /// `[1, heads, pixels, 77]` probabilities: token `t` of every pixel gets `at(t, pixel)`,
+    /// the rest of each row spread over the other tokens.
+    fn map(heads: usize, pixels: usize, at: impl Fn(usize, usize) -> f32) -> Tensor {
+        let mut v = Vec::new();
+        for _ in 0..heads {
+            for p in 0..pixels {
+                let row: Vec<f32> = (0..LEN).map(|t| at(t, p)).collect();
+                let rest = (1.0 - row.iter().sum::<f32>()) / LEN as f32;
+                v.extend(row.iter().map(|x| x + rest));
+            }
+        }
+        Tensor::from_vec(v, (1, heads, pixels, LEN), &Device::Cpu).unwrap()
+    }
+
+    fn indicator(positions: &[usize]) -> Tensor {
+        let v: Vec<f32> = (0..LEN)
+            .map(|t| f32::from(u8::from(positions.contains(&t))))
+            .collect();
+        Tensor::from_vec(v, (1, LEN), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn grounding_loss_is_the_squared_share_outside_the_region() {
+        // 2×2 latent, the shape covering the top-left cell fully and the top-right by half
+        let mask = Tensor::new(&[[[[1f32, 0.5], [0.0, 0.0]]]], &Device::Cpu).unwrap();
+        let (object, background) = (indicator(&[3]), indicator(&[7]));
+        let loss = |m: &Tensor| -> f32 {
+            grounding_loss(std::slice::from_ref(m), &mask, &object, &background)
+                .unwrap()
+                .to_scalar()
+                .unwrap()
+        };
+        // token 3 only on the shape's cell, token 7 only on the two bottom cells: no miss
+        let exact = map(2, 4, |t, p| match (t, p) {
+            (3, 0) | (7, 2) | (7, 3) => 0.5,
+            _ => 0.0,
+        });
+        assert!(loss(&exact) < 1e-3, "{}", loss(&exact));
+        // both maps uniform: the object's share inside is the shape's area (1.5 of 4 cells),
+        // the background's the rest; loss = mean of (1 − share)²
+        let uniform = map(2, 4, |_, _| 0.0);
+        let want = ((1.0f32 - 1.5 / 4.0).powi(2) + (1.0f32 - 2.5 / 4.0).powi(2)) / 2.0;
+        assert!(
+            (loss(&uniform) - want).abs() < 1e-5,
+            "{} vs {want}",
+            loss(&uniform)
+        );
+        // swapped regions: the worst case
+        let swapped = map(2, 4, |t, p| match (t, p) {
+            (7, 0) | (3, 2) | (3, 3) => 0.5,
+            _ => 0.0,
+        });
+        assert!(loss(&swapped) > 0.9, "{}", loss(&swapped));
+        // a coarser layer (1×1) sees the mask averaged: the share is the mean coverage
+        let coarse = map(1, 1, |_, _| 0.0);
+        assert!((loss(&coarse) - want).abs() < 1e-5);
+    }
+
+    #[test]
+    fn grounding_roles_name_the_scene_words() {
+        let tok = ClipTokenizer::bundled();
+        let (object, background) =
+            grounding_roles(&tok, &["a red circle on a blue background", ""])
+                .unwrap()
+                .unwrap();
+        let ones = |t: &Tensor, row: usize| -> Vec<usize> {
+            let v = t.get(row).unwrap().to_vec1::<f32>().unwrap();
+            (0..LEN).filter(|&i| v[i] == 1.0).collect()
+        };
+        // 0 is the start token: a(1) red(2) circle(3) on(4) a(5) blue(6) background(7)
+        assert_eq!(ones(&object, 0), vec![2, 3]);
+        assert_eq!(ones(&background, 0), vec![6, 7]);
+        // a dropped caption grounds nothing; all dropped: no term at all
+        assert!(ones(&object, 1).is_empty() && ones(&background, 1).is_empty());
+        assert!(grounding_roles(&tok, &["", ""]).unwrap().is_none());
+        assert!(grounding_roles(&tok, &["a cat"]).is_err());
+    }
+
+    #[test]
+    fn latent_masks_cover_the_shape() {
+        let seed = 7;
+        let m = latent_masks(seed, 3, 8).unwrap();
+        assert_eq!(m.dims(), &[3, 1, 8, 8]);
+        for i in 0..3 {
+            let scene = shapes::sample(seed, i as u64, Split::Train);
+            let area = scene.mask(IMAGE_SIZE).iter().filter(|&&b| b).count() as f32;
+            let cells: Vec<f32> = m.get(i).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            assert!(cells.iter().all(|c| (0.0..=1.0).contains(c)));
+            let covered = cells.iter().sum::<f32>() * 64.0;
+            assert!((covered - area).abs() < 0.5, "{covered} vs {area}");
+        }
+    }
+
+    #[test]
+    fn weights_in_words() {
+        assert_eq!(steps_and_weights(&[]), "-");
+        assert_eq!(steps_and_weights(&[(1, 0.05)]), "5e-2");
+        assert_eq!(
+            steps_and_weights(&[(1, 0.0), (4501, 0.05)]),
+            "0 (steps 1–4500), then 5e-2 (from step 4501)"
+        );
+    }
 }

@@ -33,6 +33,10 @@ pub struct TrainArgs {
     /// Weight of the VAE's KL term (per element, against the per-pixel reconstruction loss).
     #[arg(long, default_value_t = TrainOptions::default().vae_kl_weight)]
     vae_kl_weight: f64,
+    /// Weight of the UNet stage's attention-grounding term, which pulls each caption word's
+    /// cross-attention map onto its part of the scene (0 turns it off).
+    #[arg(long, default_value_t = TrainOptions::default().attention_loss)]
+    attention_loss: f64,
     /// Seeds the initial weights, the scenes and the noise.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -52,7 +56,19 @@ struct Bar {
     bar: Option<ProgressBar>,
     quiet: bool,
     cancel: CancelFlag,
+    /// Running means of the loss and of the attention-grounding term.
     mean: f64,
+    grounding: f64,
+}
+
+impl Bar {
+    fn losses(&self) -> String {
+        if self.grounding.is_nan() {
+            format!("loss {:.4}", self.mean)
+        } else {
+            format!("loss {:.4}, grounding {:.3}", self.mean, self.grounding)
+        }
+    }
 }
 
 impl TrainProgress for Bar {
@@ -76,24 +92,36 @@ impl TrainProgress for Bar {
                 b.set_prefix(phase.name());
                 self.bar = Some(b);
                 self.mean = f64::NAN;
+                self.grounding = f64::NAN;
             }
-            TrainEvent::Step { step, loss, .. } => {
-                self.mean = if self.mean.is_nan() {
-                    *loss
-                } else {
-                    0.98 * self.mean + 0.02 * loss
+            TrainEvent::Step {
+                step,
+                loss,
+                grounding,
+                ..
+            } => {
+                let ema = |mean: f64, x: f64| {
+                    if mean.is_nan() {
+                        x
+                    } else {
+                        0.98 * mean + 0.02 * x
+                    }
                 };
+                self.mean = ema(self.mean, *loss);
+                if let Some(g) = grounding {
+                    self.grounding = ema(self.grounding, *g);
+                }
                 if let Some(b) = &self.bar {
                     b.set_position(*step as u64);
-                    b.set_message(format!("loss {:.4}", self.mean));
+                    b.set_message(self.losses());
                 }
             }
             TrainEvent::Checkpoint { phase, step } => {
                 if let Some(b) = &self.bar {
                     b.println(format!(
-                        "{}: checkpoint at step {step}, loss {:.4}",
+                        "{}: checkpoint at step {step}, {}",
                         phase.name(),
-                        self.mean
+                        self.losses()
                     ));
                 }
             }
@@ -116,6 +144,7 @@ pub fn run(a: TrainArgs, ctx: &Ctx) -> Result<()> {
         vae_lr: a.vae_lr,
         unet_lr: a.unet_lr,
         vae_kl_weight: a.vae_kl_weight,
+        attention_loss: a.attention_loss,
         seed: a.seed,
         checkpoint_every: a.checkpoint_every,
         latent_pool: a.latent_pool,
@@ -126,6 +155,7 @@ pub fn run(a: TrainArgs, ctx: &Ctx) -> Result<()> {
         quiet: ctx.quiet,
         cancel: ctx.cancel.clone(),
         mean: f64::NAN,
+        grounding: f64::NAN,
     };
     let state = train(&opts, &mut bar)?;
     if let Some(b) = bar.bar.take() {

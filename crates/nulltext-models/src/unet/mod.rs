@@ -160,6 +160,18 @@ impl UNet2DConditionModel {
         self.run(x, timesteps, context, &mut NoControl, 0)
     }
 
+    /// As [`Self::forward_timesteps`], calling `control` at every attention layer (training
+    /// terms on the attention maps).
+    pub fn forward_timesteps_controlled(
+        &self,
+        x: &Tensor,
+        timesteps: &[f64],
+        context: &Tensor,
+        control: &mut dyn AttentionControl,
+    ) -> Result<Tensor> {
+        self.run(x, timesteps, context, control, 0)
+    }
+
     /// As [`Self::forward`], calling `control` at every attention layer with `step`.
     pub fn forward_controlled(
         &self,

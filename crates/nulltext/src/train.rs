@@ -916,9 +916,9 @@ fn train_unet(
     let grounded = opts.attention_loss > 0.0;
     let side = IMAGE_SIZE / 8;
     let masks = if grounded {
-        latent_masks(opts.seed ^ 0xD1FF, pool_size, side)?
+        Some(latent_masks(opts.seed ^ 0xD1FF, pool_size, side)?)
     } else {
-        Tensor::zeros((pool_size, 1, side, side), DType::F32, &Device::Cpu)?
+        None
     };
     if state.attention_loss_weights.is_empty() && state.step > 0 {
         // a run from before the term existed trained without it
@@ -989,13 +989,12 @@ fn train_unet(
         if !value.is_finite() {
             return Err(Error::NonFinite(format!("the UNet loss at step {step}")));
         }
-        let roles = if grounded {
-            grounding_roles(&tokenizer, &prompts)?
-        } else {
-            None
+        let roles = match &masks {
+            Some(masks) => grounding_roles(&tokenizer, &prompts)?.map(|r| (masks, r)),
+            None => None,
         };
         let (loss, grounding) = match roles {
-            Some((object, background)) => {
+            Some((masks, (object, background))) => {
                 let mask = masks.index_select(&picked, 0)?;
                 let g = grounding_loss(&probe.maps, &mask, &object, &background)?;
                 let gv = g.to_scalar::<f32>()? as f64;

@@ -120,7 +120,6 @@ pub fn figure4(traces: &[Trace], against: Against) -> Chart {
     }
 }
 
-/// "Nice" tick positions covering [lo, hi].
 /// The round step (1, 2, 2.5 or 5 × 10ᵏ) that cuts `lo..hi` into about `target` parts.
 fn tick_step(lo: f64, hi: f64, target: usize) -> f64 {
     let span = (hi - lo).max(1e-9);
@@ -133,13 +132,15 @@ fn tick_step(lo: f64, hi: f64, target: usize) -> f64 {
         .unwrap_or(10.0 * mag)
 }
 
-fn ticks(lo: f64, hi: f64, target: usize) -> Vec<f64> {
+/// "Nice" tick positions covering [lo, hi], and their step.
+fn ticks(lo: f64, hi: f64, target: usize) -> (Vec<f64>, f64) {
     let step = tick_step(lo, hi, target);
     let first = (lo / step).ceil() * step;
-    (0..)
+    let at = (0..)
         .map(|i| first + i as f64 * step)
         .take_while(|v| *v <= hi + step * 1e-6)
-        .collect()
+        .collect();
+    (at, step)
 }
 
 /// A tick label with as many decimals as the tick step needs.
@@ -221,8 +222,8 @@ pub fn render(chart: &Chart) -> RgbImage {
     let sy = |y: f64| top + (ymax - y) / (ymax - ymin) * ph;
 
     // Grid, axes, ticks.
-    let x_step = tick_step(0.0, xmax, 8);
-    for t in ticks(0.0, xmax, 8) {
+    let (x_ticks, x_step) = ticks(0.0, xmax, 8);
+    for t in x_ticks {
         line(&mut img, (sx(t), top), (sx(t), top + ph), GREY, false);
         let s = fmt_tick(t, x_step);
         let tw = s.len() as f64 * 8.0;
@@ -235,8 +236,8 @@ pub fn render(chart: &Chart) -> RgbImage {
             1,
         );
     }
-    let y_step = tick_step(ymin, ymax, 6);
-    for t in ticks(ymin, ymax, 6) {
+    let (y_ticks, y_step) = ticks(ymin, ymax, 6);
+    for t in y_ticks {
         line(&mut img, (left, sy(t)), (left + pw, sy(t)), GREY, false);
         let s = fmt_tick(t, y_step);
         let tw = s.len() as f64 * 8.0;
@@ -373,12 +374,12 @@ mod tests {
     #[test]
     fn ticks_are_round_and_cover_the_range() {
         assert_eq!(
-            ticks(0.0, 500.0, 5),
+            ticks(0.0, 500.0, 5).0,
             vec![0.0, 100.0, 200.0, 300.0, 400.0, 500.0]
         );
-        let t = ticks(17.3, 24.9, 6);
+        let t = ticks(17.3, 24.9, 6).0;
         assert_eq!(t, vec![18.0, 20.0, 22.0, 24.0]);
-        assert_eq!(ticks(0.04, 0.16, 6).len(), 7);
+        assert_eq!(ticks(0.04, 0.16, 6).0.len(), 7);
         assert_eq!(fmt_tick(0.04, 0.02), "0.04");
         assert_eq!(fmt_tick(0.125, 0.025), "0.125");
         assert_eq!(fmt_tick(20.0, 2.0), "20");

@@ -307,6 +307,23 @@ impl Scene {
             .collect()
     }
 
+    /// Row-major `cells`×`cells` fractions of each block of the `size`×`size` [`Self::mask`]
+    /// that lies inside the shape (e.g. per latent cell: `coverage(64, 8)`). `cells` must
+    /// divide `size`.
+    pub fn coverage(&self, size: usize, cells: usize) -> Vec<f32> {
+        let mask = self.mask(size);
+        let block = size / cells;
+        let mut out = vec![0f32; cells * cells];
+        for (i, inside) in mask.iter().enumerate() {
+            if *inside {
+                out[(i / size / block) * cells + (i % size) / block] += 1.0;
+            }
+        }
+        let area = (block * block) as f32;
+        out.iter_mut().for_each(|c| *c /= area);
+        out
+    }
+
     /// Row-major `size`×`size` mask of the pixels whose centre lies more than `margin` pixels
     /// outside the shape: the background away from the anti-aliased (or, in a generated image,
     /// blurred) edge.

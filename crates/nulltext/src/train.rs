@@ -212,12 +212,26 @@ impl TrainState {
 
     /// The mean loss of the last `n` steps of a stage.
     pub fn recent_loss(&self, phase: Phase, n: usize) -> Option<f64> {
-        let l = match phase {
-            Phase::Vae => &self.vae_losses,
-            _ => &self.unet_losses,
-        };
-        let tail = &l[l.len().saturating_sub(n)..];
-        (!tail.is_empty()).then(|| tail.iter().map(|(_, v)| v).sum::<f64>() / tail.len() as f64)
+        mean_of_last(
+            match phase {
+                Phase::Vae => &self.vae_losses,
+                _ => &self.unet_losses,
+            },
+            n,
+        )
+    }
+}
+
+/// The mean of the last `n` values of `(step, value)` pairs (`None` if there are none).
+fn mean_of_last(values: &[(usize, f64)], n: usize) -> Option<f64> {
+    let tail = &values[values.len().saturating_sub(n)..];
+    (!tail.is_empty()).then(|| tail.iter().map(|(_, v)| v).sum::<f64>() / tail.len() as f64)
+}
+
+/// Records that `weight` applies from the step after `step` on, unless it already does.
+fn record_weight(weights: &mut Vec<(usize, f64)>, step: usize, weight: f64) {
+    if weights.last().map(|w| w.1) != Some(weight) {
+        weights.push((step + 1, weight));
     }
 }
 
@@ -635,9 +649,7 @@ fn grounding_sentence(state: &TrainState) -> String {
         return String::new();
     }
     let weights = steps_and_weights(w);
-    let recent = state.attention_losses.iter().rev().take(100);
-    let n = recent.len().max(1) as f64;
-    let mean = recent.map(|(_, l)| l).sum::<f64>() / n;
+    let mean = mean_of_last(&state.attention_losses, 100).unwrap_or(0.0);
     format!(
         " Plus an attention-grounding term (TokenCompose's token loss) × {weights}: in the \
 cross-attention layers at 8×8 and 4×4, the share of each caption word's map (mean over heads) \
@@ -774,11 +786,7 @@ fn train_vae(
     };
     let total = state.vae_steps;
     let batch = state.vae_batch;
-    if state.vae_kl_weights.last().map(|w| w.1) != Some(opts.vae_kl_weight) {
-        state
-            .vae_kl_weights
-            .push((state.step + 1, opts.vae_kl_weight));
-    }
+    record_weight(&mut state.vae_kl_weights, state.step, opts.vae_kl_weight);
     progress.event(&TrainEvent::Stage {
         phase: Phase::Vae,
         step: state.step,
@@ -924,11 +932,11 @@ fn train_unet(
         // a run from before the term existed trained without it
         state.attention_loss_weights.push((1, 0.0));
     }
-    if state.attention_loss_weights.last().map(|w| w.1) != Some(opts.attention_loss) {
-        state
-            .attention_loss_weights
-            .push((state.step + 1, opts.attention_loss));
-    }
+    record_weight(
+        &mut state.attention_loss_weights,
+        state.step,
+        opts.attention_loss,
+    );
     progress.event(&TrainEvent::Stage {
         phase: Phase::Unet,
         step: state.step,
@@ -1034,20 +1042,9 @@ fn train_unet(
 /// Row-major `[n, 1, side, side]` fractions of each latent cell covered by the shape, for
 /// the first `n` scenes of the training split under `seed`.
 fn latent_masks(seed: u64, n: usize, side: usize) -> Result<Tensor> {
-    let cell = IMAGE_SIZE / side;
-    let mut out = Vec::with_capacity(n * side * side);
-    for i in 0..n {
-        let mask = shapes::sample(seed, i as u64, Split::Train).mask(IMAGE_SIZE);
-        for cy in 0..side {
-            for cx in 0..side {
-                let inside = (0..cell)
-                    .flat_map(|y| (0..cell).map(move |x| (y, x)))
-                    .filter(|(y, x)| mask[(cy * cell + y) * IMAGE_SIZE + cx * cell + x])
-                    .count();
-                out.push(inside as f32 / (cell * cell) as f32);
-            }
-        }
-    }
+    let out: Vec<f32> = (0..n as u64)
+        .flat_map(|i| shapes::sample(seed, i, Split::Train).coverage(IMAGE_SIZE, side))
+        .collect();
     Ok(Tensor::from_vec(out, (n, 1, side, side), &Device::Cpu)?)
 }
 

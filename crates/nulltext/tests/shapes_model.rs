@@ -359,16 +359,7 @@ fn word_attention_falls_on_what_the_word_names() {
     let maps = r.attention_maps.unwrap().get(0).unwrap();
     let maps = maps.flatten_to(1).unwrap().to_vec2::<f32>().unwrap();
     // the square's coverage of each latent cell
-    let mask = scene.mask(64);
-    let cover: Vec<f32> = (0..64)
-        .map(|c| {
-            let (cy, cx) = (c / 8, c % 8);
-            let n = (0..64)
-                .filter(|p| mask[(cy * 8 + p / 8) * 64 + cx * 8 + p % 8])
-                .count();
-            n as f32 / 64.0
-        })
-        .collect();
+    let cover = scene.coverage(64, 8);
     // a(1) red(2) square(3) on(4) a(5) blue(6) background(7)
     let share = |token: usize, on_shape: bool| -> f32 {
         let (mut inside, mut all) = (0f32, 0f32);

@@ -203,13 +203,13 @@ pub fn attention_probs(q: &Tensor, k: &Tensor, scale: f64) -> Result<Tensor> {
 
 /// Multi-head attention, self or cross, as diffusers' `Attention` with the default processor.
 pub struct Attention {
-    to_q: Linear,
-    to_k: Linear,
-    to_v: Linear,
-    to_out: Linear,
-    heads: usize,
-    scale: f64,
-    upcast: bool,
+    pub(crate) to_q: Linear,
+    pub(crate) to_k: Linear,
+    pub(crate) to_v: Linear,
+    pub(crate) to_out: Linear,
+    pub(crate) heads: usize,
+    pub(crate) scale: f64,
+    pub(crate) upcast: bool,
     pub site: AttentionSite,
 }
 
@@ -289,9 +289,9 @@ impl Attention {
 }
 
 /// GEGLU feed-forward: `Linear(dim, 2·inner)` → `h · gelu(gate)` → `Linear(inner, dim)`.
-struct FeedForward {
-    proj: Linear,
-    out: Linear,
+pub(crate) struct FeedForward {
+    pub(crate) proj: Linear,
+    pub(crate) out: Linear,
 }
 
 impl FeedForward {
@@ -347,12 +347,12 @@ impl candle_core::CustomOp1 for CpuGeglu {
 
 /// Self-attention, cross-attention and feed-forward, each with a pre-norm and a residual.
 pub struct BasicTransformerBlock {
-    norm1: LayerNorm,
-    attn1: Attention,
-    norm2: LayerNorm,
-    attn2: Attention,
-    norm3: LayerNorm,
-    ff: FeedForward,
+    pub(crate) norm1: LayerNorm,
+    pub(crate) attn1: Attention,
+    pub(crate) norm2: LayerNorm,
+    pub(crate) attn2: Attention,
+    pub(crate) norm3: LayerNorm,
+    pub(crate) ff: FeedForward,
 }
 
 /// Where a `Transformer2DModel` sits: place, block and index within the block.
@@ -434,7 +434,7 @@ impl BasicTransformerBlock {
     }
 }
 
-enum Projection {
+pub(crate) enum Projection {
     Conv(Conv2d),
     Linear(Linear),
 }
@@ -442,10 +442,10 @@ enum Projection {
 /// `Transformer2DModel` for continuous inputs: norm, project in, transformer blocks,
 /// project out, residual.
 pub struct Transformer2DModel {
-    norm: GroupNorm,
-    proj_in: Projection,
-    blocks: Vec<BasicTransformerBlock>,
-    proj_out: Projection,
+    pub(crate) norm: GroupNorm,
+    pub(crate) proj_in: Projection,
+    pub(crate) blocks: Vec<BasicTransformerBlock>,
+    pub(crate) proj_out: Projection,
 }
 
 /// Shape parameters of a `Transformer2DModel`.

@@ -742,7 +742,7 @@ pub struct GroupNorm {
     pub groups: usize,
     pub eps: f64,
     /// γ and β as host vectors when the weights are f32 on the CPU (the fast kernel).
-    cpu_affine: Option<Arc<(Vec<f32>, Vec<f32>)>>,
+    pub(crate) cpu_affine: Option<Arc<(Vec<f32>, Vec<f32>)>>,
 }
 
 /// Group normalization on the CPU in two passes (`crate::cpu_kernels::group_norm`).

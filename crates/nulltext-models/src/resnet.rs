@@ -9,12 +9,12 @@ use crate::weights::Vb;
 /// GroupNorm → SiLU → conv, twice, with an optional time-embedding bias and a 1×1 shortcut
 /// when the channel count changes.
 pub struct ResnetBlock2D {
-    norm1: GroupNorm,
-    conv1: Conv2d,
-    time_emb_proj: Option<Linear>,
-    norm2: GroupNorm,
-    conv2: Conv2d,
-    conv_shortcut: Option<Conv2d>,
+    pub(crate) norm1: GroupNorm,
+    pub(crate) conv1: Conv2d,
+    pub(crate) time_emb_proj: Option<Linear>,
+    pub(crate) norm2: GroupNorm,
+    pub(crate) conv2: Conv2d,
+    pub(crate) conv_shortcut: Option<Conv2d>,
 }
 
 /// Shape parameters of a [`ResnetBlock2D`].
@@ -73,8 +73,8 @@ impl ResnetBlock2D {
 /// Stride-2 3×3 convolution. With `padding == 0` (the VAE encoder) the input is first
 /// padded by one row and column at the bottom and right, as diffusers does.
 pub struct Downsample2D {
-    conv: Conv2d,
-    pad_bottom_right: bool,
+    pub(crate) conv: Conv2d,
+    pub(crate) pad_bottom_right: bool,
 }
 
 impl Downsample2D {
@@ -97,7 +97,7 @@ impl Downsample2D {
 
 /// Nearest-neighbour 2× upsampling (or to an explicit size) followed by a 3×3 convolution.
 pub struct Upsample2D {
-    conv: Conv2d,
+    pub(crate) conv: Conv2d,
 }
 
 impl Upsample2D {

@@ -352,8 +352,15 @@ impl<'a> NullTextOptimizer<'a> {
         let z = &self.latent;
         let target = &self.pivots[n - 1 - i];
         let lr = opts.learning_rate * (1.0 - i as f64 / 100.0);
+        // On the CPU in f32 the UNet runs as a context tape: the same forward values, its
+        // own backward pass, and the context-free prefix computed once per step for every
+        // pass below; elsewhere through candle's graph.
+        let mut tape = sd.unet.context_tape(z, t as f64)?;
         // 1. ε(z̄, t, C) once, without gradient.
-        let eps_c = predict_eps(sd, ddim, z, t, self.cond, &mut NoControl, i)?.detach();
+        let eps_c = match tape.as_mut() {
+            Some(tape) => ddim.epsilon(&tape.predict(self.cond)?.to_dtype(z.dtype())?, t, z)?,
+            None => predict_eps(sd, ddim, z, t, self.cond, &mut NoControl, i)?.detach(),
+        };
         // 2. Adam on ∅ᵢ, initialized from ∅ᵢ₋₁; a fresh state per step unless global.
         let var = Var::from_tensor(&self.current.copy()?)?;
         let mut local_adam;
@@ -368,16 +375,33 @@ impl<'a> NullTextOptimizer<'a> {
         };
         let threshold = opts.early_stop + i as f64 * 2e-5;
         let mut losses = Vec::new();
-        for j in 0..opts.inner_steps {
-            let eps_u = predict_eps(sd, ddim, z, t, var.as_tensor(), &mut NoControl, i)?;
-            let noise = (&eps_u + ((&eps_c - &eps_u)? * opts.guidance)?)?;
+        // ‖z̄ₜ₋₁ − DDIM(z̄ₜ, ε(∅) + w (ε(C) − ε(∅)))‖² from the unconditional prediction
+        let loss_of = |eps_u: &Tensor| -> Result<Tensor> {
+            let noise = (eps_u + ((&eps_c - eps_u)? * opts.guidance)?)?;
             let prev = ddim.step(&noise, t, z)?;
-            let loss = (prev - target)?.sqr()?.mean_all()?;
-            let grads = loss.backward()?;
+            Ok((prev - target)?.sqr()?.mean_all()?)
+        };
+        let no_grad = || Error::InvalidInput("no gradient reached the null embedding".into());
+        for j in 0..opts.inner_steps {
+            let (loss, grad) = match tape.as_mut() {
+                Some(tape) => {
+                    let out = Var::from_tensor(&tape.forward(var.as_tensor())?)?;
+                    let eps_u = ddim.epsilon(&out.as_tensor().to_dtype(z.dtype())?, t, z)?;
+                    let loss = loss_of(&eps_u)?;
+                    let grads = loss.backward()?;
+                    let g = grads.get(out.as_tensor()).ok_or_else(no_grad)?;
+                    (loss, tape.backward(g)?)
+                }
+                None => {
+                    let eps_u = predict_eps(sd, ddim, z, t, var.as_tensor(), &mut NoControl, i)?;
+                    let loss = loss_of(&eps_u)?;
+                    let grads = loss.backward()?;
+                    let g = grads.get(var.as_tensor()).ok_or_else(no_grad)?.clone();
+                    (loss, g)
+                }
+            };
+            let grad = &grad;
             let loss_val = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            let grad = grads.get(var.as_tensor()).ok_or_else(|| {
-                Error::InvalidInput("no gradient reached the null embedding".into())
-            })?;
             if !loss_val.is_finite() || !is_finite(grad)? {
                 return Err(Error::NonFinite(format!(
                     "the null-text optimization (step {i}, iteration {j})"
@@ -409,18 +433,26 @@ impl<'a> NullTextOptimizer<'a> {
         });
         self.report.losses.push(losses);
         self.nulls.push(self.current.clone());
-        // 3. z̄ ← guided DDIM step with (∅ᵢ, C), no gradient.
-        let eps = guided_eps(
-            sd,
-            ddim,
-            z,
-            t,
-            &self.current,
-            self.cond,
-            opts.guidance,
-            &mut NoControl,
-            i,
-        )?;
+        // 3. z̄ ← guided DDIM step with (∅ᵢ, C), no gradient; the tape reuses ε(z̄, t, C)
+        // where the reference runs the UNet on the pair again.
+        let eps = match tape.as_mut() {
+            Some(tape) => {
+                let out = tape.predict(&self.current)?.to_dtype(z.dtype())?;
+                let eps_u = ddim.epsilon(&out, t, z)?;
+                (&eps_u + ((&eps_c - &eps_u)? * opts.guidance)?)?
+            }
+            None => guided_eps(
+                sd,
+                ddim,
+                z,
+                t,
+                &self.current,
+                self.cond,
+                opts.guidance,
+                &mut NoControl,
+                i,
+            )?,
+        };
         self.latent = ddim.step(&eps, t, z)?;
         self.step += 1;
         Ok(())

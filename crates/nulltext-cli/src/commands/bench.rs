@@ -15,11 +15,12 @@ use nulltext::sampling::{guided_eps, predict_eps, Controller};
 use super::{Ctx, ModelArg};
 
 /// Stages run unless `--only` says otherwise.
-const STAGES: [&str; 8] = [
+const STAGES: [&str; 9] = [
     "text_encoder",
     "unet_b1",
     "unet_b2",
     "nti_iter",
+    "nti_iter_graph",
     "vae_encode",
     "vae_decode",
     "edit_step",
@@ -42,7 +43,9 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1)]
     warmup: usize,
     /// Comma-separated stages (default: all but the whole jobs): text_encoder, unet_b1,
-    /// unet_b2, nti_iter, vae_encode, vae_decode, edit_step, unet_b2_probs; whole jobs:
+    /// unet_b2, nti_iter (one null-text iteration as inversions run it), nti_iter_graph (the
+    /// same through candle's autograd graph, the GPU path), vae_encode, vae_decode,
+    /// edit_step, unet_b2_probs; whole jobs:
     /// invert (a 50-step, 10-iteration null-text inversion), edit (one target).
     #[arg(long)]
     only: Option<String>,
@@ -132,6 +135,7 @@ pub fn run(a: BenchArgs, ctx: &Ctx) -> Result<()> {
         image::RgbImage::from_raw(size as u32, size as u32, v).expect("image size")
     };
     let mut inversion: Option<nulltext::Inversion> = None;
+    let mut tape = sd.unet.context_tape(&z, t as f64)?;
     let mut rows = Vec::new();
     ctx.say(format!(
         "nulltext bench: {} at {size}×{size} ({h}×{w} latents), {:?}, {:?}, {} threads",
@@ -156,16 +160,39 @@ pub fn run(a: BenchArgs, ctx: &Ctx) -> Result<()> {
                             .forward_controlled(&z2, t as f64, &emb, &mut WantAll, 0)?,
                     )?
                 }
-                "nti_iter" => {
+                "nti_iter" | "nti_iter_graph" => {
+                    // as the inversion's inner loop runs it: the context tape where it
+                    // applies (its context-free prefix computed by the warm-up), else
+                    // candle's graph; `nti_iter_graph` always the graph
                     let var = Var::from_tensor(&uncond)?;
                     let mut adam = Adam::new(&uncond)?;
-                    let eps_u =
-                        predict_eps(&sd, &ddim, &z, t, var.as_tensor(), &mut NoControl, 10)?;
-                    let noise = (&eps_u + ((&eps_c - &eps_u)? * 7.5)?)?;
-                    let prev = ddim.step(&noise, t, &z)?;
-                    let loss = (prev - &target)?.sqr()?.mean_all()?;
-                    let grads = loss.backward()?;
-                    adam.step(&var, grads.get(var.as_tensor()).unwrap(), 1e-2)?;
+                    let loss_of = |eps_u: &Tensor| -> Result<Tensor> {
+                        let noise = (eps_u + ((&eps_c - eps_u)? * 7.5)?)?;
+                        let prev = ddim.step(&noise, t, &z)?;
+                        Ok((prev - &target)?.sqr()?.mean_all()?)
+                    };
+                    let grad = match tape.as_mut().filter(|_| stage == "nti_iter") {
+                        Some(tape) => {
+                            let out = Var::from_tensor(&tape.forward(var.as_tensor())?)?;
+                            let loss = loss_of(&ddim.epsilon(out.as_tensor(), t, &z)?)?;
+                            let g = loss.backward()?;
+                            tape.backward(g.get(out.as_tensor()).unwrap())?
+                        }
+                        None => {
+                            let eps_u = predict_eps(
+                                &sd,
+                                &ddim,
+                                &z,
+                                t,
+                                var.as_tensor(),
+                                &mut NoControl,
+                                10,
+                            )?;
+                            let g = loss_of(&eps_u)?.backward()?;
+                            g.get(var.as_tensor()).unwrap().clone()
+                        }
+                    };
+                    adam.step(&var, &grad, 1e-2)?;
                     sync(var.as_tensor())?
                 }
                 "vae_encode" => sync(&sd.image_to_latent(&image)?)?,

@@ -52,9 +52,9 @@ pub struct BlockAttention {
 }
 
 pub struct DownBlock {
-    resnets: Vec<ResnetBlock2D>,
-    attentions: Vec<Transformer2DModel>,
-    downsampler: Option<Downsample2D>,
+    pub(crate) resnets: Vec<ResnetBlock2D>,
+    pub(crate) attentions: Vec<Transformer2DModel>,
+    pub(crate) downsampler: Option<Downsample2D>,
 }
 
 impl DownBlock {
@@ -138,8 +138,8 @@ impl DownBlock {
 }
 
 pub struct MidBlock {
-    resnets: Vec<ResnetBlock2D>,
-    attentions: Vec<Transformer2DModel>,
+    pub(crate) resnets: Vec<ResnetBlock2D>,
+    pub(crate) attentions: Vec<Transformer2DModel>,
 }
 
 impl MidBlock {
@@ -191,9 +191,9 @@ impl MidBlock {
 }
 
 pub struct UpBlock {
-    resnets: Vec<ResnetBlock2D>,
-    attentions: Vec<Transformer2DModel>,
-    upsampler: Option<Upsample2D>,
+    pub(crate) resnets: Vec<ResnetBlock2D>,
+    pub(crate) attentions: Vec<Transformer2DModel>,
+    pub(crate) upsampler: Option<Upsample2D>,
 }
 
 /// Channel bookkeeping of one up block.

@@ -1,10 +1,12 @@
 //! `UNet2DConditionModel` of Stable Diffusion 1.x/2.x, its structure read from the config.
 
 mod blocks;
+mod tape;
 
 use candle_core::Tensor;
 
 pub use blocks::{BlockAttention, BlockCommon, DownBlock, MidBlock, UpBlock, UpChannels};
+pub use tape::ContextTape;
 
 use crate::config::UNetConfig;
 use crate::control::{AttentionControl, AttentionSite, NoControl};

@@ -186,6 +186,108 @@ unsafe fn exp_shifted_avx2(row: &mut [f32], scale: f32, shift: f32) -> f32 {
     sum
 }
 
+/// `row ← e^(scale·row − shift)` with AVX-512F, 16 lanes: the arithmetic of
+/// [`exp_shifted_avx2`]; returns the sum.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn exp_shifted_avx512(row: &mut [f32], scale: f32, shift: f32) -> f32 {
+    use std::arch::x86_64::*;
+    let n = row.len();
+    let p = row.as_mut_ptr();
+    let full = n / 16 * 16;
+    let vscale = _mm512_set1_ps(scale);
+    let vshift = _mm512_set1_ps(shift);
+    let lo = _mm512_set1_ps(-87.0);
+    let hi = _mm512_set1_ps(88.0);
+    let log2e = _mm512_set1_ps(std::f32::consts::LOG2_E);
+    let ln2_hi = _mm512_set1_ps(0.693_359_4);
+    let ln2_lo = _mm512_set1_ps(-2.121_944_4e-4);
+    let c = [
+        _mm512_set1_ps(1.987_569_1e-4),
+        _mm512_set1_ps(1.398_199_9e-3),
+        _mm512_set1_ps(8.333_452e-3),
+        _mm512_set1_ps(4.166_579_6e-2),
+        _mm512_set1_ps(1.666_666_5e-1),
+        _mm512_set1_ps(5e-1),
+    ];
+    let one = _mm512_set1_ps(1.0);
+    let bias = _mm512_set1_epi32(127);
+    // two accumulators: the additions do not wait on each other
+    let (mut s0, mut s1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+    let mut i = 0;
+    while i < full {
+        let x = _mm512_fmsub_ps(_mm512_loadu_ps(p.add(i)), vscale, vshift);
+        let x = _mm512_min_ps(_mm512_max_ps(x, lo), hi);
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm512_mul_ps(x, log2e),
+        );
+        let r = _mm512_fnmadd_ps(n, ln2_lo, _mm512_fnmadd_ps(n, ln2_hi, x));
+        let mut q = c[0];
+        q = _mm512_fmadd_ps(q, r, c[1]);
+        q = _mm512_fmadd_ps(q, r, c[2]);
+        q = _mm512_fmadd_ps(q, r, c[3]);
+        q = _mm512_fmadd_ps(q, r, c[4]);
+        q = _mm512_fmadd_ps(q, r, c[5]);
+        q = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(q, r), r, r), one);
+        let pow2 = _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(
+            _mm512_cvtps_epi32(n),
+            bias,
+        )));
+        let e = _mm512_mul_ps(q, pow2);
+        _mm512_storeu_ps(p.add(i), e);
+        if i & 16 == 0 {
+            s0 = _mm512_add_ps(s0, e);
+        } else {
+            s1 = _mm512_add_ps(s1, e);
+        }
+        i += 16;
+    }
+    let mut sum = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+    for j in full..n {
+        let e = exp_approx(*p.add(j) * scale - shift);
+        *p.add(j) = e;
+        sum += e;
+    }
+    sum
+}
+
+/// The largest element of `row` with AVX-512F (0 when it is not finite).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn row_max_avx512(row: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = row.len();
+    let p = row.as_ptr();
+    let full = n / 16 * 16;
+    let mut vmax = _mm512_set1_ps(f32::NEG_INFINITY);
+    let mut i = 0;
+    while i < full {
+        vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(p.add(i)));
+        i += 16;
+    }
+    let mut max = _mm512_reduce_max_ps(vmax);
+    for j in full..n {
+        max = max.max(*p.add(j));
+    }
+    if max.is_finite() {
+        max
+    } else {
+        0.0
+    }
+}
+
+fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| is_x86_feature_detected!("avx512f"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -209,15 +311,39 @@ pub fn softmax_row(row: &mut [f32], scale: f32) -> f32 {
     softmax_row_body(row, scale)
 }
 
+/// In place: `row ← e^(scale·row − scale·max(row))`, on the calling thread: the softmax
+/// before its normalization. Returns the sum (what the row is to be divided by) and the
+/// log-sum-exp of `scale · row`.
+pub fn exp_row(row: &mut [f32], scale: f32) -> (f32, f32) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: the CPU supports AVX-512F (checked).
+        let shift = unsafe { row_max_avx512(row) } * scale;
+        let sum = unsafe { exp_shifted_avx512(row, scale, shift) };
+        return (sum, shift + sum.ln());
+    }
+    let shift = row_max(row) * scale;
+    let sum = exp_shifted_row_inner(row, scale, shift);
+    (sum, shift + sum.ln())
+}
+
 /// In place: `row ← e^(scale·row − shift)`, on the calling thread.
 pub fn exp_shifted_row(row: &mut [f32], scale: f32, shift: f32) {
+    exp_shifted_row_inner(row, scale, shift);
+}
+
+fn exp_shifted_row_inner(row: &mut [f32], scale: f32, shift: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: the CPU supports AVX-512F (checked).
+        return unsafe { exp_shifted_avx512(row, scale, shift) };
+    }
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         // SAFETY: the CPU supports AVX2 and FMA (checked).
-        unsafe { exp_shifted_avx2(row, scale, shift) };
-        return;
+        return unsafe { exp_shifted_avx2(row, scale, shift) };
     }
-    exp_shifted_body(row, scale, shift);
+    exp_shifted_body(row, scale, shift)
 }
 
 /// In place, for every row of `data` (rows of length `n`): softmax(scale · row).
@@ -325,20 +451,40 @@ fn group_norm_backward_body(
         .enumerate()
     {
         let (ga, be) = (gamma[ch], beta[ch]);
-        let (mut a1, mut a2) = ([0f32; 8], [0f32; 8]);
-        for (k, ((xv, gv), d)) in xs.iter().zip(gs).zip(ds.iter_mut()).enumerate() {
+        let grad = |xv: f32, gv: f32| -> (f32, f32) {
             let xh = (xv - m) * r;
             let du = if with_silu {
                 let u = ga * xh + be;
                 let sg = 1.0 / (1.0 + exp_approx(-u));
                 gv * sg * (1.0 + u * (1.0 - sg))
             } else {
-                *gv
+                gv
             };
-            let gh = ga * du;
+            (ga * du, xh)
+        };
+        // independent lanes so that it vectorizes
+        let (mut a1, mut a2) = ([0f32; LANES], [0f32; LANES]);
+        let mut xc = xs.chunks_exact(LANES);
+        let mut gc = gs.chunks_exact(LANES);
+        let mut dc = ds.chunks_exact_mut(LANES);
+        for ((xv, gv), d) in (&mut xc).zip(&mut gc).zip(&mut dc) {
+            for i in 0..LANES {
+                let (gh, xh) = grad(xv[i], gv[i]);
+                d[i] = gh;
+                a1[i] += gh;
+                a2[i] += gh * xh;
+            }
+        }
+        for ((xv, gv), d) in xc
+            .remainder()
+            .iter()
+            .zip(gc.remainder())
+            .zip(dc.into_remainder())
+        {
+            let (gh, xh) = grad(*xv, *gv);
             *d = gh;
-            a1[k % 8] += gh;
-            a2[k % 8] += gh * xh;
+            a1[0] += gh;
+            a2[0] += gh * xh;
         }
         s1 += a1.iter().map(|v| *v as f64).sum::<f64>();
         s2 += a2.iter().map(|v| *v as f64).sum::<f64>();

@@ -84,6 +84,12 @@ pub trait AttentionControl {
     /// `probs`: `[B, heads, queries, keys]`, softmax over keys, for the whole batch as the
     /// UNet runs it. Returns the probabilities to multiply the values with.
     fn edit(&mut self, call: &AttentionCall, probs: Tensor) -> Result<Tensor>;
+
+    /// `false` when [`AttentionControl::wants`] is `false` for every call: the UNet may
+    /// then run without per-layer hooks (on the CPU, as a context tape's forward pass).
+    fn wants_any(&self) -> bool {
+        true
+    }
 }
 
 /// The controller that changes nothing and asks for nothing.
@@ -97,5 +103,9 @@ impl AttentionControl for NoControl {
 
     fn edit(&mut self, _: &AttentionCall, probs: Tensor) -> Result<Tensor> {
         Ok(probs)
+    }
+
+    fn wants_any(&self) -> bool {
+        false
     }
 }

@@ -7,7 +7,7 @@ mod common;
 use candle_core::{DType, Device, Tensor, Var};
 use common::*;
 use nulltext_models::random::{write_random_model, Preset};
-use nulltext_models::StableDiffusion;
+use nulltext_models::{AttentionCall, AttentionControl, StableDiffusion, UNet2DConditionModel};
 
 fn noise(seed: u64, shape: &[usize]) -> Tensor {
     let n: usize = shape.iter().product();
@@ -21,6 +21,24 @@ fn noise(seed: u64, shape: &[usize]) -> Tensor {
         })
         .collect();
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+/// A controller that asks for no probabilities but does not say so up front: the UNet
+/// then takes its graph path.
+struct Hooked;
+
+impl AttentionControl for Hooked {
+    fn wants(&self, _: &AttentionCall) -> bool {
+        false
+    }
+    fn edit(&mut self, _: &AttentionCall, p: Tensor) -> nulltext_models::Result<Tensor> {
+        Ok(p)
+    }
+}
+
+/// The UNet through candle's graph (the path taken under an attention controller).
+fn graph_forward(unet: &UNet2DConditionModel, z: &Tensor, t: f64, ctx: &Tensor) -> Tensor {
+    unet.forward_controlled(z, t, ctx, &mut Hooked, 0).unwrap()
 }
 
 fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
@@ -38,14 +56,23 @@ fn check(sd: &StableDiffusion, shape: &[usize], t: f64) {
         let ctx = noise(seed, &[b, 77, d]);
         // forward: the same kernels in the same order
         let out = tape.forward(&ctx).unwrap();
-        let want = unet.forward(&z, t, &ctx).unwrap();
+        let want = graph_forward(unet, &z, t, &ctx);
         let e = max_err(&out, &want);
         eprintln!("{lat_h}×{lat_w} b{b} round {round}: forward max|difference| {e:e}");
         assert_eq!(e, 0.0, "tape forward differs from the graph path");
+        // a plain forward pass (no controller, no gradient) runs as a tape, and a
+        // differentiated one's forward values are the same
+        assert_eq!(max_err(&unet.forward(&z, t, &ctx).unwrap(), &want), 0.0);
+        assert_eq!(max_err(&tape.predict(&ctx).unwrap(), &want), 0.0);
+        assert!(
+            tape.backward(&want).is_err(),
+            "predict keeps nothing to differentiate"
+        );
+        let out = tape.forward(&ctx).unwrap();
         // backward of Σ w·out with respect to the context
         let w = noise(seed + 1, out.dims());
         let var = Var::from_tensor(&ctx).unwrap();
-        let graph_out = unet.forward(&z, t, var.as_tensor()).unwrap();
+        let graph_out = graph_forward(unet, &z, t, var.as_tensor());
         let loss = (graph_out * &w).unwrap().sum_all().unwrap();
         let grads = loss.backward().unwrap_or_else(|e| panic!("{e}"));
         let want = grads.get(var.as_tensor()).unwrap();
@@ -97,11 +124,11 @@ fn odd_size(sd: &StableDiffusion, shape: &[usize], t: f64) {
     let ctx = noise(30, &[shape[0], 77, d]);
     let mut tape = unet.context_tape(&z, t).unwrap().unwrap();
     let out = tape.forward(&ctx).unwrap();
-    assert_eq!(max_err(&out, &unet.forward(&z, t, &ctx).unwrap()), 0.0);
+    assert_eq!(max_err(&out, &graph_forward(unet, &z, t, &ctx)), 0.0);
     let w = noise(31, out.dims());
     let grad = tape.backward(&w).unwrap();
     let loss = |c: &Tensor| -> f64 {
-        let o = unet.forward(&z, t, c).unwrap();
+        let o = graph_forward(unet, &z, t, c);
         (o.to_dtype(DType::F64).unwrap() * w.to_dtype(DType::F64).unwrap())
             .unwrap()
             .sum_all()

@@ -379,12 +379,15 @@ fn split_channels(g: &[f32], batch: usize, na: usize) -> (Vec<f32>, Vec<f32>) {
 struct Constants {
     values: Vec<Vec<f32>>,
     next: usize,
+    /// A single pass: nothing to keep.
+    once: bool,
 }
 
 impl Constants {
     fn get(&mut self, compute: impl FnOnce() -> Result<Vec<f32>>) -> Result<Vec<f32>> {
         let v = match self.values.get(self.next) {
             Some(v) => v.clone(),
+            None if self.once => compute()?,
             None => {
                 let v = compute()?;
                 self.values.push(v.clone());
@@ -541,6 +544,12 @@ impl ContextTape<'_> {
     /// The UNet's output for `context` without keeping anything for a backward pass (the
     /// context-free prefix is shared with [`Self::forward`]).
     pub fn predict(&mut self, context: &Tensor) -> Result<Tensor> {
+        self.run(context, false)
+    }
+
+    /// [`Self::predict`] for a tape used once (nothing kept for later passes).
+    pub(crate) fn predict_once(mut self, context: &Tensor) -> Result<Tensor> {
+        self.consts.once = true;
         self.run(context, false)
     }
 

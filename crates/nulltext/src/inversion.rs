@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Tensor, Var};
 use image::RgbImage;
+use nulltext_models::unet::ContextTape;
 use nulltext_models::{Ddim, NoControl, SchedulerConfig, StableDiffusion};
 
 use crate::error::{invalid, Error, Result};
@@ -260,6 +261,61 @@ impl Adam {
     }
 }
 
+/// The null-text objective at one step, ‖z̄ₜ₋₁ − DDIM(z̄ₜ, ε(∅) + w (ε(C) − ε(∅)))‖², as a
+/// function of the unconditional embedding ∅.
+pub struct StepObjective<'a> {
+    pub ddim: &'a Ddim,
+    /// z̄ₜ and its timestep.
+    pub z: &'a Tensor,
+    pub t: usize,
+    /// ε(z̄ₜ, t, C), computed once per step.
+    pub eps_c: &'a Tensor,
+    /// The pivot z*ₜ₋₁ of the DDIM inversion.
+    pub target: &'a Tensor,
+    pub guidance: f64,
+}
+
+impl StepObjective<'_> {
+    /// The loss from the unconditional prediction ε(z̄ₜ, t, ∅).
+    pub fn loss(&self, eps_u: &Tensor) -> Result<Tensor> {
+        let noise = (eps_u + ((self.eps_c - eps_u)? * self.guidance)?)?;
+        let prev = self.ddim.step(&noise, self.t, self.z)?;
+        Ok((prev - self.target)?.sqr()?.mean_all()?)
+    }
+
+    /// The loss at `var` and its gradient with respect to `var`: through `tape` (made for
+    /// z̄ₜ and t) where there is one, else through candle's graph. `step` is the sampling
+    /// step's index, for the graph path's attention hook.
+    pub fn loss_and_grad(
+        &self,
+        sd: &StableDiffusion,
+        tape: Option<&mut ContextTape>,
+        var: &Var,
+        step: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        let no_grad = || Error::InvalidInput("no gradient reached the null embedding".into());
+        let (ddim, z, t) = (self.ddim, self.z, self.t);
+        match tape {
+            Some(tape) => {
+                // the graph covers only the UNet's output → loss; the tape does the rest
+                let out = Var::from_tensor(&tape.forward(var.as_tensor())?)?;
+                let eps_u = ddim.epsilon(&out.as_tensor().to_dtype(z.dtype())?, t, z)?;
+                let loss = self.loss(&eps_u)?;
+                let grads = loss.backward()?;
+                let g = grads.get(out.as_tensor()).ok_or_else(no_grad)?;
+                Ok((loss, tape.backward(g)?))
+            }
+            None => {
+                let eps_u = predict_eps(sd, ddim, z, t, var.as_tensor(), &mut NoControl, step)?;
+                let loss = self.loss(&eps_u)?;
+                let grads = loss.backward()?;
+                let g = grads.get(var.as_tensor()).ok_or_else(no_grad)?.clone();
+                Ok((loss, g))
+            }
+        }
+    }
+}
+
 fn is_finite(t: &Tensor) -> Result<bool> {
     let s: f32 = t.to_dtype(DType::F32)?.abs()?.sum_all()?.to_scalar()?;
     Ok(s.is_finite())
@@ -375,40 +431,24 @@ impl<'a> NullTextOptimizer<'a> {
         };
         let threshold = opts.early_stop + i as f64 * 2e-5;
         let mut losses = Vec::new();
-        // ‖z̄ₜ₋₁ − DDIM(z̄ₜ, ε(∅) + w (ε(C) − ε(∅)))‖² from the unconditional prediction
-        let loss_of = |eps_u: &Tensor| -> Result<Tensor> {
-            let noise = (eps_u + ((&eps_c - eps_u)? * opts.guidance)?)?;
-            let prev = ddim.step(&noise, t, z)?;
-            Ok((prev - target)?.sqr()?.mean_all()?)
+        let objective = StepObjective {
+            ddim,
+            z,
+            t,
+            eps_c: &eps_c,
+            target,
+            guidance: opts.guidance,
         };
-        let no_grad = || Error::InvalidInput("no gradient reached the null embedding".into());
         for j in 0..opts.inner_steps {
-            let (loss, grad) = match tape.as_mut() {
-                Some(tape) => {
-                    let out = Var::from_tensor(&tape.forward(var.as_tensor())?)?;
-                    let eps_u = ddim.epsilon(&out.as_tensor().to_dtype(z.dtype())?, t, z)?;
-                    let loss = loss_of(&eps_u)?;
-                    let grads = loss.backward()?;
-                    let g = grads.get(out.as_tensor()).ok_or_else(no_grad)?;
-                    (loss, tape.backward(g)?)
-                }
-                None => {
-                    let eps_u = predict_eps(sd, ddim, z, t, var.as_tensor(), &mut NoControl, i)?;
-                    let loss = loss_of(&eps_u)?;
-                    let grads = loss.backward()?;
-                    let g = grads.get(var.as_tensor()).ok_or_else(no_grad)?.clone();
-                    (loss, g)
-                }
-            };
-            let grad = &grad;
+            let (loss, grad) = objective.loss_and_grad(sd, tape.as_mut(), &var, i)?;
             let loss_val = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            if !loss_val.is_finite() || !is_finite(grad)? {
+            if !loss_val.is_finite() || !is_finite(&grad)? {
                 return Err(Error::NonFinite(format!(
                     "the null-text optimization (step {i}, iteration {j})"
                 )));
             }
             // The update is applied before the early-stop test: every step updates once.
-            adam.step(&var, grad, lr)?;
+            adam.step(&var, &grad, lr)?;
             losses.push(loss_val);
             progress.event(&Event::Iteration {
                 step: i,

@@ -8,7 +8,7 @@ use anyhow::{bail, Result};
 use candle_core::{Tensor, Var};
 use clap::Args;
 use nulltext::edit::EditOptions;
-use nulltext::inversion::Adam;
+use nulltext::inversion::{Adam, StepObjective};
 use nulltext::models::{Ddim, NoControl};
 use nulltext::sampling::{guided_eps, predict_eps, Controller};
 
@@ -166,32 +166,16 @@ pub fn run(a: BenchArgs, ctx: &Ctx) -> Result<()> {
                     // candle's graph; `nti_iter_graph` always the graph
                     let var = Var::from_tensor(&uncond)?;
                     let mut adam = Adam::new(&uncond)?;
-                    let loss_of = |eps_u: &Tensor| -> Result<Tensor> {
-                        let noise = (eps_u + ((&eps_c - eps_u)? * 7.5)?)?;
-                        let prev = ddim.step(&noise, t, &z)?;
-                        Ok((prev - &target)?.sqr()?.mean_all()?)
+                    let objective = StepObjective {
+                        ddim: &ddim,
+                        z: &z,
+                        t,
+                        eps_c: &eps_c,
+                        target: &target,
+                        guidance: 7.5,
                     };
-                    let grad = match tape.as_mut().filter(|_| stage == "nti_iter") {
-                        Some(tape) => {
-                            let out = Var::from_tensor(&tape.forward(var.as_tensor())?)?;
-                            let loss = loss_of(&ddim.epsilon(out.as_tensor(), t, &z)?)?;
-                            let g = loss.backward()?;
-                            tape.backward(g.get(out.as_tensor()).unwrap())?
-                        }
-                        None => {
-                            let eps_u = predict_eps(
-                                &sd,
-                                &ddim,
-                                &z,
-                                t,
-                                var.as_tensor(),
-                                &mut NoControl,
-                                10,
-                            )?;
-                            let g = loss_of(&eps_u)?.backward()?;
-                            g.get(var.as_tensor()).unwrap().clone()
-                        }
-                    };
+                    let tape = tape.as_mut().filter(|_| stage == "nti_iter");
+                    let (_, grad) = objective.loss_and_grad(&sd, tape, &var, 10)?;
                     adam.step(&var, &grad, 1e-2)?;
                     sync(var.as_tensor())?
                 }

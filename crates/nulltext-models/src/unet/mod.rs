@@ -220,7 +220,7 @@ impl UNet2DConditionModel {
         // Without hooks or gradients, on the CPU in f32: the context tape's forward pass
         // (the same kernels; layout changes, residuals and skips without graph copies).
         let no_grad = !x.track_op() && !context.track_op() && !self.conv_in.weight.track_op();
-        let one_t = timesteps.windows(2).all(|w| w[0] == w[1]);
+        let one_t = !timesteps.is_empty() && timesteps.windows(2).all(|w| w[0] == w[1]);
         if no_grad && one_t && !control.wants_any() {
             if let Some(tape) = self.context_tape(&x, timesteps[0])? {
                 return tape.predict_once(&context);

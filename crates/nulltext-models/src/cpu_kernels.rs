@@ -6,23 +6,35 @@
 
 use rayon::prelude::*;
 
+/// ln 2 split in two for the range reduction of the exponentials below.
+const LN2_HI: f32 = 0.693_359_4;
+const LN2_LO: f32 = -2.121_944_4e-4;
+/// The remainder polynomial of the exponentials below, highest degree first (Cephes).
+const EXP_POLY: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    1.666_666_5e-1,
+    5e-1,
+];
+
 /// eˣ for f32 within 2 ulp over the range softmax needs, branch-free so that loops over it
 /// vectorize: exponent by rounding x·log₂e, remainder by a degree-6 polynomial (Cephes).
 #[inline(always)]
 fn exp_approx(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
     const ROUND: f32 = 12_582_912.0; // 1.5 · 2²³: adding it rounds to an integer
     let x = x.clamp(-87.0, 88.0);
     let n = (x * LOG2E + ROUND) - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
-    let mut p = 1.987_569_1e-4_f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 5e-1;
+    let [c0, c1, c2, c3, c4, c5] = EXP_POLY;
+    let mut p = c0;
+    p = p * r + c1;
+    p = p * r + c2;
+    p = p * r + c3;
+    p = p * r + c4;
+    p = p * r + c5;
     p = p * r * r + r + 1.0;
     p * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
@@ -138,16 +150,9 @@ unsafe fn exp_shifted_avx2(row: &mut [f32], scale: f32, shift: f32) -> f32 {
     let lo = _mm256_set1_ps(-87.0);
     let hi = _mm256_set1_ps(88.0);
     let log2e = _mm256_set1_ps(std::f32::consts::LOG2_E);
-    let ln2_hi = _mm256_set1_ps(0.693_359_4);
-    let ln2_lo = _mm256_set1_ps(-2.121_944_4e-4);
-    let c = [
-        _mm256_set1_ps(1.987_569_1e-4),
-        _mm256_set1_ps(1.398_199_9e-3),
-        _mm256_set1_ps(8.333_452e-3),
-        _mm256_set1_ps(4.166_579_6e-2),
-        _mm256_set1_ps(1.666_666_5e-1),
-        _mm256_set1_ps(5e-1),
-    ];
+    let ln2_hi = _mm256_set1_ps(LN2_HI);
+    let ln2_lo = _mm256_set1_ps(LN2_LO);
+    let c = EXP_POLY.map(|v| _mm256_set1_ps(v));
     let one = _mm256_set1_ps(1.0);
     let bias = _mm256_set1_epi32(127);
     let mut vsum = _mm256_setzero_ps();
@@ -200,16 +205,9 @@ unsafe fn exp_shifted_avx512(row: &mut [f32], scale: f32, shift: f32) -> f32 {
     let lo = _mm512_set1_ps(-87.0);
     let hi = _mm512_set1_ps(88.0);
     let log2e = _mm512_set1_ps(std::f32::consts::LOG2_E);
-    let ln2_hi = _mm512_set1_ps(0.693_359_4);
-    let ln2_lo = _mm512_set1_ps(-2.121_944_4e-4);
-    let c = [
-        _mm512_set1_ps(1.987_569_1e-4),
-        _mm512_set1_ps(1.398_199_9e-3),
-        _mm512_set1_ps(8.333_452e-3),
-        _mm512_set1_ps(4.166_579_6e-2),
-        _mm512_set1_ps(1.666_666_5e-1),
-        _mm512_set1_ps(5e-1),
-    ];
+    let ln2_hi = _mm512_set1_ps(LN2_HI);
+    let ln2_lo = _mm512_set1_ps(LN2_LO);
+    let c = EXP_POLY.map(|v| _mm512_set1_ps(v));
     let one = _mm512_set1_ps(1.0);
     let bias = _mm512_set1_epi32(127);
     // two accumulators: the additions do not wait on each other
@@ -323,16 +321,12 @@ pub fn exp_row(row: &mut [f32], scale: f32) -> (f32, f32) {
         return (sum, shift + sum.ln());
     }
     let shift = row_max(row) * scale;
-    let sum = exp_shifted_row_inner(row, scale, shift);
+    let sum = exp_shifted_row(row, scale, shift);
     (sum, shift + sum.ln())
 }
 
-/// In place: `row ← e^(scale·row − shift)`, on the calling thread.
-pub fn exp_shifted_row(row: &mut [f32], scale: f32, shift: f32) {
-    exp_shifted_row_inner(row, scale, shift);
-}
-
-fn exp_shifted_row_inner(row: &mut [f32], scale: f32, shift: f32) -> f32 {
+/// In place: `row ← e^(scale·row − shift)`, on the calling thread; returns the sum.
+pub fn exp_shifted_row(row: &mut [f32], scale: f32, shift: f32) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if has_avx512() {
         // SAFETY: the CPU supports AVX-512F (checked).

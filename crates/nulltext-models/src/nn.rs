@@ -206,6 +206,53 @@ impl Linear {
     }
 }
 
+/// `x Wᵀ (+ b)` for `x` `[rows, in]`, `W` `[out, in]` and `b` `[out]`, f32 on the CPU: one
+/// matrix product writing onto the bias.
+pub(crate) fn linear_f32(
+    x: &[f32],
+    rows: usize,
+    w: &[f32],
+    out_dim: usize,
+    bias: Option<&[f32]>,
+) -> Vec<f32> {
+    let in_dim = w.len() / out_dim.max(1);
+    assert_eq!(x.len(), rows * in_dim);
+    let mut y = vec![0f32; rows * out_dim];
+    if let Some(bias) = bias {
+        y.chunks_mut(out_dim.max(1))
+            .for_each(|r| r.copy_from_slice(bias));
+    }
+    crate::cpu_conv::matmul(
+        (rows, out_dim, in_dim),
+        &mut y,
+        out_dim,
+        bias.is_some(),
+        x,
+        (in_dim, 1),
+        w,
+        (1, in_dim),
+    );
+    y
+}
+
+/// `dx (+)= g W` (`acc`: add to `dx`): the input gradient of [`linear_f32`] for `g`
+/// `[rows, out]`, into `dx` `[rows, in]`.
+pub(crate) fn linear_input_grad_f32(g: &[f32], rows: usize, w: &[f32], dx: &mut [f32], acc: bool) {
+    let out_dim = g.len() / rows.max(1);
+    let in_dim = w.len() / out_dim.max(1);
+    assert_eq!(dx.len(), rows * in_dim);
+    crate::cpu_conv::matmul(
+        (rows, in_dim, out_dim),
+        dx,
+        in_dim,
+        acc,
+        g,
+        (out_dim, 1),
+        w,
+        (in_dim, 1),
+    );
+}
+
 /// `y = x Wᵀ + b` on the CPU (f32) for `x` `[rows, in]`, `W` `[out, in]`, `b` `[out]`:
 /// one matrix product writing onto the bias; the backward gives the input gradient `g W`.
 struct CpuLinear;
@@ -223,25 +270,17 @@ impl CpuLinear {
         }
         let xs = f32_slice(x.0, x.1, "input")?;
         let ws = f32_slice(w.0, w.1, "weight")?;
-        let mut y = vec![0f32; rows * out_dim];
-        if let Some((b, l)) = b {
-            let bias = f32_slice(b, l, "bias")?;
-            if bias.len() != out_dim {
-                candle_core::bail!("linear: bias of {} for {out_dim} outputs", bias.len());
+        let bias = match b {
+            Some((b, l)) => {
+                let bias = f32_slice(b, l, "bias")?;
+                if bias.len() != out_dim {
+                    candle_core::bail!("linear: bias of {} for {out_dim} outputs", bias.len());
+                }
+                Some(bias)
             }
-            y.chunks_mut(out_dim.max(1))
-                .for_each(|r| r.copy_from_slice(bias));
-        }
-        crate::cpu_conv::matmul(
-            (rows, out_dim, in_dim),
-            &mut y,
-            out_dim,
-            b.is_some(),
-            xs,
-            (in_dim, 1),
-            ws,
-            (1, in_dim),
-        );
+            None => None,
+        };
+        let y = linear_f32(xs, rows, ws, out_dim, bias);
         Ok((CpuStorage::F32(y), Shape::from((rows, out_dim))))
     }
 
@@ -354,15 +393,12 @@ impl candle_core::CustomOp2 for CpuLinearInputGrad {
             candle_core::bail!("linear backward: gradient width {out_dim}, weight has {w_out}");
         }
         let mut dx = vec![0f32; rows * in_dim];
-        crate::cpu_conv::matmul(
-            (rows, in_dim, out_dim),
-            &mut dx,
-            in_dim,
-            false,
+        linear_input_grad_f32(
             f32_slice(s1, l1, "gradient")?,
-            (out_dim, 1),
+            rows,
             f32_slice(s2, l2, "weight")?,
-            (in_dim, 1),
+            &mut dx,
+            false,
         );
         Ok((CpuStorage::F32(dx), Shape::from((rows, in_dim))))
     }

@@ -23,11 +23,13 @@ use rayon::prelude::*;
 use super::{DownBlock, MidBlock, UNet2DConditionModel, UpBlock};
 use crate::attention::{Attention, BasicTransformerBlock, Projection, Transformer2DModel};
 use crate::cpu_attention::{self, AttnDims};
-use crate::cpu_conv::{matmul, CpuConv, Nchw};
+use crate::cpu_conv::{CpuConv, Nchw};
 use crate::cpu_kernels;
 use crate::embeddings::timestep_embedding;
 use crate::error::{Error, Result};
-use crate::nn::{Conv2d, GroupNorm, LayerNorm, Linear};
+use crate::nn::{
+    host_f32, linear_f32, linear_input_grad_f32, Conv2d, GroupNorm, LayerNorm, Linear,
+};
 use crate::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
 
 /// A contiguous f32 CPU tensor's data, borrowed for as long as the guard lives.
@@ -56,13 +58,6 @@ fn host(t: &Tensor) -> Result<Host<'_>> {
         }
     };
     Ok(Host { storage, range })
-}
-
-fn host_vec(t: &Tensor) -> Result<Vec<f32>> {
-    Ok(t.to_dtype(DType::F32)?
-        .contiguous()?
-        .flatten_all()?
-        .to_vec1::<f32>()?)
 }
 
 fn add_into(dst: &mut [f32], src: &[f32]) {
@@ -156,31 +151,15 @@ fn merge_heads(x: &[f32], l: usize, heads: usize, d: usize) -> Vec<f32> {
 }
 
 fn linear(lin: &Linear, x: &[f32], rows: usize) -> Result<Vec<f32>> {
-    let (out_dim, in_dim) = lin.weight.dims2()?;
-    assert_eq!(x.len(), rows * in_dim);
     let w = host(&lin.weight)?;
-    let mut y = vec![0f32; rows * out_dim];
-    let has_bias = match &lin.bias {
+    let out_dim = lin.weight.dim(0)?;
+    Ok(match &lin.bias {
         Some(b) => {
             let b = host(b)?;
-            let b = b.get();
-            y.chunks_mut(out_dim.max(1))
-                .for_each(|r| r.copy_from_slice(b));
-            true
+            linear_f32(x, rows, w.get(), out_dim, Some(b.get()))
         }
-        None => false,
-    };
-    matmul(
-        (rows, out_dim, in_dim),
-        &mut y,
-        out_dim,
-        has_bias,
-        x,
-        (in_dim, 1),
-        w.get(),
-        (1, in_dim),
-    );
-    Ok(y)
+        None => linear_f32(x, rows, w.get(), out_dim, None),
+    })
 }
 
 /// `dst (+)= g W`: the input gradient of a linear layer.
@@ -191,20 +170,8 @@ fn linear_grad_into(
     dst: &mut [f32],
     acc: bool,
 ) -> Result<()> {
-    let (out_dim, in_dim) = lin.weight.dims2()?;
-    assert_eq!(g.len(), rows * out_dim);
-    assert_eq!(dst.len(), rows * in_dim);
     let w = host(&lin.weight)?;
-    matmul(
-        (rows, in_dim, out_dim),
-        dst,
-        in_dim,
-        acc,
-        g,
-        (out_dim, 1),
-        w.get(),
-        (in_dim, 1),
-    );
+    linear_input_grad_f32(g, rows, w.get(), dst, acc);
     Ok(())
 }
 
@@ -518,13 +485,13 @@ impl UNet2DConditionModel {
         let mut biases = Vec::new();
         for r in resnets {
             match &r.time_emb_proj {
-                Some(p) => biases.push(host_vec(&p.forward(&temb)?)?),
+                Some(p) => biases.push(host_f32(&p.forward(&temb)?)?),
                 None => return Ok(None),
             }
         }
         Ok(Some(ContextTape {
             unet: self,
-            latent: host_vec(x)?,
+            latent: host_f32(x)?,
             s: Nchw { b, c, h, w },
             temb: biases,
             consts: Constants::default(),
@@ -561,7 +528,7 @@ impl ContextTape<'_> {
                 self.s.b
             )));
         }
-        let ctx = host_vec(context)?;
+        let ctx = host_f32(&context.to_dtype(DType::F32)?)?;
         self.context_shape = (b, l, d);
         self.consts.next = 0;
         let unet = self.unet;
@@ -631,7 +598,7 @@ impl ContextTape<'_> {
         let unet = self.unet;
         let (b, l, d) = self.context_shape;
         let mut dctx = vec![0f32; b * l * d];
-        let g = host_vec(grad)?;
+        let g = host_f32(grad)?;
         let mut bw = Backward {
             records: &mut records,
             dctx: &mut dctx,

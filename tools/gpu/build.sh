@@ -14,7 +14,7 @@ T=${CARGO_TARGET_DIR:-target}/release
 # The lent machine has python's lzma but no zstd.
 mkdir -p .gpu && rm -f .gpu/*.xz
 strip -o /tmp/nulltext.stripped "$T/nulltext" && xz -T0 -6 -c /tmp/nulltext.stripped > .gpu/nulltext.xz
-for t in golden inversion_golden edit_golden; do
+for t in golden inversion_golden edit_golden context_tape; do
   f=$(ls -t "$T"/deps/$t-* | grep -v '\.d$' | head -1)
   strip -o "/tmp/$t.stripped" "$f" && xz -T0 -6 -c "/tmp/$t.stripped" > ".gpu/$t.xz"
 done

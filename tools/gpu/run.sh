@@ -3,7 +3,8 @@
 # Binaries are built elsewhere with `tools/gpu/build.sh` into .gpu/ and carried with the
 # working tree; PyTorch is already there, diffusers travels as a wheel in .whl/.
 #
-#   tools/gpu/run.sh parity|bench|invert|pytorch ...   (results under $OUT)
+#   tools/gpu/run.sh info|parity|parity-quick|tape|tracking|bench|invert-f16|invert-f32|pytorch-fp16|pytorch-fp32 ...
+#   (results under $OUT)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -33,13 +34,13 @@ for stage in "$@"; do
       nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv ;;
     parity)
       # The golden tests, on the GPU, with the CPU tolerances.
-      for t in $BIN/golden $BIN/inversion_golden $BIN/edit_golden; do
+      for t in $BIN/golden $BIN/inversion_golden $BIN/edit_golden $BIN/context_tape; do
         [ -x "$t" ] || continue
         NULLTEXT_TEST_DEVICE=cuda RAYON_NUM_THREADS=4 $t --include-ignored --test-threads 1 --nocapture 2>&1 | grep -E "max\||worst|cosine|MSE|deviation|test result|panicked|FAILED|row 0" | tee -a "$OUT/parity.txt"
       done ;;
     parity-quick)
       # The golden tests on the GPU, without the ignored 500-iteration one.
-      for t in $BIN/golden $BIN/inversion_golden $BIN/edit_golden; do
+      for t in $BIN/golden $BIN/inversion_golden $BIN/edit_golden $BIN/context_tape; do
         [ -x "$t" ] || continue
         NULLTEXT_TEST_DEVICE=cuda RAYON_NUM_THREADS=4 $t --test-threads 1 --nocapture 2>&1 | grep -E "max\||worst|cosine|MSE|deviation|test result|panicked|FAILED|row 0" | tee -a "$OUT/parity.txt"
       done ;;
@@ -50,6 +51,16 @@ for stage in "$@"; do
         echo "NULLTEXT_CUDA_EVENT_TRACKING=$tr" | tee -a "$OUT/tracking.txt"
         NULLTEXT_CUDA_EVENT_TRACKING=$tr $NT --device cuda --dtype f16 bench --model $MODEL --size 512 --repeat 5 --warmup 2 \
           --only unet_b1,unet_b2,nti_iter,edit_step --json "$OUT/tracking-$tr.json" 2>&1 | tee -a "$OUT/tracking.txt"
+      done ;;
+    tape)
+      # The null-text iteration three ways (as inversions run it, the tensor tape, candle's
+      # graph), f16 and f32, at 512² and 256².
+      need_model
+      for dt in f16 f32; do
+        for size in 512 256; do
+          $NT --device cuda --dtype $dt bench --model $MODEL --size $size --repeat 10 --warmup 2 \
+            --only nti_iter,nti_iter_tensor,nti_iter_graph --json "$OUT/tape-$dt-$size.json" 2>&1 | tee -a "$OUT/tape.txt"
+        done
       done ;;
     bench)
       need_model

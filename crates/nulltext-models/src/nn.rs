@@ -204,6 +204,17 @@ impl Linear {
         *out.last_mut().unwrap() = self.out_dim();
         Ok(y.reshape(out)?)
     }
+
+    /// The gradient of the input given the gradient `g` `[…, out]` of the output: `g W`.
+    pub(crate) fn input_grad(&self, g: &Tensor) -> candle_core::Result<Tensor> {
+        let mut dims = g.dims().to_vec();
+        let out = dims.last().copied().unwrap_or(1);
+        let y = g
+            .reshape((g.elem_count() / out.max(1), out))?
+            .matmul(&self.weight)?;
+        *dims.last_mut().unwrap() = self.weight.dim(1)?;
+        y.reshape(dims)
+    }
 }
 
 /// `x Wᵀ (+ b)` for `x` `[rows, in]`, `W` `[out, in]` and `b` `[out]`, f32 on the CPU: one
@@ -500,33 +511,53 @@ impl Conv2d {
         let (stride, padding) = (self.stride, self.padding);
         let flipped = self.flipped()?;
         Ok(attach_grad(x, value, move |g, _| {
-            // The input gradient is a stride-1 convolution of the output gradient — spread
-            // out by the stride with zeros in between — with the transposed, flipped kernel.
-            let g = if stride == 1 {
-                g.clone()
-            } else {
-                dilate(g, stride)?
-            };
-            let left = k - 1 - padding;
-            let (_, _, gh, gw) = g.dims4()?;
-            let right_h = (in_h + k - 1).saturating_sub(gh + left);
-            let right_w = (in_w + k - 1).saturating_sub(gw + left);
-            let g = if stride == 1 && right_h == left && right_w == left {
-                g
-            } else {
-                g.pad_with_zeros(2, left, right_h)?
-                    .pad_with_zeros(3, left, right_w)?
-            };
-            let pad = if stride == 1 && right_h == left && right_w == left {
-                left
-            } else {
-                0
-            };
-            g.conv2d(&flipped, pad, 1, 1, 1)?
-                .narrow(2, 0, in_h)?
-                .narrow(3, 0, in_w)
+            conv_input_grad(g, &flipped, k, stride, padding, (in_h, in_w))
         })?)
     }
+
+    /// The gradient of the input (`in_hw` its height and width) given the gradient `g` of
+    /// the output.
+    pub(crate) fn input_grad(
+        &self,
+        g: &Tensor,
+        in_hw: (usize, usize),
+    ) -> candle_core::Result<Tensor> {
+        let (_, _, k, _) = self.weight.dims4()?;
+        conv_input_grad(g, &self.flipped()?, k, self.stride, self.padding, in_hw)
+    }
+}
+
+/// The input gradient of a `k`×`k` convolution: a stride-1 convolution of the output
+/// gradient `g` — spread out by the stride with zeros in between — with the transposed,
+/// flipped kernel.
+fn conv_input_grad(
+    g: &Tensor,
+    flipped: &Tensor,
+    k: usize,
+    stride: usize,
+    padding: usize,
+    (in_h, in_w): (usize, usize),
+) -> candle_core::Result<Tensor> {
+    let g = if stride == 1 {
+        g.clone()
+    } else {
+        dilate(g, stride)?
+    };
+    let left = k - 1 - padding;
+    let (_, _, gh, gw) = g.dims4()?;
+    let right_h = (in_h + k - 1).saturating_sub(gh + left);
+    let right_w = (in_w + k - 1).saturating_sub(gw + left);
+    let (g, pad) = if stride == 1 && right_h == left && right_w == left {
+        (g, left)
+    } else {
+        let g = g
+            .pad_with_zeros(2, left, right_h)?
+            .pad_with_zeros(3, left, right_w)?;
+        (g, 0)
+    };
+    g.conv2d(flipped, pad, 1, 1, 1)?
+        .narrow(2, 0, in_h)?
+        .narrow(3, 0, in_w)
 }
 
 /// The data of a contiguous f32 CPU storage.
@@ -1047,16 +1078,7 @@ impl GroupNorm {
         if let Some(op) = self.cpu_op(x, false) {
             return Ok(x.contiguous()?.apply_op1(op)?);
         }
-        let dims = x.dims().to_vec();
-        let dtype = x.dtype();
-        let wd = self.channel_shape(&dims);
-        let value = |x: &Tensor| -> candle_core::Result<Tensor> {
-            let (xn, _) = self.normalized(x)?;
-            xn.to_dtype(dtype)?
-                .reshape(dims.clone())?
-                .broadcast_mul(&self.weight.reshape(wd.clone())?)?
-                .broadcast_add(&self.bias.reshape(wd.clone())?)
-        };
+        let value = |x: &Tensor| Ok::<_, candle_core::Error>(self.forward_saving(x, false)?.0);
         if !x.track_op() || self.weight.is_variable() {
             // training the affine parameters: candle's graph differentiates everything
             return Ok(value(x)?);
@@ -1065,26 +1087,71 @@ impl GroupNorm {
         let y = value(&xd)?;
         let this = self.clone();
         Ok(attach_grad(x, y, move |g, _| {
-            // dx = (1/σ)(ĝ − mean(ĝ) − x̂·mean(ĝ x̂)) per group, with ĝ = g·γ.
-            let (xn, rstd) = this.normalized(&xd)?;
-            let (b, groups, n) = xn.dims3()?;
-            let gg = g
-                .to_dtype(DType::F32)?
-                .broadcast_mul(
-                    &this
-                        .weight
-                        .to_dtype(DType::F32)?
-                        .reshape(this.channel_shape(g.dims()))?,
-                )?
-                .reshape((b, groups, n))?;
-            let m1 = (gg.sum_keepdim(2)? / n as f64)?;
-            let m2 = ((&gg * &xn)?.sum_keepdim(2)? / n as f64)?;
-            let dx = gg
-                .broadcast_sub(&m1)?
-                .sub(&xn.broadcast_mul(&m2)?)?
-                .broadcast_mul(&rstd)?;
-            dx.reshape(g.dims())?.to_dtype(g.dtype())
+            this.input_grad(&xd, g, false)
         })?)
+    }
+
+    /// The gradient of the input `x` of `group_norm(x)` (with `silu`, of
+    /// `silu(group_norm(x))`) given the gradient `g` of the output, computed in f32:
+    /// `dx = (1/σ)(ĝ − mean(ĝ) − x̂·mean(ĝ x̂))` per group, with `ĝ = g·γ`.
+    pub(crate) fn input_grad(
+        &self,
+        x: &Tensor,
+        g: &Tensor,
+        silu: bool,
+    ) -> candle_core::Result<Tensor> {
+        self.input_grad_saved(&self.normalized(x)?, g, silu)
+    }
+
+    /// The value of `group_norm(x)` (with `silu`, of `silu(group_norm(x))`) computed with
+    /// tensor ops, as the graph path computes it off the CPU, and `(x̂, 1/σ)` from
+    /// [`Self::normalized`] for [`Self::input_grad_saved`].
+    pub(crate) fn forward_saving(
+        &self,
+        x: &Tensor,
+        silu: bool,
+    ) -> candle_core::Result<(Tensor, (Tensor, Tensor))> {
+        let saved = self.normalized(x)?;
+        let wd = self.channel_shape(x.dims());
+        let y = saved
+            .0
+            .to_dtype(x.dtype())?
+            .reshape(x.dims())?
+            .broadcast_mul(&self.weight.reshape(wd.clone())?)?
+            .broadcast_add(&self.bias.reshape(wd)?)?;
+        let y = if silu { y.silu()? } else { y };
+        Ok((y, saved))
+    }
+
+    /// [`Self::input_grad`] from the forward pass's `(x̂, 1/σ)`.
+    pub(crate) fn input_grad_saved(
+        &self,
+        (xn, rstd): &(Tensor, Tensor),
+        g: &Tensor,
+        silu: bool,
+    ) -> candle_core::Result<Tensor> {
+        let (b, groups, n) = xn.dims3()?;
+        let wd = self.channel_shape(g.dims());
+        let gamma = self.weight.to_dtype(DType::F32)?.reshape(wd.clone())?;
+        let mut gf = g.to_dtype(DType::F32)?;
+        if silu {
+            // d silu(y)/dy = σ(y)(1 + y(1 − σ(y))), y = x̂γ + β
+            let y = xn
+                .reshape(g.dims())?
+                .broadcast_mul(&gamma)?
+                .broadcast_add(&self.bias.to_dtype(DType::F32)?.reshape(wd)?)?;
+            let sig = candle_nn::ops::sigmoid(&y)?;
+            let d = ((&y * (1.0 - &sig)?)? + 1.0)?.mul(&sig)?;
+            gf = (gf * d)?;
+        }
+        let gg = gf.broadcast_mul(&gamma)?.reshape((b, groups, n))?;
+        let m1 = (gg.sum_keepdim(2)? / n as f64)?;
+        let m2 = ((&gg * xn)?.sum_keepdim(2)? / n as f64)?;
+        let dx = gg
+            .broadcast_sub(&m1)?
+            .sub(&xn.broadcast_mul(&m2)?)?
+            .broadcast_mul(rstd)?;
+        dx.reshape(g.dims())?.to_dtype(g.dtype())
     }
 }
 
@@ -1127,26 +1194,30 @@ impl LayerNorm {
         // dx = (1/σ)(ĝ − mean(ĝ) − x̂·mean(ĝ x̂)), ĝ = g·γ, computed in f32.
         let xd = x.detach();
         let y = candle_nn::ops::layer_norm(&xd, &self.weight, &self.bias, self.eps as f32)?;
-        let (weight, eps) = (self.weight.clone(), self.eps);
-        Ok(attach_grad(&x, y, move |g, _| {
-            let xf = xd.to_dtype(DType::F32)?;
-            let n = xf.dim(D::Minus1)? as f64;
-            let mean = (xf.sum_keepdim(D::Minus1)? / n)?;
-            let xc = xf.broadcast_sub(&mean)?;
-            let var = (xc.sqr()?.sum_keepdim(D::Minus1)? / n)?;
-            let rstd = (var + eps)?.sqrt()?.recip()?;
-            let xn = xc.broadcast_mul(&rstd)?;
-            let gg = g
-                .to_dtype(DType::F32)?
-                .broadcast_mul(&weight.to_dtype(DType::F32)?)?;
-            let m1 = (gg.sum_keepdim(D::Minus1)? / n)?;
-            let m2 = ((&gg * &xn)?.sum_keepdim(D::Minus1)? / n)?;
-            let dx = gg
-                .broadcast_sub(&m1)?
-                .sub(&xn.broadcast_mul(&m2)?)?
-                .broadcast_mul(&rstd)?;
-            dx.to_dtype(g.dtype())
-        })?)
+        let this = self.clone();
+        Ok(attach_grad(&x, y, move |g, _| this.input_grad(&xd, g))?)
+    }
+
+    /// The gradient of the input `x` given the gradient `g` of the output, computed in f32:
+    /// `dx = (1/σ)(ĝ − mean(ĝ) − x̂·mean(ĝ x̂))`, `ĝ = g·γ`.
+    pub(crate) fn input_grad(&self, x: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
+        let xf = x.to_dtype(DType::F32)?;
+        let n = xf.dim(D::Minus1)? as f64;
+        let mean = (xf.sum_keepdim(D::Minus1)? / n)?;
+        let xc = xf.broadcast_sub(&mean)?;
+        let var = (xc.sqr()?.sum_keepdim(D::Minus1)? / n)?;
+        let rstd = (var + self.eps)?.sqrt()?.recip()?;
+        let xn = xc.broadcast_mul(&rstd)?;
+        let gg = g
+            .to_dtype(DType::F32)?
+            .broadcast_mul(&self.weight.to_dtype(DType::F32)?)?;
+        let m1 = (gg.sum_keepdim(D::Minus1)? / n)?;
+        let m2 = ((&gg * &xn)?.sum_keepdim(D::Minus1)? / n)?;
+        let dx = gg
+            .broadcast_sub(&m1)?
+            .sub(&xn.broadcast_mul(&m2)?)?
+            .broadcast_mul(&rstd)?;
+        dx.to_dtype(g.dtype())
     }
 }
 

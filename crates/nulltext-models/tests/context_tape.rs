@@ -156,13 +156,136 @@ fn odd_size(sd: &StableDiffusion, shape: &[usize], t: f64) {
     }
 }
 
+/// The UNet's output for `ctx` and the gradient of Σ w·output with respect to `ctx`,
+/// through candle's graph.
+fn graph_grad(
+    unet: &UNet2DConditionModel,
+    z: &Tensor,
+    t: f64,
+    ctx: &Tensor,
+    w: &Tensor,
+) -> (Tensor, Tensor) {
+    let var = Var::from_tensor(ctx).unwrap();
+    let out = graph_forward(unet, z, t, var.as_tensor());
+    let loss = (out.to_dtype(DType::F32).unwrap() * w)
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let grads = loss.backward().unwrap_or_else(|e| panic!("{e}"));
+    let g = grads.get(var.as_tensor()).unwrap().clone();
+    (out, g)
+}
+
+fn cosine(a: &Tensor, b: &Tensor) -> f64 {
+    let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+    let b = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+    let dot = |x: &Tensor, y: &Tensor| {
+        (x * y)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    dot(&a, &b) / (dot(&a, &a) * dot(&b, &b)).sqrt()
+}
+
+fn random_tiny_v() -> StableDiffusion {
+    let dir = std::env::temp_dir().join(format!("nulltext-tensor-tape-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    write_random_model(&dir, &Preset::TinyV.configs(), 5, false).unwrap();
+    let f32_sd = StableDiffusion::load(dir.to_str().unwrap(), &load_options()).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    f32_sd
+}
+
+/// The tensor tape (the GPU and half-precision path) against the graph path in f32 on the
+/// test device: forward values and context gradients.
+fn check_tensor_tape(sd: &StableDiffusion, shape: &[usize], t: f64) {
+    let unet = &sd.unet;
+    let z = on_device(&noise(1, shape));
+    let d = unet.config().cross_attention_dim;
+    let mut tape = unet.tensor_context_tape(&z, t).unwrap().expect("supported");
+    assert!(!tape.is_host());
+    for (round, seed) in [10u64, 20].into_iter().enumerate() {
+        let ctx = on_device(&noise(seed, &[shape[0], 77, d]));
+        let out = tape.forward(&ctx).unwrap();
+        let w = on_device(&noise(seed + 1, out.dims()));
+        let (want, want_grad) = graph_grad(unet, &z, t, &ctx, &w);
+        let e = rel_err(&out, &want);
+        let again = tape.predict(&ctx).unwrap();
+        let got = tape.backward(&w);
+        assert!(got.is_err(), "predict keeps nothing to differentiate");
+        let _ = tape.forward(&ctx).unwrap();
+        let got = tape.backward(&w).unwrap();
+        let eg = rel_err(&got, &want_grad);
+        eprintln!(
+            "tensor tape {shape:?} round {round}: forward max rel. difference {e:e}, context gradient {eg:e} (max |grad| {:e})",
+            max_abs(&want_grad)
+        );
+        assert!(e < 1e-5, "tensor tape forward off by {e:e}");
+        assert_eq!(max_err(&again, &out), 0.0, "predict differs from forward");
+        assert!(eg < 1e-4, "tensor tape context gradient off by {eg:e}");
+        assert_eq!(got.dtype(), DType::F32);
+    }
+}
+
 #[test]
-fn tape_is_not_offered_for_half_precision() {
+fn tensor_tape_matches_the_graph() {
+    let sd = StableDiffusion::load(tiny_model().to_str().unwrap(), &load_options()).unwrap();
+    check_tensor_tape(&sd, &[1, 4, 32, 32], 501.0);
+    let sd = random_tiny_v();
+    check_tensor_tape(&sd, &[2, 4, 16, 24], 981.0);
+    // latents that do not halve evenly: no tensor tape (the graph path differentiates)
+    let z = on_device(&noise(1, &[1, 4, 13, 11]));
+    assert!(sd.unet.tensor_context_tape(&z, 1.0).unwrap().is_none());
+}
+
+/// In half precision (the GPU default) `context_tape` is the tensor tape: its output
+/// against the f16 graph path's, its gradient against the f32 model's, for the fixture
+/// model and an SD 2.x-shaped one (attention upcast to f32).
+#[test]
+fn tensor_tape_in_half_precision() {
     let opts = nulltext_models::LoadOptions {
         dtype: DType::F16,
         ..load_options()
     };
-    let sd = StableDiffusion::load(tiny_model().to_str().unwrap(), &opts).unwrap();
-    let z = noise(1, &[1, 4, 32, 32]).to_dtype(DType::F16).unwrap();
-    assert!(sd.unet.context_tape(&z, 1.0).unwrap().is_none());
+    let dir = std::env::temp_dir().join(format!("nulltext-tape-f16-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    write_random_model(&dir, &Preset::TinyV.configs(), 5, false).unwrap();
+    let models = [
+        (tiny_model(), [1usize, 4, 32, 32], 501.0),
+        (dir.clone(), [2, 4, 16, 24], 981.0),
+    ];
+    for (path, shape, t) in models {
+        let f32_sd = StableDiffusion::load(path.to_str().unwrap(), &load_options()).unwrap();
+        let sd = StableDiffusion::load(path.to_str().unwrap(), &opts).unwrap();
+        let d = sd.unet.config().cross_attention_dim;
+        let z = on_device(&noise(1, &shape));
+        let ctx = on_device(&noise(10, &[shape[0], 77, d]));
+        let mut tape = sd.unet.context_tape(&z, t).unwrap().expect("a tensor tape");
+        assert!(!tape.is_host());
+        let out = tape.forward(&ctx).unwrap();
+        assert_eq!(out.dtype(), DType::F16);
+        let w = on_device(&noise(11, out.dims()));
+        let got = tape.backward(&w).unwrap();
+        assert_eq!(got.dtype(), DType::F32);
+        let half = graph_forward(&sd.unet, &z, t, &ctx);
+        let (exact, exact_grad) = graph_grad(&f32_sd.unet, &z, t, &ctx, &w);
+        let e16 = rel_err(&out, &half);
+        let e32 = rel_err(&out, &exact);
+        let c = cosine(&got, &exact_grad);
+        let eg = rel_err(&got, &exact_grad);
+        eprintln!(
+            "f16 tensor tape {shape:?}: forward vs f16 graph {e16:e}, vs f32 {e32:e}; \
+             gradient vs f32: cosine {c:.6}, max rel. difference {eg:e}"
+        );
+        assert!(
+            e16 < 1e-2 && e32 < 1e-2,
+            "f16 forward off: {e16:e} / {e32:e}"
+        );
+        assert!(c > 0.999, "f16 gradient direction off: cosine {c}");
+        assert!(eg < 5e-2, "f16 gradient off by {eg:e}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -82,23 +82,31 @@ fn null_text_gradient_matches_golden() {
     let cos = dot / (n1.sqrt() * n2.sqrt());
     eprintln!("gradient cosine to golden: {cos:.8}");
     assert!(cos > 0.99999, "{cos}");
-    // The context tape (the inner loop's path on the CPU in f32) gives the same gradient.
-    let Some(mut tape) = sd.unet.context_tape(&z, t as f64).unwrap() else {
-        return;
-    };
-    let out = Var::from_tensor(&tape.forward(var.as_tensor()).unwrap()).unwrap();
-    let eps_u = ddim.epsilon(out.as_tensor(), t, &z).unwrap();
-    let noise = (&eps_u + ((&eps_c - &eps_u).unwrap() * 7.5).unwrap()).unwrap();
-    let prev = ddim.step(&noise, t, &z).unwrap();
-    let target = on_device(&d["latents"].i(49..50).unwrap());
-    let loss = (prev - target).unwrap().sqr().unwrap().mean_all().unwrap();
-    let grads = loss.backward().unwrap();
-    let tgrad = tape.backward(grads.get(out.as_tensor()).unwrap()).unwrap();
-    assert_close("∂loss/∂∅ at step 0, context tape", &tgrad, want, 1e-4);
-    let e = (&tgrad - grad).unwrap().abs().unwrap().max_all().unwrap();
-    let e = e.to_scalar::<f32>().unwrap() as f64 / n1.sqrt().max(1e-30);
-    eprintln!("context tape vs graph gradient: max|difference| / ‖grad‖ = {e:e}");
-    assert!(e < 1e-5, "{e}");
+    // The context tapes (the inner loop's paths: host kernels on the CPU in f32, tensor ops
+    // on GPUs and in half precision) give the same gradient.
+    let tapes = [
+        ("context tape", sd.unet.context_tape(&z, t as f64).unwrap()),
+        (
+            "tensor tape",
+            sd.unet.tensor_context_tape(&z, t as f64).unwrap(),
+        ),
+    ];
+    for (name, tape) in tapes {
+        let mut tape = tape.expect("a tape for the fixture model");
+        let out = Var::from_tensor(&tape.forward(var.as_tensor()).unwrap()).unwrap();
+        let eps_u = ddim.epsilon(out.as_tensor(), t, &z).unwrap();
+        let noise = (&eps_u + ((&eps_c - &eps_u).unwrap() * 7.5).unwrap()).unwrap();
+        let prev = ddim.step(&noise, t, &z).unwrap();
+        let target = on_device(&d["latents"].i(49..50).unwrap());
+        let loss = (prev - target).unwrap().sqr().unwrap().mean_all().unwrap();
+        let grads = loss.backward().unwrap();
+        let tgrad = tape.backward(grads.get(out.as_tensor()).unwrap()).unwrap();
+        assert_close(&format!("∂loss/∂∅ at step 0, {name}"), &tgrad, want, 1e-4);
+        let e = (&tgrad - grad).unwrap().abs().unwrap().max_all().unwrap();
+        let e = e.to_scalar::<f32>().unwrap() as f64 / n1.sqrt().max(1e-30);
+        eprintln!("{name} vs graph gradient: max|difference| / ‖grad‖ = {e:e}");
+        assert!(e < 1e-5, "{e}");
+    }
 }
 
 /// Steps started from the golden trajectory: every loss of the first steps' Adam runs and

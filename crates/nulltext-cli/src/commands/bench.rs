@@ -15,11 +15,12 @@ use nulltext::sampling::{guided_eps, predict_eps, Controller};
 use super::{Ctx, ModelArg};
 
 /// Stages run unless `--only` says otherwise.
-const STAGES: [&str; 9] = [
+const STAGES: [&str; 10] = [
     "text_encoder",
     "unet_b1",
     "unet_b2",
     "nti_iter",
+    "nti_iter_tensor",
     "nti_iter_graph",
     "vae_encode",
     "vae_decode",
@@ -43,8 +44,9 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1)]
     warmup: usize,
     /// Comma-separated stages (default: all but the whole jobs): text_encoder, unet_b1,
-    /// unet_b2, nti_iter (one null-text iteration as inversions run it), nti_iter_graph (the
-    /// same through candle's autograd graph, the GPU path), vae_encode, vae_decode,
+    /// unet_b2, nti_iter (one null-text iteration as inversions run it), nti_iter_tensor (the
+    /// same with the tensor-op context tape, the GPU and half-precision path),
+    /// nti_iter_graph (the same through candle's autograd graph), vae_encode, vae_decode,
     /// edit_step, unet_b2_probs; whole jobs:
     /// invert (a 50-step, 10-iteration null-text inversion), edit (one target).
     #[arg(long)]
@@ -136,6 +138,7 @@ pub fn run(a: BenchArgs, ctx: &Ctx) -> Result<()> {
     };
     let mut inversion: Option<nulltext::Inversion> = None;
     let mut tape = sd.unet.context_tape(&z, t as f64)?;
+    let mut tensor_tape = sd.unet.tensor_context_tape(&z, t as f64)?;
     let mut rows = Vec::new();
     ctx.say(format!(
         "nulltext bench: {} at {size}×{size} ({h}×{w} latents), {:?}, {:?}, {} threads",
@@ -160,10 +163,11 @@ pub fn run(a: BenchArgs, ctx: &Ctx) -> Result<()> {
                             .forward_controlled(&z2, t as f64, &emb, &mut WantAll, 0)?,
                     )?
                 }
-                "nti_iter" | "nti_iter_graph" => {
+                "nti_iter" | "nti_iter_tensor" | "nti_iter_graph" => {
                     // as the inversion's inner loop runs it: the context tape where it
                     // applies (its context-free prefix computed by the warm-up), else
-                    // candle's graph; `nti_iter_graph` always the graph
+                    // candle's graph; `nti_iter_tensor` the tensor tape, `nti_iter_graph`
+                    // always the graph
                     let var = Var::from_tensor(&uncond)?;
                     let mut adam = Adam::new(&uncond)?;
                     let objective = StepObjective {
@@ -174,7 +178,13 @@ pub fn run(a: BenchArgs, ctx: &Ctx) -> Result<()> {
                         target: &target,
                         guidance: 7.5,
                     };
-                    let tape = tape.as_mut().filter(|_| stage == "nti_iter");
+                    let tape = match stage.as_str() {
+                        "nti_iter" => tape.as_mut(),
+                        "nti_iter_tensor" => Some(tensor_tape.as_mut().ok_or_else(|| {
+                            anyhow::anyhow!("nti_iter_tensor: no tensor tape at this size")
+                        })?),
+                        _ => None,
+                    };
                     let (_, grad) = objective.loss_and_grad(&sd, tape, &var, 10)?;
                     adam.step(&var, &grad, 1e-2)?;
                     sync(var.as_tensor())?

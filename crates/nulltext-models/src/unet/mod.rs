@@ -2,6 +2,7 @@
 
 mod blocks;
 mod tape;
+mod tensor_tape;
 
 use candle_core::Tensor;
 
@@ -222,7 +223,7 @@ impl UNet2DConditionModel {
         let no_grad = !x.track_op() && !context.track_op() && !self.conv_in.weight.track_op();
         let one_t = !timesteps.is_empty() && timesteps.windows(2).all(|w| w[0] == w[1]);
         if no_grad && one_t && !control.wants_any() {
-            if let Some(tape) = self.context_tape(&x, timesteps[0])? {
+            if let Some(tape) = self.host_tape(&x, timesteps[0])? {
                 return tape.predict_once(&context);
             }
         }

@@ -20,6 +20,7 @@
 use candle_core::{CpuStorage, DType, Storage, StorageRef, Tensor};
 use rayon::prelude::*;
 
+use super::tensor_tape::TensorTape;
 use super::{DownBlock, MidBlock, UNet2DConditionModel, UpBlock};
 use crate::attention::{Attention, BasicTransformerBlock, Projection, Transformer2DModel};
 use crate::cpu_attention::{self, AttnDims};
@@ -432,8 +433,8 @@ struct Pass<'t> {
     ctx_rows: usize,
 }
 
-/// The UNet at one latent and timestep, differentiated with respect to its context.
-pub struct ContextTape<'a> {
+/// The CPU f32 tape (host vectors, the CPU kernels).
+pub(crate) struct HostTape<'a> {
     unet: &'a UNet2DConditionModel,
     latent: Vec<f32>,
     s: Nchw,
@@ -444,10 +445,91 @@ pub struct ContextTape<'a> {
     context_shape: (usize, usize, usize),
 }
 
+/// The UNet at one latent and timestep, differentiated with respect to its text context
+/// only: the inner loop of null-text inversion, without candle's autograd graph.
+///
+/// On the CPU in f32 it runs the CPU kernels on host vectors (its forward values are the
+/// graph path's bit for bit); on other devices and dtypes, candle's tensor ops with the
+/// layers' input-gradient formulas (`super::tensor_tape`).
+pub struct ContextTape<'a>(Kind<'a>);
+
+enum Kind<'a> {
+    Host(HostTape<'a>),
+    Tensor(TensorTape<'a>),
+}
+
+/// Whether `NULLTEXT_CONTEXT_TAPE=off` (or `0`, `graph`) sends the UNet's gradient through
+/// candle's graph instead, for comparison or as a fallback.
+fn tapes_off() -> bool {
+    matches!(
+        std::env::var("NULLTEXT_CONTEXT_TAPE").as_deref(),
+        Ok("off" | "0" | "graph")
+    )
+}
+
 impl UNet2DConditionModel {
-    /// A [`ContextTape`] for latents `x` `[B, C, h, w]` at `timestep`, or `None` where it
-    /// does not apply (weights or latents not f32 on the CPU).
+    /// A [`ContextTape`] for latents `x` `[B, C, h, w]` at `timestep`: the CPU tape in f32
+    /// on the CPU, the tensor tape elsewhere; `None` where neither supports the model or
+    /// the size (then the caller differentiates through the graph).
     pub fn context_tape(&self, x: &Tensor, timestep: f64) -> Result<Option<ContextTape<'_>>> {
+        if tapes_off() {
+            return Ok(None);
+        }
+        if let Some(t) = self.host_tape(x, timestep)? {
+            return Ok(Some(ContextTape(Kind::Host(t))));
+        }
+        self.tensor_context_tape(x, timestep)
+    }
+
+    /// The tensor-op tape on any device and dtype (what [`Self::context_tape`] gives off the
+    /// CPU or in half precision), also on the CPU in f32, to compare the two.
+    pub fn tensor_context_tape(
+        &self,
+        x: &Tensor,
+        timestep: f64,
+    ) -> Result<Option<ContextTape<'_>>> {
+        Ok(TensorTape::new(self, x, timestep)?.map(|t| ContextTape(Kind::Tensor(t))))
+    }
+}
+
+impl ContextTape<'_> {
+    /// The UNet's output `[B, C_out, h, w]` for `context` `[B, L, D]`, keeping what the
+    /// backward pass needs.
+    pub fn forward(&mut self, context: &Tensor) -> Result<Tensor> {
+        match &mut self.0 {
+            Kind::Host(t) => t.run(context, true),
+            Kind::Tensor(t) => t.run(context, true),
+        }
+    }
+
+    /// The UNet's output for `context` without keeping anything for a backward pass (the
+    /// context-free prefix is shared with [`Self::forward`]).
+    pub fn predict(&mut self, context: &Tensor) -> Result<Tensor> {
+        match &mut self.0 {
+            Kind::Host(t) => t.run(context, false),
+            Kind::Tensor(t) => t.run(context, false),
+        }
+    }
+
+    /// The gradient of the context given the gradient `grad` of the last forward pass's
+    /// output. Consumes that pass's records.
+    pub fn backward(&mut self, grad: &Tensor) -> Result<Tensor> {
+        match &mut self.0 {
+            Kind::Host(t) => t.backward(grad),
+            Kind::Tensor(t) => t.backward(grad),
+        }
+    }
+
+    /// Whether this is the CPU f32 tape (host kernels) rather than the tensor tape.
+    pub fn is_host(&self) -> bool {
+        matches!(self.0, Kind::Host(_))
+    }
+}
+
+impl UNet2DConditionModel {
+    /// The CPU f32 tape for latents `x` `[B, C, h, w]` at `timestep`, or `None` where it
+    /// does not apply (weights or latents not f32 on the CPU).
+    pub(crate) fn host_tape(&self, x: &Tensor, timestep: f64) -> Result<Option<HostTape<'_>>> {
         let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
         if !f32_cpu(x) || !f32_cpu(&self.conv_in.weight) {
             return Ok(None);
@@ -489,7 +571,7 @@ impl UNet2DConditionModel {
                 None => return Ok(None),
             }
         }
-        Ok(Some(ContextTape {
+        Ok(Some(HostTape {
             unet: self,
             latent: host_f32(x)?,
             s: Nchw { b, c, h, w },
@@ -501,20 +583,8 @@ impl UNet2DConditionModel {
     }
 }
 
-impl ContextTape<'_> {
-    /// The UNet's output `[B, C_out, h, w]` for `context` `[B, L, D]`, keeping what the
-    /// backward pass needs.
-    pub fn forward(&mut self, context: &Tensor) -> Result<Tensor> {
-        self.run(context, true)
-    }
-
-    /// The UNet's output for `context` without keeping anything for a backward pass (the
-    /// context-free prefix is shared with [`Self::forward`]).
-    pub fn predict(&mut self, context: &Tensor) -> Result<Tensor> {
-        self.run(context, false)
-    }
-
-    /// [`Self::predict`] for a tape used once (nothing kept for later passes).
+impl HostTape<'_> {
+    /// A single pass without records, nothing kept for later passes.
     pub(crate) fn predict_once(mut self, context: &Tensor) -> Result<Tensor> {
         self.consts.once = true;
         self.run(context, false)
@@ -588,9 +658,7 @@ impl ContextTape<'_> {
         )?)
     }
 
-    /// The gradient of the context given the gradient `grad` of the last forward pass's
-    /// output. Consumes that pass's records.
-    pub fn backward(&mut self, grad: &Tensor) -> Result<Tensor> {
+    fn backward(&mut self, grad: &Tensor) -> Result<Tensor> {
         let mut records = self
             .records
             .take()

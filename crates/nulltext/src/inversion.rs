@@ -441,8 +441,13 @@ impl<'a> NullTextOptimizer<'a> {
         };
         for j in 0..opts.inner_steps {
             let (loss, grad) = objective.loss_and_grad(sd, tape.as_mut(), &var, i)?;
-            let loss_val = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            if !loss_val.is_finite() || !is_finite(&grad)? {
+            // the loss and the gradient's magnitude in one transfer (on a GPU, one wait)
+            let grad_size = grad.to_dtype(DType::F32)?.abs()?.sum_all()?;
+            let both = Tensor::stack(&[loss.to_dtype(DType::F32)?, grad_size], 0)?;
+            let [loss_val, grad_size] = both.to_dtype(DType::F64)?.to_vec1::<f64>()?[..] else {
+                unreachable!("two values")
+            };
+            if !loss_val.is_finite() || !grad_size.is_finite() {
                 return Err(Error::NonFinite(format!(
                     "the null-text optimization (step {i}, iteration {j})"
                 )));

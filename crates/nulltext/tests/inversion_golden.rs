@@ -410,3 +410,27 @@ fn null_text_gradient_agrees_with_finite_differences() {
         );
     }
 }
+
+/// A loss that overflows stops the optimization with a clear error instead of writing NaN
+/// embeddings (guidance 1e36 sends ε(∅) + w(ε(C) − ε(∅)) past f32's range).
+#[test]
+fn non_finite_optimization_is_an_error() {
+    let sd = load_tiny();
+    let z0 = chelsea_latent(&sd);
+    let opts = InvertOptions {
+        num_steps: 2,
+        inner_steps: 2,
+        guidance: 1e36,
+        ..Default::default()
+    };
+    let e = nulltext::invert_latent(&sd, &z0, "a cat", 256, 256, &opts, &mut NoProgress)
+        .err()
+        .expect("an error");
+    let msg = e.to_string();
+    eprintln!("{msg}");
+    assert!(matches!(e, nulltext::Error::NonFinite(_)), "{msg}");
+    assert!(
+        msg.contains("null-text optimization (step 0, iteration 0)"),
+        "{msg}"
+    );
+}

@@ -408,9 +408,10 @@ impl<'a> NullTextOptimizer<'a> {
         let z = &self.latent;
         let target = &self.pivots[n - 1 - i];
         let lr = opts.learning_rate * (1.0 - i as f64 / 100.0);
-        // On the CPU in f32 the UNet runs as a context tape: the same forward values, its
-        // own backward pass, and the context-free prefix computed once per step for every
-        // pass below; elsewhere through candle's graph.
+        // The UNet runs as a context tape (host kernels on the CPU in f32, tensor ops on
+        // GPUs and in half precision): the graph path's forward values, its own backward
+        // pass, and the context-free prefix computed once per step for every pass below;
+        // where no tape applies (odd sizes off the CPU), through candle's graph.
         let mut tape = sd.unet.context_tape(z, t as f64)?;
         // 1. ε(z̄, t, C) once, without gradient.
         let eps_c = match tape.as_mut() {

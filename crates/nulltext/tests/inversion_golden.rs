@@ -423,9 +423,10 @@ fn non_finite_optimization_is_an_error() {
         guidance: 1e36,
         ..Default::default()
     };
-    let e = nulltext::invert_latent(&sd, &z0, "a cat", 256, 256, &opts, &mut NoProgress)
-        .err()
-        .expect("an error");
+    let Err(e) = nulltext::invert_latent(&sd, &z0, "a cat", 256, 256, &opts, &mut NoProgress)
+    else {
+        panic!("an overflowing optimization succeeded");
+    };
     let msg = e.to_string();
     eprintln!("{msg}");
     assert!(matches!(e, nulltext::Error::NonFinite(_)), "{msg}");

@@ -15,7 +15,8 @@
 //!   place, where a general graph allocates, zeroes and adds a gradient for every node.
 //!
 //! Supported: every SD 1.x/2.x configuration the graph path loads, on the CPU with f32
-//! weights; [`UNet2DConditionModel::context_tape`] answers `None` otherwise.
+//! weights. Elsewhere [`UNet2DConditionModel::context_tape`] gives the tensor-op tape
+//! (`super::tensor_tape`), the same structure on any device and dtype.
 
 use candle_core::{CpuStorage, DType, Storage, StorageRef, Tensor};
 use rayon::prelude::*;

@@ -629,12 +629,14 @@ impl Backward<'_> {
     ) -> Result<Option<Tensor>> {
         let dtype = g.dtype();
         let d_o = split_heads(&a.to_out.input_grad(g)?, a.heads)?;
-        let p = rec.p.to_dtype(dtype)?;
-        let dv = merge_heads(&p.t()?.matmul(&d_o)?)?;
+        let dv = merge_heads(&rec.p.to_dtype(dtype)?.t()?.matmul(&d_o)?)?;
         let dp = d_o.matmul(&rec.v.t()?)?;
-        // softmax: dS = P ⊙ (dP − Σⱼ Pᵢⱼ dPᵢⱼ), and Σⱼ Pᵢⱼ dPᵢⱼ = dOᵢ · Oᵢ
-        let dot = (&d_o * &rec.o)?.sum_keepdim(D::Minus1)?;
-        let ds = ((p * dp.broadcast_sub(&dot)?)? * a.scale)?.to_dtype(rec.q.dtype())?;
+        // softmax: dS = P ⊙ (dP − Σⱼ Pᵢⱼ dPᵢⱼ), and Σⱼ Pᵢⱼ dPᵢⱼ = dOᵢ · Oᵢ; in the
+        // scores' dtype (f32 where the attention is upcast)
+        let wide = rec.q.dtype();
+        let dot = (&d_o * &rec.o)?.sum_keepdim(D::Minus1)?.to_dtype(wide)?;
+        let dp = dp.to_dtype(wide)?.broadcast_sub(&dot)?;
+        let ds = ((&rec.p * dp)? * a.scale)?;
         let dk = merge_heads(&ds.t()?.matmul(&rec.q)?)?.to_dtype(dtype)?;
         let dq = match rec.query_varies {
             true => Some(merge_heads(&ds.matmul(&rec.k)?)?.to_dtype(dtype)?),

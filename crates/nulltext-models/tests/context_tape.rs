@@ -4,24 +4,10 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use common::*;
 use nulltext_models::random::{write_random_model, Preset};
 use nulltext_models::{AttentionCall, AttentionControl, StableDiffusion, UNet2DConditionModel};
-
-fn noise(seed: u64, shape: &[usize]) -> Tensor {
-    let n: usize = shape.iter().product();
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let v: Vec<f32> = (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-        })
-        .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-}
 
 /// A controller that asks for no probabilities but does not say so up front: the UNet
 /// then takes its graph path.

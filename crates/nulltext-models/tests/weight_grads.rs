@@ -1,23 +1,12 @@
 //! The weights' gradients of the CPU layers (used when training) against candle's own
 //! differentiable ops computing the same function.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor, Var, D};
+use common::noise;
 use nulltext_models::nn::{Conv2d, GroupNorm, LayerNorm, Linear};
 use nulltext_models::weights::WeightStore;
-
-fn rand(shape: &[usize], seed: u64) -> Tensor {
-    let n: usize = shape.iter().product();
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let v: Vec<f32> = (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-        })
-        .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-}
 
 /// A store whose tensors are the given variables.
 fn store(vars: &[(&str, &Var)]) -> WeightStore {
@@ -49,10 +38,10 @@ fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
 
 #[test]
 fn linear() {
-    let w = Var::from_tensor(&rand(&[7, 5], 1)).unwrap();
-    let b = Var::from_tensor(&rand(&[7], 2)).unwrap();
-    let x = Var::from_tensor(&rand(&[2, 3, 5], 3)).unwrap();
-    let g = rand(&[2, 3, 7], 4);
+    let w = Var::from_tensor(&noise(1, &[7, 5])).unwrap();
+    let b = Var::from_tensor(&noise(2, &[7])).unwrap();
+    let x = Var::from_tensor(&noise(3, &[2, 3, 5])).unwrap();
+    let g = noise(4, &[2, 3, 7]);
     let st = store(&[("l.weight", &w), ("l.bias", &b)]);
     let layer = Linear::load(&st.root().pp("l"), 5, 7, true).unwrap();
     let loss = (layer.forward(x.as_tensor()).unwrap() * &g)
@@ -84,13 +73,13 @@ fn linear() {
 #[test]
 fn conv2d() {
     for (stride, padding, k) in [(1, 1, 3), (2, 1, 3), (1, 0, 1)] {
-        let w = Var::from_tensor(&rand(&[6, 4, k, k], 5)).unwrap();
-        let b = Var::from_tensor(&rand(&[6], 6)).unwrap();
-        let x = Var::from_tensor(&rand(&[2, 4, 9, 8], 7)).unwrap();
+        let w = Var::from_tensor(&noise(5, &[6, 4, k, k])).unwrap();
+        let b = Var::from_tensor(&noise(6, &[6])).unwrap();
+        let x = Var::from_tensor(&noise(7, &[2, 4, 9, 8])).unwrap();
         let st = store(&[("c.weight", &w), ("c.bias", &b)]);
         let conv = Conv2d::load(&st.root().pp("c"), 4, 6, k, stride, padding).unwrap();
         let y = conv.forward(x.as_tensor()).unwrap();
-        let g = rand(y.dims(), 8);
+        let g = noise(8, y.dims());
         let got = (y * &g).unwrap().sum_all().unwrap().backward().unwrap();
         let loss = |x: &Tensor, w: &Tensor, b: &Tensor| -> f64 {
             let y = x
@@ -143,10 +132,10 @@ fn conv2d() {
 
 #[test]
 fn group_norm() {
-    let w = Var::from_tensor(&(rand(&[8], 9) + 1.0).unwrap()).unwrap();
-    let b = Var::from_tensor(&rand(&[8], 10)).unwrap();
-    let x = Var::from_tensor(&rand(&[2, 8, 5, 3], 11)).unwrap();
-    let g = rand(&[2, 8, 5, 3], 12);
+    let w = Var::from_tensor(&(noise(9, &[8]) + 1.0).unwrap()).unwrap();
+    let b = Var::from_tensor(&noise(10, &[8])).unwrap();
+    let x = Var::from_tensor(&noise(11, &[2, 8, 5, 3])).unwrap();
+    let g = noise(12, &[2, 8, 5, 3]);
     let st = store(&[("n.weight", &w), ("n.bias", &b)]);
     let norm = GroupNorm::load(&st.root().pp("n"), 4, 8, 1e-5).unwrap();
     for silu in [false, true] {
@@ -191,10 +180,10 @@ fn group_norm() {
 
 #[test]
 fn layer_norm() {
-    let w = Var::from_tensor(&(rand(&[6], 13) + 1.0).unwrap()).unwrap();
-    let b = Var::from_tensor(&rand(&[6], 14)).unwrap();
-    let x = Var::from_tensor(&rand(&[3, 4, 6], 15)).unwrap();
-    let g = rand(&[3, 4, 6], 16);
+    let w = Var::from_tensor(&(noise(13, &[6]) + 1.0).unwrap()).unwrap();
+    let b = Var::from_tensor(&noise(14, &[6])).unwrap();
+    let x = Var::from_tensor(&noise(15, &[3, 4, 6])).unwrap();
+    let g = noise(16, &[3, 4, 6]);
     let st = store(&[("n.weight", &w), ("n.bias", &b)]);
     let norm = LayerNorm::load(&st.root().pp("n"), 6, 1e-5).unwrap();
     let got = (norm.forward(x.as_tensor()).unwrap() * &g)

@@ -343,17 +343,26 @@ fn split_channels(g: &[f32], batch: usize, na: usize) -> (Vec<f32>, Vec<f32>) {
 }
 
 /// Values that do not depend on the context: computed by the first forward pass, reused
-/// by the later ones in the same order.
-#[derive(Default)]
-struct Constants {
-    values: Vec<Vec<f32>>,
-    next: usize,
+/// by the later ones in the same order (host vectors here, tensors in the tensor tape).
+pub(super) struct Constants<T> {
+    values: Vec<T>,
+    pub(super) next: usize,
     /// A single pass: nothing to keep.
     once: bool,
 }
 
-impl Constants {
-    fn get(&mut self, compute: impl FnOnce() -> Result<Vec<f32>>) -> Result<Vec<f32>> {
+impl<T> Default for Constants<T> {
+    fn default() -> Self {
+        Self {
+            values: Vec::new(),
+            next: 0,
+            once: false,
+        }
+    }
+}
+
+impl<T: Clone> Constants<T> {
+    pub(super) fn get(&mut self, compute: impl FnOnce() -> Result<T>) -> Result<T> {
         let v = match self.values.get(self.next) {
             Some(v) => v.clone(),
             None if self.once => compute()?,
@@ -427,7 +436,7 @@ struct Pass<'t> {
     records: Vec<Record>,
     /// Whether to keep the records (a pass that will be differentiated).
     keep: bool,
-    consts: &'t mut Constants,
+    consts: &'t mut Constants<Vec<f32>>,
     temb: &'t [Vec<f32>],
     next_temb: usize,
     context: &'t [f32],
@@ -441,7 +450,7 @@ pub(crate) struct HostTape<'a> {
     s: Nchw,
     /// `time_emb_proj(silu(temb))` of every residual block, in call order, `[B, C]`.
     temb: Vec<Vec<f32>>,
-    consts: Constants,
+    consts: Constants<Vec<f32>>,
     records: Option<Vec<Record>>,
     context_shape: (usize, usize, usize),
 }

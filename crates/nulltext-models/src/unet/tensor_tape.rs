@@ -17,6 +17,7 @@
 
 use candle_core::{DType, Tensor, D};
 
+use super::tape::Constants;
 use super::{DownBlock, MidBlock, UNet2DConditionModel, UpBlock};
 use crate::attention::{
     attention_probs, Attention, BasicTransformerBlock, Projection, Transformer2DModel,
@@ -24,29 +25,6 @@ use crate::attention::{
 use crate::embeddings::timestep_embedding;
 use crate::error::{Error, Result};
 use crate::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
-
-/// Values that do not depend on the context, computed by the first pass and reused by the
-/// later ones in the same order.
-#[derive(Default)]
-struct Constants {
-    values: Vec<Tensor>,
-    next: usize,
-}
-
-impl Constants {
-    fn get(&mut self, compute: impl FnOnce() -> Result<Tensor>) -> Result<Tensor> {
-        let v = match self.values.get(self.next) {
-            Some(v) => v.clone(),
-            None => {
-                let v = compute()?;
-                self.values.push(v.clone());
-                v
-            }
-        };
-        self.next += 1;
-        Ok(v)
-    }
-}
 
 /// What one attention layer keeps: queries, keys, values `[B, heads, L, d]`, the
 /// probabilities and the output before its projection.
@@ -106,7 +84,7 @@ struct Act {
 struct Pass<'t> {
     records: Vec<Record>,
     keep: bool,
-    consts: &'t mut Constants,
+    consts: &'t mut Constants<Tensor>,
     temb: &'t [Tensor],
     next_temb: usize,
     context: &'t Tensor,
@@ -119,7 +97,7 @@ pub(crate) struct TensorTape<'a> {
     latent: Tensor,
     /// `time_emb_proj(silu(temb))` of every residual block, in call order, `[B, C, 1, 1]`.
     temb: Vec<Tensor>,
-    consts: Constants,
+    consts: Constants<Tensor>,
     records: Option<Vec<Record>>,
     /// The context's dtype, for its gradient.
     context_dtype: DType,

@@ -91,3 +91,18 @@ pub fn assert_close(what: &str, got: &Tensor, golden: &Tensor, tol: f64) -> f64 
     assert!(err <= bound, "{what}: max|err| {err:e} > {bound:e}");
     err
 }
+
+/// Reproducible values in [−1, 1) (xorshift), on the CPU.
+pub fn noise(seed: u64, shape: &[usize]) -> Tensor {
+    let n: usize = shape.iter().product();
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        })
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}

@@ -382,6 +382,13 @@ mod tests {
         .unwrap();
         assert_eq!((p.options.num_steps, p.size), (4, 64));
         assert_eq!(p.options.inner_steps, 10);
+        let p = invert_params(
+            &fields(&[("prompt", "a cat"), ("method", "direct")]),
+            &limits(),
+            256,
+        )
+        .unwrap();
+        assert_eq!(p.options.method, nulltext::Method::Direct);
         for (f, msg) in [
             (vec![("steps", "4")], "`prompt` is missing"),
             (vec![("prompt", " ")], "`prompt` is empty"),

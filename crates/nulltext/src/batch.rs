@@ -520,11 +520,10 @@ fn load_mask(item: &Item, size: u32) -> Result<Option<Mask>> {
     let Some(path) = &item.mask else {
         return Ok(None);
     };
-    // The same crop, centre square and resize as the image, then the complement: the
-    // manifest marks what may change, the metrics look at the rest.
-    let rgb = image_io::load_image(path, item.crop, size)?;
-    let gray = image::DynamicImage::ImageRgb8(rgb).to_luma8();
-    Ok(Some(Mask::from_gray(&gray, true)))
+    // The complement: the manifest marks what may change, the metrics look at the rest.
+    Ok(Some(
+        image_io::load_mask(path, item.crop, size)?.complement(),
+    ))
 }
 
 /// The optional networks of the metrics.

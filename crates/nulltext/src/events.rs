@@ -10,6 +10,8 @@ pub enum Stage {
     EncodeImage,
     DdimInversion,
     NullTextOptimization,
+    /// Direct inversion's offset pass.
+    DirectOffsets,
     Sampling,
     Decode,
 }
@@ -20,6 +22,7 @@ impl Stage {
             Stage::EncodeImage => "encoding image",
             Stage::DdimInversion => "DDIM inversion",
             Stage::NullTextOptimization => "null-text optimization",
+            Stage::DirectOffsets => "direct inversion offsets",
             Stage::Sampling => "sampling",
             Stage::Decode => "decoding",
         }

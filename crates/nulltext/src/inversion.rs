@@ -1,5 +1,6 @@
-//! DDIM inversion and null-text inversion (spec §2–3; Mokady et al., Algorithm 1, as the
-//! reference notebook runs it), and reconstruction from an inversion.
+//! DDIM inversion, null-text inversion (spec §2–3; Mokady et al., Algorithm 1, as the
+//! reference notebook runs it), direct inversion (Ju et al., ICLR 2024, "PnP Inversion"),
+//! and reconstruction from an inversion.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -25,14 +26,19 @@ pub enum Method {
     NegativePrompt,
     /// Plain DDIM inversion with the empty prompt's embedding: the lower bound.
     Ddim,
+    /// DDIM inversion plus, per step, the latent offset that brings a guided DDIM step back
+    /// onto the inversion's trajectory (Ju et al., ICLR 2024): no optimization, and the
+    /// source branch of an edit reproduces the photo exactly.
+    Direct,
 }
 
 impl Method {
-    pub const ALL: [Method; 4] = [
+    pub const ALL: [Method; 5] = [
         Method::NullText,
         Method::NullTextGlobal,
         Method::NegativePrompt,
         Method::Ddim,
+        Method::Direct,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -41,6 +47,7 @@ impl Method {
             Method::NullTextGlobal => "null-text-global",
             Method::NegativePrompt => "negative-prompt",
             Method::Ddim => "ddim",
+            Method::Direct => "direct",
         }
     }
 
@@ -62,7 +69,10 @@ impl std::str::FromStr for Method {
             .into_iter()
             .find(|m| m.as_str() == s)
             .ok_or_else(|| {
-                format!("unknown method `{s}` (null-text, null-text-global, negative-prompt, ddim)")
+                format!(
+                    "unknown method `{s}` (null-text, null-text-global, negative-prompt, ddim, \
+                     direct)"
+                )
             })
     }
 }
@@ -106,6 +116,9 @@ pub struct Inversion {
     pub null_embeddings: Tensor,
     /// z₀ of the input image, `[1, C, h, w]`.
     pub image_latent: Option<Tensor>,
+    /// Direct inversion: the offset added to the source row after each sampling step,
+    /// `[T, C, h, w]` in sampling order. Valid only for this guidance scale and step count.
+    pub latent_offsets: Option<Tensor>,
     pub prompt: String,
     pub method: Method,
     pub num_steps: usize,
@@ -128,6 +141,43 @@ impl Inversion {
         (0..self.num_steps)
             .map(|i| Ok(all.narrow(0, i, 1)?))
             .collect()
+    }
+
+    /// Direct inversion's offsets on `device`, `[T, C, h, w]`, if this inversion has them.
+    pub fn offsets_on(&self, device: &candle_core::Device) -> Result<Option<Tensor>> {
+        Ok(self
+            .latent_offsets
+            .as_ref()
+            .map(|o| o.to_device(device))
+            .transpose()?)
+    }
+
+    /// Checks that the method and the latent offsets agree: a direct inversion has one
+    /// offset per step, of the latent's shape; other methods have none.
+    pub fn check_offsets(&self) -> Result<()> {
+        match (&self.latent_offsets, self.method) {
+            (None, Method::Direct) => Err(invalid(
+                "a direct inversion needs its `latent_offsets`, and this one has none",
+            )),
+            (Some(_), m) if m != Method::Direct => Err(invalid(format!(
+                "latent offsets belong to direct inversions, but this one was made with {m}"
+            ))),
+            (Some(o), _) => {
+                let (_, c, h, w) = self.latent_t.dims4()?;
+                if o.dims() != [self.num_steps, c, h, w] {
+                    return Err(invalid(format!(
+                        "`latent_offsets` has shape {:?}, expected [{}, {c}, {h}, {w}]: one \
+                         offset per step, valid only for the {} steps the inversion was made \
+                         with",
+                        o.dims(),
+                        self.num_steps,
+                        self.num_steps
+                    )));
+                }
+                Ok(())
+            }
+            (None, _) => Ok(()),
+        }
     }
 
     /// Checks that this inversion can be used with `sd`: same weights (unless `force`),
@@ -176,6 +226,9 @@ pub struct InvertReport {
     pub pivots: Vec<Tensor>,
     /// The latent the optimized trajectory ends in (= the reconstruction), if computed.
     pub final_latent: Option<Tensor>,
+    /// The compute spent: UNet evaluations of one latent, a forward or a backward pass
+    /// each (a classifier-free guided step counts two forwards).
+    pub unet_passes: usize,
     pub seconds_ddim: f64,
     pub seconds_optimization: f64,
 }
@@ -418,6 +471,7 @@ impl<'a> NullTextOptimizer<'a> {
             Some(tape) => ddim.epsilon(&tape.predict(self.cond)?.to_dtype(z.dtype())?, t, z)?,
             None => predict_eps(sd, ddim, z, t, self.cond, &mut NoControl, i)?.detach(),
         };
+        self.report.unet_passes += 1;
         // 2. Adam on ∅ᵢ, initialized from ∅ᵢ₋₁; a fresh state per step unless global.
         let var = Var::from_tensor(&self.current.copy()?)?;
         let mut local_adam;
@@ -442,6 +496,7 @@ impl<'a> NullTextOptimizer<'a> {
         };
         for j in 0..opts.inner_steps {
             let (loss, grad) = objective.loss_and_grad(sd, tape.as_mut(), &var, i)?;
+            self.report.unet_passes += 2;
             // the loss and the gradient's magnitude in one transfer (on a GPU, one wait)
             let grad_size = grad.to_dtype(DType::F32)?.abs()?.sum_all()?;
             let both = Tensor::stack(&[loss.to_dtype(DType::F32)?, grad_size], 0)?;
@@ -481,6 +536,7 @@ impl<'a> NullTextOptimizer<'a> {
         self.nulls.push(self.current.clone());
         // 3. z̄ ← guided DDIM step with (∅ᵢ, C), no gradient; the tape reuses ε(z̄, t, C)
         // where the reference runs the UNet on the pair again.
+        self.report.unet_passes += if tape.is_some() { 1 } else { 2 };
         let eps = match tape.as_mut() {
             Some(tape) => {
                 let out = tape.predict(&self.current)?.to_dtype(z.dtype())?;
@@ -567,6 +623,7 @@ pub fn invert_latent(
     let pivots = ddim_inversion(sd, &ddim, z0, &cond, progress)?;
     let seconds_ddim = start.elapsed().as_secs_f64();
     let start = Instant::now();
+    let mut latent_offsets = None;
     let (nulls, mut report) = match opts.method {
         Method::NullText | Method::NullTextGlobal => null_text_optimization(
             sd,
@@ -580,16 +637,29 @@ pub fn invert_latent(
         )?,
         Method::NegativePrompt => (vec![cond.clone(); opts.num_steps], InvertReport::default()),
         Method::Ddim => (vec![empty.clone(); opts.num_steps], InvertReport::default()),
+        Method::Direct => {
+            let (offsets, end) =
+                direct_offsets(sd, &ddim, &pivots, &cond, &empty, opts.guidance, progress)?;
+            latent_offsets = Some(Tensor::cat(&offsets, 0)?.to_dtype(DType::F32)?);
+            let report = InvertReport {
+                final_latent: Some(end),
+                unet_passes: 2 * opts.num_steps,
+                ..Default::default()
+            };
+            (vec![empty.clone(); opts.num_steps], report)
+        }
     };
     report.seconds_ddim = seconds_ddim;
     report.seconds_optimization = start.elapsed().as_secs_f64();
+    report.unet_passes += opts.num_steps;
     let null_embeddings = Tensor::cat(&nulls, 0)?.to_dtype(DType::F32)?;
     let latent_t = pivots[opts.num_steps].to_dtype(DType::F32)?;
     for (what, t) in [
-        ("the null embeddings", &null_embeddings),
-        ("z_T", &latent_t),
+        ("the null embeddings", Some(&null_embeddings)),
+        ("z_T", Some(&latent_t)),
+        ("the latent offsets", latent_offsets.as_ref()),
     ] {
-        if !is_finite(t)? {
+        if !t.map(is_finite).transpose()?.unwrap_or(true) {
             return Err(Error::NonFinite(what.into()));
         }
     }
@@ -598,6 +668,7 @@ pub fn invert_latent(
         latent_t,
         null_embeddings,
         image_latent: Some(z0.to_dtype(DType::F32)?),
+        latent_offsets,
         prompt: prompt.to_string(),
         method: opts.method,
         num_steps: opts.num_steps,
@@ -611,6 +682,50 @@ pub fn invert_latent(
         extra_tensors: BTreeMap::new(),
     };
     Ok((inversion, report))
+}
+
+/// Direct inversion's offsets (Ju et al., ICLR 2024; the authors' `offset_calculate`):
+/// from z*_T, the guided DDIM step of sampling step i (unconditional input `uncond`,
+/// guidance `guidance`) lands near the pivot z*_{T−1−i}; its offset is the pivot minus the
+/// landing point, and the walk continues from the landing point plus the offset. Returns
+/// the offsets in sampling order, `[1, C, h, w]` each, and where the walk ends (z*₀ up to
+/// rounding).
+#[allow(clippy::too_many_arguments)]
+pub fn direct_offsets(
+    sd: &StableDiffusion,
+    ddim: &Ddim,
+    pivots: &[Tensor],
+    cond: &Tensor,
+    uncond: &Tensor,
+    guidance: f64,
+    progress: &mut dyn Progress,
+) -> Result<(Vec<Tensor>, Tensor)> {
+    let n = ddim.num_steps();
+    if pivots.len() != n + 1 {
+        return Err(invalid(format!("{} pivots for {n} steps", pivots.len())));
+    }
+    progress.event(&Event::Start {
+        stage: Stage::DirectOffsets,
+        total: n,
+    });
+    let mut z = pivots[n].clone();
+    let mut offsets = Vec::with_capacity(n);
+    for (i, &t) in ddim.timesteps().iter().enumerate() {
+        check(progress)?;
+        let eps = guided_eps(sd, ddim, &z, t, uncond, cond, guidance, &mut NoControl, i)?;
+        let landing = ddim.step(&eps, t, &z)?;
+        let offset = (&pivots[n - 1 - i] - &landing)?;
+        z = (&landing + &offset)?;
+        offsets.push(offset);
+        progress.event(&Event::Advance {
+            stage: Stage::DirectOffsets,
+            done: i + 1,
+        });
+    }
+    progress.event(&Event::Finish {
+        stage: Stage::DirectOffsets,
+    });
+    Ok((offsets, z))
 }
 
 /// Inverts a prepared RGB image (already at the model's size) with its caption.
@@ -649,12 +764,14 @@ pub fn reconstruct(
     let ddim = Ddim::new(&inv.scheduler, inv.num_steps)?;
     let cond = sd.encode_prompt(&inv.prompt)?;
     let nulls = inv.null_embedding_list(&sd.device)?;
+    let offsets = inv.offsets_on(&sd.device)?;
     let spec = SampleSpec {
         start: &inv.latent_t.to_device(&sd.device)?,
         cond: &cond,
         uncond: &nulls,
         guidance: inv.guidance,
         first_step: 0,
+        source_offsets: offsets.as_ref(),
     };
     sample(sd, &ddim, &spec, &mut NoControl, progress, |_, _| Ok(()))
 }

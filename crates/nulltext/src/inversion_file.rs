@@ -1,5 +1,10 @@
 //! The inversion file (`*.nti.safetensors`, spec `inversion-file.md`): a plain safetensors
-//! file with `latent_T`, `null_embeddings`, `image_latent` and string metadata.
+//! file with `latent_T`, `null_embeddings`, `image_latent`, for direct inversions
+//! `latent_offsets`, and string metadata.
+//!
+//! Version 2 added `latent_offsets`. A file is written with the lowest version that
+//! describes it — 2 only when it holds offsets — so that readers of version 1 keep reading
+//! every other inversion, and refuse (rather than silently misuse) a direct one.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -11,8 +16,16 @@ use crate::atomic::write_bytes_atomic;
 use crate::error::{Error, Result};
 use crate::inversion::{Inversion, Method};
 
-pub const FORMAT: &str = "nulltext-inversion/1";
-const KNOWN_TENSORS: [&str; 3] = ["latent_T", "null_embeddings", "image_latent"];
+/// The format name of the `format` metadata key, before `/VERSION`.
+pub const FORMAT_NAME: &str = "nulltext-inversion";
+/// The newest major version this nulltext reads and writes.
+pub const FORMAT_VERSION: u32 = 2;
+const KNOWN_TENSORS: [&str; 4] = [
+    "latent_T",
+    "null_embeddings",
+    "image_latent",
+    "latent_offsets",
+];
 const KNOWN_KEYS: [&str; 10] = [
     "format",
     "prompt",
@@ -35,6 +48,44 @@ fn fmt_float(x: f64) -> String {
     }
 }
 
+/// The format version an inversion is written with: the lowest that describes it.
+pub fn format_version(inv: &Inversion) -> u32 {
+    if inv.latent_offsets.is_some() {
+        2
+    } else {
+        1
+    }
+}
+
+/// What an inversion file holds, for people (`nulltext info --inversion`) and scripts.
+pub fn describe(inv: &Inversion) -> serde_json::Value {
+    let mut tensors = serde_json::Map::new();
+    let named = [
+        ("latent_T", Some(&inv.latent_t)),
+        ("null_embeddings", Some(&inv.null_embeddings)),
+        ("image_latent", inv.image_latent.as_ref()),
+        ("latent_offsets", inv.latent_offsets.as_ref()),
+    ];
+    for (name, t) in named
+        .into_iter()
+        .filter_map(|(n, t)| t.map(|t| (n, t)))
+        .chain(inv.extra_tensors.iter().map(|(n, t)| (n.as_str(), t)))
+    {
+        tensors.insert(name.into(), serde_json::json!(t.dims()));
+    }
+    serde_json::json!({
+        "format": format!("{FORMAT_NAME}/{}", format_version(inv)),
+        "method": inv.method.as_str(),
+        "prompt": inv.prompt,
+        "num_steps": inv.num_steps,
+        "guidance_scale": inv.guidance,
+        "size": format!("{}×{}", inv.width, inv.height),
+        "model": inv.model,
+        "model_fingerprint": inv.model_fingerprint,
+        "tensors": tensors,
+    })
+}
+
 /// Serializes an inversion to the bytes of an inversion file.
 pub fn to_bytes(inv: &Inversion) -> Result<Vec<u8>> {
     let mut meta: HashMap<String, String> = inv
@@ -45,7 +96,7 @@ pub fn to_bytes(inv: &Inversion) -> Result<Vec<u8>> {
     let scheduler =
         serde_json::to_string(&inv.scheduler).map_err(|e| Error::InvalidInput(e.to_string()))?;
     for (k, v) in [
-        ("format", FORMAT.to_string()),
+        ("format", format!("{FORMAT_NAME}/{}", format_version(inv))),
         ("prompt", inv.prompt.clone()),
         ("method", inv.method.to_string()),
         ("num_steps", inv.num_steps.to_string()),
@@ -69,6 +120,9 @@ pub fn to_bytes(inv: &Inversion) -> Result<Vec<u8>> {
     ];
     if let Some(z0) = &inv.image_latent {
         tensors.push(("image_latent".into(), cpu(z0)?));
+    }
+    if let Some(offsets) = &inv.latent_offsets {
+        tensors.push(("latent_offsets".into(), cpu(offsets)?));
     }
     for (k, t) in &inv.extra_tensors {
         tensors.push((k.clone(), t.to_device(&Device::Cpu)?.contiguous()?));
@@ -160,13 +214,17 @@ pub fn from_bytes(bytes: &[u8]) -> Result<Inversion> {
     let (name, version) = format
         .split_once('/')
         .ok_or_else(|| bad(format!("unknown format `{format}`")))?;
-    let major = version.split('.').next().unwrap_or("");
-    if name != "nulltext-inversion" {
+    if name != FORMAT_NAME {
         return Err(bad(format!("unknown format `{format}`")));
     }
-    if major != "1" {
+    let major = version.split('.').next().unwrap_or("");
+    if !major
+        .parse::<u32>()
+        .is_ok_and(|v| (1..=FORMAT_VERSION).contains(&v))
+    {
         return Err(bad(format!(
-            "format version {version} is not supported by this nulltext (it reads version 1)"
+            "format version {version} is not supported by this nulltext (it reads versions 1 \
+             to {FORMAT_VERSION}); a newer nulltext wrote it, update to use it"
         )));
     }
     let parse_usize = |k: &str| -> Result<usize> {
@@ -201,6 +259,7 @@ pub fn from_bytes(bytes: &[u8]) -> Result<Inversion> {
     let latent_t = need("latent_T")?;
     let null_embeddings = need("null_embeddings")?;
     let image_latent = tensor("image_latent")?;
+    let latent_offsets = tensor("latent_offsets")?;
     if latent_t.rank() != 4 || latent_t.dim(0)? != 1 {
         return Err(bad(format!(
             "`latent_T` has shape {:?}, expected [1, C, h, w]",
@@ -226,6 +285,7 @@ pub fn from_bytes(bytes: &[u8]) -> Result<Inversion> {
         ("latent_T", Some(&latent_t)),
         ("null_embeddings", Some(&null_embeddings)),
         ("image_latent", image_latent.as_ref()),
+        ("latent_offsets", latent_offsets.as_ref()),
     ] {
         if let Some(t) = t {
             let s: f32 = t.abs()?.sum_all()?.to_scalar()?;
@@ -249,10 +309,11 @@ pub fn from_bytes(bytes: &[u8]) -> Result<Inversion> {
         .filter(|(k, _)| !KNOWN_KEYS.contains(&k.as_str()))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    Ok(Inversion {
+    let inv = Inversion {
         latent_t,
         null_embeddings,
         image_latent,
+        latent_offsets,
         prompt: key("prompt")?.clone(),
         method,
         num_steps,
@@ -264,5 +325,7 @@ pub fn from_bytes(bytes: &[u8]) -> Result<Inversion> {
         model_fingerprint: key("model_fingerprint")?.clone(),
         extra_metadata,
         extra_tensors,
-    })
+    };
+    inv.check_offsets()?;
+    Ok(inv)
 }

@@ -68,6 +68,9 @@ pub struct SampleSpec<'a> {
     pub guidance: f64,
     /// Steps before this index are skipped (SDEdit-style starts); 0 runs them all.
     pub first_step: usize,
+    /// Direct inversion: `[T, C, h, w]`, step i's offset added to row 0 (the source) right
+    /// after step i's DDIM update, before the controller's latent edits (local blend).
+    pub source_offsets: Option<&'a Tensor>,
 }
 
 /// Runs guided DDIM from `spec.start`, calling `controller` in every attention layer and
@@ -114,6 +117,9 @@ pub fn sample(
         };
         let eps = guided_eps(sd, ddim, &z, t, &u, spec.cond, spec.guidance, controller, i)?;
         z = ddim.step(&eps, t, &z)?;
+        if let Some(offsets) = spec.source_offsets {
+            z = add_to_first_row(&z, &offsets.narrow(0, i, 1)?.to_dtype(z.dtype())?)?;
+        }
         z = controller.after_step(i, z)?;
         on_step(i, &z)?;
         progress.event(&Event::Advance {
@@ -125,4 +131,14 @@ pub fn sample(
         stage: Stage::Sampling,
     });
     Ok(z)
+}
+
+/// `z` (`[B, …]`) with `delta` (`[1, …]`) added to its first row only.
+fn add_to_first_row(z: &Tensor, delta: &Tensor) -> Result<Tensor> {
+    let b = z.dim(0)?;
+    let first = (z.narrow(0, 0, 1)? + delta)?;
+    if b == 1 {
+        return Ok(first);
+    }
+    Ok(Tensor::cat(&[&first, &z.narrow(0, 1, b - 1)?], 0)?)
 }

@@ -334,6 +334,20 @@ impl Scene {
             .collect()
     }
 
+    /// The region an edit of the shape may change, as a picture: white within `margin`
+    /// pixels of the shape (the complement of [`Self::background_mask`]), black elsewhere.
+    pub fn region_image(&self, size: usize, margin: f32) -> RgbImage {
+        let background = self.background_mask(size, margin);
+        RgbImage::from_fn(size as u32, size as u32, |x, y| {
+            let v = if background[y as usize * size + x as usize] {
+                0
+            } else {
+                255
+            };
+            Rgb([v, v, v])
+        })
+    }
+
     /// The shape in pixel coordinates of a `side`-pixel image.
     fn outline(&self, side: f32) -> Outline {
         let (cx, cy, scale) = (self.cx * side, self.cy * side, self.size * side);

@@ -74,6 +74,7 @@ pub fn generate(
         uncond: &nulls,
         guidance: opts.guidance,
         first_step: 0,
+        source_offsets: None,
     };
     sample(sd, &ddim, &spec, &mut NoControl, progress, |_, _| Ok(()))
 }

@@ -550,8 +550,10 @@ pub fn train(opts: &TrainOptions, progress: &mut dyn TrainProgress) -> Result<Tr
 }
 
 /// Example scenes to invert and edit, in `examples/`: the demo's red circle, and one scene
-/// of every held-out colour combination's first shape.
-fn write_examples(out: &Path) -> Result<()> {
+/// of every held-out colour combination's first shape; each with `<name>.region.png`, the
+/// region a colour edit may change (the shape and 3 pixels around it), for background
+/// metrics (`eval --mask`, `invert --trace-mask`).
+pub fn write_examples(out: &Path) -> Result<()> {
     let dir = out.join("examples");
     let centred = shapes::Scene::centred;
     use shapes::{Colour, Shape};
@@ -569,12 +571,14 @@ fn write_examples(out: &Path) -> Result<()> {
     );
     for scene in scenes {
         let name = format!(
-            "{}-{}-on-{}.png",
+            "{}-{}-on-{}",
             scene.colour.name(),
             scene.shape.name(),
             scene.background.name()
         );
-        crate::image_io::save_png(&scene.render(IMAGE_SIZE), &dir.join(name))?;
+        crate::image_io::save_png(&scene.render(IMAGE_SIZE), &dir.join(format!("{name}.png")))?;
+        let region = scene.region_image(IMAGE_SIZE, 3.0);
+        crate::image_io::save_png(&region, &dir.join(format!("{name}.region.png")))?;
     }
     Ok(())
 }

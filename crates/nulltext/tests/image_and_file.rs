@@ -205,6 +205,58 @@ fn inversion_files_round_trip_and_keep_unknown_keys() {
     }
 }
 
+/// A direct inversion's file: version 2, its offsets kept exactly; version 1 for every
+/// other inversion, so that older readers keep reading those.
+#[test]
+fn direct_inversion_files_are_version_2() {
+    let mut inv = golden_inversion();
+    let format = |inv: &nulltext::Inversion| {
+        let bytes = inversion_file::to_bytes(inv).unwrap();
+        let (_, h) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        h.metadata().as_ref().unwrap()["format"].clone()
+    };
+    assert_eq!(format(&inv), "nulltext-inversion/1");
+    let offsets = common::noise(7, &[50, 4, 32, 32]);
+    inv.latent_offsets = Some(offsets.clone());
+    inv.method = nulltext::Method::Direct;
+    assert_eq!(format(&inv), "nulltext-inversion/2");
+    let d = tmp("direct");
+    let p = d.join("x.nti.safetensors");
+    inversion_file::save(&inv, &p).unwrap();
+    let back = inversion_file::load(&p).unwrap();
+    assert_eq!(back.method, nulltext::Method::Direct);
+    assert_eq!(
+        max_err(back.latent_offsets.as_ref().unwrap(), &offsets),
+        0.0
+    );
+    let described = inversion_file::describe(&back);
+    assert_eq!(described["method"], "direct");
+    assert_eq!(
+        described["tensors"]["latent_offsets"],
+        serde_json::json!([50, 4, 32, 32])
+    );
+
+    let err = |b: &[u8]| {
+        inversion_file::from_bytes(b)
+            .expect_err("must fail")
+            .to_string()
+    };
+    // offsets and method must agree, and there is one offset per step
+    let e = err(&with(&[("method", "direct")], vec![]));
+    assert!(e.contains("needs its `latent_offsets`"), "{e}");
+    let e = err(&with(&[], vec![("latent_offsets", offsets.clone())]));
+    assert!(e.contains("belong to direct inversions"), "{e}");
+    let short = offsets.narrow(0, 0, 40).unwrap();
+    let e = err(&with(
+        &[("method", "direct")],
+        vec![("latent_offsets", short)],
+    ));
+    assert!(
+        e.contains("[50, 4, 32, 32]") && e.contains("50 steps"),
+        "{e}"
+    );
+}
+
 fn with(meta: &[(&str, &str)], tensors: Vec<(&str, Tensor)>) -> Vec<u8> {
     let inv = golden_inversion();
     let mut m: BTreeMap<String, String> = BTreeMap::new();
@@ -236,8 +288,11 @@ fn bad_inversion_files_are_refused_with_the_reason() {
             .expect_err("must fail")
             .to_string()
     };
-    let e = err(&with(&[("format", "nulltext-inversion/2")], vec![]));
-    assert!(e.contains("version 2"), "{e}");
+    let e = err(&with(&[("format", "nulltext-inversion/3")], vec![]));
+    assert!(
+        e.contains("version 3") && e.contains("newer nulltext"),
+        "{e}"
+    );
     let e = err(&with(&[("format", "something-else/1")], vec![]));
     assert!(e.contains("unknown format"), "{e}");
     let e = err(&with(&[("num_steps", "40")], vec![]));

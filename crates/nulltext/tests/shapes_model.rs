@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use image::RgbImage;
 use nulltext::edit::{edit, BlendOptions, EditOptions, Window};
 use nulltext::image_io::{psnr, tensor_to_images};
+use nulltext::metrics::{compare, Mask, SsimWindow};
 use nulltext::shapes::{classify, colour_error, held_out_combos, Colour, Scene, Shape};
 use nulltext::text2img::{generate, GenerateOptions};
 use nulltext::{invert_image, Inversion, InvertOptions, Method, NoProgress, StableDiffusion};
@@ -204,6 +205,53 @@ fn colour_edit_recolours_the_shape_and_keeps_the_background() {
         "shape vs green {shape_err:.1}"
     );
     assert!(bg_err < 25.0, "background changed by {bg_err:.1}");
+}
+
+/// PSNR of `img` against `photo` over the scene's background (away from the shape).
+fn background_psnr(img: &RgbImage, photo: &RgbImage, scene: &Scene) -> f64 {
+    let region = image::DynamicImage::ImageRgb8(scene.region_image(64, 3.0)).to_luma8();
+    let background = Mask::from_gray(&region, true);
+    compare(photo, img, Some(&background), SsimWindow::Uniform7)
+        .unwrap()
+        .psnr
+}
+
+/// Direct inversion (no optimization) edits as well as null-text inversion: the same colour
+/// edit recolours the shape, and keeps the background at least as well.
+#[test]
+fn direct_inversion_colour_edit_keeps_the_background_as_well_as_null_text() {
+    let sd = load();
+    let scene = held_out_scene(Shape::Circle, Colour::Red, Colour::Blue);
+    let photo = scene.render(64);
+    let target = "a green circle on a blue background";
+    let mut psnrs = Vec::new();
+    for method in [Method::Direct, Method::NullText] {
+        let opts = InvertOptions {
+            method,
+            ..Default::default()
+        };
+        let (inv, _) = invert_image(&sd, &photo, &scene.caption(), &opts, &mut NoProgress).unwrap();
+        let (rec, edited) = edit_to(&sd, &inv, target, &EditOptions::default());
+        let c = classify(&edited).expect("a shape in the edited image");
+        let shape_err = colour_error(&edited, &scene.mask(64), Colour::Green).unwrap();
+        let was_red = colour_error(&edited, &scene.mask(64), Colour::Red).unwrap();
+        let bg = background_psnr(&edited, &photo, &scene);
+        eprintln!(
+            "{method}: edit {c:?}, shape vs green {shape_err:.1} (vs red {was_red:.1}); \
+             background PSNR {bg:.2} dB (reconstruction {:.2} dB, whole {:.2} dB)",
+            background_psnr(&rec, &photo, &scene),
+            psnr(&rec, &photo)
+        );
+        assert_eq!(c.colour, Colour::Green, "{method}");
+        assert!(shape_err < 45.0 && shape_err < was_red / 2.0, "{method}");
+        psnrs.push(bg);
+    }
+    assert!(
+        psnrs[0] >= psnrs[1],
+        "background PSNR: direct {:.2} dB < null-text {:.2} dB",
+        psnrs[0],
+        psnrs[1]
+    );
 }
 
 /// Every swap among the four shapes (yellow on black, centred), with less self-attention

@@ -28,8 +28,9 @@ const STAGES: [&str; 10] = [
     "unet_b2_probs",
 ];
 
-/// Whole-job stages, only with `--only`: a full 50 × 10 null-text inversion and one edit.
-const JOBS: [&str; 2] = ["invert", "edit"];
+/// Whole-job stages, only with `--only`: a full 50 × 10 null-text inversion, a direct
+/// inversion, and one edit.
+const JOBS: [&str; 3] = ["invert", "invert_direct", "edit"];
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -48,7 +49,8 @@ pub struct BenchArgs {
     /// same with the tensor-op context tape, the GPU and half-precision path),
     /// nti_iter_graph (the same through candle's autograd graph), vae_encode, vae_decode,
     /// edit_step, unet_b2_probs; whole jobs:
-    /// invert (a 50-step, 10-iteration null-text inversion), edit (one target).
+    /// invert (a 50-step, 10-iteration null-text inversion), invert_direct (a 50-step
+    /// direct inversion), edit (one target, from the last inversion).
     #[arg(long)]
     only: Option<String>,
     /// Also write the results as JSON.
@@ -191,9 +193,13 @@ pub fn run(a: BenchArgs, ctx: &Ctx) -> Result<()> {
                 }
                 "vae_encode" => sync(&sd.image_to_latent(&image)?)?,
                 "vae_decode" => sync(&sd.latent_to_image(&z)?)?,
-                "invert" => {
+                "invert" | "invert_direct" => {
                     let opts = nulltext::InvertOptions {
                         early_stop: -1.0,
+                        method: match stage.as_str() {
+                            "invert" => nulltext::Method::NullText,
+                            _ => nulltext::Method::Direct,
+                        },
                         ..Default::default()
                     };
                     let (inv, _) = nulltext::invert_image(

@@ -48,6 +48,10 @@ pub struct EditArgs {
     /// Attention reweighting of target words: "tiger=2" or "fluffy=2,cat=0.5".
     #[arg(long)]
     reweight: Option<String>,
+    /// Guidance scale to sample with (default: the inversion's). A direct inversion edits
+    /// only at the scale it was made with.
+    #[arg(long)]
+    guidance: Option<f64>,
     /// SDEdit from the inverted trajectory at this fraction of the noise (e.g. 0.6),
     /// instead of Prompt-to-Prompt.
     #[arg(long)]
@@ -106,8 +110,10 @@ pub fn run(a: EditArgs, ctx: &Ctx) -> Result<()> {
         sdedit: a.sdedit,
         record_attention: a.attention_maps.is_some(),
         attention_downscale: a.attention_downscale,
+        guidance: a.guidance,
         ..Default::default()
     };
+    nulltext::edit::edit_guidance(&inv, opts.guidance)?;
     if let Some(b) = &a.blend {
         let mut bo = BlendOptions::parse(b)?;
         bo.threshold = a.blend_threshold;

@@ -1,4 +1,6 @@
-use anyhow::Result;
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
 use clap::Args;
 
 use super::{Ctx, ModelArg};
@@ -6,14 +8,48 @@ use super::{Ctx, ModelArg};
 #[derive(Args)]
 pub struct InfoArgs {
     #[command(flatten)]
-    model: ModelArg,
+    model: Option<ModelArg>,
+    /// Describe an inversion file instead: its method, prompt, settings and tensors (with
+    /// --model also whether it belongs to that model).
+    #[arg(long)]
+    inversion: Option<PathBuf>,
     /// Machine-readable output.
     #[arg(long)]
     json: bool,
 }
 
+fn print(v: &serde_json::Value, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(v)?);
+        return Ok(());
+    }
+    for (k, val) in v.as_object().expect("an object") {
+        let s = match val {
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        println!("{k:>24}: {s}");
+    }
+    Ok(())
+}
+
 pub fn run(a: InfoArgs, ctx: &Ctx) -> Result<()> {
-    let sd = ctx.load(&a.model)?;
+    if let Some(path) = &a.inversion {
+        let inv = nulltext::inversion_file::load(path)?;
+        let mut v = nulltext::inversion_file::describe(&inv);
+        if let Some(m) = &a.model {
+            let sd = ctx.load(m)?;
+            v["fits_model"] = match inv.check_model(&sd, false) {
+                Ok(()) => serde_json::json!(true),
+                Err(e) => serde_json::json!(e.to_string()),
+            };
+        }
+        return print(&v, a.json);
+    }
+    let Some(model) = &a.model else {
+        bail!("give --model (or set NULLTEXT_MODEL), or --inversion FILE");
+    };
+    let sd = ctx.load(model)?;
     let u = sd.unet.config();
     let family = if sd.context_dim() == 1024 {
         "Stable Diffusion 2.x"
@@ -57,16 +93,5 @@ pub fn run(a: InfoArgs, ctx: &Ctx) -> Result<()> {
         "parameters": params,
         "fingerprint": sd.fingerprint,
     });
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(());
-    }
-    for (k, val) in v.as_object().unwrap() {
-        let s = match val {
-            serde_json::Value::String(s) => s.clone(),
-            other => other.to_string(),
-        };
-        println!("{k:>24}: {s}");
-    }
-    Ok(())
+    print(&v, a.json)
 }

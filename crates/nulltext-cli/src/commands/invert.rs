@@ -41,6 +41,14 @@ pub struct InvertArgs {
     /// Iterations per step to trace (--inner-steps is always added).
     #[arg(long, value_delimiter = ',', default_value = "1,2,3,5")]
     trace_budgets: Vec<usize>,
+    /// With --trace: also edit each traced inversion to this caption (Prompt-to-Prompt
+    /// with the default settings) and record the edit's PSNR outside --trace-mask.
+    #[arg(long, requires = "trace", requires = "trace_mask")]
+    trace_edit: Option<String>,
+    /// The region the traced edit may change (a white-on-black image of the photo's size
+    /// after --crop and --size).
+    #[arg(long, requires = "trace_edit")]
+    trace_mask: Option<PathBuf>,
 }
 
 pub fn run(a: InvertArgs, ctx: &Ctx) -> Result<()> {
@@ -154,12 +162,21 @@ fn run_trace(
     budgets.push(a.settings.inner_steps);
     let mut bars = ctx.bars().with_inner_steps(a.settings.inner_steps);
     let mut kept = None;
+    let traced_edit = match (&a.trace_edit, &a.trace_mask) {
+        (Some(target), Some(mask)) => Some(nulltext::trace::TraceEdit {
+            target: target.clone(),
+            options: Default::default(),
+            region: image_io::load_mask(mask, a.crop.unwrap_or_default(), img.width())?,
+        }),
+        _ => None,
+    };
     let trace = nulltext::trace::trace(
         sd,
         img,
         &a.prompt,
         opts,
         &budgets,
+        traced_edit.as_ref(),
         &mut bars,
         |b, inv, _| {
             if b == a.settings.inner_steps || !a.settings.method.optimizes() {
@@ -186,13 +203,31 @@ fn run_trace(
         trace.vae_psnr
     ));
     ctx.say(format!(
-        "  {:>3} {:>10} {:>10} {:>12} {:>8} {:>12}",
-        "N", "iterations", "PSNR (dB)", "vs VAE (dB)", "SSIM", "latent MSE"
+        "  {:>3} {:>10} {:>11} {:>10} {:>10} {:>12} {:>8} {:>12} {:>15}",
+        "N",
+        "iterations",
+        "UNet passes",
+        "seconds",
+        "PSNR (dB)",
+        "vs VAE (dB)",
+        "SSIM",
+        "latent MSE",
+        "edit bg PSNR"
     ));
     for p in &trace.points {
+        let edit = p
+            .edit_background_psnr
+            .map_or("-".to_string(), |v| format!("{v:.2} dB"));
         ctx.say(format!(
-            "  {:>3} {:>10} {:>10.2} {:>12.2} {:>8.4} {:>12.6}",
-            p.budget, p.iterations, p.psnr, p.psnr_vs_vae, p.ssim, p.latent_mse
+            "  {:>3} {:>10} {:>11} {:>10.1} {:>10.2} {:>12.2} {:>8.4} {:>12.6} {edit:>15}",
+            p.budget,
+            p.iterations,
+            p.unet_passes,
+            p.seconds,
+            p.psnr,
+            p.psnr_vs_vae,
+            p.ssim,
+            p.latent_mse,
         ));
     }
     ctx.say(format!(

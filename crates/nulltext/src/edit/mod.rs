@@ -237,6 +237,9 @@ pub struct EditOptions {
     pub record_attention: bool,
     /// Keep every step's latents.
     pub keep_step_latents: bool,
+    /// Classifier-free guidance scale; `None`: the inversion's. A direct inversion's
+    /// offsets hold only for the scale it was made with, so it refuses any other.
+    pub guidance: Option<f64>,
 }
 
 impl Default for EditOptions {
@@ -252,6 +255,7 @@ impl Default for EditOptions {
             sdedit: None,
             record_attention: false,
             keep_step_latents: false,
+            guidance: None,
         }
     }
 }
@@ -517,6 +521,9 @@ pub fn edit(
 ) -> Result<EditResult> {
     let ddim = Ddim::new(&inv.scheduler, inv.num_steps)?;
     let (_, _, h, w) = inv.latent_t.dims4()?;
+    let guidance = edit_guidance(inv, opts.guidance)?;
+    inv.check_offsets()?;
+    let offsets = inv.offsets_on(&sd.device)?;
     let mut prompts = vec![inv.prompt.clone()];
     prompts.extend(targets.iter().cloned());
     let refs: Vec<&str> = prompts.iter().map(|s| s.as_str()).collect();
@@ -561,8 +568,9 @@ pub fn edit(
             start: &pivots[k],
             cond: &cond,
             uncond: &nulls,
-            guidance: inv.guidance,
+            guidance,
             first_step: inv.num_steps - k,
+            source_offsets: offsets.as_ref(),
         };
         let latents = sample(sd, &ddim, &spec, &mut NoControl, progress, &mut record)?;
         return Ok(EditResult {
@@ -581,8 +589,9 @@ pub fn edit(
         start: &start,
         cond: &cond,
         uncond: &nulls,
-        guidance: inv.guidance,
+        guidance,
         first_step: 0,
+        source_offsets: offsets.as_ref(),
     };
     let latents = sample(sd, &ddim, &spec, &mut controller, progress, &mut record)?;
     let attention_maps = if opts.record_attention {
@@ -605,6 +614,26 @@ pub fn edit(
         step_latents: stack(step_latents)?,
         controller: Some(controller),
     })
+}
+
+/// The guidance scale an edit of `inv` samples with: `requested`, or the inversion's own.
+pub fn edit_guidance(inv: &Inversion, requested: Option<f64>) -> Result<f64> {
+    let Some(w) = requested else {
+        return Ok(inv.guidance);
+    };
+    if !w.is_finite() {
+        return Err(invalid(format!(
+            "--guidance must be a finite number, got {w}"
+        )));
+    }
+    if inv.latent_offsets.is_some() && w != inv.guidance {
+        return Err(invalid(format!(
+            "this direct inversion was made at guidance {}: its offsets bring the source back \
+             onto the photo only at that scale. Edit at {} or invert again with --guidance {w}",
+            inv.guidance, inv.guidance
+        )));
+    }
+    Ok(w)
 }
 
 fn stack(v: Vec<Tensor>) -> Result<Option<Tensor>> {

@@ -26,7 +26,9 @@ pub const DEFAULT_MAX_PIXELS: u64 = 64_000_000;
 /// Self-attention at the finest level grows with the fourth power of the side: at 2048 px
 /// an SD 1.x UNet pass already needs tens of GB.
 pub const DEFAULT_MAX_SIZE: u32 = 2048;
-pub const DEFAULT_MAX_PROMPT_CHARS: usize = 1000;
+/// Long captions are allowed (CLIP reads their first 77 tokens, with a warning); this
+/// only bounds the work of tokenizing them. The server sets its own, lower bound.
+pub const DEFAULT_MAX_PROMPT_CHARS: usize = 10_000;
 /// Classifier-free guidance beyond this only saturates the image.
 pub const MAX_GUIDANCE: f64 = 50.0;
 impl Default for Limits {
@@ -184,7 +186,7 @@ mod tests {
         for bad in ["", "  ", "a\u{0}cat"] {
             assert!(l.check_prompt("--prompt", bad).is_err(), "{bad:?}");
         }
-        assert!(l.check_prompt("--prompt", &"a".repeat(1001)).is_err());
+        assert!(l.check_prompt("--prompt", &"a ".repeat(5001)).is_err());
         for g in [f64::NAN, 1e308, -1.0, f64::INFINITY] {
             assert!(check_guidance("guidance", g).is_err(), "{g}");
         }

@@ -481,3 +481,116 @@ fn ctrl_c_after_the_file_is_written_says_so() {
     assert!(!stderr.contains("nothing was written"), "{stderr}");
     assert!(out.is_file());
 }
+
+/// Resident memory of process `pid` in KiB.
+fn rss_of(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// One HTTP/1.1 request with `Connection: close`; the status and the body.
+fn http(addr: &str, method: &str, path: &str, ctype: &str, body: &[u8]) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+         Content-Type: {ctype}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).unwrap();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text[9..12].parse().unwrap();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    (status, body)
+}
+
+/// The server process hands the memory of a job back: a 36 MP upload decoded, resized
+/// and inverted leaves resident memory where it was (the batch commands keep theirs).
+#[test]
+fn the_server_returns_memory_after_a_job() {
+    use std::io::BufRead;
+    let d = tmp("serve-memory");
+    let mut child = command(
+        &[
+            "serve",
+            "--model",
+            s(&tiny()),
+            "--bind",
+            "127.0.0.1:0",
+            "--data-dir",
+            s(&d),
+            "--max-megapixels",
+            "40",
+        ],
+        "2",
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    // "nulltext serve: open http://127.0.0.1:PORT/ (…)"
+    let addr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_string();
+    let pid = child.id();
+    let mut png = Vec::new();
+    image::GrayImage::new(6000, 6000)
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
+    let boundary = "nulltext-test-boundary";
+    let mut body = Vec::new();
+    for (name, value) in [
+        ("prompt", "a cat"),
+        ("size", "64"),
+        ("steps", "2"),
+        ("inner_steps", "1"),
+    ] {
+        body.extend(
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n"
+            )
+            .as_bytes(),
+        );
+    }
+    body.extend(
+        format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"b.png\"\r\n\
+             Content-Type: image/png\r\n\r\n"
+        )
+        .as_bytes(),
+    );
+    body.extend(&png);
+    body.extend(format!("\r\n--{boundary}--\r\n").as_bytes());
+    let ctype = format!("multipart/form-data; boundary={boundary}");
+    let before = rss_of(pid);
+    let (status, job) = http(&addr, "POST", "/v1/inversions?wait=true", &ctype, &body);
+    assert_eq!(status, 200, "{job}");
+    assert!(job.contains("\"succeeded\""), "{job}");
+    std::thread::sleep(Duration::from_millis(500));
+    let after = rss_of(pid);
+    eprintln!("serve: a 36 MP upload inverted; RSS {before} KiB → {after} KiB");
+    let _ = Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status();
+    let _ = child.wait();
+    // The decoded upload alone is 108 MB.
+    assert!(after < before + 64 * 1024, "RSS {before} KiB → {after} KiB");
+}

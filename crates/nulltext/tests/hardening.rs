@@ -151,7 +151,7 @@ fn inversion_reader_survives_mutations() {
                 let key = rng.pick(&keys).clone();
                 h["__metadata__"][&key] = (*rng.pick(&absurd)).into();
                 let mut hb = h.to_string().into_bytes();
-                while hb.len() % 8 != 0 {
+                while !hb.len().is_multiple_of(8) {
                     hb.push(b' ');
                 }
                 let mut b = (hb.len() as u64).to_le_bytes().to_vec();

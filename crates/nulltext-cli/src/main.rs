@@ -36,8 +36,8 @@ struct Cli {
 
 fn main() {
     runtime::configure_threads();
-    runtime::configure_allocator();
     let cli = Cli::parse();
+    runtime::configure_allocator(matches!(cli.command, commands::Command::Serve(_)));
     let filter = if cli.quiet { "error" } else { "warn" };
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -53,12 +53,19 @@ fn main() {
         dtype: cli.dtype,
         quiet: cli.quiet,
         cancel: progress::install_ctrlc(),
+        written: Default::default(),
     };
     if let Err(e) = commands::run(cli.command, &ctx) {
         if e.downcast_ref::<nulltext::Error>()
             .is_some_and(|e| matches!(e, nulltext::Error::Cancelled))
         {
-            eprintln!("interrupted: nothing was written");
+            let written = ctx.written.borrow();
+            if written.is_empty() {
+                eprintln!("interrupted: nothing was written");
+            } else {
+                let names: Vec<String> = written.iter().map(|p| p.display().to_string()).collect();
+                eprintln!("interrupted after writing {}", names.join(", "));
+            }
             std::process::exit(130);
         }
         eprintln!("error: {e}");

@@ -27,7 +27,13 @@ pub fn configure_threads() {
 /// `MIMALLOC_ARENA_EAGER_COMMIT`. A UNet pass frees and allocates tens of large activations;
 /// returned memory comes back as fresh pages the kernel must zero, which took a quarter of
 /// a null-text iteration's time. The process's peak stays what its largest pass needs.
-pub fn configure_allocator() {
+///
+/// A long-running process (the server) keeps mimalloc's defaults instead: it sits idle
+/// between jobs, and memory a job or an upload used must go back to the system.
+pub fn configure_allocator(long_running: bool) {
+    if long_running {
+        return;
+    }
     // Indices of `mi_option_e` in the bundled mimalloc 3.x (`mimalloc.h`).
     const ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
     const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;

@@ -362,6 +362,10 @@ fn d_leading() -> String {
     "leading".into()
 }
 
+/// More training timesteps than any released scheduler uses; bounds the tables built from
+/// a config.
+pub const MAX_TRAIN_TIMESTEPS: usize = 100_000;
+
 /// The DDIM settings, from `scheduler/config.json` (any diffusers scheduler's file carries
 /// the same beta keys). Serialized into inversion files as the `scheduler` metadata.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -435,8 +439,27 @@ impl SchedulerConfig {
                 self.timestep_spacing
             )));
         }
-        if self.num_train_timesteps == 0 {
-            return Err(Error::Unsupported("num_train_timesteps = 0".into()));
+        // Numbers may come from a file nulltext did not write (an inversion's metadata):
+        // each is bounded before tables are built from it.
+        let n = self.num_train_timesteps;
+        if n == 0 || n > MAX_TRAIN_TIMESTEPS {
+            return Err(Error::Unsupported(format!(
+                "num_train_timesteps = {n}; expected 1 to {MAX_TRAIN_TIMESTEPS}"
+            )));
+        }
+        if self.steps_offset >= n {
+            return Err(Error::Unsupported(format!(
+                "steps_offset = {} is not below num_train_timesteps = {n}",
+                self.steps_offset
+            )));
+        }
+        for (k, v) in [("beta_start", self.beta_start), ("beta_end", self.beta_end)] {
+            // Written so that NaN is refused too.
+            if !(v > 0.0 && v < 1.0) {
+                return Err(Error::Unsupported(format!(
+                    "{k} = {v}; expected a number between 0 and 1"
+                )));
+            }
         }
         Ok(())
     }

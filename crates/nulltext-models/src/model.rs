@@ -424,9 +424,13 @@ impl StableDiffusion {
         self.vae.config().downsampling()
     }
 
-    /// The image size the UNet was trained at (512 for SD 1.x, 256 for the tiny fixture).
+    /// The image size the UNet was trained at (512 for SD 1.x, 256 for the tiny fixture),
+    /// as its config says: callers bound it as they bound a size a user asks for.
     pub fn default_image_size(&self) -> usize {
-        self.unet.config().sample_size * self.vae_scale_factor()
+        self.unet
+            .config()
+            .sample_size
+            .saturating_mul(self.vae_scale_factor())
     }
 
     pub fn latent_channels(&self) -> usize {

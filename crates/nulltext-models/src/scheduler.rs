@@ -84,9 +84,11 @@ impl Ddim {
     pub fn new(config: &SchedulerConfig, num_inference_steps: usize) -> Result<Self> {
         config.validate()?;
         let n = config.num_train_timesteps;
-        if num_inference_steps == 0 || num_inference_steps > n {
+        let max = Self::max_steps(config);
+        if num_inference_steps == 0 || num_inference_steps > max {
             return Err(Error::Msg(format!(
-                "number of steps must be between 1 and {n}, got {num_inference_steps}"
+                "the number of steps must be between 1 and {max} for this scheduler, got \
+                 {num_inference_steps}"
             )));
         }
         let alphas_cumprod = alphas_cumprod(config)?;
@@ -137,6 +139,20 @@ impl Ddim {
             step_ratio: n / t,
             prediction,
         })
+    }
+
+    /// The most steps `config` can take with every timestep below `num_train_timesteps`:
+    /// "leading" spacing puts the last at (T−1)·⌊n/T⌋ + `steps_offset` (SD's 1000 training
+    /// steps with offset 1 allow 999); the other spacings end at n − 1 for any T ≤ n.
+    pub fn max_steps(config: &SchedulerConfig) -> usize {
+        let n = config.num_train_timesteps;
+        if config.timestep_spacing != "leading" {
+            return n;
+        }
+        (1..=n)
+            .rev()
+            .find(|&t| (t - 1) * (n / t) + config.steps_offset < n)
+            .unwrap_or(0)
     }
 
     pub fn config(&self) -> &SchedulerConfig {
@@ -219,6 +235,10 @@ mod tests {
         assert_eq!(*d.timesteps().last().unwrap(), 1);
         assert_eq!(d.prev_timestep(1), -19);
         assert_eq!(d.alpha_at(-19), d.alphas_cumprod()[0]);
+        assert_eq!(Ddim::max_steps(&SchedulerConfig::default()), 999);
+        assert!(Ddim::new(&SchedulerConfig::default(), 999).is_ok());
+        let e = Ddim::new(&SchedulerConfig::default(), 1000).unwrap_err();
+        assert!(e.to_string().contains("between 1 and 999"), "{e}");
     }
 
     #[test]

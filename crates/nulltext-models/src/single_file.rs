@@ -62,7 +62,8 @@ pub fn unet_key(key: &str, layers: usize) -> Option<String> {
     let j: usize = j.parse().ok()?;
     match group {
         "input_blocks" => {
-            let (block, layer) = ((i - 1) / (layers + 1), (i - 1) % (layers + 1));
+            let i = i.checked_sub(1)?;
+            let (block, layer) = (i / (layers + 1), i % (layers + 1));
             if layer == layers {
                 let r = rest.strip_prefix("op.")?;
                 Some(format!("down_blocks.{block}.downsamplers.0.conv.{r}"))
@@ -182,11 +183,24 @@ fn shape<'a>(shapes: &'a BTreeMap<String, Vec<usize>>, k: &str) -> Result<&'a [u
         .ok_or_else(|| Error::Unsupported(format!("single-file checkpoint lacks `{k}`")))
 }
 
+/// The shape of `k`, which must have `N` dimensions, none of them zero. Every size read off
+/// a file goes through here before it is used: a crafted header may say anything.
+fn dims<const N: usize>(shapes: &BTreeMap<String, Vec<usize>>, k: &str) -> Result<[usize; N]> {
+    let s = shape(shapes, k)?;
+    <[usize; N]>::try_from(s)
+        .ok()
+        .filter(|d| d.iter().all(|&x| x > 0))
+        .ok_or_else(|| {
+            Error::Unsupported(format!(
+                "single-file checkpoint: `{k}` has shape {s:?}; expected {N} non-zero dimensions"
+            ))
+        })
+}
+
 /// Reads the architecture off the tensor shapes (SD 1.x/2.x structure, any widths).
 pub fn detect(shapes: &BTreeMap<String, Vec<usize>>) -> Result<Detected> {
     let u = |s: &str| format!("{UNET_PREFIX}{s}");
-    let conv_in = shape(shapes, &u("input_blocks.0.0.weight"))?;
-    let (ch0, in_channels) = (conv_in[0], conv_in[1]);
+    let [_, in_channels, _, _] = dims::<4>(shapes, &u("input_blocks.0.0.weight"))?;
     // layers per block: the first downsampler sits at input_blocks.(layers+1)
     let layers = (1..8)
         .find(|l| shapes.contains_key(&u(&format!("input_blocks.{}.0.op.weight", l + 1))))
@@ -196,8 +210,10 @@ pub fn detect(shapes: &BTreeMap<String, Vec<usize>>) -> Result<Detected> {
     for level in 0.. {
         let first = 1 + level * (layers + 1);
         let k = u(&format!("input_blocks.{first}.0.out_layers.3.weight"));
-        let Some(s) = shapes.get(&k) else { break };
-        blocks.push(s[0]);
+        if !shapes.contains_key(&k) {
+            break;
+        }
+        blocks.push(dims::<4>(shapes, &k)?[0]);
         attn.push(shapes.contains_key(&u(&format!("input_blocks.{first}.1.proj_in.weight"))));
     }
     if blocks.is_empty() {
@@ -208,20 +224,19 @@ pub fn detect(shapes: &BTreeMap<String, Vec<usize>>) -> Result<Detected> {
         .find(|l| attn[*l])
         .ok_or_else(|| Error::Unsupported("the UNet has no attention".into()))?;
     let a = 1 + first_attn * (layers + 1);
-    let to_k = shape(
+    let [_, context] = dims::<2>(
         shapes,
         &u(&format!(
             "input_blocks.{a}.1.transformer_blocks.0.attn2.to_k.weight"
         )),
     )?;
-    let context = to_k[1];
     let linear = shape(shapes, &u(&format!("input_blocks.{a}.1.proj_in.weight")))?.len() == 2;
     let heads: Vec<usize> = if context == 768 {
         vec![8; n]
     } else {
         blocks.iter().map(|c| (c / 64).max(1)).collect()
     };
-    let conv_out = shape(shapes, &u("out.2.weight"))?;
+    let [out_channels, _, _, _] = dims::<4>(shapes, &u("out.2.weight"))?;
     let down: Vec<String> = attn
         .iter()
         .map(|a| {
@@ -246,22 +261,25 @@ pub fn detect(shapes: &BTreeMap<String, Vec<usize>>) -> Result<Detected> {
         })
         .collect();
     let unet: UNetConfig = serde_json::from_value(serde_json::json!({
-        "in_channels": in_channels, "out_channels": conv_out[0],
+        "in_channels": in_channels, "out_channels": out_channels,
         "block_out_channels": blocks, "down_block_types": down, "up_block_types": up,
         "layers_per_block": layers, "attention_head_dim": heads,
         "cross_attention_dim": context, "use_linear_projection": linear,
         "sample_size": 64,
     }))
     .map_err(|e| Error::Msg(e.to_string()))?;
-    let _ = ch0;
 
     let v = |s: &str| format!("{VAE_PREFIX}{s}");
     let mut vblocks = Vec::new();
-    while let Some(s) = shapes.get(&v(&format!(
-        "encoder.down.{}.block.0.conv1.weight",
-        vblocks.len()
-    ))) {
-        vblocks.push(s[0]);
+    loop {
+        let k = v(&format!(
+            "encoder.down.{}.block.0.conv1.weight",
+            vblocks.len()
+        ));
+        if !shapes.contains_key(&k) {
+            break;
+        }
+        vblocks.push(dims::<4>(shapes, &k)?[0]);
     }
     if vblocks.is_empty() {
         return Err(Error::Unsupported(
@@ -271,7 +289,7 @@ pub fn detect(shapes: &BTreeMap<String, Vec<usize>>) -> Result<Detected> {
     let vlayers = (0..)
         .take_while(|j| shapes.contains_key(&v(&format!("encoder.down.0.block.{j}.conv1.weight"))))
         .count();
-    let latent = shape(shapes, &v("post_quant_conv.weight"))?[0];
+    let [latent, _, _, _] = dims::<4>(shapes, &v("post_quant_conv.weight"))?;
     let vae: VaeConfig = serde_json::from_value(serde_json::json!({
         "block_out_channels": vblocks,
         "down_block_types": vec!["DownEncoderBlock2D"; vblocks.len()],
@@ -283,36 +301,40 @@ pub fn detect(shapes: &BTreeMap<String, Vec<usize>>) -> Result<Detected> {
     let openclip = shapes.keys().any(|k| k.starts_with(OPENCLIP_PREFIX));
     let text: ClipTextConfig = if openclip {
         let o = |s: &str| format!("{OPENCLIP_PREFIX}{s}");
-        let emb = shape(shapes, &o("token_embedding.weight"))?;
-        let hidden = emb[1];
+        let [vocab, hidden] = dims::<2>(shapes, &o("token_embedding.weight"))?;
         let all = (0..)
             .take_while(|i| {
                 shapes.contains_key(&o(&format!("transformer.resblocks.{i}.ln_1.weight")))
             })
             .count();
-        let inter = shape(shapes, &o("transformer.resblocks.0.mlp.c_fc.weight"))?[0];
+        let [inter, _] = dims::<2>(shapes, &o("transformer.resblocks.0.mlp.c_fc.weight"))?;
+        let layers = all.checked_sub(1).ok_or_else(|| {
+            Error::Unsupported(
+                "single-file checkpoint: the OpenCLIP text encoder has no layers".into(),
+            )
+        })?;
+        let [positions, _] = dims::<2>(shapes, &o("positional_embedding"))?;
         serde_json::from_value(serde_json::json!({
-            "vocab_size": emb[0], "hidden_size": hidden, "intermediate_size": inter,
+            "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": inter,
             // SD 2.x uses the penultimate layer: the last one is dropped, as diffusers does.
-            "num_hidden_layers": all - 1, "num_attention_heads": (hidden / 64).max(1),
-            "hidden_act": "gelu", "max_position_embeddings": shape(shapes, &o("positional_embedding"))?[0],
+            "num_hidden_layers": layers, "num_attention_heads": (hidden / 64).max(1),
+            "hidden_act": "gelu", "max_position_embeddings": positions,
         }))
         .map_err(|e| Error::Msg(e.to_string()))?
     } else {
         let c = |s: &str| format!("{CLIP_PREFIX}text_model.{s}");
-        let emb = shape(shapes, &c("embeddings.token_embedding.weight"))?;
-        let hidden = emb[1];
+        let [vocab, hidden] = dims::<2>(shapes, &c("embeddings.token_embedding.weight"))?;
         let layers = (0..)
             .take_while(|i| {
                 shapes.contains_key(&c(&format!("encoder.layers.{i}.layer_norm1.weight")))
             })
             .count();
-        let inter = shape(shapes, &c("encoder.layers.0.mlp.fc1.weight"))?[0];
+        let [inter, _] = dims::<2>(shapes, &c("encoder.layers.0.mlp.fc1.weight"))?;
+        let [positions, _] = dims::<2>(shapes, &c("embeddings.position_embedding.weight"))?;
         serde_json::from_value(serde_json::json!({
-            "vocab_size": emb[0], "hidden_size": hidden, "intermediate_size": inter,
+            "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": inter,
             "num_hidden_layers": layers, "num_attention_heads": (hidden / 64).max(1),
-            "hidden_act": "quick_gelu",
-            "max_position_embeddings": shape(shapes, &c("embeddings.position_embedding.weight"))?[0],
+            "hidden_act": "quick_gelu", "max_position_embeddings": positions,
         }))
         .map_err(|e| Error::Msg(e.to_string()))?
     };

@@ -36,6 +36,9 @@ pub struct Encoding {
     pub truncated: Option<String>,
 }
 
+/// Words whose BPE tokens are kept (a few MB at most).
+const MAX_CACHED_WORDS: usize = 4096;
+
 pub struct ClipTokenizer {
     encoder: HashMap<String, u32>,
     decoder: HashMap<u32, String>,
@@ -43,6 +46,7 @@ pub struct ClipTokenizer {
     pattern: Regex,
     byte_encoder: [char; 256],
     byte_decoder: HashMap<char, u8>,
+    /// BPE results by word, at most [`MAX_CACHED_WORDS`].
     cache: Mutex<HashMap<String, Vec<u32>>>,
     bos: u32,
     eos: u32,
@@ -233,10 +237,13 @@ impl ClipTokenizer {
             .iter()
             .map(|p| self.encoder.get(p).copied().unwrap_or(self.eos))
             .collect();
-        self.cache
-            .lock()
-            .unwrap()
-            .insert(word.to_string(), ids.clone());
+        let mut cache = self.cache.lock().unwrap();
+        // Bounded: a server tokenizes whatever words its clients send. Starting over when
+        // full keeps the common words cached and costs one miss each.
+        if cache.len() >= MAX_CACHED_WORDS {
+            cache.clear();
+        }
+        cache.insert(word.to_string(), ids.clone());
         ids
     }
 
@@ -396,5 +403,27 @@ mod tests {
             vec![2, 3, 4]
         );
         assert!(t.word_positions("a cat", "dog").is_empty());
+    }
+
+    /// Every new word a client sends is cached: the cache stays bounded, and a word
+    /// tokenizes the same before and after it is dropped from it.
+    #[test]
+    fn cache_is_bounded() {
+        let t = ClipTokenizer::bundled();
+        // Distinct words of letters only (digits are split off as words of their own).
+        let word = |mut i: usize| {
+            let mut w = String::from("zq");
+            while i > 0 {
+                w.push((b'a' + (i % 26) as u8) as char);
+                i /= 26;
+            }
+            w
+        };
+        let first = t.encode("zqxjkv");
+        for i in 0..3 * MAX_CACHED_WORDS {
+            t.encode(&word(i));
+            assert!(t.cache.lock().unwrap().len() <= MAX_CACHED_WORDS);
+        }
+        assert_eq!(t.encode("zqxjkv"), first);
     }
 }

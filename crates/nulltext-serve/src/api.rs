@@ -34,6 +34,9 @@ const PAGE: &str = include_str!("../assets/index.html");
 const OPENAPI: &str = include_str!("../assets/openapi.json");
 /// Edit requests are small JSON documents.
 const MAX_EDIT_BODY: usize = 64 * 1024;
+/// The inversion form has 9 fields; a few more are refused by name, thousands are an
+/// attack on the parser.
+const MAX_FORM_FIELDS: usize = 32;
 
 pub fn router(app: Arc<App>) -> Router {
     let max_body = app.limits.max_body_bytes;
@@ -223,9 +226,12 @@ async fn page() -> Response {
         header::CONTENT_SECURITY_POLICY,
         HeaderValue::from_static(
             "default-src 'self'; img-src 'self' blob: data:; style-src 'self' 'unsafe-inline'; \
-             script-src 'self' 'unsafe-inline'; connect-src 'self'",
+             script-src 'self' 'unsafe-inline'; connect-src 'self'; frame-ancestors 'none'",
         ),
     );
+    // No other site may frame the page (clickjacking); the header for older browsers.
+    res.headers_mut()
+        .insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     res
 }
 
@@ -381,16 +387,19 @@ async fn create_inversion(
         let status = e.status();
         ApiError::new(status, ApiError::code_for(status), e.body_text())
     })?;
+    // A full queue is answered before the body is read, let alone decoded.
+    app.jobs.check_capacity()?;
     let mut image: Option<Bytes> = None;
     let mut fields: Vec<(String, String)> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     while let Some(field) = mp.next_field().await.map_err(multipart_error)? {
         let name = field.name().unwrap_or("").to_string();
-        let duplicate = if name == "image" {
-            image.is_some()
-        } else {
-            fields.iter().any(|(n, _)| *n == name)
-        };
-        if duplicate {
+        if seen.len() >= MAX_FORM_FIELDS {
+            return Err(ApiError::bad_request(format!(
+                "the form has more than {MAX_FORM_FIELDS} fields"
+            )));
+        }
+        if !seen.insert(name.clone()) {
             return Err(ApiError::bad_request(format!(
                 "the field `{}` is given twice",
                 clip(&name, 64)
@@ -403,8 +412,17 @@ async fn create_inversion(
             fields.push((name, text));
         }
     }
-    let params = invert_params(&fields, &app.limits, app.sd.default_image_size() as u32)?;
+    let default_size = u32::try_from(app.sd.default_image_size()).unwrap_or(u32::MAX);
+    let params = invert_params(&fields, &app.limits, default_size)?;
+    params.options.validate(&app.sd.scheduler)?;
     let bytes = image.ok_or_else(|| ApiError::bad_request("the field `image` is missing"))?;
+    // Decoding is bounded: a few uploads at a time, each after the queue has room.
+    let permit = app
+        .decodes
+        .acquire()
+        .await
+        .map_err(|_| ApiError::internal("the server is shutting down"))?;
+    app.jobs.check_capacity()?;
     let app2 = app.clone();
     let record = blocking(move || {
         let raw = decode_image(&bytes, &app2.limits)?;
@@ -425,6 +443,7 @@ async fn create_inversion(
         )
     })
     .await?;
+    drop(permit);
     Ok(accepted(&app, record, q.wait).await)
 }
 
@@ -559,19 +578,19 @@ async fn create_edit(
     }
     let options = request.options(&app.limits)?;
     let app2 = app.clone();
+    app.jobs.check_capacity()?;
     let record = blocking(move || {
-        // The words and windows against the tokenizer, before anything is queued.
-        if options.sdedit.is_none() {
-            let f = app2.sd.vae_scale_factor();
-            nulltext::edit::build_controller(
-                &app2.sd,
-                &inv.prompt,
-                &request.targets,
-                &options,
-                inv.steps,
-                (inv.height as usize / f, inv.width as usize / f),
-            )?;
-        }
+        // The words and windows against the tokenizer, SDEdit's start against the steps,
+        // before anything is queued.
+        let f = app2.sd.vae_scale_factor();
+        nulltext::edit::check_edit(
+            &app2.sd,
+            &inv.prompt,
+            &request.targets,
+            &options,
+            inv.steps,
+            (inv.height as usize / f, inv.width as usize / f),
+        )?;
         app2.jobs.submit(
             JobKind::Edit,
             inv.id,

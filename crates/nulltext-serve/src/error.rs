@@ -127,6 +127,9 @@ pub fn api_wording(msg: &str) -> String {
         ("--mode", "mode"),
         ("--sdedit", "sdedit"),
         ("--inner-steps", "inner_steps"),
+        ("--steps", "steps"),
+        ("--guidance", "guidance"),
+        ("--early-stop", "early_stop"),
         ("--size", "size"),
     ] {
         s = s.replace(flag, field);

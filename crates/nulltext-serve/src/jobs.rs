@@ -182,6 +182,8 @@ struct Inner {
 pub struct Jobs {
     dir: PathBuf,
     capacity: usize,
+    /// Finished jobs whose records are kept; older ones are forgotten.
+    keep: usize,
     inner: Mutex<Inner>,
     wake: Condvar,
 }
@@ -192,7 +194,7 @@ pub const INTERRUPTED: &str = "interrupted: the server stopped before this job f
 impl Jobs {
     /// Loads the job records of `dir`; jobs that were queued or running when the last
     /// server stopped are marked failed.
-    pub fn open(dir: &Path, capacity: usize) -> Result<Self> {
+    pub fn open(dir: &Path, capacity: usize, keep: usize) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
         let mut all = HashMap::new();
         for e in std::fs::read_dir(dir)?.flatten() {
@@ -225,9 +227,10 @@ impl Jobs {
             }
             all.insert(id, Arc::new(Job::new(r)));
         }
-        Ok(Self {
+        let jobs = Self {
             dir: dir.to_path_buf(),
             capacity,
+            keep,
             inner: Mutex::new(Inner {
                 all,
                 queue: VecDeque::new(),
@@ -236,11 +239,62 @@ impl Jobs {
                 mean_seconds: None,
             }),
             wake: Condvar::new(),
-        })
+        };
+        jobs.prune(&mut jobs.inner.lock().unwrap());
+        Ok(jobs)
+    }
+
+    /// Forgets the oldest finished jobs beyond the `keep` newest, in memory and on disk.
+    /// Their results (inversions, edits) stay; only the job records go.
+    fn prune(&self, inner: &mut Inner) {
+        let mut done: Vec<(u64, Id)> = inner
+            .all
+            .values()
+            .map(|j| j.record())
+            .filter(|r| r.state.is_terminal())
+            .map(|r| (r.finished_ms.unwrap_or(r.created_ms), r.id))
+            .collect();
+        if done.len() <= self.keep {
+            return;
+        }
+        done.sort_unstable();
+        for (_, id) in &done[..done.len() - self.keep] {
+            inner.all.remove(id);
+            let _ = std::fs::remove_file(self.dir.join(format!("{id}.json")));
+        }
     }
 
     pub fn capacity(&self) -> usize {
         self.capacity
+    }
+
+    /// Whether a job could be queued now: cheap, for handlers to answer 429 (or 503)
+    /// before they read or decode anything. [`Jobs::submit`] checks again.
+    pub fn check_capacity(&self) -> Result<(), ApiError> {
+        self.refusal(&self.inner.lock().unwrap())
+    }
+
+    fn refusal(&self, inner: &Inner) -> Result<(), ApiError> {
+        if inner.shutting_down {
+            return Err(ApiError::new(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "shutting_down",
+                "the server is shutting down",
+            ));
+        }
+        if inner.queue.len() >= self.capacity {
+            let retry = retry_after(inner);
+            return Err(ApiError::new(
+                axum::http::StatusCode::TOO_MANY_REQUESTS,
+                "queue_full",
+                format!(
+                    "{} jobs are waiting, the most this server queues; try again in about {retry} s",
+                    inner.queue.len()
+                ),
+            )
+            .with_retry_after(retry));
+        }
+        Ok(())
     }
 
     /// Queues work; refused with 429 (and Retry-After) when the queue is full.
@@ -252,25 +306,7 @@ impl Jobs {
         work: Work,
     ) -> Result<JobRecord, ApiError> {
         let mut inner = self.inner.lock().unwrap();
-        if inner.shutting_down {
-            return Err(ApiError::new(
-                axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                "shutting_down",
-                "the server is shutting down",
-            ));
-        }
-        if inner.queue.len() >= self.capacity {
-            let retry = retry_after(&inner);
-            return Err(ApiError::new(
-                axum::http::StatusCode::TOO_MANY_REQUESTS,
-                "queue_full",
-                format!(
-                    "{} jobs are waiting, the most this server queues; try again in about {retry} s",
-                    inner.queue.len()
-                ),
-            )
-            .with_retry_after(retry));
-        }
+        self.refusal(&inner)?;
         let record = JobRecord {
             id: Id::random(),
             kind,
@@ -347,11 +383,13 @@ impl Jobs {
             JobState::Queued => {
                 inner.queue.retain(|(j, _)| !Arc::ptr_eq(j, &job));
                 drop(inner);
-                Ok(job.transition(&self.dir, |r| {
+                let r = job.transition(&self.dir, |r| {
                     r.state = JobState::Cancelled;
                     r.finished_ms = Some(now_ms());
                     r.error = Some("cancelled before it started".into());
-                }))
+                });
+                self.prune(&mut self.inner.lock().unwrap());
+                Ok(r)
             }
             JobState::Running => {
                 job.cancel.cancel();
@@ -374,11 +412,14 @@ impl Jobs {
             }
             if let Some((job, work)) = inner.queue.pop_front() {
                 inner.running = Some(job.clone());
-                drop(inner);
+                // Marked running before the queue is unlocked: a cancel that comes between
+                // must see a running job (and stop it), not a queued one it only thinks it
+                // removed.
                 job.transition(&self.dir, |r| {
                     r.state = JobState::Running;
                     r.started_ms = Some(now_ms());
                 });
+                drop(inner);
                 return Some((job, work));
             }
             inner = self.wake.wait(inner).unwrap();
@@ -395,6 +436,7 @@ impl Jobs {
         });
         let mut inner = self.inner.lock().unwrap();
         inner.running = None;
+        self.prune(&mut inner);
         if state == JobState::Succeeded {
             let secs = (r.finished_ms.unwrap_or(0) - r.started_ms.unwrap_or(0)) as f64 / 1e3;
             inner.mean_seconds = Some(match inner.mean_seconds {
@@ -439,4 +481,74 @@ fn retry_after(inner: &Inner) -> u64 {
         .and_then(|j| j.record().started_ms)
         .map_or(0.0, |s| now_ms().saturating_sub(s) as f64 / 1e3);
     (mean - elapsed).ceil().clamp(1.0, 3600.0) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn edit_work() -> Work {
+        Work::Edit {
+            request: EditRequest::default(),
+            options: Box::default(),
+        }
+    }
+
+    /// The worker's `next` marks a job running before anyone else can look at the queue:
+    /// a job is never out of the queue while its record still says queued (a cancel then
+    /// would answer "cancelled" and the job would run anyway).
+    #[test]
+    fn a_job_leaves_the_queue_and_becomes_running_at_once() {
+        let dir = std::env::temp_dir().join(format!("nulltext-jobs-next-{}", std::process::id()));
+        let jobs = Arc::new(Jobs::open(&dir, 4, 10).unwrap());
+        let id = jobs
+            .submit(JobKind::Edit, Id::random(), Some(Id::random()), edit_work())
+            .unwrap()
+            .id;
+        let job = jobs.get(id).unwrap();
+        // Holding the record keeps it "queued" for as long as this test likes.
+        let held = job.record.lock().unwrap();
+        let j = jobs.clone();
+        let worker = std::thread::spawn(move || j.next().map(|(job, _)| job));
+        let start = std::time::Instant::now();
+        while start.elapsed() < std::time::Duration::from_millis(200) {
+            if let Ok(inner) = jobs.inner.try_lock() {
+                assert!(
+                    inner.queue.iter().any(|(j, _)| Arc::ptr_eq(j, &job)),
+                    "the job left the queue while its record still said queued"
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        drop(held);
+        let taken = worker.join().unwrap().expect("the worker takes the job");
+        assert!(Arc::ptr_eq(&taken, &job));
+        // A cancel now finds it running and tells it to stop.
+        assert_eq!(jobs.cancel(id).unwrap().state, JobState::Running);
+        assert!(job.cancel.is_cancelled());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Finished job records beyond the retention are forgotten, oldest first, from memory
+    /// and from the folder; a reopened folder is pruned too.
+    #[test]
+    fn finished_jobs_are_pruned() {
+        let dir = std::env::temp_dir().join(format!("nulltext-jobs-keep-{}", std::process::id()));
+        let files = || std::fs::read_dir(&dir).unwrap().count();
+        {
+            let jobs = Jobs::open(&dir, 100, 3).unwrap();
+            for _ in 0..8 {
+                jobs.submit(JobKind::Edit, Id::random(), Some(Id::random()), edit_work())
+                    .unwrap();
+                let (job, _) = jobs.next().unwrap();
+                jobs.finish(&job, JobState::Failed, Some("test".into()));
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            assert_eq!(jobs.list().len(), 3);
+            assert_eq!(files(), 3);
+        }
+        let jobs = Jobs::open(&dir, 100, 1).unwrap();
+        assert_eq!((jobs.list().len(), files()), (1, 1));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

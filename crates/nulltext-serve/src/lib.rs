@@ -56,9 +56,14 @@ pub struct ServeArgs {
     /// Most DDIM steps an inversion may ask for.
     #[arg(long, default_value_t = 200)]
     pub max_steps: usize,
-    /// Largest image side an inversion may ask for, in pixels.
+    /// Largest image side an inversion may ask for, in pixels (the model's own size
+    /// included).
     #[arg(long, default_value_t = 1024)]
     pub max_size: u32,
+    /// Finished jobs whose records are kept (in memory and in DATA/jobs/); older ones are
+    /// forgotten. Inversions and edits stay until deleted.
+    #[arg(long, default_value_t = 1000)]
+    pub keep_jobs: usize,
 }
 
 impl Default for ServeArgs {
@@ -101,7 +106,12 @@ pub struct App {
     pub(crate) limits: Limits,
     /// Listening on a loopback address: only loopback host names are answered.
     pub(crate) local_only: bool,
+    /// Uploads being decoded at once (each may take a few hundred MB for a moment).
+    pub(crate) decodes: tokio::sync::Semaphore,
 }
+
+/// Uploads decoded at once; more wait their turn.
+const DECODES_IN_FLIGHT: usize = 2;
 
 pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -130,7 +140,7 @@ impl Server {
         let limits = args.limits()?;
         let store = store::Store::open(&args.data_dir)
             .with_context(|| format!("opening the data directory {}", args.data_dir.display()))?;
-        let jobs = jobs::Jobs::open(&store.jobs_dir(), args.queue)?;
+        let jobs = jobs::Jobs::open(&store.jobs_dir(), args.queue, args.keep_jobs)?;
         let listener = std::net::TcpListener::bind(&args.bind)
             .with_context(|| format!("cannot listen on {}", args.bind))?;
         listener.set_nonblocking(true)?;
@@ -141,6 +151,7 @@ impl Server {
             jobs,
             limits,
             local_only: addr.ip().is_loopback(),
+            decodes: tokio::sync::Semaphore::new(DECODES_IN_FLIGHT),
         });
         let worker = worker::spawn(app.clone())?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -14,6 +14,59 @@ fn temp_path(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.{}.{nonce:016x}.tmp", std::process::id()))
 }
 
+/// Checks, before any work, that `path` can be written: if it exists it is a regular file
+/// (a symbolic link, FIFO or device node is never replaced by the rename), and the nearest
+/// existing folder on its way takes a new file (a probe, removed at once; no folder is
+/// made). Hours of computation should not end in a permission error.
+pub fn check_target(path: &Path) -> Result<()> {
+    refuse_non_regular(path)?;
+    let io = |e: std::io::Error| Error::Io {
+        path: path.to_path_buf(),
+        source: e,
+    };
+    let mut dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    while !dir.exists() {
+        dir = dir
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+    }
+    if !dir.is_dir() {
+        return Err(io(std::io::Error::other(format!(
+            "{} is not a folder",
+            dir.display()
+        ))));
+    }
+    let probe = temp_path(&dir.join(path.file_name().unwrap_or("out".as_ref())));
+    std::fs::File::create_new(&probe).map_err(io)?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
+fn refuse_non_regular(path: &Path) -> Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if !m.file_type().is_file() => {
+            let what = if m.file_type().is_symlink() {
+                "a symbolic link"
+            } else if m.is_dir() {
+                "a folder"
+            } else {
+                "not a regular file (a FIFO, socket or device)"
+            };
+            Err(Error::Io {
+                path: path.to_path_buf(),
+                source: std::io::Error::other(format!(
+                    "is {what}; nulltext writes only regular files and will not replace it"
+                )),
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Writes `path` atomically with `write`, which receives a buffered file. On any error
 /// (or a panic) the temporary file is removed and `path` is left as it was.
 pub fn write_atomic(path: &Path, write: impl FnOnce(&mut dyn Write) -> Result<()>) -> Result<()> {
@@ -26,6 +79,7 @@ pub fn write_atomic(path: &Path, write: impl FnOnce(&mut dyn Write) -> Result<()
             std::fs::create_dir_all(dir).map_err(io)?;
         }
     }
+    refuse_non_regular(path)?;
     let tmp = temp_path(path);
     struct Cleanup<'a>(&'a Path, bool);
     impl Drop for Cleanup<'_> {
@@ -42,6 +96,8 @@ pub fn write_atomic(path: &Path, write: impl FnOnce(&mut dyn Write) -> Result<()
     let file = w.into_inner().map_err(|e| io(e.into_error()))?;
     file.sync_all().map_err(io)?;
     drop(file);
+    // Again: the target may have changed during the work.
+    refuse_non_regular(path)?;
     std::fs::rename(&tmp, path).map_err(io)?;
     guard.1 = true;
     Ok(())

@@ -20,6 +20,7 @@ use crate::error::{invalid, Error, Result};
 use crate::events::Progress;
 use crate::image_io::{self, Crop};
 use crate::inversion::{invert_image, reconstruct, Inversion, InvertOptions};
+use crate::limits::Limits;
 use crate::metrics::{compare, ImageMetrics, Mask, SsimWindow};
 
 /// One edit of an item, as written in the manifest: a target caption alone
@@ -279,6 +280,8 @@ pub struct BatchOptions {
     pub lpips: Option<PathBuf>,
     /// A transformers CLIP folder for CLIP scores of the edits, if wanted.
     pub clip: Option<PathBuf>,
+    /// Bounds on images, sizes and prompts.
+    pub limits: Limits,
 }
 
 /// An evaluated edit.
@@ -432,13 +435,11 @@ pub fn run(
     progress: &mut dyn Progress,
     mut on_item: impl FnMut(ItemEvent),
 ) -> Result<BatchReport> {
-    let size = opts.size.unwrap_or(sd.default_image_size() as u32);
     let f = sd.vae_scale_factor() as u32;
-    if size == 0 || !size.is_multiple_of(f) {
-        return Err(invalid(format!(
-            "size must be a positive multiple of {f}, got {size}"
-        )));
-    }
+    let size = opts
+        .limits
+        .image_size("--size", opts.size, sd.default_image_size(), f)?;
+    opts.invert.validate(&sd.scheduler)?;
     let mine: Vec<&Item> = manifest
         .items
         .iter()
@@ -516,14 +517,13 @@ pub fn run(
     Ok(report)
 }
 
-fn load_mask(item: &Item, size: u32) -> Result<Option<Mask>> {
+fn load_mask(item: &Item, size: u32, opts: &BatchOptions) -> Result<Option<Mask>> {
     let Some(path) = &item.mask else {
         return Ok(None);
     };
     // The complement: the manifest marks what may change, the metrics look at the rest.
-    Ok(Some(
-        image_io::load_mask(path, item.crop, size)?.complement(),
-    ))
+    let region = image_io::load_mask(path, item.crop, size, opts.limits.max_pixels)?;
+    Ok(Some(region.complement()))
 }
 
 /// The optional networks of the metrics.
@@ -551,8 +551,9 @@ fn run_item(
     nets: &Nets,
     progress: &mut dyn Progress,
 ) -> Result<ItemResult> {
-    let input = image_io::load_image(&item.image, item.crop, size)?;
-    let mask = load_mask(item, size)?;
+    opts.limits.check_prompt("prompt", &item.spec.prompt)?;
+    let input = image_io::load_image_limited(&item.image, item.crop, size, opts.limits.max_pixels)?;
+    let mask = load_mask(item, size, opts)?;
     let enc = sd.tokenizer.encode_padded(&item.spec.prompt);
     if let Some(cut) = &enc.truncated {
         tracing::warn!(
@@ -567,23 +568,22 @@ fn run_item(
         .iter()
         .map(|e| {
             let s = e.spec();
+            opts.limits.check_prompt("target", &s.target)?;
             let o = s.options()?;
             Ok((s, o))
         })
         .collect::<Result<_>>()?;
     let latent = (size / sd.vae_scale_factor() as u32) as usize;
     for (s, o) in &edits {
-        if o.sdedit.is_none() {
-            edit::build_controller(
-                sd,
-                &item.spec.prompt,
-                std::slice::from_ref(&s.target),
-                o,
-                opts.invert.num_steps,
-                (latent, latent),
-            )
-            .map_err(|e| invalid(format!("edit \"{}\": {e}", s.target)))?;
-        }
+        edit::check_edit(
+            sd,
+            &item.spec.prompt,
+            std::slice::from_ref(&s.target),
+            o,
+            opts.invert.num_steps,
+            (latent, latent),
+        )
+        .map_err(|e| invalid(format!("edit \"{}\": {e}", s.target)))?;
     }
     std::fs::create_dir_all(dir).map_err(|e| Error::Io {
         path: dir.to_path_buf(),

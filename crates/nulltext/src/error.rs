@@ -8,6 +8,14 @@ pub enum Error {
     Model(#[from] nulltext_models::Error),
     #[error("{}: {msg}", path.display())]
     Image { path: PathBuf, msg: String },
+    /// An image whose header declares more pixels than allowed; nothing was decoded.
+    #[error("{}: the image is {width}×{height} pixels; at most {max_pixels} are allowed (--max-pixels)", path.display())]
+    TooManyPixels {
+        path: PathBuf,
+        width: u32,
+        height: u32,
+        max_pixels: u64,
+    },
     #[error("{}: {msg}", path.display())]
     InversionFile { path: PathBuf, msg: String },
     #[error("{0}")]

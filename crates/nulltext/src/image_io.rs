@@ -46,17 +46,44 @@ impl std::str::FromStr for Crop {
 pub const MIN_SIDE: u32 = 8;
 
 /// Decodes an image file (format from its content), applies its EXIF orientation and
-/// drops any alpha channel.
+/// drops any alpha channel; at most [`crate::limits::DEFAULT_MAX_PIXELS`].
 pub fn read_rgb(path: &Path) -> Result<RgbImage> {
+    read_rgb_limited(path, crate::limits::DEFAULT_MAX_PIXELS)
+}
+
+/// [`read_rgb`] of an image of at most `max_pixels`, as its header says before anything
+/// is decoded.
+pub fn read_rgb_limited(path: &Path, max_pixels: u64) -> Result<RgbImage> {
+    let file = std::fs::File::open(path).map_err(|e| Error::Io {
+        path: path.to_path_buf(),
+        source: e,
+    })?;
+    decode(
+        image::ImageReader::new(std::io::BufReader::new(file)),
+        path,
+        max_pixels,
+    )
+}
+
+/// [`read_rgb_limited`] of an image held in memory (an upload); `name` names it in errors.
+pub fn decode_rgb(bytes: &[u8], name: &Path, max_pixels: u64) -> Result<RgbImage> {
+    decode(
+        image::ImageReader::new(std::io::Cursor::new(bytes)),
+        name,
+        max_pixels,
+    )
+}
+
+fn decode<R: std::io::BufRead + std::io::Seek>(
+    reader: image::ImageReader<R>,
+    path: &Path,
+    max_pixels: u64,
+) -> Result<RgbImage> {
     let err = |msg: String| Error::Image {
         path: path.to_path_buf(),
         msg,
     };
-    let reader = image::ImageReader::open(path)
-        .map_err(|e| Error::Io {
-            path: path.to_path_buf(),
-            source: e,
-        })?
+    let reader = reader
         .with_guessed_format()
         .map_err(|e| err(e.to_string()))?;
     if reader.format().is_none() {
@@ -67,15 +94,31 @@ pub fn read_rgb(path: &Path) -> Result<RgbImage> {
     let mut decoder = reader
         .into_decoder()
         .map_err(|e| err(format!("cannot decode: {e}")))?;
+    // The header's size is checked before any pixel is decoded: a few hundred bytes can
+    // declare gigapixels. `from_decoder` allocates what the header says without the
+    // crate's own limits, so the decoder is held to the size it declared.
+    let (w, h) = decoder.dimensions();
+    if w == 0 || h == 0 {
+        return Err(err("the image is empty".into()));
+    }
+    crate::limits::Limits {
+        max_pixels,
+        ..Default::default()
+    }
+    .check_pixels(path, w, h)?;
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(w);
+    limits.max_image_height = Some(h);
+    limits.max_alloc = Some(w as u64 * h as u64 * 16 + (64 << 20));
+    decoder
+        .set_limits(limits)
+        .map_err(|e| err(format!("cannot decode: {e}")))?;
     let orientation = decoder
         .orientation()
         .unwrap_or(image::metadata::Orientation::NoTransforms);
     let mut img =
         DynamicImage::from_decoder(decoder).map_err(|e| err(format!("cannot decode: {e}")))?;
     img.apply_orientation(orientation);
-    if img.width() == 0 || img.height() == 0 {
-        return Err(err("the image is empty".into()));
-    }
     Ok(img.to_rgb8())
 }
 
@@ -119,15 +162,25 @@ pub fn load_image(path: &Path, crop: Crop, size: u32) -> Result<RgbImage> {
     prepare(&read_rgb(path)?, crop, size, path)
 }
 
-/// `[1, 3, H, W]` in [−1, 1]: p / 127.5 − 1.
+/// [`load_image`] of an image of at most `max_pixels`.
+pub fn load_image_limited(path: &Path, crop: Crop, size: u32, max_pixels: u64) -> Result<RgbImage> {
+    prepare(&read_rgb_limited(path, max_pixels)?, crop, size, path)
+}
+
 /// A mask image (white = 1) prepared exactly as [`load_image`] prepares its photo: the same
 /// crop, centre square and resize, so that it lies on the photo pixel for pixel.
-pub fn load_mask(path: &Path, crop: Crop, size: u32) -> Result<crate::metrics::Mask> {
-    let rgb = load_image(path, crop, size)?;
+pub fn load_mask(
+    path: &Path,
+    crop: Crop,
+    size: u32,
+    max_pixels: u64,
+) -> Result<crate::metrics::Mask> {
+    let rgb = load_image_limited(path, crop, size, max_pixels)?;
     let gray = image::DynamicImage::ImageRgb8(rgb).to_luma8();
     Ok(crate::metrics::Mask::from_gray(&gray, false))
 }
 
+/// `[1, 3, H, W]` in [−1, 1]: p / 127.5 − 1.
 pub fn image_to_tensor(img: &RgbImage, device: &Device) -> Result<Tensor> {
     let (w, h) = img.dimensions();
     let t = Tensor::from_vec(

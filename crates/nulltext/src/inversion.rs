@@ -610,11 +610,7 @@ pub fn invert_latent(
     opts: &InvertOptions,
     progress: &mut dyn Progress,
 ) -> Result<(Inversion, InvertReport)> {
-    if !(opts.guidance.is_finite()) || opts.inner_steps == 0 && opts.method.optimizes() {
-        return Err(invalid(
-            "guidance must be finite and --inner-steps at least 1",
-        ));
-    }
+    opts.validate(&sd.scheduler)?;
     let ddim = Ddim::new(&sd.scheduler, opts.num_steps)?;
     let (emb, _) = sd.encode_prompts(&[prompt, ""])?;
     let cond = emb.narrow(0, 0, 1)?;

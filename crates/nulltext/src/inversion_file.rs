@@ -169,6 +169,53 @@ fn sort_keys(v: serde_json::Value) -> serde_json::Value {
     }
 }
 
+/// Largest image side an inversion file may describe.
+const MAX_SIDE: usize = 1 << 16;
+
+/// Every number of a file nulltext did not necessarily write, checked before it is used:
+/// the metadata within the bounds nulltext itself would write (a NaN or 1e308 guidance
+/// scale samples black images), and each tensor value finite, value by value (a sum of
+/// large but finite values overflows).
+fn check_numbers(
+    num_steps: usize,
+    guidance: f64,
+    (height, width): (usize, usize),
+    scheduler: &SchedulerConfig,
+    tensors: &[(&str, Option<&Tensor>)],
+) -> Result<()> {
+    let bad = |m: String| Error::InvalidInput(m);
+    scheduler
+        .validate()
+        .map_err(|e| bad(format!("metadata `scheduler`: {e}")))?;
+    crate::limits::check_steps(num_steps, scheduler)
+        .map_err(|e| bad(format!("metadata `num_steps`: {e}").replace("--steps ", "")))?;
+    crate::limits::check_guidance("metadata `guidance_scale`", guidance)?;
+    for (k, v) in [("height", height), ("width", width)] {
+        if v == 0 || v > MAX_SIDE {
+            return Err(bad(format!(
+                "metadata `{k}` = {v}; expected 1 to {MAX_SIDE}"
+            )));
+        }
+    }
+    for (name, t) in tensors {
+        let Some(t) = t else { continue };
+        if t.dims().contains(&0) {
+            return Err(bad(format!(
+                "`{name}` has shape {:?}: it is empty",
+                t.dims()
+            )));
+        }
+        let values: Vec<f32> = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            return Err(bad(format!(
+                "`{name}` holds a NaN or infinite value (element {i}: {})",
+                values[i]
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Writes an inversion file atomically (a temporary file renamed into place).
 pub fn save(inv: &Inversion, path: &Path) -> Result<()> {
     write_bytes_atomic(path, &to_bytes(inv)?)
@@ -281,19 +328,18 @@ pub fn from_bytes(bytes: &[u8]) -> Result<Inversion> {
             )));
         }
     }
-    for (name, t) in [
-        ("latent_T", Some(&latent_t)),
-        ("null_embeddings", Some(&null_embeddings)),
-        ("image_latent", image_latent.as_ref()),
-        ("latent_offsets", latent_offsets.as_ref()),
-    ] {
-        if let Some(t) = t {
-            let s: f32 = t.abs()?.sum_all()?.to_scalar()?;
-            if !s.is_finite() {
-                return Err(bad(format!("`{name}` holds NaN or Inf values")));
-            }
-        }
-    }
+    check_numbers(
+        num_steps,
+        guidance,
+        (height, width),
+        &scheduler,
+        &[
+            ("latent_T", Some(&latent_t)),
+            ("null_embeddings", Some(&null_embeddings)),
+            ("image_latent", image_latent.as_ref()),
+            ("latent_offsets", latent_offsets.as_ref()),
+        ],
+    )?;
     let mut extra_tensors = BTreeMap::new();
     for (name, _) in st.tensors() {
         if !KNOWN_TENSORS.contains(&name.as_str()) {

@@ -14,6 +14,7 @@ pub mod events;
 pub mod image_io;
 pub mod inversion;
 pub mod inversion_file;
+pub mod limits;
 pub mod lpips;
 pub mod metrics;
 pub mod plot;
@@ -29,5 +30,6 @@ pub use events::{CancelFlag, Event, NoProgress, Progress, Recorder, Stage};
 pub use inversion::{
     invert_image, invert_latent, reconstruct, Inversion, InvertOptions, InvertReport, Method,
 };
+pub use limits::Limits;
 pub use nulltext_models as models;
 pub use nulltext_models::StableDiffusion;

@@ -45,6 +45,7 @@ pub fn run(a: BatchArgs, ctx: &Ctx) -> Result<()> {
         shard: a.shard,
         lpips: a.lpips.clone(),
         clip: a.clip.clone(),
+        limits: a.settings.limits(),
     };
     let mine = manifest
         .items

@@ -102,6 +102,17 @@ fn slug(s: &str) -> String {
 }
 
 pub fn run(a: EditArgs, ctx: &Ctx) -> Result<()> {
+    let limits = nulltext::Limits::default();
+    for t in &a.target {
+        limits.check_prompt("--target", t)?;
+    }
+    let dir_probe = a.out_dir.as_ref().map(|d| d.join("reconstruction.png"));
+    for p in [&dir_probe, &a.grid, &a.attention_maps, &a.save_latents]
+        .into_iter()
+        .flatten()
+    {
+        nulltext::atomic::check_target(p)?;
+    }
     let inv = nulltext::inversion_file::load(&a.inversion)?;
     let mut opts = EditOptions {
         mode: a.mode,
@@ -130,17 +141,8 @@ pub fn run(a: EditArgs, ctx: &Ctx) -> Result<()> {
     let sd = ctx.load(&a.model)?;
     inv.check_model(&sd, a.force)?;
     // Check prompts, words and windows before any sampling.
-    if opts.sdedit.is_none() {
-        let (_, _, h, w) = inv.latent_t.dims4()?;
-        nulltext::edit::build_controller(
-            &sd,
-            &inv.prompt,
-            &a.target,
-            &opts,
-            inv.num_steps,
-            (h, w),
-        )?;
-    }
+    let (_, _, h, w) = inv.latent_t.dims4()?;
+    nulltext::edit::check_edit(&sd, &inv.prompt, &a.target, &opts, inv.num_steps, (h, w))?;
     for t in &a.target {
         if let Some(cut) = sd.tokenizer.encode_padded(t).truncated {
             eprintln!("warning: target \"{t}\" is longer than 77 tokens; cut off: \"{cut}\"");
@@ -159,15 +161,18 @@ pub fn run(a: EditArgs, ctx: &Ctx) -> Result<()> {
     if let Some(dir) = &out_dir {
         let p = dir.join("reconstruction.png");
         image_io::save_png(&images[0], &p)?;
+        ctx.wrote(&p);
         written.push(p);
         for (k, (img, t)) in images[1..].iter().zip(&a.target).enumerate() {
             let p = dir.join(format!("{:02}-{}.png", k + 1, slug(t)));
             image_io::save_png(img, &p)?;
+            ctx.wrote(&p);
             written.push(p);
         }
     }
     if let Some(p) = &a.save_latents {
         save_latents(&res.latents, p)?;
+        ctx.wrote(p);
         written.push(p.clone());
     }
     if let Some(p) = &a.grid {
@@ -193,6 +198,7 @@ pub fn run(a: EditArgs, ctx: &Ctx) -> Result<()> {
             items.push((img.clone(), t.clone()));
         }
         image_io::save_png(&render::captioned_row(&items), p)?;
+        ctx.wrote(p);
         written.push(p.clone());
     }
     if let (Some(p), Some(maps)) = (&a.attention_maps, &res.attention_maps) {
@@ -216,6 +222,7 @@ pub fn run(a: EditArgs, ctx: &Ctx) -> Result<()> {
             rows.push(render::attention_strip(&flat, rh, rw, &tokens, 128));
         }
         image_io::save_png(&render::stack_vertical(&rows), p)?;
+        ctx.wrote(p);
         written.push(p.clone());
     }
     ctx.say(format!(

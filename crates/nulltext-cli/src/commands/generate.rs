@@ -32,16 +32,23 @@ pub struct GenerateArgs {
 }
 
 pub fn run(a: GenerateArgs, ctx: &Ctx) -> Result<()> {
+    nulltext::atomic::check_target(&a.out)?;
     let sd = ctx.load(&a.model)?;
     let size = sd.default_image_size();
+    let limits = nulltext::Limits::default();
+    let f = sd.vae_scale_factor() as u32;
+    let side = |flag: &str, v: Option<usize>| {
+        let v = v.map(|v| u32::try_from(v).unwrap_or(u32::MAX));
+        limits.image_size(flag, v, size, f).map(|s| s as usize)
+    };
     let opts = GenerateOptions {
+        height: side("--height", a.height)?,
+        width: side("--width", a.width)?,
         prompt: a.prompt,
         negative_prompt: a.negative_prompt,
         seed: a.seed,
         steps: a.steps,
         guidance: a.guidance,
-        height: a.height.unwrap_or(size),
-        width: a.width.unwrap_or(size),
     };
     let start = std::time::Instant::now();
     let z = generate(&sd, &opts, &mut ctx.bars())?;

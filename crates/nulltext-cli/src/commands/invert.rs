@@ -53,14 +53,21 @@ pub struct InvertArgs {
 
 pub fn run(a: InvertArgs, ctx: &Ctx) -> Result<()> {
     let start = Instant::now();
-    // Read the image first: a bad image fails before the model loads.
-    let raw = image_io::read_rgb(&a.image)?;
-    let sd = ctx.load(&a.model)?;
-    let size = a.settings.size.unwrap_or(sd.default_image_size() as u32);
-    let f = sd.vae_scale_factor() as u32;
-    if size == 0 || !size.is_multiple_of(f) {
-        anyhow::bail!("--size must be a positive multiple of {f}, got {size}");
+    // Check what can be checked before the model loads and long before any file is
+    // written: the prompt, where the outputs go, the image.
+    let limits = a.settings.limits();
+    limits.check_prompt("--prompt", &a.prompt)?;
+    for p in [Some(&a.out), a.reconstruction.as_ref(), a.trace.as_ref()]
+        .into_iter()
+        .flatten()
+    {
+        nulltext::atomic::check_target(p)?;
     }
+    let raw = image_io::read_rgb_limited(&a.image, limits.max_pixels)?;
+    let sd = ctx.load(&a.model)?;
+    let f = sd.vae_scale_factor() as u32;
+    let size = limits.image_size("--size", a.settings.size, sd.default_image_size(), f)?;
+    a.settings.options().validate(&sd.scheduler)?;
     let img = image_io::prepare(&raw, a.crop.unwrap_or_default(), size, &a.image)?;
     let enc = sd.tokenizer.encode_padded(&a.prompt);
     if let Some(cut) = &enc.truncated {
@@ -74,6 +81,7 @@ pub fn run(a: InvertArgs, ctx: &Ctx) -> Result<()> {
     let (inv, report) = nulltext::invert_image(&sd, &img, &a.prompt, &opts, &mut bars)?;
     nulltext::inversion_file::save(&inv, &a.out)
         .with_context(|| format!("writing {}", a.out.display()))?;
+    ctx.wrote(&a.out);
     let wall = start.elapsed().as_secs_f64();
 
     // The report: reconstruction quality against the VAE round trip and the input.
@@ -86,6 +94,7 @@ pub fn run(a: InvertArgs, ctx: &Ctx) -> Result<()> {
     let vae = nulltext::image_io::decode_latents(&sd, &z0)?.remove(0);
     if let Some(p) = &a.reconstruction {
         image_io::save_png(&rec, p)?;
+        ctx.wrote(p);
     }
     let iters: usize = report.iterations.iter().sum();
     let stopped = report
@@ -166,7 +175,12 @@ fn run_trace(
         (Some(target), Some(mask)) => Some(nulltext::trace::TraceEdit {
             target: target.clone(),
             options: Default::default(),
-            region: image_io::load_mask(mask, a.crop.unwrap_or_default(), img.width())?,
+            region: image_io::load_mask(
+                mask,
+                a.crop.unwrap_or_default(),
+                img.width(),
+                a.settings.limits().max_pixels,
+            )?,
         }),
         _ => None,
     };
@@ -188,9 +202,11 @@ fn run_trace(
     let inv = kept.expect("the --inner-steps budget is traced");
     nulltext::inversion_file::save(&inv, &a.out)
         .with_context(|| format!("writing {}", a.out.display()))?;
+    ctx.wrote(&a.out);
     let mut json = serde_json::to_vec_pretty(&trace)?;
     json.push(b'\n');
     nulltext::atomic::write_bytes_atomic(trace_path, &json)?;
+    ctx.wrote(trace_path);
     if let Some(p) = &a.reconstruction {
         let rec = nulltext::reconstruct(sd, &inv, &mut bars)?;
         image_io::save_png(&nulltext::image_io::decode_latents(sd, &rec)?.remove(0), p)?;

@@ -24,6 +24,8 @@ pub struct Ctx {
     pub dtype: String,
     pub quiet: bool,
     pub cancel: CancelFlag,
+    /// Files written so far, for the message of an interrupted run.
+    pub written: std::cell::RefCell<Vec<std::path::PathBuf>>,
 }
 
 impl Ctx {
@@ -41,6 +43,11 @@ impl Ctx {
 
     pub fn bars(&self) -> crate::progress::Bars {
         crate::progress::Bars::new(self.quiet, self.cancel.clone())
+    }
+
+    /// Notes that `path` has been written (whole).
+    pub fn wrote(&self, path: &std::path::Path) {
+        self.written.borrow_mut().push(path.to_path_buf());
     }
 
     /// Prints a line of results (to stdout), unless quiet.
@@ -91,6 +98,13 @@ pub struct InvertSettings {
     /// Square size the photo is resized to (default: the model's, 512 for SD 1.x).
     #[arg(long)]
     pub size: Option<u32>,
+    /// Largest input photo, in pixels (width × height, read from its header before
+    /// anything is decoded).
+    #[arg(long, default_value_t = nulltext::limits::DEFAULT_MAX_PIXELS)]
+    pub max_pixels: u64,
+    /// Largest square size, given with --size or the model's own.
+    #[arg(long, default_value_t = nulltext::limits::DEFAULT_MAX_SIZE)]
+    pub max_size: u32,
 }
 
 impl InvertSettings {
@@ -101,6 +115,14 @@ impl InvertSettings {
             guidance: self.guidance,
             inner_steps: self.inner_steps,
             early_stop: self.early_stop,
+            ..Default::default()
+        }
+    }
+
+    pub fn limits(&self) -> nulltext::Limits {
+        nulltext::Limits {
+            max_pixels: self.max_pixels,
+            max_size: self.max_size,
             ..Default::default()
         }
     }

@@ -24,6 +24,12 @@ pub struct ReconstructArgs {
 }
 
 pub fn run(a: ReconstructArgs, ctx: &Ctx) -> Result<()> {
+    for p in [Some(&a.out), a.save_latents.as_ref()]
+        .into_iter()
+        .flatten()
+    {
+        nulltext::atomic::check_target(p)?;
+    }
     let inv = nulltext::inversion_file::load(&a.inversion)?;
     let sd = ctx.load(&a.model)?;
     inv.check_model(&sd, a.force)?;
@@ -31,6 +37,7 @@ pub fn run(a: ReconstructArgs, ctx: &Ctx) -> Result<()> {
     let img = nulltext::image_io::decode_latents(&sd, &z)?.remove(0);
     if let Some(p) = &a.save_latents {
         super::edit::save_latents(&z, p)?;
+        ctx.wrote(p);
     }
     nulltext::image_io::save_png(&img, &a.out)?;
     ctx.say(format!("wrote {}", a.out.display()));

@@ -510,6 +510,39 @@ pub fn build_controller(
     Ok(c)
 }
 
+/// The steps SDEdit at `strength` runs of an inversion of `num_steps`: at least one.
+pub fn sdedit_steps(strength: f64, num_steps: usize) -> Result<usize> {
+    if !(strength > 0.0 && strength <= 1.0) {
+        return Err(invalid(format!(
+            "--sdedit must be in (0, 1], got {strength}"
+        )));
+    }
+    let k = (strength * num_steps as f64) as usize;
+    if k == 0 {
+        return Err(invalid(format!(
+            "--sdedit {strength} starts after the last of {num_steps} steps; at least {} is needed",
+            1.0 / num_steps.max(1) as f64
+        )));
+    }
+    Ok(k)
+}
+
+/// Checks an edit before any sampling: SDEdit's start, or the words and windows of
+/// Prompt-to-Prompt against the prompts.
+pub fn check_edit(
+    sd: &StableDiffusion,
+    source: &str,
+    targets: &[String],
+    opts: &EditOptions,
+    num_steps: usize,
+    latent_grid: (usize, usize),
+) -> Result<()> {
+    match opts.sdedit {
+        Some(s) => sdedit_steps(s, num_steps).map(drop),
+        None => build_controller(sd, source, targets, opts, num_steps, latent_grid).map(drop),
+    }
+}
+
 /// Edits an inversion: one batch with the source prompt as row 0 and `targets` after it,
 /// every row starting from z_T and using the inversion's per-step null embeddings.
 pub fn edit(
@@ -540,20 +573,10 @@ pub fn edit(
     };
 
     if let Some(strength) = opts.sdedit {
-        if !(strength > 0.0 && strength <= 1.0) {
-            return Err(invalid(format!(
-                "--sdedit must be in (0, 1], got {strength}"
-            )));
-        }
+        let k = sdedit_steps(strength, inv.num_steps)?;
         let z0 = inv.image_latent.as_ref().ok_or_else(|| {
             invalid("--sdedit needs the inversion's image latent, which this file lacks")
         })?;
-        let k = (strength * inv.num_steps as f64) as usize;
-        if k == 0 {
-            return Err(invalid(format!(
-                "--sdedit {strength} starts after the last step"
-            )));
-        }
         // The inverted latent at noise level k: DDIM inversion of z₀ with the source prompt.
         let source = cond.narrow(0, 0, 1)?;
         let pivots = crate::inversion::ddim_inversion_steps(
@@ -621,11 +644,7 @@ pub fn edit_guidance(inv: &Inversion, requested: Option<f64>) -> Result<f64> {
     let Some(w) = requested else {
         return Ok(inv.guidance);
     };
-    if !w.is_finite() {
-        return Err(invalid(format!(
-            "--guidance must be a finite number, got {w}"
-        )));
-    }
+    crate::limits::check_guidance("--guidance", w)?;
     if inv.latent_offsets.is_some() && w != inv.guidance {
         return Err(invalid(format!(
             "this direct inversion was made at guidance {}: its offsets bring the source back \

@@ -11,12 +11,12 @@ pub mod clip_score;
 pub mod edit;
 pub mod error;
 pub mod events;
+pub mod figures;
 pub mod image_io;
 pub mod inversion;
 pub mod inversion_file;
 pub mod lpips;
 pub mod metrics;
-pub mod plot;
 pub mod render;
 pub mod sampling;
 pub mod shapes;
@@ -31,3 +31,4 @@ pub use inversion::{
 };
 pub use nulltext_models as models;
 pub use nulltext_models::StableDiffusion;
+pub use nulltext_plot as plot;

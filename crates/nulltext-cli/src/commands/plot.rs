@@ -2,6 +2,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
+use nulltext::figures::{self, Against};
 use nulltext::trace::Trace;
 
 use super::Ctx;
@@ -11,7 +12,7 @@ pub struct PlotArgs {
     /// Traces written by `nulltext invert --trace` (one per method) for the same image.
     #[arg(required = true)]
     traces: Vec<PathBuf>,
-    /// The PNG to write.
+    /// The chart to write: .png, or .svg for a vector figure.
     #[arg(long, short)]
     out: PathBuf,
     /// PSNR against the input image (the paper's choice) or against its VAE round trip
@@ -48,19 +49,15 @@ pub fn run(a: PlotArgs, ctx: &Ctx) -> Result<()> {
             })
         })
         .collect::<Result<_>>()?;
-    let mut chart = nulltext::plot::figure4(
-        &traces,
-        match a.against {
-            AgainstArg::Input => nulltext::plot::Against::Input,
-            AgainstArg::Vae => nulltext::plot::Against::Vae,
-        },
-    );
+    let against = match a.against {
+        AgainstArg::Input => Against::Input,
+        AgainstArg::Vae => Against::Vae,
+    };
+    let mut chart = figures::figure4(&traces, against).size(a.width, a.height);
     if let Some(t) = a.title {
         chart.title = t;
     }
-    chart.width = a.width;
-    chart.height = a.height;
-    nulltext::image_io::save_png(&nulltext::plot::render(&chart), &a.out)?;
+    figures::save(&chart, &a.out)?;
     for t in &traces {
         for p in &t.points {
             ctx.say(format!(

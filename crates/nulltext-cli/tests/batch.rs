@@ -467,9 +467,19 @@ fn trace_and_plot_draw_figure_4() {
     ok(&args);
     let img = image::open(&png).unwrap().to_rgb8();
     assert_eq!(img.dimensions(), (900, 560));
-    // The null-text line (green) and the DDIM reference (red) are drawn.
-    let count = |c: [u8; 3]| img.pixels().filter(|p| p.0 == c).count();
-    assert!(count([34, 139, 34]) > 100 && count([200, 30, 30]) > 100);
+    // The null-text line and the DDIM reference are drawn in their methods' colours.
+    let count = |m: &str| {
+        let c = nulltext::figures::method_style(m).1;
+        img.pixels().filter(|p| p.0 == c).count()
+    };
+    assert!(count("null-text") > 100 && count("ddim") > 100);
+    // By its extension, the same chart as SVG, for papers.
+    let svg = d.join("fig4.svg");
+    let mut args = vec!["plot", "--out", s(&svg), "--against", "vae"];
+    args.extend(traces.iter().map(|p| s(p)));
+    ok(&args);
+    let svg = std::fs::read_to_string(&svg).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("ddim"));
     let bad = d.join("bad.json");
     std::fs::write(&bad, "{}").unwrap();
     let out = run(&["plot", "--out", s(&d.join("x.png")), s(&bad)]);

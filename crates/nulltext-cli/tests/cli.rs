@@ -690,4 +690,58 @@ fn demo_runs_the_main_job_on_the_bundled_model() {
         .filter(|n| n.contains("green"))
         .collect();
     assert!(!edited.is_empty(), "no edited image in {}", d.display());
+
+    // The demo takes the maps at the latent's own 8×8 (no warning), and there the word
+    // "circle" attends most to the circle: its map's brightest cell lies on a red pixel of
+    // the input.
+    assert!(!err.contains("warning"), "{err}");
+    let input = image::open(root().join("models/shapes/examples/red-circle-on-blue.png"))
+        .unwrap()
+        .to_rgb8();
+    let sheet = image::open(d.join("attention.png")).unwrap().to_rgb8();
+    // The maps' tiles are 128 px, 8×8 cells of 16 px; the source row's tokens are
+    // <start> a red circle …
+    let (tile, cell) = (128, 16);
+    let (x0, y0) = (nulltext::render::tile_x(3, tile), nulltext::render::PAD);
+    let brightest = (0..8 * 8)
+        .max_by_key(|&c| {
+            sheet
+                .get_pixel(x0 + (c % 8) * cell + 4, y0 + (c / 8) * cell + 4)
+                .0[0]
+        })
+        .unwrap();
+    let at = input
+        .get_pixel((brightest % 8) * 8 + 4, (brightest / 8) * 8 + 4)
+        .0;
+    assert!(
+        at[0] > 150 && at[2] < 100,
+        "\"circle\" peaks at cell {brightest}, input {at:?}"
+    );
+
+    // The default scale on these latents leaves 2×2 maps: `edit` says so.
+    let inv = d.join("inversion.nti.safetensors");
+    let coarse = d.join("coarse.png");
+    let out = command(
+        &[
+            "edit",
+            "-m",
+            "models/shapes",
+            "-i",
+            s(&inv),
+            "-t",
+            "a green circle on a blue background",
+            "--attention-maps",
+            s(&coarse),
+        ],
+        "2",
+    )
+    .current_dir(root())
+    .output()
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("--attention-downscale 4 leaves 2×2 attention maps on this model's 8×8 latents; --attention-downscale 1 gives 8×8"),
+        "{err}"
+    );
 }

@@ -1,5 +1,6 @@
 //! The page in headless Chromium (Debian's `chromium` package), driven over the DevTools
-//! protocol: upload the fixture photo, invert, edit, and see the edited image appear.
+//! protocol: with the bundled shapes model, upload a scene, invert it, edit it, and see the
+//! edited images and the words' attention maps appear.
 //! `NULLTEXT_SCREENSHOT=docs/serve.png` (relative to the repository root) also saves a
 //! screenshot of the finished page there.
 
@@ -184,7 +185,7 @@ impl Cdp {
 #[test]
 fn the_page_inverts_and_edits_an_uploaded_photo() {
     let dir = temp_dir("browser");
-    let server = start(args(&dir));
+    let server = nulltext_serve::Server::start(load_shapes(), args(&dir)).unwrap();
     let (_browser, devtools) = launch(&dir.join("chromium-profile"));
     let mut cdp = Cdp::connect(devtools);
     cdp.call(
@@ -196,14 +197,14 @@ fn the_page_inverts_and_edits_an_uploaded_photo() {
         json!({ "url": format!("{}/", server.url()) }),
     );
     cdp.wait_for(
-        "document.readyState === 'complete' && document.getElementById('model-info').textContent.includes('tiny-sd15')",
+        "document.readyState === 'complete' && document.getElementById('model-info').textContent.includes('shapes')",
         30,
         "the page shows the model",
     );
 
     // Upload through the file input, as a person choosing a file does.
     let photo = fixtures()
-        .join("inputs/chelsea256.png")
+        .join("../../models/shapes/examples/red-circle-on-blue.png")
         .canonicalize()
         .unwrap();
     let root = cdp.call("DOM.getDocument", json!({}))["root"]["nodeId"].clone();
@@ -220,15 +221,15 @@ fn the_page_inverts_and_edits_an_uploaded_photo() {
         "(() => {
             const set = (id, v) => { const e = document.getElementById(id); e.value = v;
                                      e.dispatchEvent(new Event('input', { bubbles: true })); };
-            set('prompt', 'a close up photo of a cat');
+            set('prompt', 'a red circle on a blue background');
             document.getElementById('advanced').open = true;
-            set('steps', '4'); set('inner-steps', '2'); set('size', '64');
+            set('steps', '25'); set('inner-steps', '5'); set('size', '64');
             return !document.getElementById('invert').disabled;
         })()",
     );
     assert_eq!(ready, json!(true), "the Invert button stays disabled");
     cdp.wait_for(
-        "document.getElementById('preview').naturalWidth === 256",
+        "document.getElementById('preview').naturalWidth === 64",
         10,
         "the preview of the chosen photo",
     );
@@ -254,7 +255,10 @@ fn the_page_inverts_and_edits_an_uploaded_photo() {
 
     cdp.eval(
         "(() => {
-            document.getElementById('targets').value = 'a close up photo of a dog\\na close up photo of a tiger';
+            document.getElementById('targets').value =
+                'a green circle on a blue background\\na yellow circle on a blue background';
+            // the maps at the shapes model's own 8×8 latent grid
+            document.getElementById('attention-downscale').value = '1';
             document.getElementById('edit').click();
         })()",
     );
@@ -274,8 +278,11 @@ fn the_page_inverts_and_edits_an_uploaded_photo() {
         "original, reconstruction and the edits side by side: {shown:?}"
     );
     assert!(shown.iter().all(|f| f[0] == 64), "{shown:?}");
-    assert!(shown[2][1].as_str().unwrap().contains("dog"), "{shown:?}");
-    assert!(shown[3][1].as_str().unwrap().contains("tiger"), "{shown:?}");
+    assert!(shown[2][1].as_str().unwrap().contains("green"), "{shown:?}");
+    assert!(
+        shown[3][1].as_str().unwrap().contains("yellow"),
+        "{shown:?}"
+    );
     assert_eq!(
         cdp.eval("document.getElementById('edit-error').hidden"),
         json!(true)

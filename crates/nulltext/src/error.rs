@@ -6,6 +6,8 @@ use std::path::PathBuf;
 pub enum Error {
     #[error(transparent)]
     Model(#[from] nulltext_models::Error),
+    #[error(transparent)]
+    Plot(#[from] nulltext_plot::Error),
     #[error("{}: {msg}", path.display())]
     Image { path: PathBuf, msg: String },
     /// An image whose header declares more pixels than allowed; nothing was decoded.

@@ -1187,29 +1187,7 @@ fn write_loss_charts(out: &Path, state: &TrainState) -> Result<()> {
             }
             continue;
         }
-        let window = 50usize;
-        let points: Vec<(f64, f64)> = (0..losses.len())
-            .map(|i| {
-                let lo = i.saturating_sub(window - 1);
-                let mean = losses[lo..=i].iter().map(|(_, l)| l).sum::<f64>() / (i + 1 - lo) as f64;
-                (losses[i].0 as f64, mean)
-            })
-            .collect();
-        let chart = crate::plot::Chart {
-            title: title.into(),
-            x_label: "step".into(),
-            y_label: "loss (running mean of 50)".into(),
-            series: vec![crate::plot::Series {
-                label: phase.into(),
-                points,
-                color: image::Rgb([30, 100, 200]),
-                reference: false,
-            }],
-            width: 640,
-            height: 400,
-        };
-        let img = crate::plot::render(&chart);
-        crate::image_io::save_png(&img, &file)?;
+        crate::figures::save(&crate::figures::loss_curve(title, phase, losses, 50), &file)?;
     }
     Ok(())
 }

@@ -72,6 +72,10 @@ pub fn run(a: DemoArgs, ctx: &Ctx) -> Result<()> {
         s(&a.out_dir.join("reconstruction.png")),
     ];
     super::invert::run(parse(inv_args)?, ctx)?;
+    // Attention maps the latent's size supports: 8×8 from the shapes model's 8×8 latents
+    // (--attention-downscale 1), the reference's 16×16 at 512 px (4).
+    let (_, _, h, w) = nulltext::inversion_file::load(&inv)?.latent_t.dims4()?;
+    let downscale = nulltext::edit::attention_downscale_for((h, w));
     ctx.say(format!("2/2 editing to \"{}\"", a.target));
     let edit_args = vec![
         "--model".into(),
@@ -88,6 +92,8 @@ pub fn run(a: DemoArgs, ctx: &Ctx) -> Result<()> {
         s(&a.out_dir.join("grid.png")),
         "--attention-maps".into(),
         s(&a.out_dir.join("attention.png")),
+        "--attention-downscale".into(),
+        downscale.to_string(),
     ];
     super::edit::run(parse(edit_args)?, ctx)
 }

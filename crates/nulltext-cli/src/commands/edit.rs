@@ -143,6 +143,19 @@ pub fn run(a: EditArgs, ctx: &Ctx) -> Result<()> {
     // Check prompts, words and windows before any sampling.
     let (_, _, h, w) = inv.latent_t.dims4()?;
     nulltext::edit::check_edit(&sd, &inv.prompt, &a.target, &opts, inv.num_steps, (h, w))?;
+    if opts.sdedit.is_none() {
+        // Maps of 2×2 cells cannot show or mask where a word is.
+        let (mh, mw) = nulltext::edit::attention_map_grid((h, w), opts.attention_downscale);
+        if (opts.blend.is_some() || opts.record_attention) && mh.min(mw) <= 2 {
+            let better = nulltext::edit::attention_downscale_for((h, w));
+            let (bh, bw) = nulltext::edit::attention_map_grid((h, w), better);
+            eprintln!(
+                "warning: --attention-downscale {} leaves {mh}×{mw} attention maps on this \
+                 model's {h}×{w} latents; --attention-downscale {better} gives {bh}×{bw}",
+                opts.attention_downscale
+            );
+        }
+    }
     for t in &a.target {
         if let Some(cut) = sd.tokenizer.encode_padded(t).truncated {
             eprintln!("warning: target \"{t}\" is longer than 77 tokens; cut off: \"{cut}\"");

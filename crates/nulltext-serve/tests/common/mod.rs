@@ -29,6 +29,16 @@ pub fn chelsea_png() -> Vec<u8> {
 /// The tiny model in f32, on the CPU or, with `NULLTEXT_TEST_DEVICE=cuda` (in a build with
 /// the `cuda` feature), on the GPU.
 pub fn load_tiny() -> nulltext::StableDiffusion {
+    load(&fixtures().join("models/tiny-sd15"))
+}
+
+/// The bundled shapes model (`models/shapes`), whose pictures mean something, like
+/// [`load_tiny`].
+pub fn load_shapes() -> nulltext::StableDiffusion {
+    load(&fixtures().join("../../models/shapes"))
+}
+
+fn load(model: &Path) -> nulltext::StableDiffusion {
     let device = match std::env::var("NULLTEXT_TEST_DEVICE").as_deref() {
         Ok("cuda") => candle_core::Device::new_cuda(0).expect("NULLTEXT_TEST_DEVICE=cuda"),
         _ => candle_core::Device::Cpu,
@@ -38,7 +48,6 @@ pub fn load_tiny() -> nulltext::StableDiffusion {
         dtype: candle_core::DType::F32,
         ..Default::default()
     };
-    let model = fixtures().join("models/tiny-sd15");
     nulltext::StableDiffusion::load(model.to_str().unwrap(), &opts).unwrap()
 }
 

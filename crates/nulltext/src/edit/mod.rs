@@ -214,6 +214,34 @@ pub fn parse_words(s: &str) -> Vec<String> {
 /// UNet (the values `EditOptions::attention_downscale` may take).
 pub const ATTENTION_DOWNSCALES: [usize; 3] = [1, 2, 4];
 
+/// The grid of the cross-attention maps at 1/`downscale` of a `latent` (h, w) grid.
+pub fn attention_map_grid(latent: (usize, usize), downscale: usize) -> (usize, usize) {
+    (latent.0.div_ceil(downscale), latent.1.div_ceil(downscale))
+}
+
+/// The coarsest of [`ATTENTION_DOWNSCALES`] that leaves maps of at least 8 cells a side (4,
+/// the reference's 16×16, at 512 px; 1 for the 8×8 latents of 64 px models): coarser maps
+/// are smoother but cannot say where a word is in a small latent.
+///
+/// ```
+/// use nulltext::edit::attention_downscale_for;
+/// assert_eq!(attention_downscale_for((64, 64)), 4); // 16×16 maps
+/// assert_eq!(attention_downscale_for((32, 40)), 4); // 8×10
+/// assert_eq!(attention_downscale_for((16, 16)), 2); // 8×8
+/// assert_eq!(attention_downscale_for((8, 8)), 1); // 8×8
+/// ```
+pub fn attention_downscale_for(latent: (usize, usize)) -> usize {
+    let fits = |d: &usize| {
+        let (h, w) = attention_map_grid(latent, *d);
+        h.min(w) >= 8
+    };
+    ATTENTION_DOWNSCALES
+        .into_iter()
+        .rev()
+        .find(fits)
+        .unwrap_or(1)
+}
+
 /// Everything an edit can be asked to do.
 #[derive(Debug, Clone)]
 pub struct EditOptions {

@@ -488,6 +488,113 @@ fn trace_and_plot_draw_figure_4() {
     let _ = std::fs::remove_dir_all(&d);
 }
 
+/// `invert --trace-edit` records what each inversion cost and how well an edit made from it
+/// keeps the rest of the image; `plot --x unet-passes` puts the methods on one scale.
+#[test]
+fn quality_per_compute_traces_and_chart() {
+    let d = tmp("compute");
+    // the edited region: the middle of the 64 px image
+    let region = d.join("region.png");
+    image::GrayImage::from_fn(64, 64, |x, y| {
+        image::Luma([if (16..48).contains(&x) && (16..48).contains(&y) {
+            255
+        } else {
+            0
+        }])
+    })
+    .save(&region)
+    .unwrap();
+    let mut traces = Vec::new();
+    for method in ["direct", "null-text"] {
+        let t = d.join(format!("{method}.json"));
+        ok(&[
+            "invert",
+            "-m",
+            s(&tiny()),
+            "-i",
+            s(&photo()),
+            "-p",
+            "a close up photo of a cat",
+            "--size",
+            "64",
+            "--steps",
+            "4",
+            "--inner-steps",
+            "2",
+            "--trace-budgets",
+            "1",
+            "--method",
+            method,
+            "--trace",
+            s(&t),
+            "--trace-edit",
+            "a close up photo of a dog",
+            "--trace-mask",
+            s(&region),
+            "--out",
+            s(&d.join(format!("{method}.nti.safetensors"))),
+        ]);
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&t).unwrap()).unwrap();
+        assert_eq!(v["edit_target"], "a close up photo of a dog");
+        let passes: Vec<u64> = v["points"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                assert!(p["edit_background_psnr"].as_f64().unwrap() > 0.0, "{p}");
+                p["unet_passes"].as_u64().unwrap()
+            })
+            .collect();
+        if method == "direct" {
+            // 4 DDIM inversion steps, then 4 guided steps of two passes
+            assert_eq!(passes, [12]);
+        } else {
+            // 4 + per step: ε(C), 2 per iteration, and the step's unconditional pass
+            let iterations: Vec<u64> = v["points"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p["iterations"].as_u64().unwrap())
+                .collect();
+            let want: Vec<u64> = iterations.iter().map(|i| 4 + 4 * 2 + 2 * i).collect();
+            assert_eq!(passes, want);
+        }
+        traces.push(t);
+    }
+    for (y, file) in [
+        ("reconstruction", "rec.png"),
+        ("edit-background", "edit.svg"),
+    ] {
+        let out = d.join(file);
+        let mut args = vec!["plot", "--x", "unet-passes", "--y", y, "--out", s(&out)];
+        args.extend(traces.iter().map(|p| s(p)));
+        ok(&args);
+        assert!(out.is_file());
+    }
+    let svg = std::fs::read_to_string(d.join("edit.svg")).unwrap();
+    assert!(svg.contains("direct") && svg.contains("UNet passes"));
+    // an edit needs its region, and is refused before any inversion without one
+    let out = run(&[
+        "invert",
+        "-m",
+        s(&tiny()),
+        "-i",
+        s(&photo()),
+        "-p",
+        "a close up photo of a cat",
+        "--trace",
+        s(&d.join("x.json")),
+        "--trace-edit",
+        "a close up photo of a dog",
+        "--out",
+        s(&d.join("x.nti.safetensors")),
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--trace-mask"));
+    assert!(!d.join("x.nti.safetensors").exists());
+    let _ = std::fs::remove_dir_all(&d);
+}
+
 #[test]
 fn serve_starts_answers_and_stops_on_ctrl_c() {
     use std::io::{BufRead, Read, Write};

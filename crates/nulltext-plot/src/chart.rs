@@ -221,7 +221,7 @@ impl Chart {
                 let pad = ((x1 - x0) * 0.02).max(1e-9);
                 (x0 - pad)..(x1 + pad)
             }
-            Scale::Log => (x0 / 1.25)..(x1.max(x0 * 1.01) * 1.25),
+            Scale::Log => (x0 / 1.6)..(x1.max(x0 * 1.01) * 1.6),
         };
         // a flat series gets a band around its value
         let (y0, y1) = span(&ys);
@@ -281,8 +281,14 @@ impl Chart {
             .x_label_area_size(56)
             .y_label_area_size(72)
             .build_cartesian_2d(x_axis, y)?;
+        // A log axis labels a few round values per decade; more would run together.
+        let x_labels = match self.x_scale {
+            Scale::Linear => 10,
+            Scale::Log => 4,
+        };
         chart
             .configure_mesh()
+            .x_labels(x_labels)
             .x_desc(&self.x_label)
             .y_desc(&self.y_label)
             .x_label_formatter(&|v| tick(*v))

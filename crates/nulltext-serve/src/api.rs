@@ -250,6 +250,7 @@ async fn info(State(app): AppState) -> Json<Value> {
     } else {
         "cpu"
     };
+    let latent = sd.default_image_size() / sd.vae_scale_factor();
     Json(json!({
         "name": "nulltext",
         "version": env!("CARGO_PKG_VERSION"),
@@ -257,6 +258,7 @@ async fn info(State(app): AppState) -> Json<Value> {
             "name": sd.name,
             "fingerprint": sd.fingerprint,
             "default_size": sd.default_image_size(),
+            "attention_downscale": nulltext::edit::attention_downscale_for((latent, latent)),
             "device": device,
             "dtype": format!("{:?}", sd.dtype).to_lowercase(),
         },

@@ -253,12 +253,13 @@ fn the_page_inverts_and_edits_an_uploaded_photo() {
         "{progress}"
     );
 
+    // the page picked the map scale of the shapes model's own 8×8 latent grid
+    let scale = cdp.eval("document.getElementById('attention-downscale').value");
+    assert_eq!(scale, "1", "map scale the page chose");
     cdp.eval(
         "(() => {
             document.getElementById('targets').value =
                 'a green circle on a blue background\\na yellow circle on a blue background';
-            // the maps at the shapes model's own 8×8 latent grid
-            document.getElementById('attention-downscale').value = '1';
             document.getElementById('edit').click();
         })()",
     );

@@ -69,20 +69,22 @@ pub fn figure4(traces: &[Trace], against: Against) -> Chart {
             Against::Vae => p.psnr_vs_vae,
         };
         let color = method_style(&t.method).1;
-        chart = chart.series(
-            match t.points.as_slice() {
-                [p] if p.budget == 0 => Series::reference(&t.method, psnr(p)),
-                points => Series::line(
-                    &t.method,
-                    points
-                        .iter()
-                        .map(|p| (p.iterations as f64, psnr(p)))
-                        .collect(),
-                )
-                .markers(),
-            }
-            .color(color),
-        );
+        // An exact reconstruction (infinite PSNR against the VAE round trip) has no place
+        // on the axis.
+        let finite: Vec<_> = t.points.iter().filter(|p| psnr(p).is_finite()).collect();
+        let series = match finite.as_slice() {
+            [] => continue,
+            [p] if p.budget == 0 => Series::reference(&t.method, psnr(p)),
+            points => Series::line(
+                &t.method,
+                points
+                    .iter()
+                    .map(|p| (p.iterations as f64, psnr(p)))
+                    .collect(),
+            )
+            .markers(),
+        };
+        chart = chart.series(series.color(color));
     }
     if let (Some(t), Against::Input) = (traces.first(), against) {
         chart = chart.series(
@@ -151,7 +153,7 @@ pub fn quality_per_compute(traces: &[Trace], x: Compute, y: Quality) -> Chart {
                     Quality::Reconstruction(Against::Vae) => Some(p.psnr_vs_vae),
                     Quality::EditBackground => p.edit_background_psnr,
                 };
-                quality.map(|q| (cost, q))
+                quality.filter(|q| q.is_finite()).map(|q| (cost, q))
             })
             .collect();
         points.sort_by(|a, b| a.0.total_cmp(&b.0));

@@ -32,8 +32,9 @@ pub struct ImageMetrics {
     pub mse: f64,
 }
 
-/// JSON has no infinity: identical images' PSNR is written as `null` and read back.
-mod infinite_as_null {
+/// JSON has no infinity: identical images' PSNR is written as `null` and read back
+/// (`#[serde(with = "crate::metrics::infinite_as_null")]`).
+pub(crate) mod infinite_as_null {
     use serde::{Deserialize, Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {

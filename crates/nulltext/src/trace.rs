@@ -29,10 +29,13 @@ pub struct TracePoint {
     /// early).
     pub iterations: usize,
     /// Reconstruction PSNR against the input image, dB.
+    #[serde(with = "crate::metrics::infinite_as_null")]
     pub psnr: f64,
     /// Reconstruction SSIM against the input image.
     pub ssim: f64,
-    /// Reconstruction PSNR against the VAE round trip of the input (the upper bound), dB.
+    /// Reconstruction PSNR against the VAE round trip of the input (the upper bound), dB;
+    /// infinite where the reconstruction is that round trip (`null` in JSON).
+    #[serde(with = "crate::metrics::infinite_as_null")]
     pub psnr_vs_vae: f64,
     /// Mean squared error of the reconstructed latent against z₀.
     pub latent_mse: f64,

@@ -7,8 +7,23 @@ use super::{Ctx, ModelArg};
 
 #[derive(Args)]
 pub struct InfoArgs {
-    #[command(flatten)]
-    model: Option<ModelArg>,
+    /// The model to describe (a diffusers folder, a cached Hugging Face repo id or a
+    /// single-file checkpoint); with --inversion, optional: the model to check the file
+    /// against. Default: $NULLTEXT_MODEL.
+    #[arg(
+        long,
+        short = 'm',
+        env = "NULLTEXT_MODEL",
+        required_unless_present = "inversion"
+    )]
+    model: Option<String>,
+    /// For a single-file checkpoint: a diffusers folder with its configs (as for the other
+    /// commands).
+    #[arg(long)]
+    model_config: Option<PathBuf>,
+    /// For a single-file checkpoint: epsilon or v_prediction (as for the other commands).
+    #[arg(long)]
+    prediction_type: Option<String>,
     /// Describe an inversion file instead: its method, prompt, settings and tensors (with
     /// --model also whether it belongs to that model).
     #[arg(long)]
@@ -34,10 +49,15 @@ fn print(v: &serde_json::Value, json: bool) -> Result<()> {
 }
 
 pub fn run(a: InfoArgs, ctx: &Ctx) -> Result<()> {
+    let model = a.model.clone().map(|model| ModelArg {
+        model,
+        model_config: a.model_config.clone(),
+        prediction_type: a.prediction_type.clone(),
+    });
     if let Some(path) = &a.inversion {
         let inv = nulltext::inversion_file::load(path)?;
         let mut v = nulltext::inversion_file::describe(&inv);
-        if let Some(m) = &a.model {
+        if let Some(m) = &model {
             let sd = ctx.load(m)?;
             v["fits_model"] = match inv.check_model(&sd, false) {
                 Ok(()) => serde_json::json!(true),
@@ -46,7 +66,7 @@ pub fn run(a: InfoArgs, ctx: &Ctx) -> Result<()> {
         }
         return print(&v, a.json);
     }
-    let Some(model) = &a.model else {
+    let Some(model) = &model else {
         bail!("give --model (or set NULLTEXT_MODEL), or --inversion FILE");
     };
     let sd = ctx.load(model)?;

@@ -102,12 +102,18 @@ pub fn run(a: InvertArgs, ctx: &Ctx) -> Result<()> {
         .iter()
         .filter(|n| **n < a.settings.inner_steps)
         .count();
+    let second_stage = match a.settings.method {
+        Method::Direct => format!(", offset pass {:.1} s", report.seconds_optimization),
+        m if m.optimizes() => format!(", optimization {:.1} s", report.seconds_optimization),
+        _ => String::new(),
+    };
     ctx.say(format!(
-        "inverted {} with {} in {wall:.1} s (DDIM inversion {:.1} s, optimization {:.1} s)",
+        "inverted {} with {} in {wall:.1} s (DDIM inversion {:.1} s{second_stage}; {} UNet \
+         passes)",
         a.image.display(),
         a.settings.method,
         report.seconds_ddim,
-        report.seconds_optimization
+        report.unet_passes
     ));
     if a.settings.method.optimizes() {
         ctx.say(format!(

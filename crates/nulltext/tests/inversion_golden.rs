@@ -412,7 +412,8 @@ fn null_text_gradient_agrees_with_finite_differences() {
 }
 
 /// A loss that overflows stops the optimization with a clear error instead of writing NaN
-/// embeddings (guidance 1e36 sends ε(∅) + w(ε(C) − ε(∅)) past f32's range).
+/// embeddings (guidance 1e36 sends ε(∅) + w(ε(C) − ε(∅)) past f32's range). Inversions
+/// refuse such a scale up front; the optimizer itself must still catch the overflow.
 #[test]
 fn non_finite_optimization_is_an_error() {
     let sd = load_tiny();
@@ -425,6 +426,28 @@ fn non_finite_optimization_is_an_error() {
     };
     let Err(e) = nulltext::invert_latent(&sd, &z0, "a cat", 256, 256, &opts, &mut NoProgress)
     else {
+        panic!("guidance 1e36 was accepted");
+    };
+    assert!(
+        e.to_string()
+            .contains("--guidance must be between 0 and 50"),
+        "{e}"
+    );
+    let ddim = nulltext::models::Ddim::new(&sd.scheduler, opts.num_steps).unwrap();
+    let (emb, _) = sd.encode_prompts(&["a cat", ""]).unwrap();
+    let (cond, empty) = (emb.narrow(0, 0, 1).unwrap(), emb.narrow(0, 1, 1).unwrap());
+    let pivots =
+        nulltext::inversion::ddim_inversion(&sd, &ddim, &z0, &cond, &mut NoProgress).unwrap();
+    let Err(e) = nulltext::inversion::null_text_optimization(
+        &sd,
+        &ddim,
+        &pivots,
+        &cond,
+        &empty,
+        &opts,
+        false,
+        &mut NoProgress,
+    ) else {
         panic!("an overflowing optimization succeeded");
     };
     let msg = e.to_string();

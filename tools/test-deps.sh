@@ -1,18 +1,16 @@
 #!/usr/bin/env bash
-# Every test of the workspace, on a fresh machine too: first installs what the tests need
-# besides Rust — headless Chromium for the web page's test
-# (crates/nulltext-serve/tests/browser.rs), Debian's `chromium` package — then runs
-# `cargo test --workspace --locked` with any further arguments. With Chromium installed,
-# plain `cargo test` runs the same tests.
+# Installs what the tests need besides Rust, on a fresh machine too: headless Chromium for
+# the web page's test (crates/nulltext-serve/tests/browser.rs), Debian's `chromium` package,
+# when it is missing. The README's test command and .ci/run both call it before
+# `cargo test --workspace`.
 set -euo pipefail
-cd "$(dirname "$0")/.."
 have_chromium() {
     [ -n "${NULLTEXT_CHROMIUM:-}" ] && return 0
     command -v chromium || command -v chromium-browser || command -v google-chrome
 } >/dev/null 2>&1
 if ! have_chromium; then
     if ! command -v apt-get >/dev/null 2>&1; then
-        echo "tools/test.sh: the web page's test needs headless Chromium: install it, or set" \
+        echo "tools/test-deps.sh: the web page's test needs headless Chromium: install it, or set" \
              "NULLTEXT_CHROMIUM to a Chromium binary" >&2
         exit 1
     fi
@@ -23,4 +21,3 @@ if ! have_chromium; then
     $sudo apt-get update -qq
     $sudo apt-get install -y -qq chromium >/dev/null
 fi
-cargo test --workspace --locked "$@"

@@ -3,6 +3,8 @@
 //! Every crafted file is built here.
 
 mod common;
+#[path = "../../../tests/support/crafted_png.rs"]
+mod crafted_png;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -59,21 +61,6 @@ fn safetensors_file(path: &Path, tensors: &[(&str, Vec<usize>)]) {
     std::fs::write(path, bytes).unwrap();
 }
 
-fn crc32(data: &[u8]) -> u32 {
-    let mut c = !0u32;
-    for b in data {
-        c ^= *b as u32;
-        for _ in 0..8 {
-            c = if c & 1 != 0 {
-                0xEDB8_8320 ^ (c >> 1)
-            } else {
-                c >> 1
-            };
-        }
-    }
-    !c
-}
-
 /// A small valid PNG whose header then claims `w`×`h` pixels (a decompression bomb's
 /// header: a few hundred bytes that would allocate gigabytes).
 fn png_claiming(path: &Path, w: u32, h: u32) {
@@ -84,12 +71,7 @@ fn png_claiming(path: &Path, w: u32, h: u32) {
             image::ImageFormat::Png,
         )
         .unwrap();
-    // signature (8), IHDR length (4), "IHDR" (4), width, height, …, CRC after 13 bytes
-    bytes[16..20].copy_from_slice(&w.to_be_bytes());
-    bytes[20..24].copy_from_slice(&h.to_be_bytes());
-    let crc = crc32(&bytes[12..29]);
-    bytes[29..33].copy_from_slice(&crc.to_be_bytes());
-    std::fs::write(path, bytes).unwrap();
+    std::fs::write(path, crafted_png::claiming(bytes, w, h)).unwrap();
 }
 
 /// A copy of the tiny model (weights as symlinks) with `edit` applied to its UNet config.

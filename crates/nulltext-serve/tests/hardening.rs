@@ -4,6 +4,8 @@
 //! deterministic mutation run over the request parsers.
 
 mod common;
+#[path = "../../../tests/support/crafted_png.rs"]
+mod crafted_png;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::{Duration, Instant};
@@ -37,21 +39,6 @@ fn peak_rss_kib() -> u64 {
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
-}
-
-fn crc32(data: &[u8]) -> u32 {
-    let mut c = !0u32;
-    for b in data {
-        c ^= *b as u32;
-        for _ in 0..8 {
-            c = if c & 1 != 0 {
-                0xEDB8_8320 ^ (c >> 1)
-            } else {
-                c >> 1
-            };
-        }
-    }
-    !c
 }
 
 #[test]
@@ -103,11 +90,7 @@ fn forms_images_and_sizes_are_refused_up_front() {
     assert!(worst < Duration::from_secs(1), "{worst:?}");
 
     // A PNG whose header claims 60000×60000 pixels: 413, nothing decoded.
-    let mut bomb = black_png(4, 4);
-    bomb[16..20].copy_from_slice(&60_000u32.to_be_bytes());
-    bomb[20..24].copy_from_slice(&60_000u32.to_be_bytes());
-    let crc = crc32(&bomb[12..29]);
-    bomb[29..33].copy_from_slice(&crc.to_be_bytes());
+    let bomb = crafted_png::claiming(black_png(4, 4), 60_000, 60_000);
     let r = post_multipart(
         addr,
         "/v1/inversions",

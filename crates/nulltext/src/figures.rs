@@ -29,6 +29,20 @@ pub fn method_style(method: &str) -> (usize, [u8; 3]) {
     (order, color)
 }
 
+/// The setting of a figure's traces for its title, " (model, size, steps, w)", from the
+/// first trace; empty without traces.
+fn setting(traces: &[Trace]) -> String {
+    traces.first().map_or(String::new(), |t| {
+        let name = Path::new(&t.model)
+            .file_name()
+            .map_or(t.model.clone(), |n| n.to_string_lossy().into_owned());
+        format!(
+            " ({name}, {} px, {} steps, w = {})",
+            t.size, t.steps, t.guidance
+        )
+    })
+}
+
 /// What the PSNR of a Figure 4 is measured against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Against {
@@ -44,18 +58,7 @@ pub enum Against {
 /// line per method; methods without optimization (and, against the input, the VAE round
 /// trip: the upper bound) as dashed reference lines.
 pub fn figure4(traces: &[Trace], against: Against) -> Chart {
-    let title = match traces.first() {
-        Some(t) => format!(
-            "Reconstruction vs. optimization ({}, {} px, {} steps, w = {})",
-            Path::new(&t.model)
-                .file_name()
-                .map_or(t.model.clone(), |n| n.to_string_lossy().into_owned()),
-            t.size,
-            t.steps,
-            t.guidance
-        ),
-        None => "Reconstruction vs. optimization".into(),
-    };
+    let title = format!("Reconstruction vs. optimization{}", setting(traces));
     let y_label = match against {
         Against::Input => "PSNR vs input (dB)",
         Against::Vae => "PSNR vs VAE round trip (dB)",
@@ -117,15 +120,6 @@ pub enum Quality {
 /// optimize nothing are one point), x = what the inversion cost (log scale), y = how well
 /// it reconstructs, or how well an edit made from it keeps what it should not change.
 pub fn quality_per_compute(traces: &[Trace], x: Compute, y: Quality) -> Chart {
-    let model = traces.first().map_or(String::new(), |t| {
-        let name = Path::new(&t.model)
-            .file_name()
-            .map_or(t.model.clone(), |n| n.to_string_lossy().into_owned());
-        format!(
-            " ({name}, {} px, {} steps, w = {})",
-            t.size, t.steps, t.guidance
-        )
-    });
     let (title, y_label) = match y {
         Quality::Reconstruction(Against::Input) => ("Reconstruction", "PSNR vs input (dB)"),
         Quality::Reconstruction(Against::Vae) => ("Reconstruction", "PSNR vs VAE round trip (dB)"),
@@ -135,7 +129,12 @@ pub fn quality_per_compute(traces: &[Trace], x: Compute, y: Quality) -> Chart {
         Compute::UnetPasses => "UNet passes of the inversion (forward or backward)",
         Compute::Seconds => "seconds of the inversion",
     };
-    let mut chart = Chart::new(format!("{title} per compute{model}"), x_label, y_label).log_x();
+    let mut chart = Chart::new(
+        format!("{title} per compute{}", setting(traces)),
+        x_label,
+        y_label,
+    )
+    .log_x();
     let vae_psnr = traces.first().map(|t| t.vae_psnr);
     let mut traces: Vec<&Trace> = traces.iter().collect();
     traces.sort_by_key(|t| method_style(&t.method).0);

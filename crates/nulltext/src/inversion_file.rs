@@ -187,8 +187,7 @@ fn check_numbers(
     scheduler
         .validate()
         .map_err(|e| bad(format!("metadata `scheduler`: {e}")))?;
-    crate::limits::check_steps(num_steps, scheduler)
-        .map_err(|e| bad(format!("metadata `num_steps`: {e}").replace("--steps ", "")))?;
+    crate::limits::check_steps("metadata `num_steps`", num_steps, scheduler)?;
     crate::limits::check_guidance("metadata `guidance_scale`", guidance)?;
     for (k, v) in [("height", height), ("width", width)] {
         if v == 0 || v > MAX_SIDE {

@@ -105,13 +105,14 @@ impl Limits {
     }
 }
 
-/// DDIM steps for `scheduler`: between 1 and [`Ddim::max_steps`].
-pub fn check_steps(steps: usize, scheduler: &SchedulerConfig) -> Result<()> {
+/// DDIM steps (`what`: the option or field that gave them) for `scheduler`: between 1 and
+/// [`Ddim::max_steps`].
+pub fn check_steps(what: &str, steps: usize, scheduler: &SchedulerConfig) -> Result<()> {
     scheduler.validate()?;
     let max = Ddim::max_steps(scheduler);
     if steps == 0 || steps > max {
         return Err(invalid(format!(
-            "--steps must be between 1 and {max} for this model's scheduler, got {steps}"
+            "{what} must be between 1 and {max} for this model's scheduler, got {steps}"
         )));
     }
     Ok(())
@@ -131,7 +132,7 @@ pub fn check_guidance(what: &str, g: f64) -> Result<()> {
 impl InvertOptions {
     /// Checks every setting against `scheduler` before any work starts.
     pub fn validate(&self, scheduler: &SchedulerConfig) -> Result<()> {
-        check_steps(self.num_steps, scheduler)?;
+        check_steps("--steps", self.num_steps, scheduler)?;
         check_guidance("--guidance", self.guidance)?;
         if self.method.optimizes() && self.inner_steps == 0 {
             return Err(invalid("--inner-steps must be at least 1"));
@@ -159,10 +160,10 @@ mod tests {
     #[test]
     fn sd_scheduler_takes_at_most_999_steps() {
         let s = SchedulerConfig::default();
-        assert!(check_steps(999, &s).is_ok());
-        let e = check_steps(1000, &s).unwrap_err().to_string();
+        assert!(check_steps("--steps", 999, &s).is_ok());
+        let e = check_steps("--steps", 1000, &s).unwrap_err().to_string();
         assert!(e.contains("between 1 and 999"), "{e}");
-        assert!(check_steps(0, &s).is_err());
+        assert!(check_steps("--steps", 0, &s).is_err());
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::sync::OnceLock;
 
 use candle_core::{IndexOp, Tensor};
 use common::*;
-use nulltext::edit::{BlendOptions, CrossReplace, EditMode, EditOptions, Window};
+use nulltext::edit::EditOptions;
 use nulltext::{InvertOptions, Method, NoProgress};
 use serde_json::Value;
 
@@ -88,37 +88,6 @@ fn reconstruction_is_the_pivot() {
     plain.method = Method::Ddim;
     let off = nulltext::reconstruct(sd, &plain, &mut NoProgress).unwrap();
     assert!(max_err(&off, z0) > 100.0 * max_err(&rec, z0));
-}
-
-/// The edit options of a golden case (PIE-Bench's P2P settings by default).
-fn case_options(case: &Value) -> (Vec<String>, EditOptions) {
-    let prompts: Vec<String> = serde_json::from_value(case["prompts"].clone()).unwrap();
-    let mut o = EditOptions {
-        mode: match case["kind"].as_str().unwrap() {
-            "refine" => EditMode::Refine,
-            _ => EditMode::Replace,
-        },
-        cross_replace: CrossReplace {
-            default: Window::until(case["cross_replace_steps"]["default_"].as_f64().unwrap()),
-            words: vec![],
-        },
-        self_replace: Window::until(case["self_replace_steps"].as_f64().unwrap()),
-        ..Default::default()
-    };
-    if let Some(n) = case.get("self_replace_max_pixels") {
-        o.self_max_pixels = Some(n.as_u64().unwrap() as usize);
-    }
-    if let Some(bw) = case.get("blend_words") {
-        let words: Vec<Vec<String>> = serde_json::from_value(bw.clone()).unwrap();
-        let spec = format!("{}:{}", words[0].join("+"), words[1].join("+"));
-        let mut b = BlendOptions::parse(&spec).unwrap();
-        if let Some(th) = case.get("blend_th") {
-            b.threshold = th[0].as_f64().unwrap();
-            b.subtract_threshold = th[1].as_f64().unwrap();
-        }
-        o.blend = Some(b);
-    }
-    (prompts, o)
 }
 
 /// Edits the direct inversion as the golden `file`'s case `name` says and compares the

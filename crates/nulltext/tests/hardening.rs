@@ -4,6 +4,8 @@
 //! panic. The crafted files are built here.
 
 mod common;
+#[path = "../../../tests/support/crafted_png.rs"]
+mod crafted_png;
 
 use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -180,29 +182,9 @@ fn encoded(format: image::ImageFormat) -> Vec<u8> {
     bytes
 }
 
-fn crc32(data: &[u8]) -> u32 {
-    let mut c = !0u32;
-    for b in data {
-        c ^= *b as u32;
-        for _ in 0..8 {
-            c = if c & 1 != 0 {
-                0xEDB8_8320 ^ (c >> 1)
-            } else {
-                c >> 1
-            };
-        }
-    }
-    !c
-}
-
 /// A PNG whose (checksummed) header claims `w`×`h` pixels.
 fn png_claiming(w: u32, h: u32) -> Vec<u8> {
-    let mut b = encoded(image::ImageFormat::Png);
-    b[16..20].copy_from_slice(&w.to_be_bytes());
-    b[20..24].copy_from_slice(&h.to_be_bytes());
-    let crc = crc32(&b[12..29]);
-    b[29..33].copy_from_slice(&crc.to_be_bytes());
-    b
+    crafted_png::claiming(encoded(image::ImageFormat::Png), w, h)
 }
 
 #[test]

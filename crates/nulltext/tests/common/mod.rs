@@ -5,6 +5,7 @@
 mod shared;
 
 use candle_core::Tensor;
+use nulltext::edit::{BlendOptions, CrossReplace, EditMode, EditOptions, Window};
 pub use shared::*;
 
 pub fn load_tiny() -> nulltext::StableDiffusion {
@@ -20,4 +21,55 @@ pub fn chelsea_latent(sd: &nulltext::StableDiffusion) -> Tensor {
     .unwrap();
     let x = nulltext::image_io::image_to_tensor(&img, &sd.device).unwrap();
     sd.image_to_latent(&x).unwrap()
+}
+
+/// The prompts and edit options of a golden Prompt-to-Prompt case (its JSON metadata:
+/// kind, prompts, cross- and self-replace windows, blend words and thresholds, reweights).
+pub fn case_options(case: &serde_json::Value) -> (Vec<String>, EditOptions) {
+    let prompts: Vec<String> = serde_json::from_value(case["prompts"].clone()).unwrap();
+    let mut o = EditOptions {
+        mode: match case["kind"].as_str().unwrap() {
+            "refine" => EditMode::Refine,
+            _ => EditMode::Replace,
+        },
+        ..Default::default()
+    };
+    let crs = case["cross_replace_steps"].as_object().unwrap();
+    let mut cr = CrossReplace {
+        default: Window::until(1.0),
+        words: vec![],
+    };
+    for (k, v) in crs {
+        let w = match v {
+            serde_json::Value::Number(n) => Window::until(n.as_f64().unwrap()),
+            serde_json::Value::Array(a) => Window {
+                start: a[0].as_f64().unwrap(),
+                end: a[1].as_f64().unwrap(),
+            },
+            v => panic!("{v}"),
+        };
+        if k == "default_" {
+            cr.default = w
+        } else {
+            cr.words.push((k.clone(), w))
+        }
+    }
+    o.cross_replace = cr;
+    o.self_replace = Window::until(case["self_replace_steps"].as_f64().unwrap());
+    if let Some(bw) = case.get("blend_words") {
+        let words: Vec<Vec<String>> = serde_json::from_value(bw.clone()).unwrap();
+        let mut b =
+            BlendOptions::parse(&format!("{}:{}", words[0].join("+"), words[1].join("+"))).unwrap();
+        if let Some(th) = case.get("blend_th") {
+            b.threshold = th[0].as_f64().unwrap();
+            b.subtract_threshold = th[1].as_f64().unwrap();
+        }
+        o.blend = Some(b);
+    }
+    if let Some(eq) = case.get("eq_params") {
+        let words: Vec<String> = serde_json::from_value(eq["words"].clone()).unwrap();
+        let values: Vec<f64> = serde_json::from_value(eq["values"].clone()).unwrap();
+        o.reweight = words.into_iter().zip(values).collect();
+    }
+    (prompts, o)
 }

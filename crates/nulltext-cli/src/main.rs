@@ -21,7 +21,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
         (Prompt-to-Prompt). One inversion serves any number of edits."
 )]
 struct Cli {
-    /// Compute device: auto, cpu, cuda, cuda:N or metal.
+    /// Compute device: auto, cpu, cuda, cuda:N, metal or metal:N.
     #[arg(long, global = true, default_value = "auto")]
     device: String,
     /// Weight precision: auto (f32 on CPU, f16 on GPUs), f32, f16 or bf16.
@@ -35,9 +35,12 @@ struct Cli {
 }
 
 fn main() {
-    runtime::configure_threads();
+    nulltext::runtime::configure_threads();
     let cli = Cli::parse();
-    runtime::configure_allocator(matches!(cli.command, commands::Command::Serve(_)));
+    // The server idles between jobs: memory a job used goes back to the system there.
+    if !matches!(cli.command, commands::Command::Serve(_)) {
+        nulltext::runtime::configure_allocator();
+    }
     let filter = if cli.quiet { "error" } else { "warn" };
     tracing_subscriber::fmt()
         .with_env_filter(

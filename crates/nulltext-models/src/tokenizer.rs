@@ -36,6 +36,18 @@ pub struct Encoding {
     pub truncated: Option<String>,
 }
 
+/// One position of an encoded prompt (see [`ClipTokenizer::describe`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenInfo {
+    pub position: usize,
+    pub id: u32,
+    /// The vocabulary entry (`</w>` marks a word's end).
+    pub token: String,
+    /// The prompt's word (index among the space-separated words, and the word) this token
+    /// belongs to; `None` for the start and end tokens.
+    pub word: Option<(usize, String)>,
+}
+
 /// Words whose BPE tokens are kept (a few MB at most).
 const MAX_CACHED_WORDS: usize = 4096;
 
@@ -340,6 +352,29 @@ impl ClipTokenizer {
             }
         }
         out
+    }
+
+    /// Every used position of `text`'s encoding (start, tokens, end) with its token's text
+    /// and the word it belongs to: what `nulltext tokens` shows.
+    pub fn describe(&self, text: &str) -> Vec<TokenInfo> {
+        let enc = self.encode_padded(text);
+        let words: Vec<&str> = text.split(' ').collect();
+        let per_word = self.word_token_positions(text);
+        (0..enc.len)
+            .map(|position| {
+                let id = enc.ids[position];
+                let word = per_word
+                    .iter()
+                    .position(|p| p.contains(&position))
+                    .map(|w| (w, words[w].to_string()));
+                TokenInfo {
+                    position,
+                    id,
+                    token: self.token(id).unwrap_or("?").to_string(),
+                    word,
+                }
+            })
+            .collect()
     }
 
     /// Token positions of every occurrence of `word` (an exact space-separated word).

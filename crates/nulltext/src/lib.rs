@@ -19,6 +19,7 @@ pub mod limits;
 pub mod lpips;
 pub mod metrics;
 pub mod render;
+pub mod runtime;
 pub mod sampling;
 pub mod shapes;
 pub mod text2img;

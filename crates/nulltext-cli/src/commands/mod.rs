@@ -30,8 +30,8 @@ pub struct Ctx {
 
 impl Ctx {
     pub fn load(&self, m: &ModelArg) -> Result<nulltext::StableDiffusion> {
-        let device = crate::runtime::parse_device(&self.device)?;
-        let dtype = crate::runtime::parse_dtype(&self.dtype, &device)?;
+        let device = nulltext::runtime::parse_device(&self.device)?;
+        let dtype = nulltext::runtime::parse_dtype(&self.dtype, &device)?;
         let opts = nulltext::models::LoadOptions {
             device,
             dtype,

@@ -29,33 +29,25 @@ pub fn run(a: TokensArgs, ctx: &Ctx) -> Result<()> {
         None => nulltext::models::ClipTokenizer::bundled(),
     };
     let enc = tok.encode_padded(&a.prompt);
-    let words: Vec<&str> = a.prompt.split(' ').collect();
-    let per_word = tok.word_token_positions(&a.prompt);
-    let word_of = |pos: usize| -> Option<usize> { per_word.iter().position(|p| p.contains(&pos)) };
-    let rows: Vec<(usize, u32, String, Option<usize>)> = (0..enc.len)
-        .map(|i| {
-            let id = enc.ids[i];
-            (i, id, tok.token(id).unwrap_or("?").to_string(), word_of(i))
-        })
-        .collect();
+    let rows = tok.describe(&a.prompt);
     if a.json {
         let v = serde_json::json!({
             "ids": enc.ids,
-            "tokens": rows.iter().map(|r| r.2.clone()).collect::<Vec<_>>(),
-            "words": rows.iter().map(|r| r.3.map(|w| words[w].to_string())).collect::<Vec<_>>(),
+            "tokens": rows.iter().map(|r| r.token.clone()).collect::<Vec<_>>(),
+            "words": rows.iter().map(|r| r.word.as_ref().map(|w| w.1.clone())).collect::<Vec<_>>(),
             "truncated": enc.truncated,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
     println!("{:>4}  {:>6}  {:<24} word", "pos", "id", "token");
-    for (i, id, text, w) in rows {
-        let word = match w {
-            Some(w) => format!("{} ({w})", words[w]),
-            None if i == 0 => "(start)".into(),
+    for r in rows {
+        let word = match &r.word {
+            Some((w, text)) => format!("{text} ({w})"),
+            None if r.position == 0 => "(start)".into(),
             None => "(end)".into(),
         };
-        println!("{i:>4}  {id:>6}  {text:<24} {word}");
+        println!("{:>4}  {:>6}  {:<24} {word}", r.position, r.id, r.token);
     }
     println!(
         "{} of 77 positions used; the rest is padding ({})",

@@ -165,6 +165,14 @@ def test_every_edit_option_is_a_keyword(tiny, tiny_inversion):
     assert sd.mode == "sdedit"
 
 
+def test_a_single_file_checkpoint_loads_like_its_folder(tiny, tiny_inversion):
+    single = nulltext.load(TINY.parent / "tiny-sd15.safetensors", model_config=TINY, device="cpu")
+    assert single.fingerprint == tiny.fingerprint and single.default_size == 256
+    assert (single.device, single.dtype) == ("cpu", "f32")
+    a = single.reconstruct(tiny_inversion).latents
+    assert np.array_equal(a, tiny.reconstruct(tiny_inversion).latents)
+
+
 def test_progress_reaches_the_callback(tiny):
     events = []
     tiny.invert(CHELSEA, CAPTION, steps=4, inner_steps=2, progress=events.append)

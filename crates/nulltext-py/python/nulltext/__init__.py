@@ -77,11 +77,13 @@ def _mask(mask: ImageLike) -> Union[str, Tuple[bytes, int, int]]:
     return _rgb(mask, "mask")
 
 
-def _array(t: Optional[Tuple[bytes, List[int]]]) -> Optional[np.ndarray]:
-    if t is None:
-        return None
+def _array(t: Tuple[bytes, List[int]]) -> np.ndarray:
     data, shape = t
     return np.frombuffer(data, dtype="<f4").reshape(shape).copy()
+
+
+def _maybe_array(t: Optional[Tuple[bytes, List[int]]]) -> Optional[np.ndarray]:
+    return None if t is None else _array(t)
 
 
 def _pil(p: Tuple[bytes, int, int]) -> Image.Image:
@@ -161,25 +163,30 @@ class Inversion:
         """The file format version this inversion is written as (1, or 2 with offsets)."""
         return self._native.format_version
 
+    def _tensor(self, name: str) -> Tuple[bytes, List[int]]:
+        t = self._native.tensor(name)
+        assert t is not None, f"every inversion has `{name}`"
+        return t
+
     @property
     def latent(self) -> np.ndarray:
         """z_T, ``[1, C, h, w]`` float32 (the file's ``latent_T``)."""
-        return _array(self._native.tensor("latent"))
+        return _array(self._tensor("latent"))
 
     @property
     def null_embeddings(self) -> np.ndarray:
         """The unconditional embedding of each sampling step, ``[T, 77, D]`` float32."""
-        return _array(self._native.tensor("null_embeddings"))
+        return _array(self._tensor("null_embeddings"))
 
     @property
     def image_latent(self) -> Optional[np.ndarray]:
         """z₀ of the photo, ``[1, C, h, w]``."""
-        return _array(self._native.tensor("image_latent"))
+        return _maybe_array(self._native.tensor("image_latent"))
 
     @property
     def latent_offsets(self) -> Optional[np.ndarray]:
         """Direct inversion's per-step offsets of the source row, ``[T, C, h, w]``."""
-        return _array(self._native.tensor("latent_offsets"))
+        return _maybe_array(self._native.tensor("latent_offsets"))
 
     @property
     def info(self) -> Dict[str, Any]:
@@ -223,7 +230,7 @@ class EditResult:
             latents=_array(native.latents()),
             prompts=list(native.prompts),
             mode=native.mode,
-            attention_maps=_array(native.attention_maps()),
+            attention_maps=_maybe_array(native.attention_maps()),
         )
 
 

@@ -51,9 +51,17 @@ fn main() {
         .with_target(false)
         .without_time()
         .init();
+    let execution = match nulltext::runtime::execution_from_env() {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+    };
     let ctx = commands::Ctx {
         device: cli.device,
         dtype: cli.dtype,
+        execution,
         quiet: cli.quiet,
         cancel: progress::install_ctrlc(),
         written: Default::default(),

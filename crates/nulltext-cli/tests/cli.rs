@@ -745,3 +745,24 @@ fn demo_runs_the_main_job_on_the_bundled_model() {
         "{err}"
     );
 }
+
+#[test]
+fn an_unknown_unet_execution_in_the_environment_is_refused() {
+    let out = Command::new(env!("CARGO_BIN_EXE_nulltext"))
+        .args(["tokens", "-p", "a cat"])
+        .env("NULLTEXT_CONTEXT_TAPE", "fast")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("NULLTEXT_CONTEXT_TAPE: unknown UNet execution `fast`"),
+        "{err}"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_nulltext"))
+        .args(["tokens", "-p", "a cat"])
+        .env("NULLTEXT_CONTEXT_TAPE", "off")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+}

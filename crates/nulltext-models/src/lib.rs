@@ -34,5 +34,5 @@ pub use error::{Error, Result};
 pub use model::{LoadOptions, StableDiffusion};
 pub use scheduler::Ddim;
 pub use tokenizer::ClipTokenizer;
-pub use unet::UNet2DConditionModel;
+pub use unet::{Execution, UNet2DConditionModel};
 pub use vae::AutoencoderKL;

@@ -13,7 +13,7 @@ use crate::config::{read_json, ClipTextConfig, SchedulerConfig, UNetConfig, VaeC
 use crate::error::{Error, Result};
 use crate::fingerprint::unet_fingerprint;
 use crate::tokenizer::{ClipTokenizer, Encoding};
-use crate::unet::UNet2DConditionModel;
+use crate::unet::{Execution, UNet2DConditionModel};
 use crate::vae::AutoencoderKL;
 use crate::weights::WeightStore;
 
@@ -29,6 +29,8 @@ pub struct LoadOptions {
     /// For single-file checkpoints: `epsilon` or `v_prediction` (default: a sidecar
     /// `<name>.yaml` with `parameterization: "v"`, else `epsilon`).
     pub prediction_type: Option<String>,
+    /// How the UNet runs (the context tapes where they apply, or candle's graph).
+    pub execution: Execution,
 }
 
 impl Default for LoadOptions {
@@ -38,6 +40,7 @@ impl Default for LoadOptions {
             dtype: DType::F32,
             config_dir: None,
             prediction_type: None,
+            execution: Execution::default(),
         }
     }
 }
@@ -329,7 +332,8 @@ impl StableDiffusion {
             );
         }
         let fingerprint = unet_fingerprint(&stores.unet)?;
-        let unet = UNet2DConditionModel::load(&stores.unet.root(), &d.unet)?;
+        let unet = UNet2DConditionModel::load(&stores.unet.root(), &d.unet)?
+            .with_execution(opts.execution);
         let vae = AutoencoderKL::load(&stores.vae.root(), &d.vae)?;
         let text_encoder = ClipTextTransformer::load(&stores.text.root(), &d.text)?;
         Ok(Self {
@@ -386,7 +390,8 @@ impl StableDiffusion {
         )?;
         let fingerprint = unet_fingerprint(&unet_store)?;
         let unet = UNet2DConditionModel::load(&unet_store.root(), &unet_cfg)
-            .map_err(|e| with_component(e, "unet", &dir.join("unet/config.json")))?;
+            .map_err(|e| with_component(e, "unet", &dir.join("unet/config.json")))?
+            .with_execution(opts.execution);
         drop(unet_store);
         let vae_store = WeightStore::open(
             &component_weight_files(&dir.join("vae"), "diffusion_pytorch_model")?,

@@ -275,3 +275,29 @@ fn tensor_tape_in_half_precision() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `Execution::Graph` (what `NULLTEXT_CONTEXT_TAPE=off` chooses) runs every pass on the
+/// graph: no context tape, and the same output as the default execution's tape.
+#[test]
+fn graph_execution_is_chosen_at_load_and_keeps_the_numbers() {
+    let opts = nulltext_models::LoadOptions {
+        execution: nulltext_models::Execution::Graph,
+        ..load_options()
+    };
+    let graph = StableDiffusion::load(tiny_model().to_str().unwrap(), &opts).unwrap();
+    let tapes = StableDiffusion::load(tiny_model().to_str().unwrap(), &load_options()).unwrap();
+    assert_eq!(graph.unet.execution(), nulltext_models::Execution::Graph);
+    assert_eq!(tapes.unet.execution(), nulltext_models::Execution::Tapes);
+    let z = noise(1, &[1, 4, 32, 32]);
+    let ctx = noise(2, &[1, 77, graph.unet.config().cross_attention_dim]);
+    assert!(graph.unet.context_tape(&z, 501.0).unwrap().is_none());
+    assert!(tapes.unet.context_tape(&z, 501.0).unwrap().is_some());
+    let a = graph.unet.forward(&z, 501.0, &ctx).unwrap();
+    let b = tapes.unet.forward(&z, 501.0, &ctx).unwrap();
+    assert_eq!(max_err(&a, &b), 0.0);
+    for (s, want) in [("off", "Graph"), ("graph", "Graph"), ("on", "Tapes")] {
+        let e: nulltext_models::Execution = s.parse().unwrap();
+        assert_eq!(format!("{e:?}"), want);
+    }
+    assert!("fast".parse::<nulltext_models::Execution>().is_err());
+}

@@ -597,6 +597,7 @@ fn load(
         dtype,
         config_dir: model_config,
         prediction_type,
+        execution: nulltext::runtime::execution_from_env().map_err(py_err)?,
     };
     let sd = py
         .detach(|| StableDiffusion::load(&model, &opts))

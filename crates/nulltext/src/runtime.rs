@@ -3,6 +3,7 @@
 //! `--dtype` specifications.
 
 use candle_core::{DType, Device};
+use nulltext_models::Execution;
 
 use crate::error::{invalid, Result};
 
@@ -92,6 +93,19 @@ fn gpu_index(spec: &str, prefix: &str) -> Result<usize> {
             .parse()
             .map_err(|_| invalid(format!("device `{spec}`: bad GPU index"))),
         None => Ok(0),
+    }
+}
+
+/// How the UNet runs, as `NULLTEXT_CONTEXT_TAPE` overrides it: `off` (or `graph`, `0`) runs
+/// every pass through candle's graph, for comparison or as a fallback; unset, `on` (or
+/// `tapes`, `1`): the context tapes where they apply. Front ends read it once, when they
+/// load a model.
+pub fn execution_from_env() -> Result<Execution> {
+    match std::env::var("NULLTEXT_CONTEXT_TAPE") {
+        Ok(v) => v
+            .parse()
+            .map_err(|e: String| invalid(format!("NULLTEXT_CONTEXT_TAPE: {e}"))),
+        Err(_) => Ok(Execution::default()),
     }
 }
 

@@ -22,6 +22,8 @@ use nulltext::CancelFlag;
 pub struct Ctx {
     pub device: String,
     pub dtype: String,
+    /// How UNets run (`NULLTEXT_CONTEXT_TAPE`, read once at start).
+    pub execution: nulltext::models::Execution,
     pub quiet: bool,
     pub cancel: CancelFlag,
     /// Files written so far, for the message of an interrupted run.
@@ -37,6 +39,7 @@ impl Ctx {
             dtype,
             config_dir: m.model_config.clone(),
             prediction_type: m.prediction_type.clone(),
+            execution: self.execution,
         };
         crate::runtime::load_model(&m.model, &opts, self.quiet)
     }

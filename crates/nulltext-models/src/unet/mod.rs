@@ -9,6 +9,33 @@ use candle_core::Tensor;
 pub use blocks::{BlockAttention, BlockCommon, DownBlock, MidBlock, UpBlock, UpChannels};
 pub use tape::ContextTape;
 
+/// How a UNet runs its passes: chosen when it is loaded ([`crate::LoadOptions`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Execution {
+    /// The context tapes wherever they support the model, device and latent size — the
+    /// host tape on the CPU in f32, the tensor tape elsewhere — for the context gradient
+    /// and for passes no controller watches; candle's graph for the rest.
+    #[default]
+    Tapes,
+    /// Candle's autograd graph for every pass: for comparison, or as a fallback.
+    Graph,
+}
+
+impl std::str::FromStr for Execution {
+    type Err = String;
+    /// `tapes` (or `on`, `1`) and `graph` (or `off`, `0`), the values of
+    /// `NULLTEXT_CONTEXT_TAPE`.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "tapes" | "tape" | "on" | "1" => Ok(Execution::Tapes),
+            "graph" | "off" | "0" => Ok(Execution::Graph),
+            other => Err(format!(
+                "unknown UNet execution `{other}` (tapes or graph; on or off)"
+            )),
+        }
+    }
+}
+
 use crate::config::UNetConfig;
 use crate::control::{AttentionControl, AttentionSite, NoControl};
 use crate::embeddings::{timestep_embedding, TimestepEmbedding};
@@ -25,6 +52,7 @@ pub struct UNet2DConditionModel {
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
     config: UNetConfig,
+    execution: Execution,
 }
 
 impl UNet2DConditionModel {
@@ -126,12 +154,23 @@ impl UNet2DConditionModel {
                 c.norm_eps,
             )?,
             conv_out: Conv2d::load(&vb.pp("conv_out"), ch[0], c.out_channels, kout, 1, kout / 2)?,
+            execution: Execution::default(),
             config: config.clone(),
         })
     }
 
     pub fn config(&self) -> &UNetConfig {
         &self.config
+    }
+
+    pub fn execution(&self) -> Execution {
+        self.execution
+    }
+
+    /// Runs later passes as `execution` says.
+    pub fn with_execution(mut self, execution: Execution) -> Self {
+        self.execution = execution;
+        self
     }
 
     /// Every attention layer, in the order one forward pass calls them.
@@ -222,7 +261,7 @@ impl UNet2DConditionModel {
         // (the same kernels; layout changes, residuals and skips without graph copies).
         let no_grad = !x.track_op() && !context.track_op() && !self.conv_in.weight.track_op();
         let one_t = !timesteps.is_empty() && timesteps.windows(2).all(|w| w[0] == w[1]);
-        if no_grad && one_t && !control.wants_any() {
+        if no_grad && one_t && !control.wants_any() && self.execution == Execution::Tapes {
             if let Some(tape) = self.host_tape(&x, timesteps[0])? {
                 return tape.predict_once(&context);
             }

@@ -468,21 +468,13 @@ enum Kind<'a> {
     Tensor(TensorTape<'a>),
 }
 
-/// Whether `NULLTEXT_CONTEXT_TAPE=off` (or `0`, `graph`) sends the UNet's gradient through
-/// candle's graph instead, for comparison or as a fallback.
-fn tapes_off() -> bool {
-    matches!(
-        std::env::var("NULLTEXT_CONTEXT_TAPE").as_deref(),
-        Ok("off" | "0" | "graph")
-    )
-}
-
 impl UNet2DConditionModel {
     /// A [`ContextTape`] for latents `x` `[B, C, h, w]` at `timestep`: the CPU tape in f32
     /// on the CPU, the tensor tape elsewhere; `None` where neither supports the model or
-    /// the size (then the caller differentiates through the graph).
+    /// the size, or where this UNet runs on the graph ([`super::Execution::Graph`]): then
+    /// the caller differentiates through the graph.
     pub fn context_tape(&self, x: &Tensor, timestep: f64) -> Result<Option<ContextTape<'_>>> {
-        if tapes_off() {
+        if self.execution == super::Execution::Graph {
             return Ok(None);
         }
         if let Some(t) = self.host_tape(x, timestep)? {

@@ -159,6 +159,7 @@ def test_every_edit_option_is_a_keyword(tiny, tiny_inversion):
         attention_maps=True,
     )
     assert res.mode == "refine" and len(res.images) == 3
+    assert res.arrays[1].shape == (256, 256, 3) and res.arrays[1].dtype == np.uint8
     assert res.attention_maps.shape == (3, 16, 16, 77)
     assert all(im.size == (256, 256) for im in res.images)
     sd = tiny.edit(tiny_inversion, "a close up photo of a dog", sdedit=0.5)

@@ -223,6 +223,11 @@ class EditResult:
     #: With ``attention_maps=True``: mean cross-attention per row ``[B, r_h, r_w, 77]``.
     attention_maps: Optional[np.ndarray] = None
 
+    @property
+    def arrays(self) -> List[np.ndarray]:
+        """The images as H×W×3 ``uint8`` arrays."""
+        return [np.asarray(im) for im in self.images]
+
     @staticmethod
     def _from(native: "_native.Output") -> "EditResult":
         return EditResult(

@@ -5,7 +5,7 @@
 //! row, kernel column) in parallel over channels, and the product writes into the output
 //! with the bias already in place. The input gradient is the transposed product followed by
 //! the scatter-add of the patches (col2im), for any stride, with the same cost as the
-//! forward pass. Tiles bound the patch buffer to [`TILE_BYTES`].
+//! forward pass. Tiles bound the patch buffer to `TILE_BYTES`.
 
 use gemm::Parallelism;
 use rayon::prelude::*;

@@ -725,6 +725,23 @@ pub fn direct_offsets(
 }
 
 /// Inverts a prepared RGB image (already at the model's size) with its caption.
+///
+/// ```
+/// use nulltext::{image_io, invert_image, InvertOptions, Method, NoProgress, StableDiffusion};
+///
+/// let sd = StableDiffusion::load("../../tests/fixtures/models/tiny-sd15", &Default::default())?;
+/// let photo = "../../tests/fixtures/inputs/chelsea256.png".as_ref();
+/// let img = image_io::load_image(photo, Default::default(), sd.default_image_size() as u32)?;
+/// // `InvertOptions::default()` is the paper's null-text inversion (50 steps × 10 iterations).
+/// let opts = InvertOptions { method: Method::Direct, num_steps: 5, ..Default::default() };
+/// let (inv, report) = invert_image(&sd, &img, "a close up photo of a cat", &opts, &mut NoProgress)?;
+/// assert_eq!(inv.num_steps, 5);
+/// assert_eq!(report.unet_passes, 15); // 5 of DDIM inversion, 5 guided steps of two
+/// let path = std::env::temp_dir().join("doc-cat.nti.safetensors");
+/// nulltext::inversion_file::save(&inv, &path)?;
+/// assert_eq!(nulltext::inversion_file::load(&path)?.prompt, "a close up photo of a cat");
+/// # Ok::<(), nulltext::Error>(())
+/// ```
 pub fn invert_image(
     sd: &StableDiffusion,
     image: &RgbImage,

@@ -26,6 +26,7 @@ pub mod text2img;
 pub mod trace;
 pub mod train;
 
+pub use edit::{edit, EditMode, EditOptions, EditResult};
 pub use error::{Error, Result};
 pub use events::{CancelFlag, Event, NoProgress, Progress, Recorder, Stage};
 pub use inversion::{

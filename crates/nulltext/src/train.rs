@@ -59,7 +59,7 @@ pub struct TrainOptions {
     /// Weight of the UNet stage's attention-grounding term (0: none). The term asks each
     /// caption word's cross-attention map to fall on its part of the scene — the colour and
     /// shape words on the shape, the background's words off it — so that Prompt-to-Prompt's
-    /// maps (local blending, word swaps) mean what they name. See [`grounding_loss`].
+    /// maps (local blending, word swaps) mean what they name. See `grounding_loss`.
     pub attention_loss: f64,
     /// Scenes whose latents the UNet stage draws its batches from (the VAE is frozen then,
     /// so they are encoded once: encoding fresh scenes every step cost as much as the

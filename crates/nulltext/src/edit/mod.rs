@@ -573,6 +573,24 @@ pub fn check_edit(
 
 /// Edits an inversion: one batch with the source prompt as row 0 and `targets` after it,
 /// every row starting from z_T and using the inversion's per-step null embeddings.
+///
+/// ```
+/// use nulltext::{edit, image_io, invert_image, EditMode, EditOptions, InvertOptions, Method};
+/// use nulltext::{NoProgress, StableDiffusion};
+///
+/// let sd = StableDiffusion::load("../../tests/fixtures/models/tiny-sd15", &Default::default())?;
+/// let photo = "../../tests/fixtures/inputs/chelsea256.png".as_ref();
+/// let img = image_io::load_image(photo, Default::default(), 256)?;
+/// let opts = InvertOptions { method: Method::Direct, num_steps: 5, ..Default::default() };
+/// let (inv, _) = invert_image(&sd, &img, "a close up photo of a cat", &opts, &mut NoProgress)?;
+///
+/// let targets = ["a close up photo of a dog".to_string()];
+/// let res = edit(&sd, &inv, &targets, &EditOptions::default(), &mut NoProgress)?;
+/// assert_eq!(res.mode, EditMode::Replace); // one word swapped
+/// let images = image_io::decode_latents(&sd, &res.latents)?; // [reconstruction, dog]
+/// assert_eq!(images.len(), 2);
+/// # Ok::<(), nulltext::Error>(())
+/// ```
 pub fn edit(
     sd: &StableDiffusion,
     inv: &Inversion,

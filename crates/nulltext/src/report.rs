@@ -1,0 +1,252 @@
+//! The PIE-Bench table over one or several batch runs (one per method: ddim,
+//! negative-prompt, null-text, direct…): per run, and per edit type on request, the mean
+//! over the edits of each of `evaluate.py`'s metrics. A value `evaluate.py` writes as "nan"
+//! (the unedited part is empty) is left out of that metric's mean, as pandas' `mean` skips
+//! NaN; the table says over how many edits each mean is.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use crate::atomic::write_bytes_atomic;
+use crate::batch::{EditOutcome, ItemResult, ERROR_FILE, RESULT_FILE};
+use crate::error::{Error, Result};
+use crate::pie_bench::edit_type_name;
+
+/// A metric of the table: its name, its column header in the paper's units, the factor
+/// to those units, and where an edit's value is.
+pub struct Metric {
+    pub name: &'static str,
+    pub header: &'static str,
+    pub scale: f64,
+    pub value: fn(&EditOutcome) -> Option<f64>,
+}
+
+/// PIE-Bench's columns, in its table's order.
+pub const METRICS: [Metric; 7] = [
+    Metric {
+        name: "structure_distance",
+        header: "Structure distance ×10³",
+        scale: 1e3,
+        value: |e| e.structure_distance,
+    },
+    Metric {
+        name: "psnr",
+        header: "PSNR",
+        scale: 1.0,
+        value: |e| e.background.map(|m| m.psnr).filter(|v| v.is_finite()),
+    },
+    Metric {
+        name: "lpips",
+        header: "LPIPS ×10³",
+        scale: 1e3,
+        value: |e| e.background_lpips,
+    },
+    Metric {
+        name: "mse",
+        header: "MSE ×10⁴",
+        scale: 1e4,
+        value: |e| e.background.map(|m| m.mse),
+    },
+    Metric {
+        name: "ssim",
+        header: "SSIM ×10²",
+        scale: 1e2,
+        value: |e| e.background.map(|m| m.ssim),
+    },
+    Metric {
+        name: "clip_whole",
+        header: "CLIP whole",
+        scale: 1.0,
+        value: |e| e.clip_score,
+    },
+    Metric {
+        name: "clip_edited",
+        header: "CLIP edited",
+        scale: 1.0,
+        value: |e| e.clip_score_edited,
+    },
+];
+
+/// One row of the table.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Row {
+    /// The run's folder name.
+    pub run: String,
+    /// The inversion method its results were made with.
+    pub method: String,
+    /// The edit type (with `by_edit_type`), e.g. "1 change object".
+    pub edit_type: Option<String>,
+    /// Items finished and failed.
+    pub items: usize,
+    pub failed: usize,
+    /// Per metric of [`METRICS`]: the mean in the metric's own units and over how many
+    /// edits (`None`: no edit has it).
+    pub means: Vec<(Option<f64>, usize)>,
+}
+
+fn read_results(run: &Path) -> Result<(Vec<ItemResult>, Vec<serde_json::Value>)> {
+    let items = run.join("items");
+    let entries = std::fs::read_dir(&items).map_err(|e| Error::Io {
+        path: items.clone(),
+        source: e,
+    })?;
+    let mut dirs: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+    dirs.sort();
+    let (mut results, mut failures) = (Vec::new(), Vec::new());
+    for d in dirs {
+        let read = |name: &str| std::fs::read_to_string(d.join(name)).ok();
+        if let Some(text) = read(RESULT_FILE) {
+            let r: ItemResult = serde_json::from_str(&text).map_err(|e| {
+                crate::error::invalid(format!("{}: {e}", d.join(RESULT_FILE).display()))
+            })?;
+            results.push(r);
+        } else if let Some(text) = read(ERROR_FILE) {
+            failures.push(serde_json::from_str(&text).unwrap_or_default());
+        }
+    }
+    Ok((results, failures))
+}
+
+fn type_label(id: Option<&str>) -> String {
+    match id {
+        Some(t) => match edit_type_name(t) {
+            Some(name) => format!("{t} {name}"),
+            None => t.to_string(),
+        },
+        None => "-".into(),
+    }
+}
+
+/// The table over `runs` (batch `--out-dir`s); with `by_edit_type`, one row per run and
+/// edit type instead of one per run.
+pub fn collect(runs: &[PathBuf], by_edit_type: bool) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    for run in runs {
+        let (results, failures) = read_results(run)?;
+        let name = run
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| run.display().to_string());
+        let mut methods: BTreeMap<&str, usize> = BTreeMap::new();
+        for r in &results {
+            *methods.entry(r.method.as_str()).or_default() += 1;
+        }
+        let method = methods
+            .iter()
+            .max_by_key(|(_, n)| **n)
+            .map(|(m, _)| m.to_string())
+            .unwrap_or_default();
+        // Groups: the whole run, or each edit type.
+        let mut groups: BTreeMap<Option<String>, (Vec<&ItemResult>, usize)> = BTreeMap::new();
+        for r in &results {
+            let key = by_edit_type.then(|| r.category.clone()).flatten();
+            groups.entry(key).or_default().0.push(r);
+        }
+        for f in &failures {
+            let key = by_edit_type
+                .then(|| f["category"].as_str().map(String::from))
+                .flatten();
+            groups.entry(key).or_default().1 += 1;
+        }
+        if groups.is_empty() {
+            groups.insert(None, (Vec::new(), 0));
+        }
+        for (key, (items, failed)) in groups {
+            let edits: Vec<&EditOutcome> = items.iter().flat_map(|r| &r.edits).collect();
+            let means = METRICS
+                .iter()
+                .map(|m| {
+                    let v: Vec<f64> = edits
+                        .iter()
+                        .filter_map(|e| (m.value)(e))
+                        .filter(|v| !v.is_nan())
+                        .collect();
+                    let mean = (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
+                    (mean, v.len())
+                })
+                .collect();
+            rows.push(Row {
+                run: name.clone(),
+                method: method.clone(),
+                edit_type: by_edit_type.then(|| type_label(key.as_deref())),
+                items: items.len(),
+                failed,
+                means,
+            });
+        }
+    }
+    Ok(rows)
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+/// The table as CSV, in the metrics' own units (full precision), with each mean's count.
+pub fn to_csv(rows: &[Row]) -> String {
+    let mut out = String::from("run,method,edit_type,items,failed");
+    for m in &METRICS {
+        out += &format!(",{0},{0}_n", m.name);
+    }
+    out.push('\n');
+    for r in rows {
+        out += &format!(
+            "{},{},{},{},{}",
+            csv_field(&r.run),
+            csv_field(&r.method),
+            csv_field(r.edit_type.as_deref().unwrap_or("")),
+            r.items,
+            r.failed
+        );
+        for (mean, n) in &r.means {
+            out += &format!(
+                ",{},{n}",
+                mean.map(|v| format!("{v:.9}")).unwrap_or_default()
+            );
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// The table as Markdown, in the paper's units (structure distance ×10³, LPIPS ×10³,
+/// MSE ×10⁴, SSIM ×10²); "–" where a metric was not measured.
+pub fn to_markdown(rows: &[Row]) -> String {
+    let by_type = rows.iter().any(|r| r.edit_type.is_some());
+    let mut head = vec!["run", "method"];
+    if by_type {
+        head.push("edit type");
+    }
+    head.extend(["items", "failed"]);
+    head.extend(METRICS.iter().map(|m| m.header));
+    let mut out = format!("| {} |\n|{}\n", head.join(" | "), "---|".repeat(head.len()));
+    for r in rows {
+        let mut cells = vec![r.run.clone(), r.method.clone()];
+        if by_type {
+            cells.push(r.edit_type.clone().unwrap_or_default());
+        }
+        cells.extend([r.items.to_string(), r.failed.to_string()]);
+        for (m, (mean, _)) in METRICS.iter().zip(&r.means) {
+            cells.push(mean.map_or("–".into(), |v| format!("{:.2}", v * m.scale)));
+        }
+        out += &format!("| {} |\n", cells.join(" | "));
+    }
+    out
+}
+
+/// Writes `PREFIX.csv` and `PREFIX.md`.
+pub fn write(rows: &[Row], prefix: &Path) -> Result<(PathBuf, PathBuf)> {
+    let with = |ext: &str| {
+        let mut p = prefix.as_os_str().to_owned();
+        p.push(ext);
+        PathBuf::from(p)
+    };
+    let (csv, md) = (with(".csv"), with(".md"));
+    write_bytes_atomic(&csv, to_csv(rows).as_bytes())?;
+    write_bytes_atomic(&md, to_markdown(rows).as_bytes())?;
+    Ok((csv, md))
+}

@@ -212,3 +212,86 @@ pub fn cosine_self_similarity(x: &Tensor, eps: f64) -> Result<Tensor> {
     let factor = norm.matmul(&norm.t()?)?.clamp(eps, f64::INFINITY)?;
     Ok((x.matmul(&x.t()?)? / factor)?)
 }
+
+/// The tensors of a DINO ViT state dict (patch 8 or 16, MLP ratio 4, qkv bias, DINO's own
+/// names) of `width` and `depth` for `image_size`-pixel inputs.
+pub fn state_dict_shapes(
+    width: usize,
+    depth: usize,
+    patch: usize,
+    image_size: usize,
+) -> Vec<(String, Vec<usize>)> {
+    let tokens = (image_size / patch).pow(2) + 1;
+    let mut v = vec![
+        ("cls_token".to_string(), vec![1, 1, width]),
+        ("pos_embed".to_string(), vec![1, tokens, width]),
+        ("patch_embed.proj.weight".to_string(), vec![width, 3, patch, patch]),
+        ("patch_embed.proj.bias".to_string(), vec![width]),
+    ];
+    for i in 0..depth {
+        for (name, shape) in [
+            ("norm1.weight", vec![width]),
+            ("norm1.bias", vec![width]),
+            ("attn.qkv.weight", vec![3 * width, width]),
+            ("attn.qkv.bias", vec![3 * width]),
+            ("attn.proj.weight", vec![width, width]),
+            ("attn.proj.bias", vec![width]),
+            ("norm2.weight", vec![width]),
+            ("norm2.bias", vec![width]),
+            ("mlp.fc1.weight", vec![4 * width, width]),
+            ("mlp.fc1.bias", vec![4 * width]),
+            ("mlp.fc2.weight", vec![width, 4 * width]),
+            ("mlp.fc2.bias", vec![width]),
+        ] {
+            v.push((format!("blocks.{i}.{name}"), shape));
+        }
+    }
+    v.push(("norm.weight".to_string(), vec![width]));
+    v.push(("norm.bias".to_string(), vec![width]));
+    v
+}
+
+/// Deterministic stand-in weights for tests and benchmarks, reproduced bit for bit by
+/// `tools/pie_bench_reference.py`'s `generated`: value k (1, 2, …) of tensor `name` is
+/// splitmix64 at state seed·φ + FNV-1a-64(name) + k·φ, u = (out >> 40) / 2²⁴, and the entry
+/// (2u − 1)·scale + offset: LayerNorm weights 0.1 around 1, biases, `cls_token` and
+/// `pos_embed` ±0.02, other weights ±1/√fan-in.
+pub fn generated_tensor(name: &str, shape: &[usize], seed: u64) -> Vec<f32> {
+    const PHI: u64 = 0x9E37_79B9_7F4A_7C15;
+    let fnv = name.bytes().fold(0xCBF2_9CE4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01B3)
+    });
+    let state = seed.wrapping_mul(PHI).wrapping_add(fnv);
+    let parent = name.rsplit('.').nth(1).unwrap_or("");
+    let (scale, offset) = if name.ends_with(".weight") && parent.contains("norm") {
+        (0.1, 1.0)
+    } else if name.ends_with(".bias") || name == "cls_token" || name == "pos_embed" {
+        (0.02, 0.0)
+    } else {
+        (1.0 / (shape[1..].iter().product::<usize>() as f64).sqrt(), 0.0)
+    };
+    let n: usize = shape.iter().product();
+    (1..=n as u64)
+        .map(|k| {
+            let mut z = state.wrapping_add(k.wrapping_mul(PHI));
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            let u = (z >> 40) as f64 / (1u64 << 24) as f64;
+            ((2.0 * u - 1.0) * scale + offset) as f32
+        })
+        .collect()
+}
+
+/// Writes a generated DINO ViT (patch 8, 224-pixel inputs) as safetensors.
+pub fn write_generated(path: &Path, width: usize, depth: usize, seed: u64) -> Result<()> {
+    let tensors = state_dict_shapes(width, depth, 8, 224)
+        .into_iter()
+        .map(|(name, shape)| {
+            let v = generated_tensor(&name, &shape, seed);
+            Ok((name, Tensor::from_vec(v, shape, &Device::Cpu)?))
+        })
+        .collect::<Result<std::collections::HashMap<_, _>>>()?;
+    candle_core::safetensors::save(&tensors, path)?;
+    Ok(())
+}

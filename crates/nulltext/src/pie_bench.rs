@@ -246,11 +246,10 @@ pub fn import(dir: &Path, out: &Path, edit_types: Option<&[String]>) -> Result<M
                     entry.editing_type_id
                 )));
             }
-            spec.image = PathBuf::from(IMAGES_DIR).join(&entry.image_path);
+            spec.image = dir.join(IMAGES_DIR).join(&entry.image_path);
             spec.prompt = strip_markers(&entry.original_prompt);
-            let image = dir.join(&spec.image);
-            if !image.is_file() {
-                return Err(invalid(format!("{}: no such image", image.display())));
+            if !spec.image.is_file() {
+                return Err(invalid(format!("{}: no such image", spec.image.display())));
             }
             spec.edits = vec![EditEntry::Spec(edit_spec(entry)?)];
             let mask = decode_mask(&entry.mask, MASK_SIDE)?;
@@ -261,19 +260,16 @@ pub fn import(dir: &Path, out: &Path, edit_types: Option<&[String]>) -> Result<M
         })()
         .err()
         .map(|e| e.to_string());
-        let image = dir.join(&spec.image);
         match &problem {
             None => {
-                let mut line = spec.clone();
-                line.image = image.clone();
-                lines.push(serde_json::to_string(&line).map_err(|e| invalid(e.to_string()))?);
+                lines.push(serde_json::to_string(&spec).map_err(|e| invalid(e.to_string()))?);
             }
             Some(p) => lines.push(format!("# {key}: {p}")),
         }
         items.push(Item {
             index: items.len(),
             id,
-            image,
+            image: spec.image.clone(),
             mask: spec.mask.clone(),
             crop: Crop::default(),
             spec,

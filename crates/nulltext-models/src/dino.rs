@@ -225,7 +225,10 @@ pub fn state_dict_shapes(
     let mut v = vec![
         ("cls_token".to_string(), vec![1, 1, width]),
         ("pos_embed".to_string(), vec![1, tokens, width]),
-        ("patch_embed.proj.weight".to_string(), vec![width, 3, patch, patch]),
+        (
+            "patch_embed.proj.weight".to_string(),
+            vec![width, 3, patch, patch],
+        ),
         ("patch_embed.proj.bias".to_string(), vec![width]),
     ];
     for i in 0..depth {
@@ -268,7 +271,10 @@ pub fn generated_tensor(name: &str, shape: &[usize], seed: u64) -> Vec<f32> {
     } else if name.ends_with(".bias") || name == "cls_token" || name == "pos_embed" {
         (0.02, 0.0)
     } else {
-        (1.0 / (shape[1..].iter().product::<usize>() as f64).sqrt(), 0.0)
+        (
+            1.0 / (shape[1..].iter().product::<usize>() as f64).sqrt(),
+            0.0,
+        )
     };
     let n: usize = shape.iter().product();
     (1..=n as u64)

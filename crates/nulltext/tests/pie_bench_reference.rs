@@ -18,8 +18,7 @@ fn bench() -> PathBuf {
 }
 
 fn reference() -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(bench().join("reference.json")).unwrap())
-        .unwrap()
+    serde_json::from_str(&std::fs::read_to_string(bench().join("reference.json")).unwrap()).unwrap()
 }
 
 fn rgb(p: &Path) -> image::RgbImage {
@@ -68,7 +67,10 @@ fn masks_decode_as_mask_decode() {
             .unwrap()
             .to_luma8();
         let theirs: Vec<u8> = png.pixels().map(|p| p.0[0] / 255).collect();
-        assert_eq!(mask, theirs, "{key}: the decoded mask differs from mask_decode's");
+        assert_eq!(
+            mask, theirs,
+            "{key}: the decoded mask differs from mask_decode's"
+        );
     }
 }
 
@@ -107,20 +109,39 @@ fn metrics_match_evaluate_py() {
         let want = &r["entries"][&key]["metrics"];
         assert_eq!(captions.0, r["entries"][&key]["original_prompt"]);
         assert_eq!(captions.1, r["entries"][&key]["editing_prompt"]);
-        let score = |w| {
-            pie_bench::score(&nets, &src, &tgt, &mask, (&captions.0, &captions.1), w).unwrap()
-        };
+        let score =
+            |w| pie_bench::score(&nets, &src, &tgt, &mask, (&captions.0, &captions.1), w).unwrap();
         let published = score(SsimWindow::Gaussian);
         let padded = score(SsimWindow::GaussianPadded);
         let rows = [
-            ("structure_distance", published.structure_distance, 1e-4, 0.0),
+            (
+                "structure_distance",
+                published.structure_distance,
+                1e-4,
+                0.0,
+            ),
             ("psnr_unedit_part", published.psnr_unedit_part, 1e-5, 0.0),
             ("mse_unedit_part", published.mse_unedit_part, 1e-5, 0.0),
             ("lpips_unedit_part", published.lpips_unedit_part, 1e-4, 0.0),
-            ("ssim_unedit_part_torchmetrics_1_2", published.ssim_unedit_part, 1e-5, 0.0),
+            (
+                "ssim_unedit_part_torchmetrics_1_2",
+                published.ssim_unedit_part,
+                1e-5,
+                0.0,
+            ),
             ("ssim_unedit_part", padded.ssim_unedit_part, 1e-5, 0.0),
-            ("clip_similarity_source_image", published.clip_similarity_source_image, 0.0, 0.1),
-            ("clip_similarity_target_image", published.clip_similarity_target_image, 0.0, 0.1),
+            (
+                "clip_similarity_source_image",
+                published.clip_similarity_source_image,
+                0.0,
+                0.1,
+            ),
+            (
+                "clip_similarity_target_image",
+                published.clip_similarity_target_image,
+                0.0,
+                0.1,
+            ),
             (
                 "clip_similarity_target_image_edit_part",
                 published.clip_similarity_target_image_edit_part,
@@ -133,7 +154,10 @@ fn metrics_match_evaluate_py() {
                 (Some(g), Some(w)) => {
                     let err = (g - w).abs();
                     eprintln!("{key} {name:>40}: ours {g:.8} evaluate.py {w:.8} |Δ| {err:.2e}");
-                    assert!(err <= rel * w.abs() + abs + 1e-12, "{key} {name}: {g} vs {w}");
+                    assert!(
+                        err <= rel * w.abs() + abs + 1e-12,
+                        "{key} {name}: {g} vs {w}"
+                    );
                 }
                 (None, None) => nan_rows += 1,
                 (g, w) => panic!("{key} {name}: ours {g:?}, evaluate.py {w:?}"),
@@ -183,10 +207,9 @@ fn import_turns_entries_into_items_and_bad_ones_into_problems() {
     let data = dir.join("data");
     std::fs::create_dir_all(&data).unwrap();
     // The fixture's entries plus three bad ones.
-    let mut mapping: serde_json::Map<String, serde_json::Value> = serde_json::from_str(
-        &std::fs::read_to_string(bench().join("mapping_file.json")).unwrap(),
-    )
-    .unwrap();
+    let mut mapping: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(bench().join("mapping_file.json")).unwrap())
+            .unwrap();
     let good = mapping["000000000000"].clone();
     let mut missing = good.clone();
     missing["image_path"] = "0_random_140/nowhere.png".into();
@@ -211,23 +234,22 @@ fn import_turns_entries_into_items_and_bad_ones_into_problems() {
     let m = pie_bench::import(&data, &out, None).unwrap();
     let ids: Vec<&str> = m.items.iter().map(|i| i.id.as_str()).collect();
     assert_eq!(ids.len(), 7);
-    let problem = |id: &str| {
-        m.items
-            .iter()
-            .find(|i| i.id == id)
-            .unwrap()
-            .problem
-            .clone()
-    };
+    let problem = |id: &str| m.items.iter().find(|i| i.id == id).unwrap().problem.clone();
     assert!(problem("000000000001").unwrap().contains("no such image"));
-    assert!(problem("000000000002").unwrap().contains("(start, length) pairs"));
-    assert!(problem("000000000003").unwrap().contains("editing_type_id `12`"));
+    assert!(problem("000000000002")
+        .unwrap()
+        .contains("(start, length) pairs"));
+    assert!(problem("000000000003")
+        .unwrap()
+        .contains("editing_type_id `12`"));
     let first = m.items.iter().find(|i| i.id == "000000000000").unwrap();
     assert!(first.problem.is_none());
     assert_eq!(first.spec.category.as_deref(), Some("0"));
     assert_eq!(first.spec.prompt, "a close up photo of a cat");
     // The mask file is mask_decode's mask.
-    let png = image::open(first.mask.as_ref().unwrap()).unwrap().to_luma8();
+    let png = image::open(first.mask.as_ref().unwrap())
+        .unwrap()
+        .to_luma8();
     let theirs = image::open(bench().join("masks/000000000000.png"))
         .unwrap()
         .to_luma8();

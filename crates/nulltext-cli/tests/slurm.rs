@@ -190,4 +190,6 @@ fn pie_bench_job_array_on_slurm_equals_one_process() {
         "Slurm test: {:.1} s in all",
         started.elapsed().as_secs_f64()
     );
+    drop(_cluster);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -33,7 +33,7 @@ Writes tests/fixtures/pie-bench/:
   The structure distance is given with torchvision 0.13's resize (no antialiasing, the
   published environment: `antialias=False`) and with today's default (antialiased); SSIM with
   torchmetrics 1.2.0 (what the published environment, set up in 2023, got: the mean over the
-  windows inside the image) and with the installed torchmetrics (since 1.4.2/1.5: the image
+  windows inside the image) and with the installed torchmetrics (since 1.4.2: the image
   reflect-padded by 5 pixels and every pixel's window averaged, variances clamped at 0).
 
 The weight generator (nulltext's tests reproduce it in Rust): for a tensor named NAME with
@@ -327,10 +327,18 @@ def main():
     ap.add_argument("--torchmetrics-1.2", dest="tm12", required=True)
     ap.add_argument("--vitb8", action="store_true")
     ap.add_argument("--published-ssim", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--export-test-vit", metavar="PATH",
+                    help="only write the generated test ViT (width 128) as safetensors, for --dino")
     args = ap.parse_args()
     args.pnp_inversion = os.path.abspath(args.pnp_inversion)
     args.dino = os.path.abspath(args.dino)
     torch.set_num_threads(1)
+    if args.export_test_vit:
+        from safetensors.torch import save_file
+
+        model = dino_vit(args.dino, 128, 2)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, args.export_test_vit)
+        return
     if args.published_ssim:
         return published_ssim(args)
     write_benchmark()

@@ -17,11 +17,12 @@ pub enum SsimWindow {
     Uniform7,
     /// A Gaussian with σ = 1.5 truncated at 3.5σ (11×11) and population covariances: the
     /// setting of Wang et al. (2004), scikit-image's `gaussian_weights=True`. Also
-    /// torchmetrics' `StructuralSimilarityIndexMeasure` before 1.5 (which PIE-Bench's
+    /// torchmetrics' `StructuralSimilarityIndexMeasure` up to 1.4.1 (which PIE-Bench's
     /// published numbers used): it averages the same windows, those wholly inside the image.
     Gaussian,
     /// The same window over the whole image, reflect-padded by 5 pixels (the border's windows
-    /// included): torchmetrics' `StructuralSimilarityIndexMeasure` since 1.5 (its #2721).
+    /// included): torchmetrics' `StructuralSimilarityIndexMeasure` since 1.4.2 (its #2721; negative
+    /// variances clamped at 0, as since 1.4.0).
     GaussianPadded,
 }
 

@@ -54,7 +54,7 @@ pub struct BatchArgs {
     #[arg(long)]
     dino: Option<PathBuf>,
     /// SSIM window: uniform (scikit-image's default), gaussian (PIE-Bench's published
-    /// numbers; the default with --pie-bench) or gaussian-padded (torchmetrics ≥ 1.5).
+    /// numbers; the default with --pie-bench) or gaussian-padded (torchmetrics ≥ 1.4.2).
     #[arg(long)]
     ssim_window: Option<SsimWindow>,
 }

@@ -25,8 +25,8 @@ pub struct EvalArgs {
     #[arg(long, requires = "mask")]
     invert_mask: bool,
     /// SSIM window: uniform (7×7 box, sample covariance: scikit-image's default), gaussian
-    /// (σ = 1.5, 11×11, Wang et al. 2004; torchmetrics < 1.5 and PIE-Bench's published
-    /// numbers; the default with --pie-bench) or gaussian-padded (torchmetrics ≥ 1.5).
+    /// (σ = 1.5, 11×11, Wang et al. 2004; torchmetrics ≤ 1.4.1 and PIE-Bench's published
+    /// numbers; the default with --pie-bench) or gaussian-padded (torchmetrics ≥ 1.4.2).
     #[arg(long)]
     ssim_window: Option<SsimWindow>,
     /// PIE-Bench's metrics, as its evaluate.py computes them: --mask marks the edited

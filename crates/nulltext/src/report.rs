@@ -250,3 +250,91 @@ pub fn write(rows: &[Row], prefix: &Path) -> Result<(PathBuf, PathBuf)> {
     write_bytes_atomic(&md, to_markdown(rows).as_bytes())?;
     Ok((csv, md))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::ImageMetrics;
+
+    fn result(id: &str, category: &str, background: Option<f64>) -> ItemResult {
+        let m = |v: f64| ImageMetrics {
+            psnr: v,
+            ssim: v / 100.0,
+            mse: 1.0 / v,
+        };
+        ItemResult {
+            id: id.into(),
+            prompt: "a cat".into(),
+            category: Some(category.into()),
+            settings: serde_json::Value::Null,
+            method: "ddim".into(),
+            iterations: 0,
+            seconds_inversion: 0.0,
+            vae: m(30.0),
+            reconstruction: m(30.0),
+            reconstruction_vs_vae: m(30.0),
+            reconstruction_lpips: None,
+            clip_score_source: None,
+            edits: vec![EditOutcome {
+                target: "a dog".into(),
+                mode: "refine".into(),
+                image: "edit-01.png".into(),
+                whole: m(20.0),
+                background: background.map(m),
+                lpips: None,
+                background_lpips: background.map(|_| 0.1),
+                clip_score: Some(25.0),
+                clip_score_edited: Some(20.0),
+                structure_distance: None,
+                seconds: 1.0,
+            }],
+        }
+    }
+
+    #[test]
+    fn means_skip_nan_rows_and_group_by_edit_type() {
+        let dir = std::env::temp_dir().join(format!("nulltext-report-{}", std::process::id()));
+        let run = dir.join("null-text");
+        for (r, name) in [
+            (result("a", "0", Some(20.0)), "a"),
+            (result("b", "0", Some(40.0)), "b"),
+            (result("c", "9", None), "c"),
+        ] {
+            let d = run.join("items").join(name);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join(RESULT_FILE), serde_json::to_string(&r).unwrap()).unwrap();
+        }
+        let d = run.join("items/d");
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(
+            d.join(ERROR_FILE),
+            r#"{"id": "d", "category": "9", "error": "x"}"#,
+        )
+        .unwrap();
+
+        let rows = collect(std::slice::from_ref(&run), false).unwrap();
+        assert_eq!(rows.len(), 1);
+        let r = &rows[0];
+        assert_eq!((r.run.as_str(), r.items, r.failed), ("null-text", 3, 1));
+        // PSNR: the style edit has no unedited part and is left out: (20 + 40) / 2.
+        assert_eq!(r.means[1], (Some(30.0), 2));
+        assert_eq!(r.means[5], (Some(25.0), 3));
+        assert_eq!(r.means[0], (None, 0));
+        let md = to_markdown(&rows);
+        assert!(
+            md.contains("| null-text | ddim | 3 | 1 | – | 30.00 | 100.00 |"),
+            "{md}"
+        );
+        assert!(to_csv(&rows).contains(",30.000000000,2,"));
+
+        let by_type = collect(std::slice::from_ref(&run), true).unwrap();
+        let labels: Vec<_> = by_type
+            .iter()
+            .map(|r| r.edit_type.clone().unwrap())
+            .collect();
+        assert_eq!(labels, ["0 random", "9 change style"]);
+        assert_eq!((by_type[1].items, by_type[1].failed), (1, 1));
+        assert_eq!(by_type[1].means[1], (None, 0));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -260,3 +260,74 @@ fn job_files_are_consistent() {
     assert_eq!(count_line.trim(), format!("value: \"{completions}\""));
     assert!(k8s.contains("- --shard\n            - auto"), "{k8s}");
 }
+
+#[test]
+fn eval_measures_another_tools_outputs_as_evaluate_py() {
+    let dir = tmp("pie-bench-outputs");
+    let dino = small_dino(&dir);
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(bench().join("reference.json")).unwrap())
+            .unwrap();
+    // PnPInversion's layout: output/METHOD/annotation_images/….
+    let method = dir.join("output/made-up+edit");
+    std::fs::create_dir_all(&method).unwrap();
+    std::os::unix::fs::symlink(bench().join("edited"), method.join("annotation_images")).unwrap();
+    let prefix = dir.join("evaluation_result");
+    let lpips = root().join("tests/fixtures/lpips/lpips-squeeze-random-backbone.safetensors");
+    let clip = root().join("tests/fixtures/clip");
+    let o = command(
+        &[
+            "eval",
+            "--pie-bench-dir",
+            s(&bench()),
+            "--outputs",
+            s(&method.join("annotation_images")),
+            "--lpips",
+            s(&lpips),
+            "--clip",
+            s(&clip),
+            "--dino",
+            s(&dino),
+            "--out",
+            s(&prefix),
+        ],
+        "2",
+    )
+    .output()
+    .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let csv = std::fs::read_to_string(prefix.with_extension("csv")).unwrap();
+    let mut lines = csv.lines();
+    let head: Vec<&str> = lines.next().unwrap().split(',').collect();
+    assert_eq!(head[0], "file_id");
+    assert_eq!(head[2], "made-up+edit|psnr_unedit_part");
+    let mut rows = 0;
+    for line in lines {
+        let cells: Vec<&str> = line.split(',').collect();
+        let want = &r["entries"][cells[0]]["metrics"];
+        for (k, name) in head.iter().enumerate().skip(1) {
+            let metric = name.split_once('|').unwrap().1;
+            let theirs = match metric {
+                "ssim_unedit_part" => "ssim_unedit_part_torchmetrics_1_2",
+                m => m,
+            };
+            match want[theirs].as_f64() {
+                None => assert_eq!(cells[k], "nan", "{line}"),
+                Some(w) => {
+                    let g: f64 = cells[k].parse().unwrap();
+                    let tol = if metric.starts_with("clip") {
+                        0.1
+                    } else {
+                        1e-4 * w.abs()
+                    };
+                    assert!((g - w).abs() <= tol, "{metric}: {g} vs {w}");
+                }
+            }
+        }
+        rows += 1;
+    }
+    assert_eq!(rows, 4);
+    let table = std::fs::read_to_string(dir.join("evaluation_result-table.md")).unwrap();
+    assert!(table.contains("| made-up+edit |  | 4 | 0 |"), "{table}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

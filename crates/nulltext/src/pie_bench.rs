@@ -372,6 +372,115 @@ pub fn score(
     Ok(s)
 }
 
+/// An image as `evaluate.py` measures it: one wider or taller than `side` is cut to its last
+/// `side` × `side` square (PnPInversion saves caption, source, reconstruction and edit side
+/// by side).
+pub fn last_square(img: image::RgbImage, side: u32) -> image::RgbImage {
+    let (w, h) = img.dimensions();
+    if (w == side && h == side) || w < side || h < side {
+        return img;
+    }
+    image::imageops::crop_imm(&img, w - side, h - side, side, side).to_image()
+}
+
+/// One entry measured by [`evaluate_outputs`].
+#[derive(Debug, Clone)]
+pub struct Evaluated {
+    pub key: String,
+    pub category: Option<String>,
+    /// The scores, or why the entry could not be measured.
+    pub scores: std::result::Result<Scores, String>,
+}
+
+/// `evaluate.py` over another tool's edited images: `outputs` laid out like
+/// `annotation_images/` (`output/METHOD/annotation_images` of PnPInversion's scripts), each
+/// measured against the benchmark's photo with its decoded mask and captions. Entries of
+/// `edit_types` (all if `None`) in key order; `progress` is told each key.
+pub fn evaluate_outputs(
+    dir: &Path,
+    outputs: &Path,
+    nets: &Networks,
+    ssim: SsimWindow,
+    edit_types: Option<&[String]>,
+    mut progress: impl FnMut(&str),
+) -> Result<Vec<Evaluated>> {
+    let mut out = Vec::new();
+    for (key, entry) in read_mapping(dir)? {
+        let category = entry.as_ref().ok().map(|e| e.editing_type_id.clone());
+        if let (Some(types), Some(t)) = (edit_types, &category) {
+            if !types.contains(t) {
+                continue;
+            }
+        }
+        progress(&key);
+        let scores = (|| -> Result<Scores> {
+            let entry = entry.map_err(|e| invalid(e.to_string()))?;
+            let src = crate::image_io::read_rgb(&dir.join(IMAGES_DIR).join(&entry.image_path))?;
+            let tgt = crate::image_io::read_rgb(&outputs.join(&entry.image_path))?;
+            let tgt = last_square(tgt, MASK_SIDE as u32);
+            let mask = decode_mask(&entry.mask, MASK_SIDE)?;
+            let side = MASK_SIDE as u32;
+            let gray = GrayImage::from_fn(side, side, |x, y| {
+                image::Luma([mask[(y * side + x) as usize] * 255])
+            });
+            let region = Mask::from_gray(&gray, false);
+            let captions = (
+                strip_markers(&entry.original_prompt),
+                strip_markers(&entry.editing_prompt),
+            );
+            score(nets, &src, &tgt, &region, (&captions.0, &captions.1), ssim)
+        })()
+        .map_err(|e| e.to_string());
+        out.push(Evaluated {
+            key,
+            category,
+            scores,
+        });
+    }
+    Ok(out)
+}
+
+/// `evaluate.py`'s result file for one method: `file_id` and a `NAME|metric` column per
+/// metric, "nan" where it writes "nan" (and where a metric was not measured).
+pub fn evaluate_py_csv(name: &str, entries: &[Evaluated]) -> String {
+    const NAMES: [&str; 8] = [
+        "structure_distance",
+        "psnr_unedit_part",
+        "lpips_unedit_part",
+        "mse_unedit_part",
+        "ssim_unedit_part",
+        "clip_similarity_source_image",
+        "clip_similarity_target_image",
+        "clip_similarity_target_image_edit_part",
+    ];
+    let mut out = String::from("file_id");
+    for n in NAMES {
+        out += &format!(",{name}|{n}");
+    }
+    out.push('\n');
+    for e in entries {
+        out += &e.key;
+        let v = match &e.scores {
+            Ok(s) => vec![
+                s.structure_distance,
+                s.psnr_unedit_part,
+                s.lpips_unedit_part,
+                s.mse_unedit_part,
+                s.ssim_unedit_part,
+                s.clip_similarity_source_image,
+                s.clip_similarity_target_image,
+                s.clip_similarity_target_image_edit_part,
+            ],
+            Err(_) => vec![None; NAMES.len()],
+        };
+        for x in v {
+            out += &x.map_or(",nan".to_string(), |x| format!(",{x}"));
+        }
+        out.push('\n');
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

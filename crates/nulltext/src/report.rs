@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use crate::atomic::write_bytes_atomic;
 use crate::batch::{EditOutcome, ItemResult, ERROR_FILE, RESULT_FILE};
 use crate::error::{Error, Result};
-use crate::pie_bench::edit_type_name;
+use crate::pie_bench::{edit_type_name, Evaluated, Scores};
 
 /// A metric of the table: its name, its column header in the paper's units, the factor
 /// to those units, and where an edit's value is.
@@ -152,19 +152,12 @@ pub fn collect(runs: &[PathBuf], by_edit_type: bool) -> Result<Vec<Row>> {
             groups.insert(None, (Vec::new(), 0));
         }
         for (key, (items, failed)) in groups {
-            let edits: Vec<&EditOutcome> = items.iter().flat_map(|r| &r.edits).collect();
-            let means = METRICS
+            let values: Vec<Vec<Option<f64>>> = items
                 .iter()
-                .map(|m| {
-                    let v: Vec<f64> = edits
-                        .iter()
-                        .filter_map(|e| (m.value)(e))
-                        .filter(|v| !v.is_nan())
-                        .collect();
-                    let mean = (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
-                    (mean, v.len())
-                })
+                .flat_map(|r| &r.edits)
+                .map(|e| METRICS.iter().map(|m| (m.value)(e)).collect())
                 .collect();
+            let means = means(&values);
             rows.push(Row {
                 run: name.clone(),
                 method: method.clone(),
@@ -176,6 +169,61 @@ pub fn collect(runs: &[PathBuf], by_edit_type: bool) -> Result<Vec<Row>> {
         }
     }
     Ok(rows)
+}
+
+/// Per metric of [`METRICS`], the mean of `values` (one row per edit) without the
+/// missing and NaN ones, and how many there were.
+fn means(values: &[Vec<Option<f64>>]) -> Vec<(Option<f64>, usize)> {
+    (0..METRICS.len())
+        .map(|k| {
+            let v: Vec<f64> = values
+                .iter()
+                .filter_map(|row| row[k])
+                .filter(|v| !v.is_nan())
+                .collect();
+            let mean = (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
+            (mean, v.len())
+        })
+        .collect()
+}
+
+/// The values of [`METRICS`] in `evaluate.py`'s scores of an edit.
+fn score_values(s: &Scores) -> Vec<Option<f64>> {
+    vec![
+        s.structure_distance,
+        s.psnr_unedit_part.filter(|v| v.is_finite()),
+        s.lpips_unedit_part,
+        s.mse_unedit_part,
+        s.ssim_unedit_part,
+        s.clip_similarity_target_image,
+        s.clip_similarity_target_image_edit_part,
+    ]
+}
+
+/// The table of entries measured by [`crate::pie_bench::evaluate_outputs`] (another tool's
+/// edited images): one row named `run`, or one per edit type.
+pub fn rows_from_scores(run: &str, entries: &[Evaluated], by_edit_type: bool) -> Vec<Row> {
+    let mut groups: BTreeMap<Option<String>, (Vec<Vec<Option<f64>>>, usize)> = BTreeMap::new();
+    for e in entries {
+        let g = groups
+            .entry(by_edit_type.then(|| e.category.clone()).flatten())
+            .or_default();
+        match &e.scores {
+            Ok(s) => g.0.push(score_values(s)),
+            Err(_) => g.1 += 1,
+        }
+    }
+    groups
+        .into_iter()
+        .map(|(key, (values, failed))| Row {
+            run: run.to_string(),
+            method: String::new(),
+            edit_type: by_edit_type.then(|| type_label(key.as_deref())),
+            items: values.len(),
+            failed,
+            means: means(&values),
+        })
+        .collect()
 }
 
 fn csv_field(s: &str) -> String {

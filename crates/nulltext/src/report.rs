@@ -203,7 +203,9 @@ fn score_values(s: &Scores) -> Vec<Option<f64>> {
 /// The table of entries measured by [`crate::pie_bench::evaluate_outputs`] (another tool's
 /// edited images): one row named `run`, or one per edit type.
 pub fn rows_from_scores(run: &str, entries: &[Evaluated], by_edit_type: bool) -> Vec<Row> {
-    let mut groups: BTreeMap<Option<String>, (Vec<Vec<Option<f64>>>, usize)> = BTreeMap::new();
+    // Per group: each measured edit's values, and the count of failures.
+    type Group = (Vec<Vec<Option<f64>>>, usize);
+    let mut groups: BTreeMap<Option<String>, Group> = BTreeMap::new();
     for e in entries {
         let g = groups
             .entry(by_edit_type.then(|| e.category.clone()).flatten())

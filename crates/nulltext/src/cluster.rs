@@ -39,6 +39,21 @@ impl Scheduler {
 /// `|k| std::env::var(k).ok()`), with `count` from the command line where the scheduler
 /// does not say how many tasks there are. The first scheduler whose variables are set wins,
 /// in the table's order.
+///
+/// ```
+/// use nulltext::batch::Shard;
+/// use nulltext::cluster::{resolve, Scheduler};
+/// // Task 5 of `sbatch --array=1-9:2` (tasks 1, 3, 5, 7, 9).
+/// let env = |k: &str| match k {
+///     "SLURM_ARRAY_TASK_ID" => Some("5".to_string()),
+///     "SLURM_ARRAY_TASK_MIN" => Some("1".to_string()),
+///     "SLURM_ARRAY_TASK_STEP" => Some("2".to_string()),
+///     "SLURM_ARRAY_TASK_COUNT" => Some("5".to_string()),
+///     _ => None,
+/// };
+/// let (shard, by) = resolve(env, None).unwrap();
+/// assert_eq!((shard, by), (Shard { index: 2, count: 5 }, Scheduler::Slurm));
+/// ```
 pub fn resolve(
     var: impl Fn(&str) -> Option<String>,
     count: Option<usize>,

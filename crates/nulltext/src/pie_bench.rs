@@ -81,6 +81,12 @@ pub fn strip_markers(caption: &str) -> String {
 /// Row-major `side × side`, 1 = the region the edit may change. Malformed input (an odd
 /// count, a value that is not a non-negative integer) is an error where Python would
 /// raise or, for negative starts, silently wrap around.
+///
+/// ```
+/// // 4 × 4: the run (5, 2) and the border.
+/// let m = nulltext::pie_bench::decode_mask(&serde_json::json!([5, 2]), 4).unwrap();
+/// assert_eq!(m, [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1]);
+/// ```
 pub fn decode_mask(encoded: &serde_json::Value, side: usize) -> Result<Vec<u8>> {
     let values = encoded
         .as_array()

@@ -21,3 +21,26 @@ if ! have_chromium; then
     $sudo apt-get update -qq
     $sudo apt-get install -y -qq chromium >/dev/null
 fi
+
+# --- Slurm (crates/nulltext-cli/tests/slurm.rs) ----------------------------------------
+# Debian's slurm-wlm and munge: the test starts its own one-node cluster with
+# tools/slurm-local.sh (nothing system-wide is configured or started here). Where they
+# cannot be installed, set NULLTEXT_SKIP_SLURM=1 to skip that test explicitly.
+have_slurm() {
+    for bin in munged slurmctld slurmd sbatch; do
+        command -v "$bin" || [ -x "/usr/sbin/$bin" ] || return 1
+    done
+} >/dev/null 2>&1
+if [ "${NULLTEXT_SKIP_SLURM:-}" != 1 ] && ! have_slurm; then
+    if ! command -v apt-get >/dev/null 2>&1; then
+        echo "tools/test-deps.sh: the Slurm test needs slurm-wlm and munge: install them, or set" \
+             "NULLTEXT_SKIP_SLURM=1 to skip it" >&2
+        exit 1
+    fi
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    echo "installing slurm-wlm and munge (for crates/nulltext-cli/tests/slurm.rs)"
+    export DEBIAN_FRONTEND=noninteractive
+    $sudo apt-get update -qq
+    $sudo apt-get install -y -qq slurm-wlm munge >/dev/null
+fi

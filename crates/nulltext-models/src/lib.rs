@@ -10,6 +10,7 @@ pub mod cpu_attention;
 pub mod cpu_conv;
 pub mod cpu_kernels;
 pub mod device;
+pub mod dino;
 pub mod embeddings;
 pub mod error;
 pub mod fingerprint;

@@ -139,6 +139,9 @@ pub struct ItemSpec {
     /// `LEFT,RIGHT,TOP,BOTTOM` pixels cut before the centre square.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub crop: Option<String>,
+    /// A label reports group results by (PIE-Bench: the edit type, "0"–"9").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub category: Option<String>,
 }
 
 /// A manifest item, checked, with its paths resolved.
@@ -151,6 +154,9 @@ pub struct Item {
     pub image: PathBuf,
     pub mask: Option<PathBuf>,
     pub crop: Crop,
+    /// Why the item cannot be run, found before running it (an imported benchmark's
+    /// missing image or malformed mask): a run records it as failed and goes on.
+    pub problem: Option<String>,
 }
 
 /// A whole manifest.
@@ -224,6 +230,7 @@ pub fn read_manifest(path: &Path) -> Result<Manifest> {
             id,
             crop,
             spec,
+            problem: None,
         });
     }
     if items.is_empty() {
@@ -280,6 +287,10 @@ pub struct BatchOptions {
     pub lpips: Option<PathBuf>,
     /// A transformers CLIP folder for CLIP scores of the edits, if wanted.
     pub clip: Option<PathBuf>,
+    /// DINO ViT weights for the structure distance of the edits, if wanted.
+    pub dino: Option<PathBuf>,
+    /// The SSIM of every comparison.
+    pub ssim: SsimWindow,
     /// Bounds on images, sizes and prompts.
     pub limits: Limits,
 }
@@ -305,6 +316,9 @@ pub struct EditOutcome {
     pub clip_score: Option<f64>,
     #[serde(default)]
     pub clip_score_edited: Option<f64>,
+    /// PIE-Bench's structure distance to the input (with `--dino`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub structure_distance: Option<f64>,
     pub seconds: f64,
 }
 
@@ -313,6 +327,9 @@ pub struct EditOutcome {
 pub struct ItemResult {
     pub id: String,
     pub prompt: String,
+    /// The item's category (PIE-Bench: its edit type).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub category: Option<String>,
     /// The settings that produced this result (item and run settings, model fingerprint).
     pub settings: serde_json::Value,
     pub method: String,
@@ -328,6 +345,9 @@ pub struct ItemResult {
     /// LPIPS of the reconstruction against the input (with `--lpips`).
     #[serde(default)]
     pub reconstruction_lpips: Option<f64>,
+    /// CLIP score of the input with its caption (with `--clip`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clip_score_source: Option<f64>,
     pub edits: Vec<EditOutcome>,
 }
 
@@ -379,6 +399,13 @@ fn with_metrics(mut v: serde_json::Value, opts: &BatchOptions) -> serde_json::Va
         "lpips": opts.lpips.as_ref().map(|p| p.display().to_string()),
         "clip": opts.clip.as_ref().map(|p| p.display().to_string()),
     });
+    // Recorded only when set, so that results made before these settings existed stay valid.
+    if let Some(d) = &opts.dino {
+        v["metrics"]["dino"] = d.display().to_string().into();
+    }
+    if opts.ssim != SsimWindow::default() {
+        v["metrics"]["ssim"] = format!("{:?}", opts.ssim).into();
+    }
     v
 }
 
@@ -456,10 +483,32 @@ pub fn run(
             )?),
             None => None,
         },
+        structure: match &opts.dino {
+            Some(p) => Some(crate::structure::StructureDistance::load(p, &sd.device)?),
+            None => None,
+        },
     };
     let mut report = BatchReport::default();
     for (position, item) in mine.iter().enumerate() {
         let dir = item_dir(out_dir, &item.id);
+        if let Some(problem) = &item.problem {
+            let e = invalid(problem.clone());
+            std::fs::create_dir_all(&dir).map_err(|e| Error::Io {
+                path: dir.clone(),
+                source: e,
+            })?;
+            let _ = std::fs::remove_file(dir.join(RESULT_FILE));
+            write_json(
+                &dir.join(ERROR_FILE),
+                &serde_json::json!({ "id": item.id, "category": item.spec.category, "error": problem }),
+            )?;
+            on_item(ItemEvent::Failed {
+                id: &item.id,
+                error: &e,
+            });
+            report.failed.push((item.id.clone(), problem.clone()));
+            continue;
+        }
         let inv_settings = inversion_settings(sd, item, opts, size);
         let want = with_metrics(inv_settings.clone(), opts);
         if let Some(r) = read_json::<ItemResult>(&dir.join(RESULT_FILE)) {
@@ -504,7 +553,7 @@ pub fn run(
             Err(e) => {
                 write_json(
                     &dir.join(ERROR_FILE),
-                    &serde_json::json!({ "id": item.id, "error": e.to_string() }),
+                    &serde_json::json!({ "id": item.id, "category": item.spec.category, "error": e.to_string() }),
                 )?;
                 on_item(ItemEvent::Failed {
                     id: &item.id,
@@ -530,6 +579,7 @@ fn load_mask(item: &Item, size: u32, opts: &BatchOptions) -> Result<Option<Mask>
 struct Nets {
     lpips: Option<crate::lpips::Lpips>,
     clip: Option<nulltext_models::clip_score::ClipScorer>,
+    structure: Option<crate::structure::StructureDistance>,
 }
 
 #[derive(Serialize, Deserialize, PartialEq)]
@@ -633,8 +683,7 @@ fn run_item(
     let vae_img = image_io::decode_latents(sd, &z0)?.remove(0);
     let rec = image_io::decode_latents(sd, &rec_latent)?.remove(0);
     image_io::save_png(&rec, &dir.join("reconstruction.png"))?;
-    let m =
-        |a: &RgbImage, b: &RgbImage, mask: Option<&Mask>| compare(a, b, mask, SsimWindow::Uniform7);
+    let m = |a: &RgbImage, b: &RgbImage, mask: Option<&Mask>| compare(a, b, mask, opts.ssim);
     let lpips = |b: &RgbImage, mask: Option<&Mask>| -> Result<Option<f64>> {
         match &nets.lpips {
             Some(net) => Ok(Some(net.distance(&input, b, mask)?)),
@@ -647,8 +696,11 @@ fn run_item(
             None => Ok(None),
         }
     };
-    // The region the edits may change, for the edited part's CLIP score.
+    // The region the edits may change, for the edited part's CLIP score. An empty region
+    // or background has no metrics (PIE-Bench's "nan").
     let edited = mask.as_ref().map(|m| m.complement());
+    let nonempty = |m: &Option<Mask>| m.clone().filter(|m| m.weights().iter().any(|&w| w != 0.0));
+    let (mask, edited) = (nonempty(&mask), nonempty(&edited));
 
     let mut outcomes = Vec::new();
     for (k, (s, o)) in edits.iter().enumerate() {
@@ -680,12 +732,17 @@ fn run_item(
                 Some(e) => clip(&img, &s.target, Some(e))?,
                 None => None,
             },
+            structure_distance: match &nets.structure {
+                Some(net) => Some(net.distance(&input, &img, None)?),
+                None => None,
+            },
             seconds: start.elapsed().as_secs_f64(),
         });
     }
     Ok(ItemResult {
         id: item.id.clone(),
         prompt: item.spec.prompt.clone(),
+        category: item.spec.category.clone(),
         settings: settings.clone(),
         method: opts.invert.method.to_string(),
         iterations,
@@ -694,6 +751,7 @@ fn run_item(
         reconstruction: m(&input, &rec, None)?,
         reconstruction_vs_vae: m(&vae_img, &rec, None)?,
         reconstruction_lpips: lpips(&rec, None)?,
+        clip_score_source: clip(&input, &item.spec.prompt, None)?,
         edits: outcomes,
     })
 }
@@ -885,10 +943,12 @@ mod tests {
                 edits: vec![],
                 mask: None,
                 crop: None,
+                category: None,
             },
             image: PathBuf::new(),
             mask: None,
             crop: Crop::default(),
+            problem: None,
         };
         for i in 0..10 {
             let owners = (0..3)

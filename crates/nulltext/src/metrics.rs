@@ -16,8 +16,28 @@ pub enum SsimWindow {
     #[default]
     Uniform7,
     /// A Gaussian with σ = 1.5 truncated at 3.5σ (11×11) and population covariances: the
-    /// setting of Wang et al. (2004), scikit-image's `gaussian_weights=True`.
+    /// setting of Wang et al. (2004), scikit-image's `gaussian_weights=True`. Also
+    /// torchmetrics' `StructuralSimilarityIndexMeasure` up to 1.4.1 (which PIE-Bench's
+    /// published numbers used): it averages the same windows, those wholly inside the image.
     Gaussian,
+    /// The same window over the whole image, reflect-padded by 5 pixels (the border's windows
+    /// included): torchmetrics' `StructuralSimilarityIndexMeasure` since 1.4.2 (its #2721; negative
+    /// variances clamped at 0, as since 1.4.0).
+    GaussianPadded,
+}
+
+impl std::str::FromStr for SsimWindow {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "uniform" => Ok(Self::Uniform7),
+            "gaussian" => Ok(Self::Gaussian),
+            "gaussian-padded" => Ok(Self::GaussianPadded),
+            _ => Err(format!(
+                "unknown SSIM window `{s}` (uniform, gaussian, gaussian-padded)"
+            )),
+        }
+    }
 }
 
 /// How similar a candidate image is to a reference.
@@ -210,7 +230,7 @@ pub fn psnr_from_mse(mse: f64) -> f64 {
 fn taps(window: SsimWindow) -> (Vec<f64>, bool) {
     match window {
         SsimWindow::Uniform7 => (vec![1.0 / 7.0; 7], true),
-        SsimWindow::Gaussian => {
+        SsimWindow::Gaussian | SsimWindow::GaussianPadded => {
             let sigma: f64 = 1.5;
             let radius = (3.5 * sigma + 0.5) as i64;
             let raw: Vec<f64> = (-radius..=radius)
@@ -247,6 +267,31 @@ fn filter_valid(p: &[f64], w: usize, h: usize, k: &[f64]) -> Vec<f64> {
     out
 }
 
+/// `p` (w × h) with `r` pixels mirrored on every side, the edge pixel not repeated (PyTorch's
+/// `F.pad(mode="reflect")`): (w + 2r) × (h + 2r).
+fn reflect_pad(p: &[f64], w: usize, h: usize, r: usize) -> Vec<f64> {
+    let mirror = |i: isize, n: usize| -> usize {
+        let n = n as isize;
+        let j = if i < 0 {
+            -i
+        } else if i >= n {
+            2 * (n - 1) - i
+        } else {
+            i
+        };
+        j as usize
+    };
+    let (pw, ph) = (w + 2 * r, h + 2 * r);
+    let mut out = Vec::with_capacity(pw * ph);
+    for y in 0..ph {
+        let sy = mirror(y as isize - r as isize, h);
+        for x in 0..pw {
+            out.push(p[sy * w + mirror(x as isize - r as isize, w)]);
+        }
+    }
+    out
+}
+
 fn ssim_plane(a: &Plane, b: &Plane, window: SsimWindow) -> Result<f64> {
     let (k, sample_cov) = taps(window);
     let n = k.len();
@@ -256,21 +301,40 @@ fn ssim_plane(a: &Plane, b: &Plane, window: SsimWindow) -> Result<f64> {
             a.w, a.h
         )));
     }
+    if window == SsimWindow::GaussianPadded {
+        // 1. Pad, then the valid windows of the padded image are one per pixel.
+        let r = n / 2;
+        let pad = |p: &Plane| Plane {
+            w: p.w + 2 * r,
+            h: p.h + 2 * r,
+            v: reflect_pad(&p.v, p.w, p.h, r),
+        };
+        return ssim_valid(&pad(a), &pad(b), &k, sample_cov, true);
+    }
+    ssim_valid(a, b, &k, sample_cov, false)
+}
+
+/// Mean SSIM over the windows wholly inside `a` and `b`; `clamp` sets negative variances
+/// (rounding) to 0, as torchmetrics does.
+fn ssim_valid(a: &Plane, b: &Plane, k: &[f64], sample_cov: bool, clamp: bool) -> Result<f64> {
+    let n = k.len();
     let (w, h) = (a.w, a.h);
     let prod = |x: &[f64], y: &[f64]| -> Vec<f64> { x.iter().zip(y).map(|(p, q)| p * q).collect() };
-    let ux = filter_valid(&a.v, w, h, &k);
-    let uy = filter_valid(&b.v, w, h, &k);
-    let uxx = filter_valid(&prod(&a.v, &a.v), w, h, &k);
-    let uyy = filter_valid(&prod(&b.v, &b.v), w, h, &k);
-    let uxy = filter_valid(&prod(&a.v, &b.v), w, h, &k);
+    let ux = filter_valid(&a.v, w, h, k);
+    let uy = filter_valid(&b.v, w, h, k);
+    let uxx = filter_valid(&prod(&a.v, &a.v), w, h, k);
+    let uyy = filter_valid(&prod(&b.v, &b.v), w, h, k);
+    let uxy = filter_valid(&prod(&a.v, &b.v), w, h, k);
     let np = (n * n) as f64;
     let cov_norm = if sample_cov { np / (np - 1.0) } else { 1.0 };
     let (c1, c2) = (0.01f64.powi(2), 0.03f64.powi(2));
     let mut sum = 0.0;
     for i in 0..ux.len() {
         let (mx, my) = (ux[i], uy[i]);
-        let vx = cov_norm * (uxx[i] - mx * mx);
-        let vy = cov_norm * (uyy[i] - my * my);
+        let (mut vx, mut vy) = (cov_norm * (uxx[i] - mx * mx), cov_norm * (uyy[i] - my * my));
+        if clamp {
+            (vx, vy) = (vx.max(0.0), vy.max(0.0));
+        }
         let vxy = cov_norm * (uxy[i] - mx * my);
         let num = (2.0 * mx * my + c1) * (2.0 * vxy + c2);
         let den = (mx * mx + my * my + c1) * (vx + vy + c2);

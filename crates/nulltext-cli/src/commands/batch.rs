@@ -4,6 +4,8 @@ use anyhow::{bail, Result};
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use nulltext::batch::{self, BatchOptions, ItemEvent, Shard};
+use nulltext::metrics::SsimWindow;
+use nulltext::{cluster, pie_bench, report};
 
 use super::{Ctx, ModelArg};
 
@@ -15,14 +17,27 @@ pub struct BatchArgs {
     /// "a cat sitting on a table", "edits": ["a tiger sitting on a table", {"target": "…",
     /// "cross_replace": "0.6", "blend": "cat:tiger"}], "mask": "cat-mask.png", "crop":
     /// "0,0,0,0"}; paths relative to the manifest.
-    manifest: PathBuf,
+    #[arg(required_unless_present = "pie_bench", conflicts_with = "pie_bench")]
+    manifest: Option<PathBuf>,
+    /// Run PIE-Bench from its folder (mapping_file.json, annotation_images/) as its
+    /// run_editing_p2p.py does, measure it as its evaluate.py does, and write the table to
+    /// OUT_DIR/report.csv and report.md.
+    #[arg(long, value_name = "DIR")]
+    pie_bench: Option<PathBuf>,
+    /// With --pie-bench: only these edit types (0–9), e.g. 0,1,2.
+    #[arg(long, requires = "pie_bench")]
+    edit_types: Option<String>,
     /// Where each item's folder (items/ID/) and the summary go.
     #[arg(long)]
     out_dir: PathBuf,
-    /// Take only every N-th item from the I-th (0-based): I/N, e.g.
-    /// $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT or $JOB_COMPLETION_INDEX/N.
+    /// Take only every N-th item from the I-th (0-based): I/N, or `auto` for the task of a
+    /// Slurm job array, Kubernetes Indexed Job, AWS Batch array job or torchrun.
     #[arg(long, default_value = "0/1")]
-    shard: Shard,
+    shard: ShardArg,
+    /// The number of tasks, for --shard auto where the scheduler does not say it
+    /// (Kubernetes, AWS Batch); or set NULLTEXT_SHARD_COUNT.
+    #[arg(long)]
+    shard_count: Option<usize>,
     /// How every item is inverted.
     #[command(flatten)]
     settings: super::InvertSettings,
@@ -34,17 +49,75 @@ pub struct BatchArgs {
     /// CLIP folder (config.json + model.safetensors, e.g. openai/clip-vit-large-patch14).
     #[arg(long)]
     clip: Option<PathBuf>,
+    /// Also PIE-Bench's structure distance of each edit, with these DINO ViT-B/8 weights
+    /// (DINO's state dict as safetensors; docs/evaluation.md).
+    #[arg(long)]
+    dino: Option<PathBuf>,
+    /// SSIM window: uniform (scikit-image's default), gaussian (PIE-Bench's published
+    /// numbers; the default with --pie-bench) or gaussian-padded (torchmetrics ≥ 1.4.2).
+    #[arg(long)]
+    ssim_window: Option<SsimWindow>,
+}
+
+/// `--shard`: fixed, or from the scheduler's environment.
+#[derive(Clone, Copy)]
+enum ShardArg {
+    Fixed(Shard),
+    Auto,
+}
+
+impl std::str::FromStr for ShardArg {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        if s == "auto" {
+            Ok(ShardArg::Auto)
+        } else {
+            Ok(ShardArg::Fixed(
+                s.parse().map_err(|e| format!("{e}, or auto"))?,
+            ))
+        }
+    }
 }
 
 pub fn run(a: BatchArgs, ctx: &Ctx) -> Result<()> {
-    let manifest = batch::read_manifest(&a.manifest)?;
+    let shard = match a.shard {
+        ShardArg::Fixed(s) => s,
+        ShardArg::Auto => {
+            let (s, by) = cluster::resolve(|k| std::env::var(k).ok(), a.shard_count)?;
+            ctx.say(format!(
+                "shard {}/{} from the {}",
+                s.index,
+                s.count,
+                by.name()
+            ));
+            s
+        }
+    };
+    let manifest = match (&a.pie_bench, &a.manifest) {
+        (Some(dir), _) => {
+            let types = a
+                .edit_types
+                .as_deref()
+                .map(pie_bench::parse_edit_types)
+                .transpose()?;
+            pie_bench::import(dir, &a.out_dir, types.as_deref())?
+        }
+        (None, Some(m)) => batch::read_manifest(m)?,
+        (None, None) => bail!("give a manifest or --pie-bench DIR"),
+    };
     let sd = ctx.load(&a.model)?;
     let opts = BatchOptions {
         invert: a.settings.options(),
         size: a.settings.size,
-        shard: a.shard,
+        shard,
         lpips: a.lpips.clone(),
         clip: a.clip.clone(),
+        dino: a.dino.clone(),
+        ssim: a.ssim_window.unwrap_or(if a.pie_bench.is_some() {
+            SsimWindow::Gaussian
+        } else {
+            SsimWindow::Uniform7
+        }),
         limits: a.settings.limits(),
     };
     let mine = manifest
@@ -117,8 +190,8 @@ pub fn run(a: BatchArgs, ctx: &Ctx) -> Result<()> {
     let summary = batch::write_summary(&manifest, &a.out_dir)?;
     ctx.say(format!(
         "shard {}/{}: {} done, {} skipped (finished before), {} failed in {:.1} s",
-        a.shard.index,
-        a.shard.count,
+        shard.index,
+        shard.count,
         report.done.len(),
         report.skipped.len(),
         report.failed.len(),
@@ -145,6 +218,15 @@ pub fn run(a: BatchArgs, ctx: &Ctx) -> Result<()> {
         a.out_dir.join("summary.csv").display(),
         a.out_dir.join("summary.json").display()
     ));
+    if a.pie_bench.is_some() {
+        let rows = report::collect(std::slice::from_ref(&a.out_dir), false)?;
+        let (csv, md) = report::write(&rows, &a.out_dir.join("report"))?;
+        ctx.say(format!(
+            "PIE-Bench table of the items finished so far: {} and {}",
+            csv.display(),
+            md.display()
+        ));
+    }
     if !report.failed.is_empty() {
         for (id, e) in &report.failed {
             eprintln!("{id}: {e}");

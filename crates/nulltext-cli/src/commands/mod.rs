@@ -11,6 +11,7 @@ mod invert;
 mod plot;
 mod random_model;
 mod reconstruct;
+mod report;
 mod serve;
 mod tokens;
 mod train;
@@ -149,6 +150,8 @@ pub enum Command {
     Plot(plot::PlotArgs),
     /// Sample an inversion back without edits.
     Reconstruct(reconstruct::ReconstructArgs),
+    /// The PIE-Bench table (CSV and Markdown) over batch runs, one row per method.
+    Report(report::ReportArgs),
     /// A local web app and HTTP API: invert and edit photos as jobs.
     Serve(serve::ServeCommand),
     /// Plain text-to-image: the smoke test of a model.
@@ -175,6 +178,7 @@ pub fn run(cmd: Command, ctx: &Ctx) -> Result<()> {
         Command::Eval(a) => eval::run(a, ctx),
         Command::Plot(a) => plot::run(a, ctx),
         Command::Reconstruct(a) => reconstruct::run(a, ctx),
+        Command::Report(a) => report::run(a, ctx),
         Command::Serve(a) => serve::run(a, ctx),
         Command::Generate(a) => generate::run(a, ctx),
         Command::Tokens(a) => tokens::run(a, ctx),

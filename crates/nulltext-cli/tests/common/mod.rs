@@ -36,3 +36,34 @@ pub fn tmp(name: &str) -> PathBuf {
 pub fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
+
+/// The fixture PIE-Bench (tests/fixtures/pie-bench) plus three entries that cannot run — a
+/// missing image, a malformed mask, an unknown edit type — in `dir` (images linked).
+pub fn pie_bench_with_bad_entries(dir: &Path) -> PathBuf {
+    let bench = root().join("tests/fixtures/pie-bench");
+    let data = dir.join("PIE-Bench");
+    std::fs::create_dir_all(&data).unwrap();
+    let mut mapping: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(bench.join("mapping_file.json")).unwrap())
+            .unwrap();
+    let good = mapping["000000000000"].clone();
+    let mut missing = good.clone();
+    missing["image_path"] = "0_random_140/000000000099.png".into();
+    let mut malformed = good.clone();
+    malformed["mask"] = serde_json::json!([100, "a lot"]);
+    let mut unknown = good;
+    unknown["editing_type_id"] = "10".into();
+    mapping.insert("000000000099".into(), missing);
+    mapping.insert("100000000000".into(), malformed);
+    mapping.insert("a00000000000".into(), unknown);
+    std::fs::write(
+        data.join("mapping_file.json"),
+        serde_json::to_string_pretty(&mapping).unwrap(),
+    )
+    .unwrap();
+    let _ = std::os::unix::fs::symlink(
+        bench.join("annotation_images"),
+        data.join("annotation_images"),
+    );
+    data
+}

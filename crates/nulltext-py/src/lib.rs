@@ -611,10 +611,11 @@ fn tokens(prompt: &str) -> TokenList {
     tokens_of(&nulltext::models::ClipTokenizer::bundled(), prompt)
 }
 
-/// PSNR, SSIM, MSE (and LPIPS, CLIP score when their weights are given) of `candidate`
+/// PSNR, SSIM, MSE (and LPIPS, structure distance, CLIP score when their weights are
+/// given) of `candidate`
 /// against `reference`, under `mask` (white = counted) if given: JSON.
 #[pyfunction]
-#[pyo3(signature = (reference, candidate, *, mask, invert_mask, ssim_window, lpips, clip, caption))]
+#[pyo3(signature = (reference, candidate, *, mask, invert_mask, ssim_window, lpips, dino, clip, caption))]
 #[allow(clippy::too_many_arguments)]
 fn eval(
     py: Python<'_>,
@@ -624,6 +625,7 @@ fn eval(
     invert_mask: bool,
     ssim_window: &str,
     lpips: Option<PathBuf>,
+    dino: Option<PathBuf>,
     clip: Option<PathBuf>,
     caption: Option<String>,
 ) -> PyResult<String> {
@@ -638,15 +640,7 @@ fn eval(
         }
         None => None,
     };
-    let window = match ssim_window {
-        "uniform" => SsimWindow::Uniform7,
-        "gaussian" => SsimWindow::Gaussian,
-        other => {
-            return Err(PyValueError::new_err(format!(
-                "ssim_window: unknown window `{other}` (uniform, gaussian)"
-            )))
-        }
-    };
+    let window: SsimWindow = parse("ssim_window", ssim_window)?;
     if clip.is_some() != caption.is_some() {
         return Err(PyValueError::new_err(
             "the CLIP score needs both clip and caption",
@@ -658,6 +652,10 @@ fn eval(
         if let Some(p) = &lpips {
             let net = nulltext::lpips::Lpips::load(p, &Device::Cpu)?;
             v["lpips"] = net.distance(&reference, &candidate, mask.as_ref())?.into();
+        }
+        if let Some(p) = &dino {
+            let net = nulltext::structure::StructureDistance::load(p, &Device::Cpu)?;
+            v["structure_distance"] = net.distance(&reference, &candidate, mask.as_ref())?.into();
         }
         if let (Some(p), Some(caption)) = (&clip, &caption) {
             let net = nulltext::models::clip_score::ClipScorer::load(p, &Device::Cpu)?;

@@ -254,6 +254,23 @@ def test_eval_matches_the_metrics_of_the_command_line(tmp_path):
         nulltext.eval(a, b[:16])
 
 
+def test_eval_computes_pie_bench_background_metrics_as_its_reference():
+    """PIE-Bench's evaluate.py numbers on the fixture benchmark (tools/pie_bench_reference.py)."""
+    import json
+
+    bench = ROOT / "tests" / "fixtures" / "pie-bench"
+    ref = json.loads((bench / "reference.json").read_text())["entries"]["600000000000"]["metrics"]
+    photo = bench / "annotation_images" / "6_change_attribute_color_40" / "1_artificial" / "1_animal" / "600000000000.png"
+    edited = bench / "edited" / "6_change_attribute_color_40" / "1_artificial" / "1_animal" / "600000000000.png"
+    m = nulltext.eval(photo, edited, mask=bench / "masks" / "600000000000.png", invert_mask=True,
+                      ssim_window="gaussian-padded")
+    assert m["psnr"] == pytest.approx(ref["psnr_unedit_part"], rel=1e-5)
+    assert m["mse"] == pytest.approx(ref["mse_unedit_part"], rel=1e-5)
+    assert m["ssim"] == pytest.approx(ref["ssim_unedit_part"], rel=1e-5)
+    with pytest.raises(ValueError, match="unknown SSIM window"):
+        nulltext.eval(photo, edited, ssim_window="box")
+
+
 def test_bad_input_raises_the_right_exception(tiny, tiny_inversion, shapes, tmp_path):
     with pytest.raises(FileNotFoundError):
         nulltext.load(tmp_path / "no-such-model")

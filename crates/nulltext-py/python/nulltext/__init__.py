@@ -458,14 +458,18 @@ def eval(
     invert_mask: bool = False,
     ssim_window: str = "uniform",
     lpips: Optional[Union[str, "os.PathLike[str]"]] = None,
+    dino: Optional[Union[str, "os.PathLike[str]"]] = None,
     clip: Optional[Union[str, "os.PathLike[str]"]] = None,
     caption: Optional[str] = None,
 ) -> Dict[str, float]:
     """PSNR (dB), SSIM and MSE of ``candidate`` against ``reference``, as ``nulltext eval``
     computes them: under ``mask`` (white counts; ``invert_mask`` takes its complement) both
-    images are multiplied by it and compared whole, as PIE-Bench does. ``lpips`` (weights as
-    safetensors) adds ``"lpips"``; ``clip`` (a CLIP folder) with ``caption`` adds
-    ``"clip_score"``. PSNR of identical images is ``inf``.
+    images are multiplied by it and compared whole, as PIE-Bench does. ``ssim_window``:
+    ``uniform`` (scikit-image's default), ``gaussian`` (Wang et al.; torchmetrics up to
+    1.4.1, PIE-Bench's published numbers) or ``gaussian-padded`` (torchmetrics since 1.4.2).
+    ``lpips`` (weights as safetensors) adds ``"lpips"``; ``dino`` (DINO ViT weights as
+    safetensors) adds PIE-Bench's ``"structure_distance"``; ``clip`` (a CLIP folder) with
+    ``caption`` adds ``"clip_score"``. PSNR of identical images is ``inf``.
     """
     out = json.loads(
         _native.eval(
@@ -475,6 +479,7 @@ def eval(
             invert_mask=invert_mask,
             ssim_window=ssim_window,
             lpips=None if lpips is None else os.fspath(lpips),
+            dino=None if dino is None else os.fspath(dino),
             clip=None if clip is None else os.fspath(clip),
             caption=caption,
         )

@@ -95,6 +95,7 @@ def eval(
     invert_mask: bool,
     ssim_window: str,
     lpips: Optional[str],
+    dino: Optional[str],
     clip: Optional[str],
     caption: Optional[str],
 ) -> str: ...

@@ -10,7 +10,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
 
-use crate::error::{invalid, Error, Result};
+use crate::error::{Error, Result};
 use crate::metrics::Mask;
 
 /// A backbone's layers up to each tapped activation.
@@ -230,15 +230,7 @@ impl Lpips {
     /// The distance between two images of the same size; with a mask, both are multiplied
     /// by it first (PIE-Bench's convention).
     pub fn distance(&self, a: &RgbImage, b: &RgbImage, mask: Option<&Mask>) -> Result<f64> {
-        if a.dimensions() != b.dimensions() {
-            return Err(invalid(format!(
-                "the images differ in size: {}×{} and {}×{}",
-                a.width(),
-                a.height(),
-                b.width(),
-                b.height()
-            )));
-        }
+        crate::metrics::check_sizes(a, b, mask)?;
         let x = Tensor::cat(&[self.input(a, mask)?, self.input(b, mask)?], 0)?;
         let shift = self.w("scaling_layer.shift").reshape((1, 3, 1, 1))?;
         let scale = self.w("scaling_layer.scale").reshape((1, 3, 1, 1))?;

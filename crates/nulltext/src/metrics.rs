@@ -149,7 +149,13 @@ fn planes(img: &RgbImage, mask: Option<&Mask>) -> [Plane; 3] {
     })
 }
 
-fn check_sizes(reference: &RgbImage, candidate: &RgbImage, mask: Option<&Mask>) -> Result<()> {
+/// Refuses images of different sizes, or a mask of another size: every metric compares
+/// pixel by pixel.
+pub(crate) fn check_sizes(
+    reference: &RgbImage,
+    candidate: &RgbImage,
+    mask: Option<&Mask>,
+) -> Result<()> {
     if reference.dimensions() != candidate.dimensions() {
         return Err(invalid(format!(
             "the images differ in size: reference {}×{}, candidate {}×{}",

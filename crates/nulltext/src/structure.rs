@@ -82,15 +82,7 @@ impl StructureDistance {
 
     /// The structure distance of two images of the same size (under `mask`, if any).
     pub fn distance(&self, a: &RgbImage, b: &RgbImage, mask: Option<&Mask>) -> Result<f64> {
-        if a.dimensions() != b.dimensions() {
-            return Err(invalid(format!(
-                "the images differ in size: {}×{} and {}×{}",
-                a.width(),
-                a.height(),
-                b.width(),
-                b.height()
-            )));
-        }
+        crate::metrics::check_sizes(a, b, mask)?;
         let d = (self.self_similarity(a, mask)? - self.self_similarity(b, mask)?)?;
         Ok(d.sqr()?.mean_all()?.to_scalar::<f32>()? as f64)
     }

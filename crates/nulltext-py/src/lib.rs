@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
-use nulltext::edit::{BlendOptions, CrossReplace, EditMode, EditOptions, Window};
+use nulltext::edit::EditOptions;
 use nulltext::image_io::{self, Crop};
 use nulltext::models::LoadOptions;
 use nulltext::{Event, InvertOptions, Limits, Method, Progress, StableDiffusion};
@@ -465,34 +465,25 @@ impl Model {
             limits.check_prompt("targets", t).map_err(py_err)?;
         }
         let inv = &inversion.inv;
-        let mut opts = EditOptions {
-            mode: parse::<EditMode>("mode", mode)?,
-            cross_replace: parse::<CrossReplace>("cross_replace", cross_replace)?,
-            self_replace: parse::<Window>("self_replace", self_replace)?,
+        // The settings as a manifest's edit writes them: one parser for every front end.
+        let spec = nulltext::batch::EditSpec {
+            target: String::new(),
+            mode: Some(mode.to_string()),
+            cross_replace: Some(cross_replace.to_string()),
+            self_replace: Some(self_replace.to_string()),
+            blend_threshold: blend.is_some().then_some(blend_threshold),
+            blend,
+            blend_subtract,
+            attention_downscale: Some(attention_downscale),
+            reweight,
             sdedit,
+        };
+        let opts = EditOptions {
             record_attention: attention_maps,
-            attention_downscale,
             guidance,
-            ..Default::default()
+            ..spec.options().map_err(py_err)?
         };
         nulltext::edit::edit_guidance(inv, opts.guidance).map_err(py_err)?;
-        match &blend {
-            Some(b) => {
-                let mut bo = BlendOptions::parse(b).map_err(py_err)?;
-                bo.threshold = blend_threshold;
-                if let Some(s) = &blend_subtract {
-                    bo.subtract = nulltext::edit::parse_words(s);
-                }
-                opts.blend = Some(bo);
-            }
-            None if blend_subtract.is_some() => {
-                return Err(PyValueError::new_err("blend_subtract needs blend"));
-            }
-            None => {}
-        }
-        if let Some(r) = &reweight {
-            opts.reweight = nulltext::edit::parse_reweight(r).map_err(py_err)?;
-        }
         let sd = &self.sd;
         inv.check_model(sd, force).map_err(py_err)?;
         let (_, _, h, w) = inv.latent_t.dims4().map_err(|e| py_err(e.into()))?;

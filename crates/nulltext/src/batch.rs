@@ -492,21 +492,14 @@ pub fn run(
     for (position, item) in mine.iter().enumerate() {
         let dir = item_dir(out_dir, &item.id);
         if let Some(problem) = &item.problem {
-            let e = invalid(problem.clone());
-            std::fs::create_dir_all(&dir).map_err(|e| Error::Io {
-                path: dir.clone(),
-                source: e,
-            })?;
             let _ = std::fs::remove_file(dir.join(RESULT_FILE));
-            write_json(
-                &dir.join(ERROR_FILE),
-                &serde_json::json!({ "id": item.id, "category": item.spec.category, "error": problem }),
+            record_failure(
+                item,
+                &dir,
+                &invalid(problem.clone()),
+                &mut report,
+                &mut on_item,
             )?;
-            on_item(ItemEvent::Failed {
-                id: &item.id,
-                error: &e,
-            });
-            report.failed.push((item.id.clone(), problem.clone()));
             continue;
         }
         let inv_settings = inversion_settings(sd, item, opts, size);
@@ -550,20 +543,31 @@ pub fn run(
                 report.done.push(item.id.clone());
             }
             Err(Error::Cancelled) => return Err(Error::Cancelled),
-            Err(e) => {
-                write_json(
-                    &dir.join(ERROR_FILE),
-                    &serde_json::json!({ "id": item.id, "category": item.spec.category, "error": e.to_string() }),
-                )?;
-                on_item(ItemEvent::Failed {
-                    id: &item.id,
-                    error: &e,
-                });
-                report.failed.push((item.id.clone(), e.to_string()));
-            }
+            Err(e) => record_failure(item, &dir, &e, &mut report, &mut on_item)?,
         }
     }
     Ok(report)
+}
+
+/// Records `item` as failed with `error`: its error file, the event, the report's line.
+fn record_failure(
+    item: &Item,
+    dir: &Path,
+    error: &Error,
+    report: &mut BatchReport,
+    on_item: &mut impl FnMut(ItemEvent),
+) -> Result<()> {
+    let msg = error.to_string();
+    write_json(
+        &dir.join(ERROR_FILE),
+        &serde_json::json!({ "id": item.id, "category": item.spec.category, "error": msg }),
+    )?;
+    on_item(ItemEvent::Failed {
+        id: &item.id,
+        error,
+    });
+    report.failed.push((item.id.clone(), msg));
+    Ok(())
 }
 
 fn load_mask(item: &Item, size: u32, opts: &BatchOptions) -> Result<Option<Mask>> {

@@ -53,13 +53,13 @@ for stage in "$@"; do
           --only unet_b1,unet_b2,nti_iter,edit_step --json "$OUT/tracking-$tr.json" 2>&1 | tee -a "$OUT/tracking.txt"
       done ;;
     tape)
-      # The null-text iteration three ways (as inversions run it, the tensor tape, candle's
-      # graph), f16 and f32, at 512² and 256².
+      # The null-text iteration both ways (the context tape, as inversions run it, and
+      # candle's graph), f16 and f32, at 512² and 256².
       need_model
       for dt in f16 f32; do
         for size in 512 256; do
           $NT --device cuda --dtype $dt bench --model $MODEL --size $size --repeat 10 --warmup 2 \
-            --only nti_iter,nti_iter_tensor,nti_iter_graph --json "$OUT/tape-$dt-$size.json" 2>&1 | tee -a "$OUT/tape.txt"
+            --only nti_iter,nti_iter_graph --json "$OUT/tape-$dt-$size.json" 2>&1 | tee -a "$OUT/tape.txt"
         done
       done ;;
     bench)

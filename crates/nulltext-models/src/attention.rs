@@ -1,12 +1,15 @@
 //! Attention in the UNet (diffusers `Attention`, `BasicTransformerBlock`,
-//! `Transformer2DModel`), with the attention-control hook at every site.
+//! `Transformer2DModel`): the layers, and the attention core with its backward pass, where
+//! the attention controller sees the probabilities. The UNet's traversal
+//! (`crate::unet`) calls them in order.
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Tensor, Var, D};
 
 use crate::control::{AttentionCall, AttentionControl, AttentionKind, AttentionSite, Place};
 use crate::cpu_attention::AttnDims;
 use crate::error::Result;
 use crate::nn::{f32_slice, host_f32, Conv2d, GroupNorm, LayerNorm, Linear};
+use crate::ops;
 use crate::weights::Vb;
 
 /// `softmax(q kᵀ · scale) v` for `[B, heads, L, d]` inputs, never handing out the
@@ -236,56 +239,202 @@ impl Attention {
         })
     }
 
-    /// `x`: `[B, H·W, C]` on an `height`×`width` grid; `context`: `[B, 77, D]` for
-    /// cross-attention, `None` for self-attention.
-    pub fn forward(
-        &self,
-        x: &Tensor,
-        context: Option<&Tensor>,
-        height: usize,
-        width: usize,
-        control: &mut dyn AttentionControl,
-        step: usize,
-    ) -> Result<Tensor> {
-        let (b, l, _) = x.dims3()?;
-        let ctx = context.unwrap_or(x);
-        let split = |t: Tensor| -> Result<Tensor> {
-            let (b, l, inner) = t.dims3()?;
-            // (B, L, heads·d) -> (B, heads, L, d)
-            Ok(t.reshape((b, l, self.heads, inner / self.heads))?
-                .transpose(1, 2)?
-                .contiguous()?)
-        };
-        let q = split(self.to_q.forward(x)?)?;
-        let k = split(self.to_k.forward(ctx)?)?;
-        let v = split(self.to_v.forward(ctx)?)?;
-        let dtype = q.dtype();
-        let (q, k) = if self.upcast && dtype != DType::F32 {
-            (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?)
-        } else {
-            (q, k)
-        };
-        let call = AttentionCall {
-            site: &self.site,
-            height,
-            width,
-            step,
-        };
-        let out = if control.wants(&call) {
-            let probs = attention_probs(&q, &k, self.scale)?.to_dtype(dtype)?;
-            let probs = control.edit(&call, probs)?;
-            probs.matmul(&v)?
-        } else if self.upcast && dtype != DType::F32 {
-            attention_probs(&q, &k, self.scale)?
-                .to_dtype(dtype)?
-                .matmul(&v)?
-        } else {
-            attention(&q, &k, &v, self.scale)?
-        };
-        // (B, heads, L, d) -> (B, L, heads·d)
-        let out = out.transpose(1, 2)?.reshape((b, l, ()))?;
-        self.to_out.forward(&out)
+    /// The queries of rows `x` `[B, L, C]`: `[B, heads, L, d]`, in f32 where the model
+    /// upcasts its attention.
+    pub(crate) fn queries(&self, x: &Tensor) -> Result<Tensor> {
+        self.upcast(ops::split_heads(&self.to_q.forward(x)?, self.heads)?)
     }
+
+    /// The keys (upcast as [`Self::queries`]) and values of rows `src` `[B, L, D]`.
+    pub(crate) fn keys_values(&self, src: &Tensor) -> Result<(Tensor, Tensor)> {
+        let k = self.upcast(ops::split_heads(&self.to_k.forward(src)?, self.heads)?)?;
+        let v = ops::split_heads(&self.to_v.forward(src)?, self.heads)?;
+        Ok((k, v))
+    }
+
+    /// Whether scores in `dtype` are computed in f32 (a half-precision dtype, and a model
+    /// that upcasts its attention).
+    fn upcasts(&self, dtype: DType) -> bool {
+        self.upcast && matches!(dtype, DType::F16 | DType::BF16)
+    }
+
+    fn upcast(&self, t: Tensor) -> Result<Tensor> {
+        Ok(match self.upcasts(t.dtype()) {
+            true => t.to_dtype(DType::F32)?,
+            false => t,
+        })
+    }
+
+    /// `softmax(q kᵀ · scale) v` `[B, heads, Lq, d]` in `v`'s dtype, with what its backward
+    /// pass needs when `record`. With `control`, the controller sees and may replace the
+    /// probabilities; otherwise the fastest kernel runs: on the CPU in f32 the fused one
+    /// (`crate::cpu_attention`), which keeps only each query's log-sum-exp.
+    pub(crate) fn core(
+        &self,
+        (q, k, v): (Tensor, Tensor, Tensor),
+        control: Option<(&mut dyn AttentionControl, &AttentionCall)>,
+        record: bool,
+    ) -> Result<(Tensor, Option<AttnRecord>)> {
+        let dtype = v.dtype();
+        let keep = |o: &Tensor, kind: CoreKind, (q, k, v): (Tensor, Tensor, Tensor)| {
+            record.then(|| AttnRecord {
+                q,
+                k,
+                v,
+                o: o.clone(),
+                kind,
+                query_varies: true,
+            })
+        };
+        if let Some((control, call)) = control {
+            if !record {
+                let probs = attention_probs(&q, &k, self.scale)?.to_dtype(dtype)?;
+                return Ok((control.edit(call, probs)?.matmul(&v)?, None));
+            }
+            // candle's autograd differentiates through the controller's edit
+            let leaves = (
+                Var::from_tensor(&q.detach())?,
+                Var::from_tensor(&k.detach())?,
+                Var::from_tensor(&v.detach())?,
+            );
+            let probs = attention_probs(leaves.0.as_tensor(), leaves.1.as_tensor(), self.scale)?;
+            let out = control
+                .edit(call, probs.to_dtype(dtype)?)?
+                .matmul(leaves.2.as_tensor())?;
+            let o = out.detach();
+            let rec = keep(&o, CoreKind::Graph { leaves, out }, (q, k, v));
+            return Ok((o, rec));
+        }
+        if [&q, &k, &v].iter().all(|t| ops::host(t)) {
+            let n = attn_dims(q.dims(), k.dims(), v.dims())?;
+            let (o, lse) = ops::with_f32(&q, |qs| {
+                ops::with_f32(&k, |ks| {
+                    ops::with_f32(&v, |vs| {
+                        crate::cpu_attention::forward(qs, ks, vs, n, self.scale as f32)
+                    })
+                })
+            })???;
+            let (b, h, lq, _) = q.dims4()?;
+            let o = Tensor::from_vec(o, (b, h, lq, n.dv), q.device())?;
+            let lse = Tensor::from_vec(lse, (b, h, lq), q.device())?;
+            let rec = keep(&o, CoreKind::LogSumExp(lse), (q, k, v));
+            return Ok((o, rec));
+        }
+        if !record && !self.upcasts(dtype) {
+            // candle's graph: the fused kernel on the CPU, as one differentiable node
+            return Ok((attention(&q, &k, &v, self.scale)?, None));
+        }
+        let probs = attention_probs(&q, &k, self.scale)?;
+        let o = probs.to_dtype(dtype)?.matmul(&v)?;
+        let rec = keep(&o, CoreKind::Probs(probs), (q, k, v));
+        Ok((o, rec))
+    }
+
+    /// The gradients of [`Self::core`]'s queries (`None` where they are constants), keys and
+    /// values given the gradient `d_o` of its output, in `d_o`'s dtype.
+    pub(crate) fn core_backward(
+        &self,
+        rec: AttnRecord,
+        d_o: &Tensor,
+    ) -> Result<(Option<Tensor>, Tensor, Tensor)> {
+        let dtype = d_o.dtype();
+        let AttnRecord {
+            q,
+            k,
+            v,
+            o,
+            kind,
+            query_varies,
+        } = rec;
+        match kind {
+            CoreKind::LogSumExp(lse) => {
+                let n = attn_dims(q.dims(), k.dims(), v.dims())?;
+                let (dq, dk, dv) = ops::with_f32(&q, |qs| {
+                    ops::with_f32(&k, |ks| {
+                        ops::with_f32(&v, |vs| {
+                            ops::with_f32(&o, |os| {
+                                ops::with_f32(&lse, |ls| {
+                                    ops::with_f32(d_o, |gs| {
+                                        crate::cpu_attention::backward(
+                                            qs,
+                                            ks,
+                                            vs,
+                                            os,
+                                            ls,
+                                            gs,
+                                            n,
+                                            self.scale as f32,
+                                        )
+                                    })
+                                })
+                            })
+                        })
+                    })
+                })??????;
+                let dev = q.device();
+                Ok((
+                    query_varies
+                        .then(|| Tensor::from_vec(dq, q.dims(), dev))
+                        .transpose()?,
+                    Tensor::from_vec(dk, k.dims(), dev)?,
+                    Tensor::from_vec(dv, v.dims(), dev)?,
+                ))
+            }
+            CoreKind::Probs(p) => {
+                let dv = p.to_dtype(dtype)?.t()?.matmul(d_o)?;
+                let dp = d_o.matmul(&v.t()?)?;
+                // softmax: dS = P ⊙ (dP − Σⱼ Pᵢⱼ dPᵢⱼ), and Σⱼ Pᵢⱼ dPᵢⱼ = dOᵢ · Oᵢ; in the
+                // scores' dtype (f32 where the attention is upcast)
+                let wide = q.dtype();
+                let dot = (d_o * &o)?.sum_keepdim(D::Minus1)?.to_dtype(wide)?;
+                let dp = dp.to_dtype(wide)?.broadcast_sub(&dot)?;
+                let ds = ((&p * dp)? * self.scale)?;
+                let dk = ds.t()?.matmul(&q)?.to_dtype(dtype)?;
+                let dq = match query_varies {
+                    true => Some(ds.matmul(&k)?.to_dtype(dtype)?),
+                    false => None,
+                };
+                Ok((dq, dk, dv))
+            }
+            CoreKind::Graph { leaves, out } => {
+                let loss = (out.to_dtype(DType::F32)? * d_o.to_dtype(DType::F32)?)?.sum_all()?;
+                let grads = loss.backward()?;
+                let grad = |var: &Var| -> Result<Tensor> {
+                    Ok(match grads.get(var.as_tensor()) {
+                        Some(g) => g.to_dtype(dtype)?,
+                        None => var.as_tensor().zeros_like()?.to_dtype(dtype)?,
+                    })
+                };
+                let dq = query_varies.then(|| grad(&leaves.0)).transpose()?;
+                Ok((dq, grad(&leaves.1)?, grad(&leaves.2)?))
+            }
+        }
+    }
+}
+
+/// What one attention core keeps for its backward pass.
+pub(crate) struct AttnRecord {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    kind: CoreKind,
+    /// Whether the queries depend on the context (their gradient is needed).
+    pub(crate) query_varies: bool,
+}
+
+enum CoreKind {
+    /// The fused CPU kernel's log-sum-exp per query: its backward recomputes the
+    /// probabilities.
+    LogSumExp(Tensor),
+    /// The probabilities, in the scores' dtype.
+    Probs(Tensor),
+    /// A controller edited the probabilities: candle's autograd from these leaves (q, k,
+    /// v) through its edit to the output.
+    Graph {
+        leaves: (Var, Var, Var),
+        out: Tensor,
+    },
 }
 
 /// GEGLU feed-forward: `Linear(dim, 2·inner)` → `h · gelu(gate)` → `Linear(inner, dim)`.
@@ -303,14 +452,36 @@ impl FeedForward {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.proj.forward(x)?;
-        if h.device().is_cpu() && h.dtype() == DType::F32 {
-            return self.out.forward(&h.contiguous()?.apply_op1(CpuGeglu)?);
+    /// `a · gelu(b)` for the projection `ff = [a | b]` `[B, L, 2·inner]`.
+    pub(crate) fn geglu(ff: &Tensor) -> Result<Tensor> {
+        if ff.device().is_cpu() && ff.dtype() == DType::F32 {
+            return Ok(ff.contiguous()?.apply_op1(CpuGeglu)?);
         }
-        let half = h.dim(candle_core::D::Minus1)? / 2;
-        let (hidden, gate) = (h.narrow(2, 0, half)?, h.narrow(2, half, half)?);
-        self.out.forward(&(hidden * gate.gelu_erf()?)?)
+        let half = ff.dim(D::Minus1)? / 2;
+        let (hidden, gate) = (ff.narrow(2, 0, half)?, ff.narrow(2, half, half)?);
+        Ok((hidden * gate.gelu_erf()?)?)
+    }
+
+    /// The gradient of [`Self::geglu`]'s input `ff` given the gradient `g` of its output:
+    /// `[g · gelu(b) | g · a · gelu′(b)]`.
+    pub(crate) fn geglu_grad(ff: &Tensor, g: &Tensor) -> Result<Tensor> {
+        if ops::host(ff) && ops::host(g) {
+            let inner = g.dim(D::Minus1)?;
+            let dh = ops::with_f32(ff, |h| {
+                ops::with_f32(g, |g| crate::cpu_kernels::geglu_backward(h, g, inner))
+            })??;
+            return Ok(Tensor::from_vec(dh, ff.dims(), ff.device())?);
+        }
+        let half = ff.dim(D::Minus1)? / 2;
+        let (hidden, gate) = (ff.narrow(2, 0, half)?, ff.narrow(2, half, half)?);
+        let dh = (g * gate.gelu_erf()?)?;
+        // gelu′(x) = Φ(x) + x φ(x)
+        let cdf = (((&gate * std::f64::consts::FRAC_1_SQRT_2)?.erf()? + 1.0)? * 0.5)?;
+        let pdf = ((gate.sqr()? * -0.5)?.exp()?
+            * (0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2))?;
+        let slope = (cdf + (pdf * &gate)?)?;
+        let dgate = ((g * hidden)? * slope)?;
+        Ok(Tensor::cat(&[dh, dgate], 2)?)
     }
 }
 
@@ -409,26 +580,6 @@ impl BasicTransformerBlock {
         })
     }
 
-    fn forward(
-        &self,
-        x: &Tensor,
-        context: &Tensor,
-        height: usize,
-        width: usize,
-        control: &mut dyn AttentionControl,
-        step: usize,
-    ) -> Result<Tensor> {
-        let h = self.norm1.forward(x)?;
-        let x = (self.attn1.forward(&h, None, height, width, control, step)? + x)?;
-        let h = self.norm2.forward(&x)?;
-        let x = (self
-            .attn2
-            .forward(&h, Some(context), height, width, control, step)?
-            + x)?;
-        let h = self.norm3.forward(&x)?;
-        Ok((self.ff.forward(&h)? + x)?)
-    }
-
     pub fn sites(&self) -> [&AttentionSite; 2] {
         [&self.attn1.site, &self.attn2.site]
     }
@@ -504,39 +655,6 @@ impl Transformer2DModel {
             blocks,
             proj_out: proj("proj_out")?,
         })
-    }
-
-    pub fn forward(
-        &self,
-        x: &Tensor,
-        context: &Tensor,
-        control: &mut dyn AttentionControl,
-        step: usize,
-    ) -> Result<Tensor> {
-        let (b, c, h, w) = x.dims4()?;
-        let residual = x;
-        let x = self.norm.forward(x)?;
-        // (B, C, H, W) -> (B, H·W, C)
-        let to_seq =
-            |t: Tensor| -> Result<Tensor> { Ok(t.permute((0, 2, 3, 1))?.reshape((b, h * w, ()))?) };
-        let mut x = match &self.proj_in {
-            Projection::Conv(p) => to_seq(p.forward(&x)?)?,
-            Projection::Linear(p) => p.forward(&to_seq(x)?)?,
-        };
-        for block in &self.blocks {
-            x = block.forward(&x, context, h, w, control, step)?;
-        }
-        // (B, H·W, C) -> (B, C, H, W)
-        let to_img = |t: Tensor| -> Result<Tensor> {
-            Ok(t.reshape((b, h, w, c))?
-                .permute((0, 3, 1, 2))?
-                .contiguous()?)
-        };
-        let x = match &self.proj_out {
-            Projection::Conv(p) => p.forward(&to_img(x)?)?,
-            Projection::Linear(p) => to_img(p.forward(&x)?)?,
-        };
-        Ok((x + residual)?)
     }
 
     pub fn sites(&self) -> impl Iterator<Item = &AttentionSite> {

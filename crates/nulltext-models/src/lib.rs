@@ -16,6 +16,7 @@ pub mod error;
 pub mod fingerprint;
 pub mod model;
 pub mod nn;
+pub(crate) mod ops;
 pub mod random;
 pub mod resnet;
 pub mod scheduler;

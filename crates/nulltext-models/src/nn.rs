@@ -194,9 +194,8 @@ impl Linear {
         let x2 = x.reshape((rows, in_dim))?;
         let y = if x2.track_op() && !self.cpu_f32(&x2) {
             let value = self.value(&x2.detach())?;
-            let w = self.weight.clone();
-            // d(xWᵀ)/dx: g W
-            attach_grad(&x2, value, move |g, _| g.matmul(&w))?
+            let this = self.clone();
+            attach_grad(&x2, value, move |g, _| this.input_grad(g))?
         } else {
             self.value(&x2)?
         };
@@ -209,9 +208,11 @@ impl Linear {
     pub(crate) fn input_grad(&self, g: &Tensor) -> candle_core::Result<Tensor> {
         let mut dims = g.dims().to_vec();
         let out = dims.last().copied().unwrap_or(1);
-        let y = g
-            .reshape((g.elem_count() / out.max(1), out))?
-            .matmul(&self.weight)?;
+        let g2 = g.reshape((g.elem_count() / out.max(1), out))?;
+        let y = match self.cpu_f32(&g2) && !g2.track_op() {
+            true => CpuLinear::input_grad(&self.weight.contiguous()?, &g2)?,
+            false => g2.matmul(&self.weight)?,
+        };
         *dims.last_mut().unwrap() = self.weight.dim(1)?;
         y.reshape(dims)
     }
@@ -522,6 +523,9 @@ impl Conv2d {
         g: &Tensor,
         in_hw: (usize, usize),
     ) -> candle_core::Result<Tensor> {
+        if let Some(geometry) = self.cpu_geometry(g).filter(|_| !g.track_op()) {
+            return CpuConvForward(geometry).input_grad(in_hw, &self.weight.contiguous()?, g);
+        }
         let (_, _, k, _) = self.weight.dims4()?;
         conv_input_grad(g, &self.flipped()?, k, self.stride, self.padding, in_hw)
     }
@@ -588,8 +592,12 @@ struct CpuConvForward(CpuConv);
 
 impl CpuConvForward {
     /// The gradient of the input.
-    fn input_grad(&self, x: &Tensor, w: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
-        let (_, _, h, wd) = x.dims4()?;
+    fn input_grad(
+        &self,
+        (h, wd): (usize, usize),
+        w: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<Tensor> {
         g.contiguous()?
             .apply_op2_no_bwd(w, &CpuConvInputGrad(self.0, h, wd))
     }
@@ -606,7 +614,10 @@ impl CpuConvForward {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let g = g.contiguous()?;
         let dx = match x.track_op() {
-            true => Some(self.input_grad(x, w, &g)?),
+            true => {
+                let (_, _, h, wd) = x.dims4()?;
+                Some(self.input_grad((h, wd), w, &g)?)
+            }
             false => None,
         };
         let dw = match w.track_op() {
@@ -799,6 +810,14 @@ fn dilate(g: &Tensor, s: usize) -> candle_core::Result<Tensor> {
     parts.extend(std::iter::repeat_n(z, s - 1));
     // (B, C, sH, W, s) -> (B, C, sH, sW)
     Tensor::stack(&parts, 4)?.reshape((b, c, h * s, w * s))
+}
+
+/// The dtype norms compute their statistics in: f32, or f64 for f64 inputs.
+fn statistics(dtype: DType) -> DType {
+    match dtype {
+        DType::F64 => DType::F64,
+        _ => DType::F32,
+    }
 }
 
 /// Group normalization with frozen affine parameters.
@@ -1011,11 +1030,13 @@ impl GroupNorm {
         })
     }
 
-    /// `(x − μ)/σ` per group, `[B, G, n]` in f32, and `1/σ` `[B, G, 1]`.
+    /// `(x − μ)/σ` per group, `[B, G, n]` in f32 (f64 for f64 inputs), and `1/σ` `[B, G, 1]`.
     fn normalized(&self, x: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
         let b = x.dim(0)?;
         let n = x.elem_count() / (b * self.groups);
-        let xs = x.reshape((b, self.groups, n))?.to_dtype(DType::F32)?;
+        let xs = x
+            .reshape((b, self.groups, n))?
+            .to_dtype(statistics(x.dtype()))?;
         let mean = (xs.sum_keepdim(2)? / n as f64)?;
         let xs = xs.broadcast_sub(&mean)?;
         let var = (xs.sqr()?.sum_keepdim(2)? / n as f64)?;
@@ -1092,7 +1113,7 @@ impl GroupNorm {
     }
 
     /// The gradient of the input `x` of `group_norm(x)` (with `silu`, of
-    /// `silu(group_norm(x))`) given the gradient `g` of the output, computed in f32:
+    /// `silu(group_norm(x))`) given the gradient `g` of the output, computed in f32 (f64 for f64 inputs):
     /// `dx = (1/σ)(ĝ − mean(ĝ) − x̂·mean(ĝ x̂))` per group, with `ĝ = g·γ`.
     pub(crate) fn input_grad(
         &self,
@@ -1123,6 +1144,43 @@ impl GroupNorm {
         Ok((y, saved))
     }
 
+    /// `group_norm(x)` (with `silu`, `silu(group_norm(x))`) and what [`Self::backward`]
+    /// needs: the input for the CPU kernel, `(x̂, 1/σ)` for the tensor formula.
+    pub(crate) fn forward_recording(
+        &self,
+        x: &Tensor,
+        silu: bool,
+    ) -> candle_core::Result<(Tensor, NormRecord)> {
+        match self.cpu_op(x, silu).filter(|_| !x.track_op()) {
+            Some(op) => {
+                let x = x.contiguous()?;
+                Ok((x.apply_op1_no_bwd(&op)?, NormRecord::Input(x)))
+            }
+            None => {
+                let (y, (xn, rstd)) = self.forward_saving(x, silu)?;
+                Ok((y, NormRecord::Normalized(xn, rstd)))
+            }
+        }
+    }
+
+    /// The input gradient of [`Self::forward_recording`]'s value given its gradient `g`.
+    pub(crate) fn backward(
+        &self,
+        record: &NormRecord,
+        g: &Tensor,
+        silu: bool,
+    ) -> candle_core::Result<Tensor> {
+        match record {
+            NormRecord::Input(x) => match self.cpu_op(x, silu) {
+                Some(op) => x.apply_op2_no_bwd(&g.contiguous()?, &CpuGroupNormGrad(op)),
+                None => self.input_grad(x, g, silu),
+            },
+            NormRecord::Normalized(xn, rstd) => {
+                self.input_grad_saved(&(xn.clone(), rstd.clone()), g, silu)
+            }
+        }
+    }
+
     /// [`Self::input_grad`] from the forward pass's `(x̂, 1/σ)`.
     pub(crate) fn input_grad_saved(
         &self,
@@ -1132,14 +1190,14 @@ impl GroupNorm {
     ) -> candle_core::Result<Tensor> {
         let (b, groups, n) = xn.dims3()?;
         let wd = self.channel_shape(g.dims());
-        let gamma = self.weight.to_dtype(DType::F32)?.reshape(wd.clone())?;
-        let mut gf = g.to_dtype(DType::F32)?;
+        let gamma = self.weight.to_dtype(xn.dtype())?.reshape(wd.clone())?;
+        let mut gf = g.to_dtype(xn.dtype())?;
         if silu {
             // d silu(y)/dy = σ(y)(1 + y(1 − σ(y))), y = x̂γ + β
             let y = xn
                 .reshape(g.dims())?
                 .broadcast_mul(&gamma)?
-                .broadcast_add(&self.bias.to_dtype(DType::F32)?.reshape(wd)?)?;
+                .broadcast_add(&self.bias.to_dtype(xn.dtype())?.reshape(wd)?)?;
             let sig = candle_nn::ops::sigmoid(&y)?;
             let d = ((&y * (1.0 - &sig)?)? + 1.0)?.mul(&sig)?;
             gf = (gf * d)?;
@@ -1153,6 +1211,14 @@ impl GroupNorm {
             .broadcast_mul(rstd)?;
         dx.reshape(g.dims())?.to_dtype(g.dtype())
     }
+}
+
+/// What a group norm keeps for its input gradient ([`GroupNorm::forward_recording`]).
+pub(crate) enum NormRecord {
+    /// The input, for the CPU kernel (which recomputes the statistics in one pass).
+    Input(Tensor),
+    /// `x̂` and `1/σ`, for the tensor formula.
+    Normalized(Tensor, Tensor),
 }
 
 /// Layer normalization over the last dimension, with frozen affine parameters.
@@ -1183,25 +1249,46 @@ impl LayerNorm {
             return Ok(x.apply_op3(&w, &b, CpuLayerNorm(self.eps))?);
         }
         if !x.track_op() {
-            return Ok(candle_nn::ops::layer_norm(
-                &x,
-                &self.weight,
-                &self.bias,
-                self.eps as f32,
-            )?);
+            return Ok(self.value(&x)?);
         }
         // The fused kernel records no backward op: attach the input gradient
-        // dx = (1/σ)(ĝ − mean(ĝ) − x̂·mean(ĝ x̂)), ĝ = g·γ, computed in f32.
+        // dx = (1/σ)(ĝ − mean(ĝ) − x̂·mean(ĝ x̂)), ĝ = g·γ, computed in f32 (f64 for f64 inputs).
         let xd = x.detach();
-        let y = candle_nn::ops::layer_norm(&xd, &self.weight, &self.bias, self.eps as f32)?;
+        let y = self.value(&xd)?;
         let this = self.clone();
         Ok(attach_grad(&x, y, move |g, _| this.input_grad(&xd, g))?)
     }
 
-    /// The gradient of the input `x` given the gradient `g` of the output, computed in f32:
+    /// candle's fused kernel (f32, f16, bf16), or its definition in f64.
+    fn value(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if x.dtype() != DType::F64 {
+            return candle_nn::ops::layer_norm(x, &self.weight, &self.bias, self.eps as f32);
+        }
+        let xc = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+        let rstd = (xc.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
+            .sqrt()?
+            .recip()?;
+        xc.broadcast_mul(&rstd)?
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)
+    }
+
+    /// The gradient of the input `x` given the gradient `g` of the output, computed in f32 (f64 for f64 inputs):
     /// `dx = (1/σ)(ĝ − mean(ĝ) − x̂·mean(ĝ x̂))`, `ĝ = g·γ`.
     pub(crate) fn input_grad(&self, x: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
-        let xf = x.to_dtype(DType::F32)?;
+        let host = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32 && !t.track_op();
+        if host(x) && host(g) && self.weight.dtype() == DType::F32 {
+            let d = x.dim(D::Minus1)?;
+            let dx = crate::cpu_kernels::layer_norm_backward(
+                &host_f32(x)?,
+                &host_f32(g)?,
+                d,
+                &self.weight.to_vec1::<f32>()?,
+                self.eps,
+            );
+            return Tensor::from_vec(dx, x.dims(), x.device());
+        }
+        let xf = x.to_dtype(statistics(x.dtype()))?;
         let n = xf.dim(D::Minus1)? as f64;
         let mean = (xf.sum_keepdim(D::Minus1)? / n)?;
         let xc = xf.broadcast_sub(&mean)?;
@@ -1209,8 +1296,8 @@ impl LayerNorm {
         let rstd = (var + self.eps)?.sqrt()?.recip()?;
         let xn = xc.broadcast_mul(&rstd)?;
         let gg = g
-            .to_dtype(DType::F32)?
-            .broadcast_mul(&self.weight.to_dtype(DType::F32)?)?;
+            .to_dtype(xf.dtype())?
+            .broadcast_mul(&self.weight.to_dtype(xf.dtype())?)?;
         let m1 = (gg.sum_keepdim(D::Minus1)? / n)?;
         let m2 = ((&gg * &xn)?.sum_keepdim(D::Minus1)? / n)?;
         let dx = gg

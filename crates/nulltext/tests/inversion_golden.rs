@@ -82,18 +82,39 @@ fn null_text_gradient_matches_golden() {
     let cos = dot / (n1.sqrt() * n2.sqrt());
     eprintln!("gradient cosine to golden: {cos:.8}");
     assert!(cos > 0.99999, "{cos}");
-    // The context tapes (the inner loop's paths: host kernels on the CPU in f32, tensor ops
-    // on GPUs and in half precision) give the same gradient.
+    // The context tape (the inner loop's path) with the CPU kernels (f32 on the CPU) and
+    // with candle's tensor ops (the GPU's path; f64 on the CPU) gives the same gradient.
+    let f64_sd = nulltext_models::StableDiffusion::load(
+        tiny_model().to_str().unwrap(),
+        &nulltext_models::LoadOptions {
+            device: candle_core::Device::Cpu,
+            dtype: DType::F64,
+            ..load_options()
+        },
+    )
+    .unwrap();
+    let z64 = z
+        .to_device(&candle_core::Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
     let tapes = [
-        ("context tape", sd.unet.context_tape(&z, t as f64).unwrap()),
         (
-            "tensor tape",
-            sd.unet.tensor_context_tape(&z, t as f64).unwrap(),
+            "context tape",
+            sd.unet.context_tape(&z, t as f64).unwrap(),
+            device(),
+        ),
+        (
+            "tensor ops, f64",
+            f64_sd.unet.context_tape(&z64, t as f64).unwrap(),
+            candle_core::Device::Cpu,
         ),
     ];
-    for (name, tape) in tapes {
+    for (name, tape, dev) in tapes {
         let mut tape = tape.expect("a tape for the fixture model");
-        let out = Var::from_tensor(&tape.forward(var.as_tensor()).unwrap()).unwrap();
+        let ctx = var.as_tensor().to_device(&dev).unwrap();
+        let out = tape.forward(&ctx).unwrap().to_dtype(DType::F32).unwrap();
+        let out = Var::from_tensor(&on_device(&out)).unwrap();
         let eps_u = ddim.epsilon(out.as_tensor(), t, &z).unwrap();
         let noise = (&eps_u + ((&eps_c - &eps_u).unwrap() * 7.5).unwrap()).unwrap();
         let prev = ddim.step(&noise, t, &z).unwrap();
@@ -101,6 +122,7 @@ fn null_text_gradient_matches_golden() {
         let loss = (prev - target).unwrap().sqr().unwrap().mean_all().unwrap();
         let grads = loss.backward().unwrap();
         let tgrad = tape.backward(grads.get(out.as_tensor()).unwrap()).unwrap();
+        let tgrad = on_device(&tgrad);
         assert_close(&format!("∂loss/∂∅ at step 0, {name}"), &tgrad, want, 1e-4);
         let e = (&tgrad - grad).unwrap().abs().unwrap().max_all().unwrap();
         let e = e.to_scalar::<f32>().unwrap() as f64 / n1.sqrt().max(1e-30);

@@ -15,12 +15,11 @@ use nulltext::sampling::{guided_eps, predict_eps, Controller};
 use super::{Ctx, ModelArg};
 
 /// Stages run unless `--only` says otherwise.
-const STAGES: [&str; 10] = [
+const STAGES: [&str; 9] = [
     "text_encoder",
     "unet_b1",
     "unet_b2",
     "nti_iter",
-    "nti_iter_tensor",
     "nti_iter_graph",
     "vae_encode",
     "vae_decode",
@@ -45,8 +44,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1)]
     warmup: usize,
     /// Comma-separated stages (default: all but the whole jobs): text_encoder, unet_b1,
-    /// unet_b2, nti_iter (one null-text iteration as inversions run it), nti_iter_tensor (the
-    /// same with the tensor-op context tape, the GPU and half-precision path),
+    /// unet_b2, nti_iter (one null-text iteration as inversions run it: the context tape),
     /// nti_iter_graph (the same through candle's autograd graph), vae_encode, vae_decode,
     /// edit_step, unet_b2_probs; whole jobs:
     /// invert (a 50-step, 10-iteration null-text inversion), invert_direct (a 50-step
@@ -140,7 +138,6 @@ pub fn run(a: BenchArgs, ctx: &Ctx) -> Result<()> {
     };
     let mut inversion: Option<nulltext::Inversion> = None;
     let mut tape = sd.unet.context_tape(&z, t as f64)?;
-    let mut tensor_tape = sd.unet.tensor_context_tape(&z, t as f64)?;
     let mut rows = Vec::new();
     ctx.say(format!(
         "nulltext bench: {} at {size}×{size} ({h}×{w} latents), {:?}, {:?}, {} threads",
@@ -165,11 +162,10 @@ pub fn run(a: BenchArgs, ctx: &Ctx) -> Result<()> {
                             .forward_controlled(&z2, t as f64, &emb, &mut WantAll, 0)?,
                     )?
                 }
-                "nti_iter" | "nti_iter_tensor" | "nti_iter_graph" => {
-                    // as the inversion's inner loop runs it: the context tape where it
-                    // applies (its context-free prefix computed by the warm-up), else
-                    // candle's graph; `nti_iter_tensor` the tensor tape, `nti_iter_graph`
-                    // always the graph
+                "nti_iter" | "nti_iter_graph" => {
+                    // as the inversion's inner loop runs it: the context tape (its
+                    // context-free prefix computed by the warm-up); `nti_iter_graph`
+                    // through candle's graph
                     let var = Var::from_tensor(&uncond)?;
                     let mut adam = Adam::new(&uncond)?;
                     let objective = StepObjective {
@@ -182,9 +178,6 @@ pub fn run(a: BenchArgs, ctx: &Ctx) -> Result<()> {
                     };
                     let tape = match stage.as_str() {
                         "nti_iter" => tape.as_mut(),
-                        "nti_iter_tensor" => Some(tensor_tape.as_mut().ok_or_else(|| {
-                            anyhow::anyhow!("nti_iter_tensor: no tensor tape at this size")
-                        })?),
                         _ => None,
                     };
                     let (_, grad) = objective.loss_and_grad(&sd, tape, &var, 10)?;

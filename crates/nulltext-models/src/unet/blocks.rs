@@ -1,10 +1,8 @@
 //! UNet blocks: `CrossAttnDownBlock2D`/`DownBlock2D`, `UNetMidBlock2DCrossAttn`,
 //! `CrossAttnUpBlock2D`/`UpBlock2D`. A block without attentions is the plain variant.
 
-use candle_core::Tensor;
-
 use crate::attention::{Transformer2DModel, TransformerPlace, TransformerShape};
-use crate::control::{AttentionControl, AttentionSite, Place};
+use crate::control::{AttentionSite, Place};
 use crate::error::Result;
 use crate::resnet::{Downsample2D, ResnetBlock2D, ResnetShape, Upsample2D};
 use crate::weights::Vb;
@@ -107,31 +105,6 @@ impl DownBlock {
         })
     }
 
-    /// Returns the output and the states the up path will concatenate.
-    pub fn forward(
-        &self,
-        x: &Tensor,
-        temb: &Tensor,
-        context: &Tensor,
-        control: &mut dyn AttentionControl,
-        step: usize,
-    ) -> Result<(Tensor, Vec<Tensor>)> {
-        let mut x = x.clone();
-        let mut states = Vec::new();
-        for (i, resnet) in self.resnets.iter().enumerate() {
-            x = resnet.forward(&x, Some(temb))?;
-            if let Some(attn) = self.attentions.get(i) {
-                x = attn.forward(&x, context, control, step)?;
-            }
-            states.push(x.clone());
-        }
-        if let Some(d) = &self.downsampler {
-            x = d.forward(&x)?;
-            states.push(x.clone());
-        }
-        Ok((x, states))
-    }
-
     pub fn sites(&self) -> impl Iterator<Item = &AttentionSite> {
         self.attentions.iter().flat_map(|a| a.sites())
     }
@@ -167,22 +140,6 @@ impl MidBlock {
                 next_site,
             )?],
         })
-    }
-
-    pub fn forward(
-        &self,
-        x: &Tensor,
-        temb: &Tensor,
-        context: &Tensor,
-        control: &mut dyn AttentionControl,
-        step: usize,
-    ) -> Result<Tensor> {
-        let mut x = self.resnets[0].forward(x, Some(temb))?;
-        for (attn, resnet) in self.attentions.iter().zip(&self.resnets[1..]) {
-            x = attn.forward(&x, context, control, step)?;
-            x = resnet.forward(&x, Some(temb))?;
-        }
-        Ok(x)
     }
 
     pub fn sites(&self) -> impl Iterator<Item = &AttentionSite> {
@@ -263,33 +220,6 @@ impl UpBlock {
 
     pub fn num_resnets(&self) -> usize {
         self.resnets.len()
-    }
-
-    /// `skips`: the down path's states for this block, consumed last-first.
-    #[allow(clippy::too_many_arguments)]
-    pub fn forward(
-        &self,
-        x: &Tensor,
-        skips: &[Tensor],
-        temb: &Tensor,
-        context: &Tensor,
-        upsample_size: Option<(usize, usize)>,
-        control: &mut dyn AttentionControl,
-        step: usize,
-    ) -> Result<Tensor> {
-        let mut x = x.clone();
-        for (i, resnet) in self.resnets.iter().enumerate() {
-            let skip = &skips[skips.len() - 1 - i];
-            x = Tensor::cat(&[&x, skip], 1)?;
-            x = resnet.forward(&x, Some(temb))?;
-            if let Some(attn) = self.attentions.get(i) {
-                x = attn.forward(&x, context, control, step)?;
-            }
-        }
-        if let Some(u) = &self.upsampler {
-            x = u.forward(&x, upsample_size)?;
-        }
-        Ok(x)
     }
 
     pub fn sites(&self) -> impl Iterator<Item = &AttentionSite> {

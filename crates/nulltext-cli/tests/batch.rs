@@ -469,7 +469,7 @@ fn trace_and_plot_draw_figure_4() {
     assert_eq!(img.dimensions(), (900, 560));
     // The null-text line and the DDIM reference are drawn in their methods' colours.
     let count = |m: &str| {
-        let c = nulltext::figures::method_style(m).1;
+        let c = nulltext_eval::figures::method_style(m).1;
         img.pixels().filter(|p| p.0 == c).count()
     };
     assert!(count("null-text") > 100 && count("ddim") > 100);

@@ -702,7 +702,10 @@ fn demo_runs_the_main_job_on_the_bundled_model() {
     // The maps' tiles are 128 px, 8×8 cells of 16 px; the source row's tokens are
     // <start> a red circle …
     let (tile, cell) = (128, 16);
-    let (x0, y0) = (nulltext::render::tile_x(3, tile), nulltext::render::PAD);
+    let (x0, y0) = (
+        nulltext::plot::render::tile_x(3, tile),
+        nulltext::plot::render::PAD,
+    );
     let brightest = (0..8 * 8)
         .max_by_key(|&c| {
             sheet

@@ -21,6 +21,7 @@ pub mod random;
 pub mod resnet;
 pub mod scheduler;
 pub mod single_file;
+pub mod tensors;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;

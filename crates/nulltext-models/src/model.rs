@@ -12,6 +12,7 @@ use crate::clip::ClipTextTransformer;
 use crate::config::{read_json, ClipTextConfig, SchedulerConfig, UNetConfig, VaeConfig};
 use crate::error::{Error, Result};
 use crate::fingerprint::unet_fingerprint;
+use crate::tensors::tensor_lists;
 use crate::tokenizer::{ClipTokenizer, Encoding};
 use crate::unet::{Execution, UNet2DConditionModel};
 use crate::vae::AutoencoderKL;
@@ -305,20 +306,11 @@ impl StableDiffusion {
         };
         let (dev, dt) = (&opts.device, opts.dtype);
         let stores = sf::open_stores(path, &d, dev, dt)?;
-        let configs = crate::random::ModelConfigs {
-            unet: serde_json::to_value(&d.unet).map_err(|e| Error::Msg(e.to_string()))?,
-            vae: serde_json::to_value(&d.vae).map_err(|e| Error::Msg(e.to_string()))?,
-            text_encoder: serde_json::to_value(&d.text).map_err(|e| Error::Msg(e.to_string()))?,
-            scheduler: serde_json::Value::Null,
-            pad_token: String::new(),
-        };
         let label = path.display().to_string();
-        for ((component, required), store) in crate::random::tensor_lists(&configs)?.iter().zip([
-            &stores.unet,
-            &stores.vae,
-            &stores.text,
-        ]) {
-            check_complete(store, required, &format!("{label} ({component})"))?;
+        let required = tensor_lists(&d.unet, &d.vae, &d.text)?;
+        let in_order = [&stores.unet, &stores.vae, &stores.text];
+        for ((component, tensors), store) in required.iter().zip(in_order) {
+            check_complete(store, tensors, &format!("{label} ({component})"))?;
         }
         let extra = sf::unclaimed_keys(&shapes, &d);
         if !extra.is_empty() {

@@ -1,8 +1,8 @@
 //! Random-weight Stable Diffusion models in the diffusers layout, for benchmarks and tests
 //! at real size without downloading anything.
 //!
-//! The tensor list comes from loading each component against a recording weight store, so
-//! it is exactly what nulltext (and diffusers) read. Initialization follows PyTorch's
+//! The tensor list is loading's ([`crate::tensors`]: each component loaded against a
+//! recording weight store), so it is exactly what nulltext (and diffusers) read. Initialization follows PyTorch's
 //! defaults (uniform ±1/√fan_in for weights, norms at 1/0, embeddings N(0, 0.02²)), plus the
 //! two rescalings of the fixture model that make a random network behave like a denoiser:
 //! the VAE's `quant_conv` mean half ×16 with `post_quant_conv` /16, and the UNet's
@@ -13,12 +13,9 @@ use std::path::Path;
 
 use serde_json::{json, Value};
 
-use crate::clip::ClipTextTransformer;
 use crate::config::{ClipTextConfig, SchedulerConfig, UNetConfig, VaeConfig};
 use crate::error::{Error, Result};
-use crate::unet::UNet2DConditionModel;
-use crate::vae::AutoencoderKL;
-use crate::weights::WeightStore;
+use crate::tensors::TensorList;
 
 /// Model shapes nulltext can generate by name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -317,11 +314,8 @@ fn write_safetensors(
     })
 }
 
-/// Names and shapes of a component's tensors.
-pub type TensorList = Vec<(String, Vec<usize>)>;
-
-/// The tensors (names and shapes) each component of `configs` needs.
-pub fn tensor_lists(configs: &ModelConfigs) -> Result<[(&'static str, TensorList); 3]> {
+/// The typed configs of a model's three components, read from their JSON.
+fn typed_configs(configs: &ModelConfigs) -> Result<(UNetConfig, VaeConfig, ClipTextConfig)> {
     let parse = |v: &Value, what: &str| -> Result<String> {
         serde_json::to_string(v).map_err(|e| Error::Msg(format!("{what}: {e}")))
     };
@@ -331,16 +325,14 @@ pub fn tensor_lists(configs: &ModelConfigs) -> Result<[(&'static str, TensorList
         .map_err(|e| Error::Msg(e.to_string()))?;
     let cc: ClipTextConfig = serde_json::from_str(&parse(&configs.text_encoder, "text_encoder")?)
         .map_err(|e| Error::Msg(e.to_string()))?;
-    let s = WeightStore::recording();
-    UNet2DConditionModel::load(&s.root(), &uc)?;
-    let unet = s.recorded();
-    let s = WeightStore::recording();
-    AutoencoderKL::load(&s.root(), &vc)?;
-    let vae = s.recorded();
-    let s = WeightStore::recording();
-    ClipTextTransformer::load(&s.root(), &cc)?;
-    let text = s.recorded();
-    Ok([("unet", unet), ("vae", vae), ("text_encoder", text)])
+    Ok((uc, vc, cc))
+}
+
+/// The tensors (names and shapes) each component of `configs` needs: loading's list
+/// ([`crate::tensors::tensor_lists`]), which the generator fills with random values.
+pub fn tensor_lists(configs: &ModelConfigs) -> Result<[(&'static str, TensorList); 3]> {
+    let (uc, vc, cc) = typed_configs(configs)?;
+    crate::tensors::tensor_lists(&uc, &vc, &cc)
 }
 
 fn write_json(path: &Path, v: &Value) -> Result<()> {
@@ -706,8 +698,6 @@ pub fn write_random_single_file(
 
 /// Parameter count of each component.
 pub fn parameter_counts(configs: &ModelConfigs) -> Result<Vec<(&'static str, usize)>> {
-    Ok(tensor_lists(configs)?
-        .iter()
-        .map(|(c, l)| (*c, l.iter().map(|(_, s)| s.iter().product::<usize>()).sum()))
-        .collect())
+    let (uc, vc, cc) = typed_configs(configs)?;
+    crate::tensors::parameter_counts(&uc, &vc, &cc)
 }

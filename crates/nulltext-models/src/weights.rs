@@ -135,7 +135,7 @@ impl WeightStore {
 
     /// A store that holds nothing and answers every request with a placeholder tensor,
     /// recording the names and shapes asked for: loading a model against it lists exactly
-    /// the tensors that model needs (see [`crate::random`]).
+    /// the tensors that model needs (see [`crate::tensors`]).
     pub fn recording() -> Self {
         Self {
             files: Vec::new(),

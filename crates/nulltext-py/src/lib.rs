@@ -466,7 +466,7 @@ impl Model {
         }
         let inv = &inversion.inv;
         // The settings as a manifest's edit writes them: one parser for every front end.
-        let spec = nulltext::batch::EditSpec {
+        let spec = nulltext::edit::EditSpec {
             target: String::new(),
             mode: Some(mode.to_string()),
             cross_replace: Some(cross_replace.to_string()),
@@ -620,7 +620,7 @@ fn eval(
     clip: Option<PathBuf>,
     caption: Option<String>,
 ) -> PyResult<String> {
-    use nulltext::metrics::{compare, Mask, SsimWindow};
+    use nulltext_eval::metrics::{compare, Mask, SsimWindow};
     let reference = reference.read(py, u64::MAX, "reference")?.0;
     let candidate = candidate.read(py, u64::MAX, "candidate")?.0;
     let mask = match mask {
@@ -641,17 +641,18 @@ fn eval(
         let m = compare(&reference, &candidate, mask.as_ref(), window)?;
         let mut v = serde_json::to_value(m).unwrap_or_default();
         if let Some(p) = &lpips {
-            let net = nulltext::lpips::Lpips::load(p, &Device::Cpu)?;
+            let net = nulltext_eval::lpips::Lpips::load(p, &Device::Cpu)?;
             v["lpips"] = net.distance(&reference, &candidate, mask.as_ref())?.into();
         }
         if let Some(p) = &dino {
-            let net = nulltext::structure::StructureDistance::load(p, &Device::Cpu)?;
+            let net = nulltext_eval::structure::StructureDistance::load(p, &Device::Cpu)?;
             v["structure_distance"] = net.distance(&reference, &candidate, mask.as_ref())?.into();
         }
         if let (Some(p), Some(caption)) = (&clip, &caption) {
             let net = nulltext::models::clip_score::ClipScorer::load(p, &Device::Cpu)?;
             v["clip_score"] =
-                nulltext::clip_score::clip_score(&net, &candidate, caption, mask.as_ref())?.into();
+                nulltext_eval::clip_score::clip_score(&net, &candidate, caption, mask.as_ref())?
+                    .into();
         }
         if let Some(m) = &mask {
             v["mask_coverage"] = m.coverage().into();

@@ -224,8 +224,13 @@ fn edit(
         let (_, rh, rw, _) = maps.dims4()?;
         for (b, prompt) in res.prompts.iter().enumerate() {
             let flat: Vec<f32> = maps.get(b)?.flatten_all()?.to_vec1()?;
-            let strip =
-                nulltext::render::attention_strip(&flat, rh, rw, &token_labels(sd, prompt), 128);
+            let strip = nulltext::plot::render::attention_strip(
+                &flat,
+                rh,
+                rw,
+                &token_labels(sd, prompt),
+                128,
+            );
             let file = format!("attention-{b}.png");
             save_png(&strip, &staging.path(&file))?;
             maps_stored.push(StoredImage {

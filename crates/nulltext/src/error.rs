@@ -41,6 +41,7 @@ impl From<candle_core::Error> for Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-pub(crate) fn invalid(msg: impl Into<String>) -> Error {
+/// An [`Error::InvalidInput`] with this message.
+pub fn invalid(msg: impl Into<String>) -> Error {
     Error::InvalidInput(msg.into())
 }

@@ -167,19 +167,6 @@ pub fn load_image_limited(path: &Path, crop: Crop, size: u32, max_pixels: u64) -
     prepare(&read_rgb_limited(path, max_pixels)?, crop, size, path)
 }
 
-/// A mask image (white = 1) prepared exactly as [`load_image`] prepares its photo: the same
-/// crop, centre square and resize, so that it lies on the photo pixel for pixel.
-pub fn load_mask(
-    path: &Path,
-    crop: Crop,
-    size: u32,
-    max_pixels: u64,
-) -> Result<crate::metrics::Mask> {
-    let rgb = load_image_limited(path, crop, size, max_pixels)?;
-    let gray = image::DynamicImage::ImageRgb8(rgb).to_luma8();
-    Ok(crate::metrics::Mask::from_gray(&gray, false))
-}
-
 /// `[1, 3, H, W]` in [−1, 1]: p / 127.5 − 1.
 pub fn image_to_tensor(img: &RgbImage, device: &Device) -> Result<Tensor> {
     let (w, h) = img.dimensions();

@@ -12,6 +12,7 @@ use nulltext_models::{Ddim, NoControl, SchedulerConfig, StableDiffusion};
 
 use crate::error::{invalid, Error, Result};
 use crate::events::{check, Event, Progress, Stage};
+use crate::limits::{check_guidance, check_steps};
 use crate::sampling::{guided_eps, predict_eps, sample, SampleSpec};
 
 /// How the unconditional embeddings of an inversion are obtained.
@@ -103,6 +104,30 @@ impl Default for InvertOptions {
             early_stop: 1e-5,
             learning_rate: 1e-2,
         }
+    }
+}
+
+impl InvertOptions {
+    /// Checks every setting against `scheduler` before any work starts.
+    pub fn validate(&self, scheduler: &SchedulerConfig) -> Result<()> {
+        check_steps("--steps", self.num_steps, scheduler)?;
+        check_guidance("--guidance", self.guidance)?;
+        if self.method.optimizes() && self.inner_steps == 0 {
+            return Err(invalid("--inner-steps must be at least 1"));
+        }
+        if !self.early_stop.is_finite() {
+            return Err(invalid(format!(
+                "--early-stop must be finite, got {}",
+                self.early_stop
+            )));
+        }
+        if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
+            return Err(invalid(format!(
+                "the learning rate must be positive and finite, got {}",
+                self.learning_rate
+            )));
+        }
+        Ok(())
     }
 }
 

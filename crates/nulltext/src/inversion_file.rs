@@ -134,8 +134,9 @@ pub fn to_bytes(inv: &Inversion) -> Result<Vec<u8>> {
 }
 
 /// Rewrites a safetensors file's header with its keys sorted, so that the same inversion
-/// always gives the same bytes (the metadata map has no order of its own).
-pub(crate) fn canonical_header(bytes: Vec<u8>) -> Result<Vec<u8>> {
+/// always gives the same bytes (the metadata map has no order of its own). The trainer's
+/// weight files use it too.
+pub fn canonical_header(bytes: Vec<u8>) -> Result<Vec<u8>> {
     let bad = || Error::InvalidInput("serializing the inversion: malformed header".into());
     let n = u64::from_le_bytes(
         bytes

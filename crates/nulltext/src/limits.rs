@@ -7,7 +7,6 @@ use std::path::Path;
 use nulltext_models::{Ddim, SchedulerConfig};
 
 use crate::error::{invalid, Error, Result};
-use crate::inversion::InvertOptions;
 
 /// Upper bounds on what one piece of work may ask for.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -127,30 +126,6 @@ pub fn check_guidance(what: &str, g: f64) -> Result<()> {
         )));
     }
     Ok(())
-}
-
-impl InvertOptions {
-    /// Checks every setting against `scheduler` before any work starts.
-    pub fn validate(&self, scheduler: &SchedulerConfig) -> Result<()> {
-        check_steps("--steps", self.num_steps, scheduler)?;
-        check_guidance("--guidance", self.guidance)?;
-        if self.method.optimizes() && self.inner_steps == 0 {
-            return Err(invalid("--inner-steps must be at least 1"));
-        }
-        if !self.early_stop.is_finite() {
-            return Err(invalid(format!(
-                "--early-stop must be finite, got {}",
-                self.early_stop
-            )));
-        }
-        if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
-            return Err(invalid(format!(
-                "the learning rate must be positive and finite, got {}",
-                self.learning_rate
-            )));
-        }
-        Ok(())
-    }
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! End-to-end checks of the bundled shapes model (`models/shapes`, trained by `nulltext
 //! train`) that look at what the pictures show, with the pixel-statistics classifier of
-//! `nulltext::shapes`: held-out captions draw the named colours and shapes; null-text
+//! `nulltext_train::shapes`: held-out captions draw the named colours and shapes; null-text
 //! inversion reconstructs a held-out scene far better than DDIM inversion; a colour edit
 //! recolours the shape and keeps the background; shape swaps change the shape; local
 //! blending leaves the background alone; the words' attention maps fall on what they name.
@@ -12,10 +12,10 @@ use std::path::PathBuf;
 use image::RgbImage;
 use nulltext::edit::{edit, BlendOptions, EditOptions, Window};
 use nulltext::image_io::{psnr, tensor_to_images};
-use nulltext::metrics::{compare, Mask, SsimWindow};
-use nulltext::shapes::{classify, colour_error, held_out_combos, Colour, Scene, Shape};
 use nulltext::text2img::{generate, GenerateOptions};
 use nulltext::{invert_image, Inversion, InvertOptions, Method, NoProgress, StableDiffusion};
+use nulltext_eval::metrics::{compare, Mask, SsimWindow};
+use nulltext_train::shapes::{classify, colour_error, held_out_combos, Colour, Scene, Shape};
 
 /// Of the 12 shape swaps, at least this many must come out right.
 const SWAPS_RIGHT: usize = 8;

@@ -3,9 +3,9 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use nulltext::batch::{self, BatchOptions, ItemEvent, Shard};
-use nulltext::metrics::SsimWindow;
-use nulltext::{cluster, pie_bench, report};
+use nulltext_eval::batch::{self, BatchOptions, ItemEvent, Shard};
+use nulltext_eval::metrics::SsimWindow;
+use nulltext_eval::{cluster, pie_bench, report};
 
 use super::{Ctx, ModelArg};
 

@@ -5,7 +5,7 @@ use candle_core::Tensor;
 use clap::Args;
 use nulltext::edit::{BlendOptions, CrossReplace, EditMode, EditOptions, Window};
 use nulltext::image_io;
-use nulltext::render;
+use nulltext::plot::render;
 
 use super::{Ctx, ModelArg};
 

@@ -4,8 +4,8 @@ use anyhow::{Context, Result};
 use clap::Args;
 use image::RgbImage;
 use nulltext::image_io;
-use nulltext::metrics::{compare, Mask, SsimWindow};
-use nulltext::pie_bench;
+use nulltext_eval::metrics::{compare, Mask, SsimWindow};
+use nulltext_eval::pie_bench;
 
 use super::Ctx;
 
@@ -99,7 +99,7 @@ pub fn run(a: EvalArgs, ctx: &Ctx) -> Result<()> {
     }
     let window = a.ssim_window.unwrap_or_default();
     let lpips = match &a.lpips {
-        Some(p) => Some(nulltext::lpips::Lpips::load(p, &device)?),
+        Some(p) => Some(nulltext_eval::lpips::Lpips::load(p, &device)?),
         None => None,
     };
     let clip = match &a.clip {
@@ -121,7 +121,7 @@ pub fn run(a: EvalArgs, ctx: &Ctx) -> Result<()> {
             None => None,
         };
         let s = match (&clip, &a.caption) {
-            (Some(net), Some(caption)) => Some(nulltext::clip_score::clip_score(
+            (Some(net), Some(caption)) => Some(nulltext_eval::clip_score::clip_score(
                 net,
                 &img,
                 caption,
@@ -202,9 +202,9 @@ pub fn run(a: EvalArgs, ctx: &Ctx) -> Result<()> {
 
 /// The networks asked for.
 struct Nets {
-    lpips: Option<nulltext::lpips::Lpips>,
+    lpips: Option<nulltext_eval::lpips::Lpips>,
     clip: Option<nulltext::models::clip_score::ClipScorer>,
-    structure: Option<nulltext::structure::StructureDistance>,
+    structure: Option<nulltext_eval::structure::StructureDistance>,
 }
 
 impl Nets {
@@ -212,10 +212,10 @@ impl Nets {
         let lpips = a
             .lpips
             .as_deref()
-            .map(|p| nulltext::lpips::Lpips::load(p, device))
+            .map(|p| nulltext_eval::lpips::Lpips::load(p, device))
             .transpose()?;
         if let Some(l) = &lpips {
-            if l.net() != nulltext::lpips::Net::Squeeze {
+            if l.net() != nulltext_eval::lpips::Net::Squeeze {
                 eprintln!(
                     "note: PIE-Bench's LPIPS uses SqueezeNet; these weights are {}",
                     l.net().name()
@@ -230,7 +230,7 @@ impl Nets {
         let structure = a
             .dino
             .as_deref()
-            .map(|p| nulltext::structure::StructureDistance::load(p, device))
+            .map(|p| nulltext_eval::structure::StructureDistance::load(p, device))
             .transpose()?;
         Ok(Self {
             lpips,
@@ -290,14 +290,14 @@ fn run_outputs(a: &EvalArgs, ctx: &Ctx) -> Result<()> {
                 eprintln!("{name}: {}: {why}", e.key);
             }
         }
-        rows.extend(nulltext::report::rows_from_scores(
+        rows.extend(nulltext_eval::report::rows_from_scores(
             &name,
             &entries,
             a.by_edit_type,
         ));
         per_photo.push((name, entries));
     }
-    print!("{}", nulltext::report::to_markdown(&rows));
+    print!("{}", nulltext_eval::report::to_markdown(&rows));
     if let Some(prefix) = &a.out {
         let with = |tail: &str| {
             let mut p = prefix.as_os_str().to_owned();
@@ -329,7 +329,7 @@ fn run_outputs(a: &EvalArgs, ctx: &Ctx) -> Result<()> {
             csv.push('\n');
         }
         nulltext::atomic::write_bytes_atomic(&with(".csv"), csv.as_bytes())?;
-        let (t_csv, t_md) = nulltext::report::write(&rows, &with("-table"))?;
+        let (t_csv, t_md) = nulltext_eval::report::write(&rows, &with("-table"))?;
         ctx.say(format!(
             "wrote {}, {} and {}",
             with(".csv").display(),

@@ -78,15 +78,12 @@ pub fn run(a: InfoArgs, ctx: &Ctx) -> Result<()> {
     } else {
         "Stable Diffusion-shaped (custom size)"
     };
-    let configs = nulltext::models::random::ModelConfigs {
-        unet: serde_json::to_value(sd.unet.config())?,
-        vae: serde_json::to_value(sd.vae.config())?,
-        text_encoder: serde_json::to_value(sd.text_encoder.config())?,
-        scheduler: serde_json::Value::Null,
-        pad_token: String::new(),
-    };
     let mut params = serde_json::Map::new();
-    for (component, n) in nulltext::models::random::parameter_counts(&configs)? {
+    for (component, n) in nulltext::models::tensors::parameter_counts(
+        sd.unet.config(),
+        sd.vae.config(),
+        sd.text_encoder.config(),
+    )? {
         params.insert(component.into(), serde_json::json!(n));
     }
     let layout = if sd.path.is_file() {

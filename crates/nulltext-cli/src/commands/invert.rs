@@ -127,7 +127,7 @@ pub fn run(a: InvertArgs, ctx: &Ctx) -> Result<()> {
     ));
     let line = |name: &str, im: &image::RgbImage, z: Option<&Tensor>| -> Result<String> {
         let mse = match z {
-            Some(z) => format!("{:>14.6}", nulltext::metrics::latent_mse(z, &z0)?),
+            Some(z) => format!("{:>14.6}", nulltext_eval::metrics::latent_mse(z, &z0)?),
             None => format!("{:>14}", "-"),
         };
         let vs_vae = if std::ptr::eq(im, &vae) {
@@ -178,10 +178,10 @@ fn run_trace(
     let mut bars = ctx.bars().with_inner_steps(a.settings.inner_steps);
     let mut kept = None;
     let traced_edit = match (&a.trace_edit, &a.trace_mask) {
-        (Some(target), Some(mask)) => Some(nulltext::trace::TraceEdit {
+        (Some(target), Some(mask)) => Some(nulltext_eval::trace::TraceEdit {
             target: target.clone(),
             options: Default::default(),
-            region: image_io::load_mask(
+            region: nulltext_eval::metrics::load_mask(
                 mask,
                 a.crop.unwrap_or_default(),
                 img.width(),
@@ -190,7 +190,7 @@ fn run_trace(
         }),
         _ => None,
     };
-    let trace = nulltext::trace::trace(
+    let trace = nulltext_eval::trace::trace(
         sd,
         img,
         &a.prompt,

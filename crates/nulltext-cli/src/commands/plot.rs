@@ -2,8 +2,8 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use nulltext::figures::{self, Against, Compute, Quality};
-use nulltext::trace::Trace;
+use nulltext_eval::figures::{self, Against, Compute, Quality};
+use nulltext_eval::trace::Trace;
 
 use super::Ctx;
 

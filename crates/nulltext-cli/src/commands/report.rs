@@ -2,7 +2,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
-use nulltext::report;
+use nulltext_eval::report;
 
 use super::Ctx;
 

@@ -3,8 +3,8 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use nulltext::train::{train, Phase, TrainEvent, TrainOptions, TrainProgress};
 use nulltext::CancelFlag;
+use nulltext_train::{train, Phase, TrainEvent, TrainOptions, TrainProgress};
 
 use super::Ctx;
 
@@ -168,7 +168,7 @@ pub fn run(a: TrainArgs, ctx: &Ctx) -> Result<()> {
     };
     if state.phase == Phase::Done {
         if let Some(dest) = &a.export_fp16 {
-            nulltext::train::export_fp16(&a.out, dest)?;
+            nulltext_train::export_fp16(&a.out, dest)?;
             ctx.say(format!("wrote {} (half-precision weights)", dest.display()));
         }
         ctx.say(format!(

@@ -288,6 +288,81 @@ impl Default for EditOptions {
     }
 }
 
+/// An edit's target and settings in words, as a batch manifest's edit and the Python module
+/// give them; absent settings take `nulltext edit`'s defaults.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EditSpec {
+    pub target: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cross_replace: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub self_replace: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blend: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blend_threshold: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blend_subtract: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention_downscale: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reweight: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sdedit: Option<f64>,
+}
+
+impl EditSpec {
+    /// The library's edit options for these settings.
+    pub fn options(&self) -> Result<EditOptions> {
+        let bad = |what: &str, e: String| invalid(format!("{what}: {e}"));
+        let mut o = EditOptions::default();
+        if let Some(m) = &self.mode {
+            o.mode = m.parse::<EditMode>().map_err(|e| bad("mode", e))?;
+        }
+        if let Some(c) = &self.cross_replace {
+            o.cross_replace = c
+                .parse::<CrossReplace>()
+                .map_err(|e| bad("cross_replace", e))?;
+        }
+        if let Some(w) = &self.self_replace {
+            o.self_replace = w.parse::<Window>().map_err(|e| bad("self_replace", e))?;
+        }
+        if let Some(b) = &self.blend {
+            let mut bo = BlendOptions::parse(b)?;
+            if let Some(t) = self.blend_threshold {
+                bo.threshold = t;
+            }
+            if let Some(s) = &self.blend_subtract {
+                bo.subtract = parse_words(s);
+            }
+            o.blend = Some(bo);
+        } else if self.blend_subtract.is_some() || self.blend_threshold.is_some() {
+            return Err(invalid("blend_subtract and blend_threshold need blend"));
+        }
+        if let Some(r) = &self.reweight {
+            o.reweight = parse_reweight(r)?;
+        }
+        if let Some(d) = self.attention_downscale {
+            o.attention_downscale = d;
+        }
+        o.sdedit = self.sdedit;
+        o.cross_replace.default.validate("cross_replace")?;
+        for (w, win) in &o.cross_replace.words {
+            win.validate(&format!("cross_replace {w}"))?;
+        }
+        o.self_replace.validate("self_replace")?;
+        if let Some(s) = o.sdedit {
+            if !(s > 0.0 && s <= 1.0) {
+                return Err(invalid(format!("sdedit must be in (0, 1], got {s}")));
+            }
+        }
+        Ok(o)
+    }
+}
+
 /// The outcome of an edit: row 0 is the source reconstruction, rows 1.. the targets.
 pub struct EditResult {
     /// `[B, C, h, w]`.

@@ -12,12 +12,13 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use image::GrayImage;
+use nulltext::atomic::write_bytes_atomic;
+use nulltext::edit::EditSpec;
+use nulltext::error::{invalid, Error, Result};
+use nulltext::image_io::Crop;
 use serde::Deserialize;
 
-use crate::atomic::write_bytes_atomic;
-use crate::batch::{EditEntry, EditSpec, Item, ItemSpec, Manifest};
-use crate::error::{invalid, Error, Result};
-use crate::image_io::Crop;
+use crate::batch::{EditEntry, Item, ItemSpec, Manifest};
 use crate::metrics::{compare, Mask, SsimWindow};
 
 pub const MAPPING_FILE: &str = "mapping_file.json";
@@ -84,7 +85,7 @@ pub fn strip_markers(caption: &str) -> String {
 ///
 /// ```
 /// // 4 × 4: the run (5, 2) and the border.
-/// let m = nulltext::pie_bench::decode_mask(&serde_json::json!([5, 2]), 4).unwrap();
+/// let m = nulltext_eval::pie_bench::decode_mask(&serde_json::json!([5, 2]), 4).unwrap();
 /// assert_eq!(m, [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1]);
 /// ```
 pub fn decode_mask(encoded: &serde_json::Value, side: usize) -> Result<Vec<u8>> {
@@ -421,8 +422,8 @@ pub fn evaluate_outputs(
         progress(&key);
         let scores = (|| -> Result<Scores> {
             let entry = entry.map_err(|e| invalid(e.to_string()))?;
-            let src = crate::image_io::read_rgb(&dir.join(IMAGES_DIR).join(&entry.image_path))?;
-            let tgt = crate::image_io::read_rgb(&outputs.join(&entry.image_path))?;
+            let src = nulltext::image_io::read_rgb(&dir.join(IMAGES_DIR).join(&entry.image_path))?;
+            let tgt = nulltext::image_io::read_rgb(&outputs.join(&entry.image_path))?;
             let tgt = last_square(tgt, MASK_SIDE as u32);
             let mask = decode_mask(&entry.mask, MASK_SIDE)?;
             let side = MASK_SIDE as u32;

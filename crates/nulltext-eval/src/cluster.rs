@@ -9,8 +9,9 @@
 //! | AWS Batch array job | `AWS_BATCH_JOB_ARRAY_INDEX` | given (`--shard-count`, `NULLTEXT_SHARD_COUNT`) |
 //! | torchrun / torch.distributed | `RANK` | `WORLD_SIZE` |
 
+use nulltext::error::{invalid, Result};
+
 use crate::batch::Shard;
-use crate::error::{invalid, Result};
 
 /// The variable that gives the task count where the scheduler does not.
 pub const COUNT_VAR: &str = "NULLTEXT_SHARD_COUNT";
@@ -41,8 +42,8 @@ impl Scheduler {
 /// in the table's order.
 ///
 /// ```
-/// use nulltext::batch::Shard;
-/// use nulltext::cluster::{resolve, Scheduler};
+/// use nulltext_eval::batch::Shard;
+/// use nulltext_eval::cluster::{resolve, Scheduler};
 /// // Task 5 of `sbatch --array=1-9:2` (tasks 1, 3, 5, 7, 9).
 /// let env = |k: &str| match k {
 ///     "SLURM_ARRAY_TASK_ID" => Some("5".to_string()),

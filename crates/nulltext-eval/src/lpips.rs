@@ -9,8 +9,8 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
+use nulltext::error::{Error, Result};
 
-use crate::error::{Error, Result};
 use crate::metrics::Mask;
 
 /// A backbone's layers up to each tapped activation.

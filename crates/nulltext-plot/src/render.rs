@@ -5,7 +5,8 @@
 //! visible square; captions are set in whole words in the bundled font.
 
 use image::{imageops, Rgb, RgbImage};
-use nulltext_plot::text;
+
+use crate::text;
 
 /// The shorter side that grids enlarge images to, at least.
 pub const MIN_TILE: u32 = 256;

@@ -9,9 +9,9 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 use common::fixtures;
-use nulltext::metrics::{Mask, SsimWindow};
-use nulltext::pie_bench::{self, Networks};
-use nulltext::structure::StructureDistance;
+use nulltext_eval::metrics::{Mask, SsimWindow};
+use nulltext_eval::pie_bench::{self, Networks};
+use nulltext_eval::structure::StructureDistance;
 
 fn bench() -> PathBuf {
     fixtures().join("pie-bench")
@@ -41,7 +41,7 @@ fn test_vit(spec: &serde_json::Value) -> PathBuf {
         std::process::id()
     ));
     if !p.exists() {
-        nulltext::models::dino::write_generated(
+        nulltext_models::dino::write_generated(
             &p,
             spec["width"].as_u64().unwrap() as usize,
             spec["depth"].as_u64().unwrap() as usize,
@@ -82,13 +82,13 @@ fn masks_decode_as_mask_decode() {
 fn metrics_match_evaluate_py() {
     let r = reference();
     let device = Device::Cpu;
-    let lpips = nulltext::lpips::Lpips::load(
+    let lpips = nulltext_eval::lpips::Lpips::load(
         &fixtures().join("lpips/lpips-squeeze-random-backbone.safetensors"),
         &device,
     )
     .unwrap();
     let clip =
-        nulltext::models::clip_score::ClipScorer::load(&fixtures().join("clip"), &device).unwrap();
+        nulltext_models::clip_score::ClipScorer::load(&fixtures().join("clip"), &device).unwrap();
     let structure = StructureDistance::load(&test_vit(&r["dino_test_vit"]), &device).unwrap();
     let nets = Networks {
         lpips: Some(&lpips),
@@ -255,7 +255,7 @@ fn import_turns_entries_into_items_and_bad_ones_into_problems() {
         .to_luma8();
     assert_eq!(png, theirs);
     // The manifest written beside the masks holds the runnable items and reads back.
-    let again = nulltext::batch::read_manifest(&m.path).unwrap();
+    let again = nulltext_eval::batch::read_manifest(&m.path).unwrap();
     assert_eq!(again.items.len(), 4);
     assert_eq!(again.items[0].spec, first.spec);
     // A selection of edit types keeps those (and the unclassifiable).

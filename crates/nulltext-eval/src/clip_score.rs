@@ -3,9 +3,9 @@
 
 use candle_core::Tensor;
 use image::{imageops::FilterType, RgbImage};
+use nulltext::error::Result;
 use nulltext_models::clip_score::{ClipScorer, CLIP_MEAN, CLIP_STD};
 
-use crate::error::Result;
 use crate::metrics::Mask;
 
 /// CLIPImageProcessor's preprocessing: the shortest side resized to the model's size

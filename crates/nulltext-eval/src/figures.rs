@@ -1,13 +1,13 @@
-//! The project's charts, described for [`nulltext_plot`]: the paper's Figure 4 from
-//! inversion traces and the training curves. A new chart is one more function here that
+//! The evaluation's charts, described for [`nulltext_plot`]: the paper's Figure 4 and
+//! quality per compute from inversion traces. A new chart is one more function here that
 //! fills in a [`Chart`].
 
 use std::path::Path;
 
+use nulltext::atomic::write_bytes_atomic;
+use nulltext::error::Result;
 use nulltext_plot::{Chart, Format, Series, PALETTE};
 
-use crate::atomic::write_bytes_atomic;
-use crate::error::Result;
 use crate::trace::Trace;
 
 /// Writes `chart` as PNG or SVG, by `path`'s extension, atomically.
@@ -168,26 +168,6 @@ pub fn quality_per_compute(traces: &[Trace], x: Compute, y: Quality) -> Chart {
     chart
 }
 
-/// A training loss curve: the running mean of the last `window` losses at each step.
-pub fn loss_curve(title: &str, label: &str, losses: &[(usize, f64)], window: usize) -> Chart {
-    let window = window.max(1);
-    let mut sum = 0.0;
-    let points = losses
-        .iter()
-        .enumerate()
-        .map(|(i, &(step, loss))| {
-            sum += loss;
-            if i >= window {
-                sum -= losses[i - window].1;
-            }
-            (step as f64, sum / (i + 1).min(window) as f64)
-        })
-        .collect();
-    Chart::new(title, "step", format!("loss (running mean of {window})"))
-        .size(640, 400)
-        .series(Series::line(label, points))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -272,14 +252,5 @@ mod tests {
         // the DDIM trace has no edit: no series rather than a made-up point
         assert_eq!(c.series.len(), 1);
         assert!(c.render(nulltext_plot::Format::Svg).is_ok());
-    }
-
-    #[test]
-    fn loss_curves_are_running_means() {
-        let losses: Vec<(usize, f64)> = (1..=5).map(|s| (s, s as f64)).collect();
-        let c = loss_curve("t", "vae", &losses, 2);
-        let ys: Vec<f64> = c.series[0].points.iter().map(|p| p.1).collect();
-        assert_eq!(ys, [1.0, 1.5, 2.5, 3.5, 4.5]);
-        assert!(!c.series[0].markers);
     }
 }

@@ -5,9 +5,11 @@
 //! All metrics work on intensities scaled to [0, 1]: MSE is in those units and PSNR uses a
 //! data range of 1 (the same number as 255 on the 0–255 scale).
 
-use image::{GrayImage, RgbImage};
+use std::path::Path;
 
-use crate::error::{invalid, Result};
+use image::{GrayImage, RgbImage};
+use nulltext::error::{invalid, Result};
+use nulltext::image_io::{load_image_limited, Crop};
 
 /// The window SSIM averages over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -122,6 +124,15 @@ impl Mask {
     pub fn coverage(&self) -> f64 {
         self.weights.iter().sum::<f64>() / self.weights.len().max(1) as f64
     }
+}
+
+/// A mask image (white = 1) prepared exactly as [`nulltext::image_io::load_image`] prepares
+/// its photo: the same crop, centre square and resize, so that it lies on the photo pixel for
+/// pixel.
+pub fn load_mask(path: &Path, crop: Crop, size: u32, max_pixels: u64) -> Result<Mask> {
+    let rgb = load_image_limited(path, crop, size, max_pixels)?;
+    let gray = image::DynamicImage::ImageRgb8(rgb).to_luma8();
+    Ok(Mask::from_gray(&gray, false))
 }
 
 /// One channel of an image as f64 in [0, 1], row-major.

@@ -5,8 +5,8 @@ mod common;
 
 use candle_core::Device;
 use common::fixtures;
-use nulltext::lpips::{Lpips, Net};
-use nulltext::metrics::Mask;
+use nulltext_eval::lpips::{Lpips, Net};
+use nulltext_eval::metrics::Mask;
 
 fn rgb(name: &str) -> image::RgbImage {
     image::open(fixtures().join("metrics").join(name))

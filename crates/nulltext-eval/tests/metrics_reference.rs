@@ -4,7 +4,7 @@
 mod common;
 
 use common::fixtures;
-use nulltext::metrics::{compare, ImageMetrics, Mask, SsimWindow};
+use nulltext_eval::metrics::{compare, ImageMetrics, Mask, SsimWindow};
 
 fn rgb(name: &str) -> image::RgbImage {
     image::open(fixtures().join("metrics").join(name))

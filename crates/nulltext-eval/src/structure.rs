@@ -12,9 +12,9 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use image::RgbImage;
+use nulltext::error::{invalid, Result};
 use nulltext_models::dino::{cosine_self_similarity, DinoVit, IMAGENET_MEAN, IMAGENET_STD};
 
-use crate::error::{invalid, Result};
 use crate::metrics::Mask;
 
 /// The block whose keys are compared (`layer_num=11`: ViT-B's last).

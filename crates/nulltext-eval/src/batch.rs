@@ -11,16 +11,16 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use image::RgbImage;
+use nulltext::atomic::write_bytes_atomic;
+use nulltext::edit::{self, EditOptions, EditSpec};
+use nulltext::error::{invalid, Error, Result};
+use nulltext::events::Progress;
+use nulltext::image_io::{self, Crop};
+use nulltext::inversion::{invert_image, reconstruct, Inversion, InvertOptions};
+use nulltext::limits::Limits;
 use nulltext_models::StableDiffusion;
 use serde::{Deserialize, Serialize};
 
-use crate::atomic::write_bytes_atomic;
-use crate::edit::{self, BlendOptions, CrossReplace, EditMode, EditOptions, Window};
-use crate::error::{invalid, Error, Result};
-use crate::events::Progress;
-use crate::image_io::{self, Crop};
-use crate::inversion::{invert_image, reconstruct, Inversion, InvertOptions};
-use crate::limits::Limits;
 use crate::metrics::{compare, ImageMetrics, Mask, SsimWindow};
 
 /// One edit of an item, as written in the manifest: a target caption alone
@@ -32,31 +32,6 @@ pub enum EditEntry {
     Spec(EditSpec),
 }
 
-/// An edit's target and settings; absent settings take `nulltext edit`'s defaults.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EditSpec {
-    pub target: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mode: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cross_replace: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub self_replace: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub blend: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub blend_threshold: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub blend_subtract: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub attention_downscale: Option<usize>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reweight: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sdedit: Option<f64>,
-}
-
 impl EditEntry {
     pub fn spec(&self) -> EditSpec {
         match self {
@@ -66,55 +41,6 @@ impl EditEntry {
             },
             EditEntry::Spec(s) => s.clone(),
         }
-    }
-}
-
-impl EditSpec {
-    /// The library's edit options for these settings.
-    pub fn options(&self) -> Result<EditOptions> {
-        let bad = |what: &str, e: String| invalid(format!("{what}: {e}"));
-        let mut o = EditOptions::default();
-        if let Some(m) = &self.mode {
-            o.mode = m.parse::<EditMode>().map_err(|e| bad("mode", e))?;
-        }
-        if let Some(c) = &self.cross_replace {
-            o.cross_replace = c
-                .parse::<CrossReplace>()
-                .map_err(|e| bad("cross_replace", e))?;
-        }
-        if let Some(w) = &self.self_replace {
-            o.self_replace = w.parse::<Window>().map_err(|e| bad("self_replace", e))?;
-        }
-        if let Some(b) = &self.blend {
-            let mut bo = BlendOptions::parse(b)?;
-            if let Some(t) = self.blend_threshold {
-                bo.threshold = t;
-            }
-            if let Some(s) = &self.blend_subtract {
-                bo.subtract = edit::parse_words(s);
-            }
-            o.blend = Some(bo);
-        } else if self.blend_subtract.is_some() || self.blend_threshold.is_some() {
-            return Err(invalid("blend_subtract and blend_threshold need blend"));
-        }
-        if let Some(r) = &self.reweight {
-            o.reweight = edit::parse_reweight(r)?;
-        }
-        if let Some(d) = self.attention_downscale {
-            o.attention_downscale = d;
-        }
-        o.sdedit = self.sdedit;
-        o.cross_replace.default.validate("cross_replace")?;
-        for (w, win) in &o.cross_replace.words {
-            win.validate(&format!("cross_replace {w}"))?;
-        }
-        o.self_replace.validate("self_replace")?;
-        if let Some(s) = o.sdedit {
-            if !(s > 0.0 && s <= 1.0) {
-                return Err(invalid(format!("sdedit must be in (0, 1], got {s}")));
-            }
-        }
-        Ok(o)
     }
 }
 
@@ -575,7 +501,7 @@ fn load_mask(item: &Item, size: u32, opts: &BatchOptions) -> Result<Option<Mask>
         return Ok(None);
     };
     // The complement: the manifest marks what may change, the metrics look at the rest.
-    let region = image_io::load_mask(path, item.crop, size, opts.limits.max_pixels)?;
+    let region = crate::metrics::load_mask(path, item.crop, size, opts.limits.max_pixels)?;
     Ok(Some(region.complement()))
 }
 
@@ -650,7 +576,7 @@ fn run_item(
     let done_path = dir.join(INVERSION_DONE);
     let earlier = read_json::<InversionDone>(&done_path)
         .filter(|d| &d.settings == inv_settings)
-        .and_then(|d| Some((crate::inversion_file::load(&inv_path).ok()?, d)));
+        .and_then(|d| Some((nulltext::inversion_file::load(&inv_path).ok()?, d)));
     let (inv, iterations, seconds_inversion, rec_latent): (Inversion, usize, f64, _) = match earlier
     {
         Some((inv, d)) => {
@@ -663,7 +589,7 @@ fn run_item(
                 invert_image(sd, &input, &item.spec.prompt, &opts.invert, progress)?;
             let seconds = start.elapsed().as_secs_f64();
             let iterations = report.iterations.iter().sum();
-            crate::inversion_file::save(&inv, &inv_path)?;
+            nulltext::inversion_file::save(&inv, &inv_path)?;
             write_json(
                 &done_path,
                 &InversionDone {

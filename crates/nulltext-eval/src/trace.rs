@@ -11,13 +11,13 @@
 use std::time::Instant;
 
 use image::RgbImage;
+use nulltext::edit::{edit, EditOptions};
+use nulltext::error::{invalid, Result};
+use nulltext::events::Progress;
+use nulltext::inversion::{invert_latent, reconstruct, Inversion, InvertOptions, InvertReport};
 use nulltext_models::StableDiffusion;
 use serde::{Deserialize, Serialize};
 
-use crate::edit::{edit, EditOptions};
-use crate::error::{invalid, Result};
-use crate::events::Progress;
-use crate::inversion::{invert_latent, reconstruct, Inversion, InvertOptions, InvertReport};
 use crate::metrics::{compare, Mask, SsimWindow};
 
 /// One inversion of a trace.
@@ -116,11 +116,11 @@ pub fn trace(
         let f = sd.vae_scale_factor();
         let grid = (h as usize / f, w as usize / f);
         let targets = [e.target.clone()];
-        crate::edit::build_controller(sd, prompt, &targets, &e.options, opts.num_steps, grid)?;
+        nulltext::edit::build_controller(sd, prompt, &targets, &e.options, opts.num_steps, grid)?;
     }
-    let x = crate::image_io::image_to_tensor(image, &sd.device)?;
+    let x = nulltext::image_io::image_to_tensor(image, &sd.device)?;
     let z0 = sd.image_to_latent(&x)?;
-    let vae = crate::image_io::decode_latents(sd, &z0)?.remove(0);
+    let vae = nulltext::image_io::decode_latents(sd, &z0)?.remove(0);
     let vae_psnr = compare(image, &vae, None, SsimWindow::Uniform7)?.psnr;
     let mut points = Vec::new();
     for budget in budgets {
@@ -135,14 +135,14 @@ pub fn trace(
             Some(z) => z.clone(),
             None => reconstruct(sd, &inv, progress)?,
         };
-        let rec = crate::image_io::decode_latents(sd, &rec_latent)?.remove(0);
+        let rec = nulltext::image_io::decode_latents(sd, &rec_latent)?.remove(0);
         let m = compare(image, &rec, None, SsimWindow::Uniform7)?;
         let latent_mse = crate::metrics::latent_mse(&rec_latent, &z0)?;
         let edit_background_psnr = match traced_edit {
             Some(e) => {
                 let targets = [e.target.clone()];
                 let res = edit(sd, &inv, &targets, &e.options, progress)?;
-                let edited = crate::image_io::decode_latents(sd, &res.latents.narrow(0, 1, 1)?)?;
+                let edited = nulltext::image_io::decode_latents(sd, &res.latents.narrow(0, 1, 1)?)?;
                 let background = e.region.complement();
                 Some(compare(image, &edited[0], Some(&background), SsimWindow::Uniform7)?.psnr)
             }

@@ -16,8 +16,8 @@ use std::time::Instant;
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
-use serde::{Deserialize, Serialize};
-
+use nulltext::atomic::{write_atomic, write_bytes_atomic};
+use nulltext::error::{invalid, Error, Result};
 use nulltext_models::clip::ClipTextTransformer;
 use nulltext_models::config::{ClipTextConfig, SchedulerConfig, UNetConfig, VaeConfig};
 use nulltext_models::control::{AttentionCall, AttentionControl};
@@ -27,9 +27,9 @@ use nulltext_models::tokenizer::ClipTokenizer;
 use nulltext_models::unet::UNet2DConditionModel;
 use nulltext_models::vae::AutoencoderKL;
 use nulltext_models::weights::WeightStore;
+use nulltext_plot::{Chart, Format, Series};
+use serde::{Deserialize, Serialize};
 
-use crate::atomic::{write_atomic, write_bytes_atomic};
-use crate::error::{invalid, Error, Result};
 use crate::shapes::{self, Split};
 
 /// What to train, and how long.
@@ -146,7 +146,7 @@ pub trait TrainProgress {
     }
 }
 
-impl TrainProgress for crate::NoProgress {
+impl TrainProgress for nulltext::NoProgress {
     fn event(&mut self, _: &TrainEvent) {}
 }
 
@@ -307,7 +307,7 @@ fn save_tensors(file: &Path, tensors: impl Iterator<Item = (String, Tensor)>) ->
     let map: BTreeMap<String, Tensor> = tensors.collect();
     let bytes = safetensors::tensor::serialize(map.iter().map(|(k, t)| (k.as_str(), t)), None)
         .map_err(|e| invalid(format!("serializing {}: {e}", file.display())))?;
-    write_bytes_atomic(file, &crate::inversion_file::canonical_header(bytes)?)
+    write_bytes_atomic(file, &nulltext::inversion_file::canonical_header(bytes)?)
 }
 
 /// AdamW (decoupled weight decay on matrices and kernels, none on biases, norms and
@@ -576,9 +576,9 @@ pub fn write_examples(out: &Path) -> Result<()> {
             scene.shape.name(),
             scene.background.name()
         );
-        crate::image_io::save_png(&scene.render(IMAGE_SIZE), &dir.join(format!("{name}.png")))?;
+        nulltext::image_io::save_png(&scene.render(IMAGE_SIZE), &dir.join(format!("{name}.png")))?;
         let region = scene.region_image(IMAGE_SIZE, 3.0);
-        crate::image_io::save_png(&region, &dir.join(format!("{name}.region.png")))?;
+        nulltext::image_io::save_png(&region, &dir.join(format!("{name}.region.png")))?;
     }
     Ok(())
 }
@@ -602,7 +602,7 @@ AutoencoderKL with 8× downsampling and 4 latent channels, DDIM scheduler config
 scratch by `nulltext train` so that the demo and the end-to-end tests edit pictures whose \
 content can be checked.\n\n\
 ## Data\n\n\
-64×64 scenes generated on the fly (`nulltext::shapes`): one circle, square, triangle or \
+64×64 scenes generated on the fly (`nulltext_train::shapes`): one circle, square, triangle or \
 5-pointed star in one of seven flat colours (red, green, blue, yellow, white, black, purple) \
 on a background of another of them, 35–65 % of the image wide, rotated up to ±15°, placed \
 anywhere; captioned `a <colour> <shape> on a <background> background`. Sixteen of the 168 \
@@ -1187,9 +1187,30 @@ fn write_loss_charts(out: &Path, state: &TrainState) -> Result<()> {
             }
             continue;
         }
-        crate::figures::save(&crate::figures::loss_curve(title, phase, losses, 50), &file)?;
+        let chart = loss_curve(title, phase, losses, 50);
+        write_bytes_atomic(&file, &chart.render(Format::from_path(&file)?)?)?;
     }
     Ok(())
+}
+
+/// A training loss curve: the running mean of the last `window` losses at each step.
+pub fn loss_curve(title: &str, label: &str, losses: &[(usize, f64)], window: usize) -> Chart {
+    let window = window.max(1);
+    let mut sum = 0.0;
+    let points = losses
+        .iter()
+        .enumerate()
+        .map(|(i, &(step, loss))| {
+            sum += loss;
+            if i >= window {
+                sum -= losses[i - window].1;
+            }
+            (step as f64, sum / (i + 1).min(window) as f64)
+        })
+        .collect();
+    Chart::new(title, "step", format!("loss (running mean of {window})"))
+        .size(640, 400)
+        .series(Series::line(label, points))
 }
 
 /// Copies the trained model in `out` to `dest` with half-precision weights
@@ -1347,5 +1368,14 @@ mod tests {
             steps_and_weights(&[(1, 0.0), (4501, 0.05)]),
             "0 (steps 1–4500), then 5e-2 (from step 4501)"
         );
+    }
+
+    #[test]
+    fn loss_curves_are_running_means() {
+        let losses: Vec<(usize, f64)> = (1..=5).map(|s| (s, s as f64)).collect();
+        let c = loss_curve("t", "vae", &losses, 2);
+        let ys: Vec<f64> = c.series[0].points.iter().map(|p| p.1).collect();
+        assert_eq!(ys, [1.0, 1.5, 2.5, 3.5, 4.5]);
+        assert!(!c.series[0].markers);
     }
 }

@@ -5,7 +5,7 @@ mod common;
 
 use candle_core::Device;
 use common::fixtures;
-use nulltext::clip_score::{clip_pixels, clip_score};
+use nulltext_eval::clip_score::{clip_pixels, clip_score};
 use nulltext_models::clip_score::ClipScorer;
 
 #[test]

@@ -7,9 +7,10 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use crate::atomic::write_bytes_atomic;
+use nulltext::atomic::write_bytes_atomic;
+use nulltext::error::{Error, Result};
+
 use crate::batch::{EditOutcome, ItemResult, ERROR_FILE, RESULT_FILE};
-use crate::error::{Error, Result};
 use crate::pie_bench::{edit_type_name, Evaluated, Scores};
 
 /// A metric of the table: its name, its column header in the paper's units, the factor
@@ -97,7 +98,7 @@ fn read_results(run: &Path) -> Result<(Vec<ItemResult>, Vec<serde_json::Value>)>
         let read = |name: &str| std::fs::read_to_string(d.join(name)).ok();
         if let Some(text) = read(RESULT_FILE) {
             let r: ItemResult = serde_json::from_str(&text).map_err(|e| {
-                crate::error::invalid(format!("{}: {e}", d.join(RESULT_FILE).display()))
+                nulltext::error::invalid(format!("{}: {e}", d.join(RESULT_FILE).display()))
             })?;
             results.push(r);
         } else if let Some(text) = read(ERROR_FILE) {

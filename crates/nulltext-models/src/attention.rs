@@ -6,16 +6,16 @@
 use candle_core::{DType, Tensor, Var, D};
 
 use crate::control::{AttentionCall, AttentionControl, AttentionKind, AttentionSite, Place};
-use crate::cpu_attention::AttnDims;
+use crate::cpu::ops::{attn_dims, CpuFusedAttention, CpuGeglu};
 use crate::error::Result;
-use crate::nn::{f32_slice, host_f32, Conv2d, GroupNorm, LayerNorm, Linear};
-use crate::ops;
+use crate::nn::layout as ops;
+use crate::nn::{Conv2d, GroupNorm, LayerNorm, Linear};
 use crate::weights::Vb;
 
 /// `softmax(q kᵀ · scale) v` for `[B, heads, L, d]` inputs, never handing out the
 /// probabilities. This is the path every layer takes when no controller asks for them.
 ///
-/// On the CPU in f32 it is one fused kernel (`crate::cpu_attention`): blocks of queries
+/// On the CPU in f32 it is one fused kernel (`crate::cpu::attention`): blocks of queries
 /// whose scores stay in cache, and a backward pass that recomputes each block's
 /// probabilities instead of keeping them (flash-attention style), so memory stays bounded
 /// during null-text optimization (SD's full-resolution self-attention at 512 px has
@@ -36,91 +36,6 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tenso
     }
     let probs = attention_probs(q, k, scale)?;
     Ok(probs.matmul(v)?)
-}
-
-/// [`attention`] on the CPU: forward and backward by `crate::cpu_attention`. The forward
-/// keeps each query's log-sum-exp (`B·heads·Lq` values) for the backward.
-struct CpuFusedAttention {
-    scale: f32,
-    lse: std::sync::Mutex<Option<Vec<f32>>>,
-}
-
-fn attn_dims(q: &[usize], k: &[usize], v: &[usize]) -> candle_core::Result<AttnDims> {
-    match (q, k, v) {
-        ([b, h, lq, d], [kb, kh, lk, kd], [vb, vh, vl, dv])
-            if b == kb && b == vb && h == kh && h == vh && d == kd && lk == vl =>
-        {
-            Ok(AttnDims {
-                bh: b * h,
-                lq: *lq,
-                lk: *lk,
-                d: *d,
-                dv: *dv,
-            })
-        }
-        _ => candle_core::bail!("attention: q {q:?}, k {k:?}, v {v:?} do not fit"),
-    }
-}
-
-impl candle_core::CustomOp3 for CpuFusedAttention {
-    fn name(&self) -> &'static str {
-        "cpu-fused-attention"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &candle_core::CpuStorage,
-        l1: &candle_core::Layout,
-        s2: &candle_core::CpuStorage,
-        l2: &candle_core::Layout,
-        s3: &candle_core::CpuStorage,
-        l3: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let n = attn_dims(l1.dims(), l2.dims(), l3.dims())?;
-        let (out, lse) = crate::cpu_attention::forward(
-            f32_slice(s1, l1, "attention input")?,
-            f32_slice(s2, l2, "attention input")?,
-            f32_slice(s3, l3, "attention input")?,
-            n,
-            self.scale,
-        );
-        *self.lse.lock().unwrap() = Some(lse);
-        let mut shape = l1.dims().to_vec();
-        shape[3] = n.dv;
-        Ok((candle_core::CpuStorage::F32(out), shape.into()))
-    }
-
-    #[allow(clippy::type_complexity)]
-    fn bwd(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        res: &Tensor,
-        g: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let n = attn_dims(q.dims(), k.dims(), v.dims())?;
-        let lse = self.lse.lock().unwrap();
-        let Some(lse) = lse.as_ref() else {
-            candle_core::bail!("attention backward before its forward");
-        };
-        let (dq, dk, dv) = crate::cpu_attention::backward(
-            &host_f32(q)?,
-            &host_f32(k)?,
-            &host_f32(v)?,
-            &host_f32(res)?,
-            lse,
-            &host_f32(g)?,
-            n,
-            self.scale,
-        );
-        let dev = q.device();
-        Ok((
-            Some(Tensor::from_vec(dq, q.dims(), dev)?),
-            Some(Tensor::from_vec(dk, k.dims(), dev)?),
-            Some(Tensor::from_vec(dv, v.dims(), dev)?),
-        ))
-    }
 }
 
 #[cfg(test)]
@@ -268,7 +183,7 @@ impl Attention {
     /// `softmax(q kᵀ · scale) v` `[B, heads, Lq, d]` in `v`'s dtype, with what its backward
     /// pass needs when `record`. With `control`, the controller sees and may replace the
     /// probabilities; otherwise the fastest kernel runs: on the CPU in f32 the fused one
-    /// (`crate::cpu_attention`), which keeps only each query's log-sum-exp.
+    /// (`crate::cpu::attention`), which keeps only each query's log-sum-exp.
     pub(crate) fn core(
         &self,
         (q, k, v): (Tensor, Tensor, Tensor),
@@ -310,7 +225,7 @@ impl Attention {
             let (o, lse) = ops::with_f32(&q, |qs| {
                 ops::with_f32(&k, |ks| {
                     ops::with_f32(&v, |vs| {
-                        crate::cpu_attention::forward(qs, ks, vs, n, self.scale as f32)
+                        crate::cpu::attention::forward(qs, ks, vs, n, self.scale as f32)
                     })
                 })
             })???;
@@ -355,7 +270,7 @@ impl Attention {
                             ops::with_f32(&o, |os| {
                                 ops::with_f32(&lse, |ls| {
                                     ops::with_f32(d_o, |gs| {
-                                        crate::cpu_attention::backward(
+                                        crate::cpu::attention::backward(
                                             qs,
                                             ks,
                                             vs,
@@ -468,7 +383,7 @@ impl FeedForward {
         if ops::host(ff) && ops::host(g) {
             let inner = g.dim(D::Minus1)?;
             let dh = ops::with_f32(ff, |h| {
-                ops::with_f32(g, |g| crate::cpu_kernels::geglu_backward(h, g, inner))
+                ops::with_f32(g, |g| crate::cpu::kernels::geglu_backward(h, g, inner))
             })??;
             return Ok(Tensor::from_vec(dh, ff.dims(), ff.device())?);
         }
@@ -482,37 +397,6 @@ impl FeedForward {
         let slope = (cdf + (pdf * &gate)?)?;
         let dgate = ((g * hidden)? * slope)?;
         Ok(Tensor::cat(&[dh, dgate], 2)?)
-    }
-}
-
-/// `a · gelu(b)` for `h = [a | b]` on the CPU (f32), one pass each way
-/// (`crate::cpu_kernels::geglu`).
-struct CpuGeglu;
-
-impl candle_core::CustomOp1 for CpuGeglu {
-    fn name(&self) -> &'static str {
-        "cpu-geglu"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s: &candle_core::CpuStorage,
-        l: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let mut dims = l.dims().to_vec();
-        let width = dims.last().copied().unwrap_or(0);
-        if width % 2 != 0 {
-            candle_core::bail!("geglu: odd width {width}");
-        }
-        let out = crate::cpu_kernels::geglu(f32_slice(s, l, "attention input")?, width / 2);
-        *dims.last_mut().unwrap() = width / 2;
-        Ok((candle_core::CpuStorage::F32(out), dims.into()))
-    }
-
-    fn bwd(&self, h: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let inner = g.dim(candle_core::D::Minus1)?;
-        let dh = crate::cpu_kernels::geglu_backward(&host_f32(h)?, &host_f32(g)?, inner);
-        Ok(Some(Tensor::from_vec(dh, h.dims(), h.device())?))
     }
 }
 

@@ -21,12 +21,13 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::broadcast::error::RecvError;
 
-use crate::error::ApiError;
+use crate::app::App;
+use crate::error::{clip, ApiError};
 use crate::ids::Id;
 use crate::jobs::{JobEvent, JobKind, JobRecord, JobState, Work};
+use crate::middleware;
 use crate::params::{decode_image, invert_params, EditRequest, SIZE_MULTIPLE};
 use crate::store::{EditRecord, InversionRecord, INPUT_PNG, INVERSION_FILE, RECONSTRUCTION_PNG};
-use crate::{middleware, App};
 
 type AppState = State<Arc<App>>;
 
@@ -77,15 +78,6 @@ pub fn router(app: Arc<App>) -> Router {
 
 fn parse_id(what: &str, s: &str) -> Result<Id, ApiError> {
     Id::parse(s).ok_or_else(|| ApiError::invalid_id(what))
-}
-
-/// Cut to `n` characters, for echoing client text in messages.
-pub(crate) fn clip(s: &str, n: usize) -> String {
-    if s.chars().count() <= n {
-        s.to_string()
-    } else {
-        s.chars().take(n).collect::<String>() + "…"
-    }
 }
 
 async fn blocking<T: Send + 'static>(

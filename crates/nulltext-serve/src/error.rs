@@ -136,3 +136,12 @@ pub fn api_wording(msg: &str) -> String {
     }
     s
 }
+
+/// Cut to `n` characters, for echoing client text in messages.
+pub(crate) fn clip(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        s.chars().take(n).collect::<String>() + "…"
+    }
+}

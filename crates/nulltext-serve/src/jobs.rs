@@ -14,7 +14,6 @@ use tokio::sync::broadcast;
 
 use crate::error::ApiError;
 use crate::ids::Id;
-use crate::now_ms;
 use crate::params::{EditRequest, InvertParams};
 use crate::store::write_json;
 
@@ -481,6 +480,13 @@ fn retry_after(inner: &Inner) -> u64 {
         .and_then(|j| j.record().started_ms)
         .map_or(0.0, |s| now_ms().saturating_sub(s) as f64 / 1e3);
     (mean - elapsed).ceil().clamp(1.0, 3600.0) as u64
+}
+
+/// Milliseconds since the Unix epoch (0 before it).
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 //! `/openapi.json` are embedded in the binary.
 
 pub mod api;
+pub mod app;
 pub mod error;
 pub mod ids;
 pub mod jobs;
@@ -24,6 +25,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use nulltext::{CancelFlag, StableDiffusion};
 
+pub use app::App;
 pub use error::ApiError;
 pub use ids::Id;
 pub use params::Limits;
@@ -98,26 +100,8 @@ impl ServeArgs {
     }
 }
 
-/// What the handlers and the worker share.
-pub struct App {
-    pub(crate) sd: StableDiffusion,
-    pub(crate) store: store::Store,
-    pub(crate) jobs: jobs::Jobs,
-    pub(crate) limits: Limits,
-    /// Listening on a loopback address: only loopback host names are answered.
-    pub(crate) local_only: bool,
-    /// Uploads being decoded at once (each may take a few hundred MB for a moment).
-    pub(crate) decodes: tokio::sync::Semaphore,
-}
-
 /// Uploads decoded at once; more wait their turn.
 const DECODES_IN_FLIGHT: usize = 2;
-
-pub(crate) fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
 
 /// How long open connections may linger once a shutdown begins.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);

@@ -10,9 +10,8 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 
-use crate::api::clip;
-use crate::error::ApiError;
-use crate::App;
+use crate::app::App;
+use crate::error::{clip, ApiError};
 
 type AppState = State<Arc<App>>;
 

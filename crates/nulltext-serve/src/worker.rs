@@ -14,14 +14,14 @@ use nulltext::edit::EditOptions;
 use nulltext::image_io::{psnr, save_png, tensor_to_images};
 use nulltext::{Event, Progress, StableDiffusion, Stage};
 
+use crate::app::App;
 use crate::error::api_wording;
 use crate::ids::Id;
-use crate::jobs::{Job, JobEvent, JobKind, JobState, ProgressInfo, Work, INTERRUPTED};
+use crate::jobs::{now_ms, Job, JobEvent, JobKind, JobState, ProgressInfo, Work, INTERRUPTED};
 use crate::params::{EditRequest, InvertParams};
 use crate::store::{
     EditRecord, InversionRecord, StoredImage, INPUT_PNG, INVERSION_FILE, RECONSTRUCTION_PNG,
 };
-use crate::{now_ms, App};
 
 /// Forwards the library's events to a job's record and listeners; asks the library to
 /// stop when the job is cancelled.

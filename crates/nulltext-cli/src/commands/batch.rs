@@ -7,7 +7,7 @@ use nulltext_eval::batch::{self, BatchOptions, ItemEvent, Shard};
 use nulltext_eval::metrics::SsimWindow;
 use nulltext_eval::{cluster, pie_bench, report};
 
-use super::{Ctx, ModelArg};
+use super::context::{Ctx, ModelArg};
 
 #[derive(Args)]
 pub struct BatchArgs {
@@ -40,7 +40,7 @@ pub struct BatchArgs {
     shard_count: Option<usize>,
     /// How every item is inverted.
     #[command(flatten)]
-    settings: super::InvertSettings,
+    settings: super::context::InvertSettings,
     /// Also measure LPIPS with these weights (the `lpips` package's state dict as
     /// safetensors: `tools/lpips_reference.py export`; AlexNet or SqueezeNet).
     #[arg(long)]

@@ -12,7 +12,7 @@ use nulltext::inversion::{Adam, StepObjective};
 use nulltext::models::{Ddim, NoControl};
 use nulltext::sampling::{guided_eps, predict_eps, Controller};
 
-use super::{Ctx, ModelArg};
+use super::context::{Ctx, ModelArg};
 
 /// Stages run unless `--only` says otherwise.
 const STAGES: [&str; 9] = [

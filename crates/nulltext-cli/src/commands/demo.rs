@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use clap::{Args, Parser};
 
-use super::Ctx;
+use super::context::Ctx;
 
 #[derive(Args)]
 pub struct DemoArgs {

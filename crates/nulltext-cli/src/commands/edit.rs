@@ -7,7 +7,7 @@ use nulltext::edit::{BlendOptions, CrossReplace, EditMode, EditOptions, Window};
 use nulltext::image_io;
 use nulltext::plot::render;
 
-use super::{Ctx, ModelArg};
+use super::context::{Ctx, ModelArg};
 
 #[derive(Args)]
 pub struct EditArgs {

@@ -7,7 +7,7 @@ use nulltext::image_io;
 use nulltext_eval::metrics::{compare, Mask, SsimWindow};
 use nulltext_eval::pie_bench;
 
-use super::Ctx;
+use super::context::Ctx;
 
 #[derive(Args)]
 pub struct EvalArgs {

@@ -4,7 +4,7 @@ use anyhow::Result;
 use clap::Args;
 use nulltext::text2img::{generate, GenerateOptions};
 
-use super::{Ctx, ModelArg};
+use super::context::{Ctx, ModelArg};
 
 #[derive(Args)]
 pub struct GenerateArgs {

@@ -7,7 +7,7 @@ use clap::Args;
 use nulltext::image_io::{self, Crop};
 use nulltext::{InvertOptions, Method};
 
-use super::{Ctx, ModelArg};
+use super::context::{Ctx, ModelArg};
 
 #[derive(Args)]
 pub struct InvertArgs {
@@ -23,7 +23,7 @@ pub struct InvertArgs {
     #[arg(long, short)]
     out: PathBuf,
     #[command(flatten)]
-    settings: super::InvertSettings,
+    settings: super::context::InvertSettings,
     /// Pixels to cut from the sides before the centre square is taken: LEFT,RIGHT,TOP,BOTTOM.
     #[arg(long)]
     crop: Option<Crop>,

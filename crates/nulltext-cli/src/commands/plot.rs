@@ -5,7 +5,7 @@ use clap::{Args, ValueEnum};
 use nulltext_eval::figures::{self, Against, Compute, Quality};
 use nulltext_eval::trace::Trace;
 
-use super::Ctx;
+use super::context::Ctx;
 
 #[derive(Args)]
 pub struct PlotArgs {

@@ -6,7 +6,7 @@ use nulltext::models::random::{
     parameter_counts, write_random_model, write_random_single_file, Preset,
 };
 
-use super::Ctx;
+use super::context::Ctx;
 
 #[derive(Args)]
 pub struct RandomModelArgs {

@@ -3,7 +3,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
-use super::{Ctx, ModelArg};
+use super::context::{Ctx, ModelArg};
 
 #[derive(Args)]
 pub struct ReconstructArgs {

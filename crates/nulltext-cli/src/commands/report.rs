@@ -4,7 +4,7 @@ use anyhow::Result;
 use clap::Args;
 use nulltext_eval::report;
 
-use super::Ctx;
+use super::context::Ctx;
 
 #[derive(Args)]
 pub struct ReportArgs {

@@ -1,7 +1,7 @@
 use anyhow::Result;
 use clap::Args;
 
-use super::{Ctx, ModelArg};
+use super::context::{Ctx, ModelArg};
 
 #[derive(Args)]
 pub struct ServeCommand {

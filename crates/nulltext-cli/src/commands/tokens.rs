@@ -1,7 +1,7 @@
 use anyhow::Result;
 use clap::Args;
 
-use super::Ctx;
+use super::context::Ctx;
 
 #[derive(Args)]
 pub struct TokensArgs {

@@ -6,7 +6,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use nulltext::CancelFlag;
 use nulltext_train::{train, Phase, TrainEvent, TrainOptions, TrainProgress};
 
-use super::Ctx;
+use super::context::Ctx;
 
 #[derive(Args)]
 pub struct TrainArgs {

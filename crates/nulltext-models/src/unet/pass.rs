@@ -17,7 +17,7 @@
 //!   CPU, its probabilities).
 //!
 //! Which kernels run is the tensors' business: on the CPU in f32 nulltext's own (`crate::nn`,
-//! `crate::cpu_attention`, `crate::ops`), elsewhere candle's ops. The layers own their
+//! `crate::cpu::attention`, `crate::nn::layout`), elsewhere candle's ops. The layers own their
 //! input-gradient formulas (`Conv2d::input_grad`, `GroupNorm::backward`, …).
 
 use candle_core::Tensor;
@@ -29,8 +29,8 @@ use crate::attention::{Projection, Transformer2DModel};
 use crate::control::{AttentionCall, AttentionControl};
 use crate::embeddings::timestep_embedding;
 use crate::error::Result;
+use crate::nn::layout as ops;
 use crate::nn::{GroupNorm, NormRecord};
-use crate::ops;
 use crate::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
 
 /// Values that do not depend on the context, computed by a tape's first pass and reused by

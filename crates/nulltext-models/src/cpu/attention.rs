@@ -8,8 +8,8 @@
 
 use rayon::prelude::*;
 
-use crate::cpu_conv::matmul_serial;
-use crate::cpu_kernels::{exp_row, exp_shifted_row};
+use crate::cpu::conv::matmul_serial;
+use crate::cpu::kernels::{exp_row, exp_shifted_row};
 
 /// Score elements per block of the forward pass (4 MiB of f32: fewer, larger blocks
 /// amortize packing the keys for the product; measured 157 ms against 213 ms for 256 KiB

@@ -1,0 +1,833 @@
+//! candle custom ops over nulltext's CPU kernels (f32): the layers' forward passes as
+//! single graph nodes whose backward passes are the kernels' input gradients (and, when
+//! training, the weights' gradients).
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor, D};
+
+use super::attention::AttnDims;
+use super::conv::{CpuConv, Nchw};
+
+/// `x Wᵀ (+ b)` for `x` `[rows, in]`, `W` `[out, in]` and `b` `[out]`, f32 on the CPU: one
+/// matrix product writing onto the bias.
+pub(crate) fn linear_f32(
+    x: &[f32],
+    rows: usize,
+    w: &[f32],
+    out_dim: usize,
+    bias: Option<&[f32]>,
+) -> Vec<f32> {
+    let in_dim = w.len() / out_dim.max(1);
+    assert_eq!(x.len(), rows * in_dim);
+    let mut y = vec![0f32; rows * out_dim];
+    if let Some(bias) = bias {
+        y.chunks_mut(out_dim.max(1))
+            .for_each(|r| r.copy_from_slice(bias));
+    }
+    crate::cpu::conv::matmul(
+        (rows, out_dim, in_dim),
+        &mut y,
+        out_dim,
+        bias.is_some(),
+        x,
+        (in_dim, 1),
+        w,
+        (1, in_dim),
+    );
+    y
+}
+
+/// `dx (+)= g W` (`acc`: add to `dx`): the input gradient of [`linear_f32`] for `g`
+/// `[rows, out]`, into `dx` `[rows, in]`.
+pub(crate) fn linear_input_grad_f32(g: &[f32], rows: usize, w: &[f32], dx: &mut [f32], acc: bool) {
+    let out_dim = g.len() / rows.max(1);
+    let in_dim = w.len() / out_dim.max(1);
+    assert_eq!(dx.len(), rows * in_dim);
+    crate::cpu::conv::matmul(
+        (rows, in_dim, out_dim),
+        dx,
+        in_dim,
+        acc,
+        g,
+        (out_dim, 1),
+        w,
+        (in_dim, 1),
+    );
+}
+
+/// `y = x Wᵀ + b` on the CPU (f32) for `x` `[rows, in]`, `W` `[out, in]`, `b` `[out]`:
+/// one matrix product writing onto the bias; the backward gives the input gradient `g W`.
+pub(crate) struct CpuLinear;
+
+impl CpuLinear {
+    pub(crate) fn run(
+        x: (&CpuStorage, &Layout),
+        w: (&CpuStorage, &Layout),
+        b: Option<(&CpuStorage, &Layout)>,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (rows, in_dim) = x.1.shape().dims2()?;
+        let (out_dim, w_in) = w.1.shape().dims2()?;
+        if in_dim != w_in {
+            candle_core::bail!("linear: input width {in_dim}, weight expects {w_in}");
+        }
+        let xs = f32_slice(x.0, x.1, "input")?;
+        let ws = f32_slice(w.0, w.1, "weight")?;
+        let bias = match b {
+            Some((b, l)) => {
+                let bias = f32_slice(b, l, "bias")?;
+                if bias.len() != out_dim {
+                    candle_core::bail!("linear: bias of {} for {out_dim} outputs", bias.len());
+                }
+                Some(bias)
+            }
+            None => None,
+        };
+        let y = linear_f32(xs, rows, ws, out_dim, bias);
+        Ok((CpuStorage::F32(y), Shape::from((rows, out_dim))))
+    }
+
+    /// `g W` `[rows, in]`.
+    pub(crate) fn input_grad(w: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
+        g.contiguous()?.apply_op2_no_bwd(w, &CpuLinearInputGrad)
+    }
+
+    /// The gradients of whichever of `x`, `W` and `b` are being differentiated: `g W`,
+    /// `gᵀ x` and the column sums of `g` (the weights' only when training them).
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn grads(
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        let dx = match x.track_op() {
+            true => Some(Self::input_grad(w, &g)?),
+            false => None,
+        };
+        let dw = match w.track_op() {
+            true => Some(g.t()?.matmul(&x.detach().contiguous()?)?),
+            false => None,
+        };
+        let db = match b {
+            Some(b) if b.track_op() => Some(channel_sums(&g, g.dim(1)?)?),
+            _ => None,
+        };
+        Ok((dx, dw, db))
+    }
+}
+
+impl candle_core::CustomOp2 for CpuLinear {
+    fn name(&self) -> &'static str {
+        "cpu-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        Self::run((s1, l1), (s2, l2), None)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = Self::grads(x, w, None, g)?;
+        Ok((dx, dw))
+    }
+}
+
+impl candle_core::CustomOp3 for CpuLinear {
+    fn name(&self) -> &'static str {
+        "cpu-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        Self::run((s1, l1), (s2, l2), Some((s3, l3)))
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        Self::grads(x, w, Some(b), g)
+    }
+}
+
+/// `g W` for a [`CpuLinear`]: `g` `[rows, out]`, `W` `[out, in]`.
+pub(crate) struct CpuLinearInputGrad;
+
+impl candle_core::CustomOp2 for CpuLinearInputGrad {
+    fn name(&self) -> &'static str {
+        "cpu-linear-input-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (rows, out_dim) = l1.shape().dims2()?;
+        let (w_out, in_dim) = l2.shape().dims2()?;
+        if out_dim != w_out {
+            candle_core::bail!("linear backward: gradient width {out_dim}, weight has {w_out}");
+        }
+        let mut dx = vec![0f32; rows * in_dim];
+        linear_input_grad_f32(
+            f32_slice(s1, l1, "gradient")?,
+            rows,
+            f32_slice(s2, l2, "weight")?,
+            &mut dx,
+            false,
+        );
+        Ok((CpuStorage::F32(dx), Shape::from((rows, in_dim))))
+    }
+}
+
+/// The data of a contiguous f32 CPU storage.
+pub(crate) fn f32_slice<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, e))) => Ok(&v[a..e]),
+        _ => candle_core::bail!("cpu kernel: {what} must be contiguous f32"),
+    }
+}
+
+/// The data of an f32 CPU tensor as a contiguous host vector (for backward passes, which
+/// receive tensors rather than storages).
+pub(crate) fn host_f32(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    t.contiguous()?.flatten_all()?.to_vec1::<f32>()
+}
+
+pub(crate) fn nchw(l: &Layout) -> candle_core::Result<Nchw> {
+    let (b, c, h, w) = l.shape().dims4()?;
+    Ok(Nchw { b, c, h, w })
+}
+
+/// `conv2d(x, w) + b` on the CPU (f32).
+pub(crate) struct CpuConvForward(pub(crate) CpuConv);
+
+impl CpuConvForward {
+    /// The gradient of the input.
+    pub(crate) fn input_grad(
+        &self,
+        (h, wd): (usize, usize),
+        w: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        g.contiguous()?
+            .apply_op2_no_bwd(w, &CpuConvInputGrad(self.0, h, wd))
+    }
+
+    /// The gradients of whichever of the input, kernel and bias are being differentiated
+    /// (the kernel's and bias's only when training them).
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn grads(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        let dx = match x.track_op() {
+            true => {
+                let (_, _, h, wd) = x.dims4()?;
+                Some(self.input_grad((h, wd), w, &g)?)
+            }
+            false => None,
+        };
+        let dw = match w.track_op() {
+            true => Some(
+                x.detach()
+                    .contiguous()?
+                    .apply_op2_no_bwd(&g, &CpuConvWeightGrad(self.0))?,
+            ),
+            false => None,
+        };
+        let db = match b {
+            Some(b) if b.track_op() => Some(channel_sums(&g, g.dim(1)?)?),
+            _ => None,
+        };
+        Ok((dx, dw, db))
+    }
+
+    pub(crate) fn run(
+        &self,
+        x: (&CpuStorage, &Layout),
+        w: (&CpuStorage, &Layout),
+        b: Option<(&CpuStorage, &Layout)>,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let s = nchw(x.1)?;
+        if s.c != self.0.c_in {
+            candle_core::bail!(
+                "conv2d: {} input channels, the kernel expects {}",
+                s.c,
+                self.0.c_in
+            );
+        }
+        let bias = match b {
+            Some((b, l)) => Some(f32_slice(b, l, "bias")?),
+            None => None,
+        };
+        let out = self.0.forward(
+            f32_slice(x.0, x.1, "input")?,
+            s,
+            f32_slice(w.0, w.1, "kernel")?,
+            bias,
+        );
+        let (oh, ow) = self.0.out_hw(s.h, s.w);
+        Ok((
+            CpuStorage::F32(out),
+            Shape::from((s.b, self.0.c_out, oh, ow)),
+        ))
+    }
+}
+
+impl candle_core::CustomOp2 for CpuConvForward {
+    fn name(&self) -> &'static str {
+        "cpu-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.run((s1, l1), (s2, l2), None)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = self.grads(x, w, None, g)?;
+        Ok((dx, dw))
+    }
+}
+
+impl candle_core::CustomOp3 for CpuConvForward {
+    fn name(&self) -> &'static str {
+        "cpu-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.run((s1, l1), (s2, l2), Some((s3, l3)))
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        self.grads(x, w, Some(b), g)
+    }
+}
+
+/// The input gradient of a [`CpuConvForward`] for an input of height and width `(.1, .2)`.
+pub(crate) struct CpuConvInputGrad(pub(crate) CpuConv, pub(crate) usize, pub(crate) usize);
+
+impl candle_core::CustomOp2 for CpuConvInputGrad {
+    fn name(&self) -> &'static str {
+        "cpu-conv2d-input-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, c_out, oh, ow) = l1.shape().dims4()?;
+        let s = Nchw {
+            b,
+            c: self.0.c_in,
+            h: self.1,
+            w: self.2,
+        };
+        if c_out != self.0.c_out || self.0.out_hw(s.h, s.w) != (oh, ow) {
+            candle_core::bail!(
+                "conv2d backward: gradient of shape {:?} does not fit",
+                l1.dims()
+            );
+        }
+        let dx = self.0.input_grad(
+            f32_slice(s1, l1, "gradient")?,
+            s,
+            f32_slice(s2, l2, "kernel")?,
+        );
+        Ok((CpuStorage::F32(dx), Shape::from((s.b, s.c, s.h, s.w))))
+    }
+}
+
+/// The kernel gradient of a [`CpuConvForward`]: arguments the input and the output gradient.
+pub(crate) struct CpuConvWeightGrad(pub(crate) CpuConv);
+
+impl candle_core::CustomOp2 for CpuConvWeightGrad {
+    fn name(&self) -> &'static str {
+        "cpu-conv2d-weight-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let s = nchw(l1)?;
+        let (b, c_out, oh, ow) = l2.shape().dims4()?;
+        if b != s.b || c_out != self.0.c_out || self.0.out_hw(s.h, s.w) != (oh, ow) {
+            candle_core::bail!(
+                "conv2d kernel gradient: gradient of shape {:?} does not fit",
+                l2.dims()
+            );
+        }
+        let dw = self.0.weight_grad(
+            f32_slice(s1, l1, "input")?,
+            s,
+            f32_slice(s2, l2, "gradient")?,
+        );
+        let k = self.0.k;
+        Ok((
+            CpuStorage::F32(dw),
+            Shape::from((self.0.c_out, self.0.c_in, k, k)),
+        ))
+    }
+}
+
+/// Group normalization on the CPU in two passes (`crate::cpu::kernels::group_norm`).
+/// With `silu`, the SiLU after the normalization in the same pass. One graph node whose
+/// backward is the input gradient (`crate::cpu::kernels::group_norm_backward`).
+#[derive(Clone)]
+pub(crate) struct CpuGroupNorm {
+    pub(crate) groups: usize,
+    pub(crate) eps: f64,
+    pub(crate) affine: Arc<(Vec<f32>, Vec<f32>)>,
+    pub(crate) silu: bool,
+}
+
+pub(crate) fn channels_and_plane(l: &Layout) -> candle_core::Result<(usize, usize)> {
+    let dims = l.shape().dims();
+    if dims.len() < 2 {
+        candle_core::bail!("group norm: input of shape {dims:?}");
+    }
+    Ok((dims[1], dims[2..].iter().product()))
+}
+
+impl CustomOp1 for CpuGroupNorm {
+    fn name(&self) -> &'static str {
+        "cpu-group-norm"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (c, hw) = channels_and_plane(l)?;
+        let x = f32_slice(s, l, "group norm input")?;
+        let (gamma, beta) = &*self.affine;
+        let out = crate::cpu::kernels::group_norm(
+            x,
+            c,
+            hw,
+            self.groups,
+            gamma,
+            beta,
+            self.eps,
+            self.silu,
+        );
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let g = g.contiguous()?;
+        Ok(Some(
+            x.apply_op2_no_bwd(&g, &CpuGroupNormGrad(self.clone()))?,
+        ))
+    }
+}
+
+/// The input gradient of a [`CpuGroupNorm`]: arguments `x` and the output gradient.
+pub(crate) struct CpuGroupNormGrad(pub(crate) CpuGroupNorm);
+
+impl candle_core::CustomOp2 for CpuGroupNormGrad {
+    fn name(&self) -> &'static str {
+        "cpu-group-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (c, hw) = channels_and_plane(l1)?;
+        if l1.dims() != l2.dims() {
+            candle_core::bail!("group norm backward: gradient shape {:?}", l2.dims());
+        }
+        let (gamma, beta) = &*self.0.affine;
+        let dx = crate::cpu::kernels::group_norm_backward(
+            f32_slice(s1, l1, "group norm input")?,
+            f32_slice(s2, l2, "group norm gradient")?,
+            c,
+            hw,
+            self.0.groups,
+            (gamma, beta),
+            self.0.eps,
+            self.0.silu,
+        );
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+/// [`CpuGroupNorm`] whose γ and β are arguments (variables being trained): its backward
+/// also gives their gradients (`crate::cpu::kernels::group_norm_affine_grads`).
+#[derive(Clone, Copy)]
+pub(crate) struct CpuGroupNormTrain {
+    pub(crate) groups: usize,
+    pub(crate) eps: f64,
+    pub(crate) silu: bool,
+}
+
+impl candle_core::CustomOp3 for CpuGroupNormTrain {
+    fn name(&self) -> &'static str {
+        "cpu-group-norm-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (c, hw) = channels_and_plane(l1)?;
+        let (gamma, beta) = (f32_slice(s2, l2, "γ")?, f32_slice(s3, l3, "β")?);
+        if gamma.len() != c || beta.len() != c {
+            candle_core::bail!(
+                "group norm: {c} channels, γ/β of {}/{}",
+                gamma.len(),
+                beta.len()
+            );
+        }
+        let x = f32_slice(s1, l1, "group norm input")?;
+        let out = crate::cpu::kernels::group_norm(
+            x,
+            c,
+            hw,
+            self.groups,
+            gamma,
+            beta,
+            self.eps,
+            self.silu,
+        );
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        let affine = Arc::new((w.detach().to_vec1::<f32>()?, b.detach().to_vec1::<f32>()?));
+        let op = CpuGroupNorm {
+            groups: self.groups,
+            eps: self.eps,
+            affine: affine.clone(),
+            silu: self.silu,
+        };
+        let dx = match x.track_op() {
+            true => Some(x.detach().apply_op2_no_bwd(&g, &CpuGroupNormGrad(op))?),
+            false => None,
+        };
+        let c = x.dim(1)?;
+        let hw = x.elem_count() / (x.dim(0)? * c).max(1);
+        let (dg, db) = crate::cpu::kernels::group_norm_affine_grads(
+            &host_f32(x)?,
+            &host_f32(&g)?,
+            c,
+            hw,
+            self.groups,
+            (&affine.0, &affine.1),
+            self.eps,
+            self.silu,
+        );
+        Ok((
+            dx,
+            Some(Tensor::from_vec(dg, c, x.device())?),
+            Some(Tensor::from_vec(db, c, x.device())?),
+        ))
+    }
+}
+
+/// Per-channel sums of a contiguous `[outer, c, inner…]` f32 tensor (a bias's gradient).
+pub(crate) fn channel_sums(g: &Tensor, c: usize) -> candle_core::Result<Tensor> {
+    let v = host_f32(g)?;
+    let inner = (v.len() / (g.dim(0)? * c).max(1)).max(1);
+    let mut out = vec![0f64; c];
+    for (k, chunk) in v.chunks(inner).enumerate() {
+        out[k % c] += chunk.iter().map(|x| *x as f64).sum::<f64>();
+    }
+    let out: Vec<f32> = out.into_iter().map(|x| x as f32).collect();
+    Tensor::from_vec(out, c, g.device())
+}
+
+/// Layer normalization on the CPU (f32): arguments `x`, γ, β; one graph node whose
+/// backward is the input gradient (`crate::cpu::kernels::layer_norm_backward`).
+pub(crate) struct CpuLayerNorm(pub(crate) f64);
+
+impl candle_core::CustomOp3 for CpuLayerNorm {
+    fn name(&self) -> &'static str {
+        "cpu-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = l1.dims().last().copied().unwrap_or(1);
+        let (gamma, beta) = (f32_slice(s2, l2, "γ")?, f32_slice(s3, l3, "β")?);
+        if gamma.len() != d || beta.len() != d {
+            candle_core::bail!(
+                "layer norm: width {d}, γ/β of {}/{}",
+                gamma.len(),
+                beta.len()
+            );
+        }
+        let out =
+            crate::cpu::kernels::layer_norm(f32_slice(s1, l1, "input")?, d, gamma, beta, self.0);
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = x.dim(D::Minus1)?;
+        let dx = match x.track_op() {
+            true => {
+                let dx = crate::cpu::kernels::layer_norm_backward(
+                    &host_f32(x)?,
+                    &host_f32(g)?,
+                    d,
+                    &w.detach().to_vec1::<f32>()?,
+                    self.0,
+                );
+                Some(Tensor::from_vec(dx, x.dims(), x.device())?)
+            }
+            false => None,
+        };
+        // γ and β (when training them): Σ g·x̂ and Σ g over every row
+        let rows = x.elem_count() / d.max(1);
+        let g2 = g.reshape((rows, d))?;
+        let dw = match w.track_op() {
+            true => {
+                let x2 = x.detach().reshape((rows, d))?;
+                let xc = x2.broadcast_sub(&x2.mean_keepdim(1)?)?;
+                let rstd = (xc.sqr()?.mean_keepdim(1)? + self.0)?.sqrt()?.recip()?;
+                Some((g2.clone() * xc.broadcast_mul(&rstd)?)?.sum(0)?)
+            }
+            false => None,
+        };
+        let db = match b.track_op() {
+            true => Some(g2.sum(0)?),
+            false => None,
+        };
+        Ok((dx, dw, db))
+    }
+}
+
+/// `softmax(scale · x)` over the last dimension in place (CPU, f32).
+pub(crate) struct CpuScaledSoftmax(pub(crate) f32);
+
+impl CustomOp1 for CpuScaledSoftmax {
+    fn name(&self) -> &'static str {
+        "cpu-scaled-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let n = *l.shape().dims().last().unwrap_or(&1);
+        let mut v = match (s, l.contiguous_offsets()) {
+            (CpuStorage::F32(v), Some((a, e))) => v[a..e].to_vec(),
+            _ => candle_core::bail!("cpu-scaled-softmax: f32 contiguous input expected"),
+        };
+        crate::cpu::kernels::softmax_rows(&mut v, n, self.0);
+        Ok((CpuStorage::F32(v), l.shape().clone()))
+    }
+}
+
+/// [`attention`] on the CPU: forward and backward by `crate::cpu::attention`. The forward
+/// keeps each query's log-sum-exp (`B·heads·Lq` values) for the backward.
+pub(crate) struct CpuFusedAttention {
+    pub(crate) scale: f32,
+    pub(crate) lse: std::sync::Mutex<Option<Vec<f32>>>,
+}
+
+pub(crate) fn attn_dims(q: &[usize], k: &[usize], v: &[usize]) -> candle_core::Result<AttnDims> {
+    match (q, k, v) {
+        ([b, h, lq, d], [kb, kh, lk, kd], [vb, vh, vl, dv])
+            if b == kb && b == vb && h == kh && h == vh && d == kd && lk == vl =>
+        {
+            Ok(AttnDims {
+                bh: b * h,
+                lq: *lq,
+                lk: *lk,
+                d: *d,
+                dv: *dv,
+            })
+        }
+        _ => candle_core::bail!("attention: q {q:?}, k {k:?}, v {v:?} do not fit"),
+    }
+}
+
+impl candle_core::CustomOp3 for CpuFusedAttention {
+    fn name(&self) -> &'static str {
+        "cpu-fused-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+        s3: &candle_core::CpuStorage,
+        l3: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let n = attn_dims(l1.dims(), l2.dims(), l3.dims())?;
+        let (out, lse) = crate::cpu::attention::forward(
+            f32_slice(s1, l1, "attention input")?,
+            f32_slice(s2, l2, "attention input")?,
+            f32_slice(s3, l3, "attention input")?,
+            n,
+            self.scale,
+        );
+        *self.lse.lock().unwrap() = Some(lse);
+        let mut shape = l1.dims().to_vec();
+        shape[3] = n.dv;
+        Ok((candle_core::CpuStorage::F32(out), shape.into()))
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let n = attn_dims(q.dims(), k.dims(), v.dims())?;
+        let lse = self.lse.lock().unwrap();
+        let Some(lse) = lse.as_ref() else {
+            candle_core::bail!("attention backward before its forward");
+        };
+        let (dq, dk, dv) = crate::cpu::attention::backward(
+            &host_f32(q)?,
+            &host_f32(k)?,
+            &host_f32(v)?,
+            &host_f32(res)?,
+            lse,
+            &host_f32(g)?,
+            n,
+            self.scale,
+        );
+        let dev = q.device();
+        Ok((
+            Some(Tensor::from_vec(dq, q.dims(), dev)?),
+            Some(Tensor::from_vec(dk, k.dims(), dev)?),
+            Some(Tensor::from_vec(dv, v.dims(), dev)?),
+        ))
+    }
+}
+
+/// `a · gelu(b)` for `h = [a | b]` on the CPU (f32), one pass each way
+/// (`crate::cpu::kernels::geglu`).
+pub(crate) struct CpuGeglu;
+
+impl candle_core::CustomOp1 for CpuGeglu {
+    fn name(&self) -> &'static str {
+        "cpu-geglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let mut dims = l.dims().to_vec();
+        let width = dims.last().copied().unwrap_or(0);
+        if width % 2 != 0 {
+            candle_core::bail!("geglu: odd width {width}");
+        }
+        let out = crate::cpu::kernels::geglu(f32_slice(s, l, "attention input")?, width / 2);
+        *dims.last_mut().unwrap() = width / 2;
+        Ok((candle_core::CpuStorage::F32(out), dims.into()))
+    }
+
+    fn bwd(&self, h: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let inner = g.dim(candle_core::D::Minus1)?;
+        let dh = crate::cpu::kernels::geglu_backward(&host_f32(h)?, &host_f32(g)?, inner);
+        Ok(Some(Tensor::from_vec(dh, h.dims(), h.device())?))
+    }
+}

@@ -13,9 +13,13 @@ use crate::error::{Error, Result};
 /// `load_512` offsets).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Crop {
+    /// Pixels cut from the left edge.
     pub left: u32,
+    /// Pixels cut from the right edge.
     pub right: u32,
+    /// Pixels cut from the top edge.
     pub top: u32,
+    /// Pixels cut from the bottom edge.
     pub bottom: u32,
 }
 

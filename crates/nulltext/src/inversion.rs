@@ -34,6 +34,7 @@ pub enum Method {
 }
 
 impl Method {
+    /// Every method, in the order of the enum.
     pub const ALL: [Method; 5] = [
         Method::NullText,
         Method::NullTextGlobal,
@@ -42,6 +43,8 @@ impl Method {
         Method::Direct,
     ];
 
+    /// The method's name on the command line and in inversion files (`null-text`,
+    /// `null-text-global`, `negative-prompt`, `ddim`, `direct`); `FromStr` parses it back.
     pub fn as_str(self) -> &'static str {
         match self {
             Method::NullText => "null-text",
@@ -52,6 +55,8 @@ impl Method {
         }
     }
 
+    /// Whether the method optimizes the unconditional embedding (and so uses
+    /// [`InvertOptions::inner_steps`], `early_stop` and `learning_rate`).
     pub fn optimizes(self) -> bool {
         matches!(self, Method::NullText | Method::NullTextGlobal)
     }
@@ -78,9 +83,11 @@ impl std::str::FromStr for Method {
     }
 }
 
-/// Settings of an inversion.
+/// Settings of an inversion. The default is the paper's null-text inversion: 50 steps,
+/// guidance 7.5, up to 10 Adam iterations per step, ε = 1e-5, learning rate 1e-2.
 #[derive(Debug, Clone)]
 pub struct InvertOptions {
+    /// How the unconditional embeddings are obtained.
     pub method: Method,
     /// DDIM steps T.
     pub num_steps: usize,
@@ -144,14 +151,24 @@ pub struct Inversion {
     /// Direct inversion: the offset added to the source row after each sampling step,
     /// `[T, C, h, w]` in sampling order. Valid only for this guidance scale and step count.
     pub latent_offsets: Option<Tensor>,
+    /// The source caption the image was inverted with.
     pub prompt: String,
+    /// The method that made it.
     pub method: Method,
+    /// DDIM steps T.
     pub num_steps: usize,
+    /// The guidance scale w of the inversion, which reconstruction and edits use by default.
     pub guidance: f64,
+    /// Image height in pixels.
     pub height: usize,
+    /// Image width in pixels.
     pub width: usize,
+    /// The model's scheduler settings; sampling from the inversion uses these.
     pub scheduler: SchedulerConfig,
+    /// The model's name as it was loaded (a path or repository id), for people.
     pub model: String,
+    /// The model's weight fingerprint ([`StableDiffusion::fingerprint`]), checked by
+    /// [`Inversion::check_model`].
     pub model_fingerprint: String,
     /// Metadata keys nulltext does not know, kept when the file is rewritten.
     pub extra_metadata: BTreeMap<String, String>,
@@ -205,8 +222,10 @@ impl Inversion {
         }
     }
 
-    /// Checks that this inversion can be used with `sd`: same weights (unless `force`),
-    /// same embedding width, latent shape and scheduler family.
+    /// Checks that this inversion can be used with `sd`: same weights (by fingerprint; with
+    /// `force`, a mismatch is only logged as a warning), embeddings of the text encoder's
+    /// shape `[T, 77, D]`, and a latent of the shape the model gives for the inversion's
+    /// image size. Sampling from it uses the inversion's own [`Inversion::scheduler`].
     pub fn check_model(&self, sd: &StableDiffusion, force: bool) -> Result<()> {
         if self.model_fingerprint != sd.fingerprint {
             let msg = format!(
@@ -254,7 +273,9 @@ pub struct InvertReport {
     /// The compute spent: UNet evaluations of one latent, a forward or a backward pass
     /// each (a classifier-free guided step counts two forwards).
     pub unet_passes: usize,
+    /// Wall-clock seconds of the DDIM inversion.
     pub seconds_ddim: f64,
+    /// Wall-clock seconds after it: the optimization, or direct inversion's offset pass.
     pub seconds_optimization: f64,
 }
 
@@ -317,6 +338,7 @@ impl Adam {
     const B2: f64 = 0.999;
     const EPS: f64 = 1e-8;
 
+    /// A fresh state (zero moments) for a parameter of `like`'s shape, dtype and device.
     pub fn new(like: &Tensor) -> Result<Self> {
         Ok(Self {
             m: like.zeros_like()?,
@@ -325,6 +347,7 @@ impl Adam {
         })
     }
 
+    /// One update of `param` by its gradient `grad` at learning rate `lr`.
     pub fn step(&mut self, param: &Var, grad: &Tensor, lr: f64) -> Result<()> {
         self.t += 1;
         // m.lerp_(g, 1 − β₁); v = β₂ v + (1 − β₂) g²
@@ -342,14 +365,17 @@ impl Adam {
 /// The null-text objective at one step, ‖z̄ₜ₋₁ − DDIM(z̄ₜ, ε(∅) + w (ε(C) − ε(∅)))‖², as a
 /// function of the unconditional embedding ∅.
 pub struct StepObjective<'a> {
+    /// The sampler whose step the objective follows.
     pub ddim: &'a Ddim,
     /// z̄ₜ and its timestep.
     pub z: &'a Tensor,
+    /// The timestep t of z̄ₜ (a training timestep, not a step index).
     pub t: usize,
     /// ε(z̄ₜ, t, C), computed once per step.
     pub eps_c: &'a Tensor,
     /// The pivot z*ₜ₋₁ of the DDIM inversion.
     pub target: &'a Tensor,
+    /// The guidance scale w.
     pub guidance: f64,
 }
 
@@ -455,6 +481,7 @@ impl<'a> NullTextOptimizer<'a> {
         self.step
     }
 
+    /// Whether every step is done (then [`NullTextOptimizer::finish`]).
     pub fn is_done(&self) -> bool {
         self.step >= self.ddim.num_steps()
     }
@@ -469,6 +496,7 @@ impl<'a> NullTextOptimizer<'a> {
         &self.nulls
     }
 
+    /// The report so far: losses and iterations of the steps done, UNet passes.
     pub fn report(&self) -> &InvertReport {
         &self.report
     }
@@ -625,7 +653,30 @@ pub fn null_text_optimization(
     Ok(opt.finish())
 }
 
-/// Inverts an image latent z₀ (`[1, C, h, w]`) with its caption.
+/// Inverts an image latent z₀ (`[1, C, h, w]`, as [`StableDiffusion::image_to_latent`]
+/// gives it) with its caption; `height` and `width` are the image's size in pixels, recorded
+/// in the inversion. Fails with [`Error::InvalidInput`] on settings the model's scheduler
+/// cannot take, [`Error::NonFinite`] when the result holds NaN or infinite values, and
+/// [`Error::Cancelled`] when `progress` asks to stop.
+///
+/// ```
+/// use nulltext::{image_io, invert_latent, InvertOptions, NoProgress, StableDiffusion};
+///
+/// // The bundled shapes model: 64×64 images, 8×8 latents.
+/// let sd = StableDiffusion::load("../../models/shapes", &Default::default())?;
+/// let photo = "../../models/shapes/examples/red-circle-on-blue.png".as_ref();
+/// let img = image_io::load_image(photo, Default::default(), 64)?;
+/// let z0 = sd.image_to_latent(&image_io::image_to_tensor(&img, &sd.device)?)?;
+/// assert_eq!(z0.dims(), [1, 4, 8, 8]);
+///
+/// // Null-text inversion, shortened: 5 steps of at most 2 Adam iterations.
+/// let opts = InvertOptions { num_steps: 5, inner_steps: 2, ..Default::default() };
+/// let prompt = "a red circle on a blue background";
+/// let (inv, report) = invert_latent(&sd, &z0, prompt, 64, 64, &opts, &mut NoProgress)?;
+/// assert_eq!(inv.null_embeddings.dims(), [5, 77, sd.context_dim()]);
+/// assert!(report.iterations.iter().all(|&n| (1..=2).contains(&n)));
+/// # Ok::<(), nulltext::Error>(())
+/// ```
 pub fn invert_latent(
     sd: &StableDiffusion,
     z0: &Tensor,
@@ -749,7 +800,10 @@ pub fn direct_offsets(
     Ok((offsets, z))
 }
 
-/// Inverts a prepared RGB image (already at the model's size) with its caption.
+/// Inverts a prepared RGB image (already at the model's size, see
+/// [`crate::image_io::load_image`]) with its caption: the VAE encodes it, then
+/// [`invert_latent`] runs. Fails with [`Error::InvalidInput`] when a side is not a multiple
+/// of the VAE's scale factor (8 for Stable Diffusion), and as [`invert_latent`] does.
 ///
 /// ```
 /// use nulltext::{image_io, invert_image, InvertOptions, Method, NoProgress, StableDiffusion};
@@ -793,7 +847,29 @@ pub fn invert_image(
     invert_latent(sd, &z0, prompt, h as usize, w as usize, opts, progress)
 }
 
-/// Samples the inversion back with its own prompt and embeddings: the reconstruction z₀.
+/// Samples the inversion back with its own prompt, embeddings, guidance scale and (for a
+/// direct inversion) latent offsets: the reconstruction z₀, `[1, C, h, w]` on `sd`'s
+/// device. Decode it with [`crate::image_io::decode_latents`].
+///
+/// ```
+/// use nulltext::{image_io, invert_image, reconstruct, InvertOptions, Method, NoProgress};
+/// use nulltext::StableDiffusion;
+///
+/// let sd = StableDiffusion::load("../../models/shapes", &Default::default())?;
+/// let photo = "../../models/shapes/examples/red-circle-on-blue.png".as_ref();
+/// let img = image_io::load_image(photo, Default::default(), 64)?;
+/// let opts = InvertOptions { method: Method::Direct, num_steps: 10, ..Default::default() };
+/// let prompt = "a red circle on a blue background";
+/// let (inv, _) = invert_image(&sd, &img, prompt, &opts, &mut NoProgress)?;
+///
+/// let z0 = reconstruct(&sd, &inv, &mut NoProgress)?;
+/// // Direct inversion's offsets bring the sampler back onto z₀ up to rounding.
+/// let error: f32 = (&z0 - inv.image_latent.as_ref().unwrap())?.abs()?.max_all()?.to_scalar()?;
+/// assert!(error < 1e-3, "{error}");
+/// let picture = image_io::decode_latents(&sd, &z0)?.remove(0);
+/// assert!(image_io::psnr(&picture, &img) > 20.0); // the VAE's round trip
+/// # Ok::<(), nulltext::Error>(())
+/// ```
 pub fn reconstruct(
     sd: &StableDiffusion,
     inv: &Inversion,

@@ -10,6 +10,8 @@ use crate::events::{check, Event, Progress, Stage};
 /// An attention controller that may also adjust the latents after each DDIM step
 /// (Prompt-to-Prompt's local blend).
 pub trait Controller: AttentionControl {
+    /// Called after DDIM step `step` (0-based, in sampling order) with the batch's latents
+    /// `[B, C, h, w]`; returns the latents to continue from (by default, unchanged).
     fn after_step(&mut self, _step: usize, latents: Tensor) -> Result<Tensor> {
         Ok(latents)
     }
@@ -65,6 +67,7 @@ pub struct SampleSpec<'a> {
     pub cond: &'a Tensor,
     /// For each sampling step, `[1, 77, D]` (shared by the batch) or `[B, 77, D]`.
     pub uncond: &'a [Tensor],
+    /// Classifier-free guidance scale w (1: the conditional prediction alone).
     pub guidance: f64,
     /// Steps before this index are skipped (SDEdit-style starts); 0 runs them all.
     pub first_step: usize,
@@ -74,7 +77,42 @@ pub struct SampleSpec<'a> {
 }
 
 /// Runs guided DDIM from `spec.start`, calling `controller` in every attention layer and
-/// after every step. Returns the final latents `[B, C, h, w]`; `on_step` sees each step's.
+/// after every step. Returns the final latents `[B, C, h, w]`; `on_step` sees each step's
+/// (its index in sampling order and the latents), and an error from it stops the loop.
+/// Fails with [`crate::Error::InvalidInput`] when `spec.uncond` has fewer embeddings than
+/// `ddim` has steps.
+///
+/// ```
+/// use nulltext::models::{Ddim, NoControl};
+/// use nulltext::sampling::{sample, SampleSpec};
+/// use nulltext::text2img::seeded_noise;
+/// use nulltext::{NoProgress, StableDiffusion};
+///
+/// let sd = StableDiffusion::load("../../models/shapes", &Default::default())?;
+/// let ddim = Ddim::new(&sd.scheduler, 10)?;
+/// // Two prompts sampled as one batch from the same noise, with the empty prompt as the
+/// // unconditional embedding of every step.
+/// let prompts = ["a red circle on a blue background", "a red star on a blue background", ""];
+/// let (emb, _) = sd.encode_prompts(&prompts)?; // [3, 77, D]
+/// let uncond = vec![emb.narrow(0, 2, 1)?; ddim.num_steps()];
+/// let noise = seeded_noise(0, (1, sd.latent_channels(), 8, 8), &sd.device)?;
+/// let spec = SampleSpec {
+///     start: &noise,
+///     cond: &emb.narrow(0, 0, 2)?,
+///     uncond: &uncond,
+///     guidance: 7.5,
+///     first_step: 0,
+///     source_offsets: None,
+/// };
+/// let mut steps = 0;
+/// let z = sample(&sd, &ddim, &spec, &mut NoControl, &mut NoProgress, |_, _| {
+///     steps += 1;
+///     Ok(())
+/// })?;
+/// assert_eq!(z.dims(), [2, 4, 8, 8]);
+/// assert_eq!(steps, 10);
+/// # Ok::<(), nulltext::Error>(())
+/// ```
 pub fn sample(
     sd: &StableDiffusion,
     ddim: &Ddim,

@@ -7,14 +7,23 @@ use crate::error::{invalid, Result};
 use crate::events::Progress;
 use crate::sampling::{sample, SampleSpec};
 
+/// What [`generate`] samples. There is no default: the size depends on the model
+/// ([`StableDiffusion::default_image_size`]).
 #[derive(Debug, Clone)]
 pub struct GenerateOptions {
+    /// The caption to draw.
     pub prompt: String,
+    /// The unconditional input of classifier-free guidance; `""` for none.
     pub negative_prompt: String,
+    /// Seed of the starting noise ([`seeded_noise`]), which is the same on every device.
     pub seed: u64,
+    /// DDIM steps.
     pub steps: usize,
+    /// Classifier-free guidance scale w.
     pub guidance: f64,
+    /// Image height in pixels, a multiple of the VAE's scale factor (8 for Stable Diffusion).
     pub height: usize,
+    /// Image width in pixels, a multiple of the VAE's scale factor (8 for Stable Diffusion).
     pub width: usize,
 }
 
@@ -41,7 +50,31 @@ pub fn seeded_noise(
     Ok(Tensor::from_vec(v, shape, &Device::Cpu)?.to_device(device)?)
 }
 
-/// Samples latents `[1, C, h, w]` for `opts.prompt`.
+/// Samples latents `[1, C, h, w]` for `opts.prompt`, from [`seeded_noise`] with
+/// classifier-free guidance; decode them with [`crate::image_io::decode_latents`]. Fails
+/// with [`crate::Error::InvalidInput`] when the size is not a positive multiple of the VAE's
+/// scale factor, and with [`crate::Error::Model`] on a step count the scheduler cannot take.
+///
+/// ```
+/// use nulltext::text2img::{generate, GenerateOptions};
+/// use nulltext::{image_io, NoProgress, StableDiffusion};
+///
+/// let sd = StableDiffusion::load("../../models/shapes", &Default::default())?;
+/// let opts = GenerateOptions {
+///     prompt: "a yellow square on a black background".into(),
+///     negative_prompt: String::new(),
+///     seed: 1,
+///     steps: 10,
+///     guidance: 7.5,
+///     height: 64,
+///     width: 64,
+/// };
+/// let z = generate(&sd, &opts, &mut NoProgress)?;
+/// assert_eq!(z.dims(), [1, 4, 8, 8]);
+/// let picture = image_io::decode_latents(&sd, &z)?.remove(0);
+/// assert_eq!(picture.dimensions(), (64, 64));
+/// # Ok::<(), nulltext::Error>(())
+/// ```
 pub fn generate(
     sd: &StableDiffusion,
     opts: &GenerateOptions,

@@ -10,7 +10,9 @@ use crate::error::{invalid, Result};
 /// A word of a prompt: by its text (every occurrence) or by its index in `prompt.split(' ')`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Word {
+    /// Every word of `prompt.split(' ')` equal to this text (case and punctuation count).
     Text(String),
+    /// The word at this index of `prompt.split(' ')`.
     Index(usize),
 }
 

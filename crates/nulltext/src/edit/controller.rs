@@ -18,7 +18,12 @@ pub enum CrossMap {
     Replace(Tensor),
     /// Refinement: M(A)[…, j] = A[…, map(j)] where α_j = 1, the target's own attention
     /// where α_j = 0. `map`: one `[77]` u32 tensor per target; `alpha`: `[B−1, 1, 1, 77]`.
-    Refine { map: Vec<Tensor>, alpha: Tensor },
+    Refine {
+        /// For each target, the source position of each of its 77 tokens.
+        map: Vec<Tensor>,
+        /// 1 where a target token has a source token, 0 for a new one.
+        alpha: Tensor,
+    },
 }
 
 /// Local blending: keep every pixel outside the edited words' attention as in the source.
@@ -92,6 +97,7 @@ pub struct P2PController {
     pub cross_alpha: Vec<Tensor>,
     /// Whether each row of `cross_alpha` has any non-zero entry.
     cross_active: Vec<bool>,
+    /// How each target's cross-attention is derived from the source's.
     pub cross_map: CrossMap,
     /// `[B−1, 1, 1, 77]` token scales (reweighting), if any.
     pub equalizer: Option<Tensor>,
@@ -99,11 +105,13 @@ pub struct P2PController {
     pub self_window: (usize, usize),
     /// Self-attention is replaced only in layers with at most this many query pixels.
     pub self_max_pixels: usize,
+    /// Local blend, if asked for.
     pub blend: Option<LocalBlend>,
     /// Query grid of the stored cross-attention maps (latent / `map_downscale`).
     pub store_grid: (usize, usize),
     /// Latent grid (for the blend mask).
     pub latent_grid: (usize, usize),
+    /// The cross-attention maps gathered while sampling (when blending or recording).
     pub store: AttentionStore,
     /// Keep maps even without a blend (for `--attention-maps`).
     pub record_maps: bool,
@@ -112,6 +120,11 @@ pub struct P2PController {
 }
 
 impl P2PController {
+    /// A controller for a batch of `batch` prompts (source first), usually made by
+    /// [`crate::edit::build_controller`]. `cross_alpha_rows`: per step (T+1 rows), per
+    /// target, the replacement weight of each token; `equalizer`: per target, the scale of
+    /// each token; `self_window`: steps `[start, end)`; `map_downscale`: the stored maps
+    /// are at 1/this of `latent_grid` (rounded up).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         batch: usize,

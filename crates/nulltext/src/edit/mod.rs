@@ -52,15 +52,20 @@ impl std::fmt::Display for EditMode {
 /// A window of the sampling process as fractions `[start, end)` of it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Window {
+    /// Fraction where the window opens, in [0, 1].
     pub start: f64,
+    /// Fraction where it closes (excluded), in [0, 1] and not below `start`.
     pub end: f64,
 }
 
 impl Window {
+    /// `[0, end)`: from the first step.
     pub fn until(end: f64) -> Self {
         Self { start: 0.0, end }
     }
 
+    /// Checks that both ends lie in [0, 1] and `start ≤ end`; `what` names the setting in
+    /// the error.
     pub fn validate(&self, what: &str) -> Result<()> {
         let ok = |x: f64| (0.0..=1.0).contains(&x);
         if !ok(self.start) || !ok(self.end) || self.start > self.end {
@@ -100,10 +105,15 @@ impl std::str::FromStr for Window {
     }
 }
 
-/// Cross-attention replacement schedule: a default window and per-word windows.
+/// Cross-attention replacement schedule: a default window and per-word windows. The
+/// default is `[0, 0.8)` for every token; when parsed from a string that names only words,
+/// the other tokens are replaced over every step (`[0, 1)`), as in the reference.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CrossReplace {
+    /// The steps, as fractions of the sampling process, in which targets take the source's
+    /// cross-attention.
     pub default: Window,
+    /// Windows of their own for the tokens of these target words.
     pub words: Vec<(String, Window)>,
 }
 
@@ -150,7 +160,10 @@ pub struct BlendOptions {
     pub target_words: Vec<String>,
     /// Words whose attention is taken out of the mask (in any prompt).
     pub subtract: Vec<String>,
+    /// Threshold of the blend mask, in [0, 1], on attention normalized to its maximum
+    /// (0.3 in the reference).
     pub threshold: f64,
+    /// Threshold of the subtracted words' mask, in [0, 1] (0.3).
     pub subtract_threshold: f64,
     /// Fraction of the steps before blending starts (0.2 in the reference).
     pub start: f64,
@@ -245,9 +258,13 @@ pub fn attention_downscale_for(latent: (usize, usize)) -> usize {
 /// Everything an edit can be asked to do.
 #[derive(Debug, Clone)]
 pub struct EditOptions {
+    /// How target cross-attention is mapped from the source's (default [`EditMode::Auto`]).
     pub mode: EditMode,
+    /// When targets take the source's cross-attention (default `[0, 0.8)` of the steps).
     pub cross_replace: CrossReplace,
+    /// When targets take the source's self-attention (default `[0, 0.5)` of the steps).
     pub self_replace: Window,
+    /// Local blend: edit only where the named words attend; `None` (default): everywhere.
     pub blend: Option<BlendOptions>,
     /// Words of the targets and their attention scales.
     pub reweight: Vec<(String, f64)>,
@@ -293,23 +310,33 @@ impl Default for EditOptions {
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EditSpec {
+    /// The target caption.
     pub target: String,
+    /// `auto`, `replace` or `refine` ([`EditMode`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<String>,
+    /// [`CrossReplace`]: `0.8`, `0.8,tiger=0.4`, `0:0.8,tiger=0.1:0.4`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cross_replace: Option<String>,
+    /// [`Window`]: `END` or `START:END`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub self_replace: Option<String>,
+    /// [`BlendOptions::parse`]: `SOURCE_WORDS:TARGET_WORDS`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blend: Option<String>,
+    /// [`BlendOptions::threshold`]; needs `blend`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blend_threshold: Option<f64>,
+    /// Words for [`BlendOptions::subtract`] ([`parse_words`]); needs `blend`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blend_subtract: Option<String>,
+    /// [`EditOptions::attention_downscale`]: 1, 2 or 4.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attention_downscale: Option<usize>,
+    /// [`parse_reweight`]: `WORD=SCALE,…`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reweight: Option<String>,
+    /// [`EditOptions::sdedit`]: a fraction in (0, 1].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sdedit: Option<f64>,
 }
@@ -367,14 +394,18 @@ impl EditSpec {
 pub struct EditResult {
     /// `[B, C, h, w]`.
     pub latents: Tensor,
+    /// The prompt of each row: the inversion's, then the targets.
     pub prompts: Vec<String>,
     /// The mode that ran (`Auto` resolved).
     pub mode: EditMode,
     /// Mean cross-attention over steps, layers and heads at 1/`attention_downscale` of the
     /// latent: `[B, r_h, r_w, 77]`.
     pub attention_maps: Option<Tensor>,
-    /// `[T, B, C, h, w]` when asked for.
+    /// `[T, B, C, h, w]` on the CPU when asked for ([`EditOptions::keep_step_latents`]);
+    /// SDEdit keeps only the steps it runs.
     pub step_latents: Option<Tensor>,
+    /// The Prompt-to-Prompt controller after sampling (its attention store and blend
+    /// trace); `None` for SDEdit.
     pub controller: Option<P2PController>,
 }
 
@@ -648,6 +679,10 @@ pub fn check_edit(
 
 /// Edits an inversion: one batch with the source prompt as row 0 and `targets` after it,
 /// every row starting from z_T and using the inversion's per-step null embeddings.
+/// Fails with [`crate::Error::InvalidInput`] when the options do not fit the prompts (a
+/// word they name is in no prompt, a word swap between captions of different lengths, a
+/// window outside [0, 1]) or a direct inversion is asked for another guidance scale; use
+/// [`check_edit`] to find out before any sampling.
 ///
 /// ```
 /// use nulltext::{edit, image_io, invert_image, EditMode, EditOptions, InvertOptions, Method};

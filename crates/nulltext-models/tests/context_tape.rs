@@ -347,7 +347,7 @@ fn one_timestep_per_row() {
 /// the f16 single pass, its gradient against the f32 model's, for the fixture model and an
 /// SD 2.x-shaped one (attention upcast to f32).
 #[test]
-fn tensor_tape_in_half_precision() {
+fn tape_in_half_precision() {
     let opts = nulltext_models::LoadOptions {
         dtype: DType::F16,
         ..load_options()

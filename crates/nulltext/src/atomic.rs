@@ -29,6 +29,12 @@ pub fn check_target(path: &Path) -> Result<()> {
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     while !dir.exists() {
+        if dir == Path::new(".") {
+            // the working folder itself is gone
+            return Err(io(std::io::Error::other(
+                "the current folder no longer exists",
+            )));
+        }
         dir = dir
             .parent()
             .filter(|d| !d.as_os_str().is_empty())

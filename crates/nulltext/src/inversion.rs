@@ -513,7 +513,8 @@ impl<'a> NullTextOptimizer<'a> {
         let t = ddim.timesteps()[i];
         let z = &self.latent;
         let target = &self.pivots[n - 1 - i];
-        let lr = opts.learning_rate * (1.0 - i as f64 / 100.0);
+        // the reference's schedule, never negative past step 100
+        let lr = opts.learning_rate * (1.0 - i as f64 / 100.0).max(0.0);
         // The UNet runs as a context tape (host kernels on the CPU in f32, tensor ops on
         // GPUs and in half precision): the graph path's forward values, its own backward
         // pass, and the context-free prefix computed once per step for every pass below;
@@ -875,6 +876,7 @@ pub fn reconstruct(
     inv: &Inversion,
     progress: &mut dyn Progress,
 ) -> Result<Tensor> {
+    inv.check_offsets()?;
     let ddim = Ddim::new(&inv.scheduler, inv.num_steps)?;
     let cond = sd.encode_prompt(&inv.prompt)?;
     let nulls = inv.null_embedding_list(&sd.device)?;

@@ -170,15 +170,47 @@ pub(crate) fn merge_heads(x: &Tensor) -> Result<Tensor> {
 
 /// `[B, C1, H, W]` and `[B, C2, H, W]` → `[B, C1 + C2, H, W]`.
 pub(crate) fn cat_channels(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    Ok(Tensor::cat(&[a, b], 1)?)
+    if !(host(a) && host(b)) {
+        return Ok(Tensor::cat(&[a, b], 1)?);
+    }
+    let (batch, ca, h, w) = a.dims4()?;
+    let cb = b.dim(1)?;
+    let (na, nb) = (ca * h * w, cb * h * w);
+    let out = with_f32(a, |a| {
+        with_f32(b, |b| {
+            let mut out = vec![0f32; batch * (na + nb)];
+            out.par_chunks_mut(na + nb).enumerate().for_each(|(i, o)| {
+                o[..na].copy_from_slice(&a[i * na..(i + 1) * na]);
+                o[na..].copy_from_slice(&b[i * nb..(i + 1) * nb]);
+            });
+            out
+        })
+    })??;
+    from_host(out, &[batch, ca + cb, h, w])
 }
 
 /// The inverse of [`cat_channels`] for a gradient: its first `c` channels and the rest.
 pub(crate) fn split_channels(g: &Tensor, c: usize) -> Result<(Tensor, Tensor)> {
-    let rest = g.dim(1)? - c;
+    let (batch, total, h, w) = g.dims4()?;
+    if !host(g) {
+        return Ok((
+            g.narrow(1, 0, c)?.contiguous()?,
+            g.narrow(1, c, total - c)?.contiguous()?,
+        ));
+    }
+    let (na, nb) = (c * h * w, (total - c) * h * w);
+    let (a, b) = with_f32(g, |g| {
+        let mut a = vec![0f32; batch * na];
+        let mut b = vec![0f32; batch * nb];
+        for (i, row) in g.chunks(na + nb).enumerate() {
+            a[i * na..(i + 1) * na].copy_from_slice(&row[..na]);
+            b[i * nb..(i + 1) * nb].copy_from_slice(&row[na..]);
+        }
+        (a, b)
+    })?;
     Ok((
-        g.narrow(1, 0, c)?.contiguous()?,
-        g.narrow(1, c, rest)?.contiguous()?,
+        from_host(a, &[batch, c, h, w])?,
+        from_host(b, &[batch, total - c, h, w])?,
     ))
 }
 
@@ -192,19 +224,37 @@ fn nearest(src: usize, dst: usize) -> Vec<usize> {
 }
 
 /// Nearest-neighbour upsampling of `[B, C, H, W]` to `to`.
-pub(crate) fn upsample(x: &Tensor, to: (usize, usize)) -> Result<Tensor> {
-    Ok(x.upsample_nearest2d(to.0, to.1)?)
+pub(crate) fn upsample(x: &Tensor, (th, tw): (usize, usize)) -> Result<Tensor> {
+    if !host(x) {
+        return Ok(x.upsample_nearest2d(th, tw)?);
+    }
+    let (b, c, h, w) = x.dims4()?;
+    let (hi, wi) = (nearest(h, th), nearest(w, tw));
+    let out = with_f32(x, |x| {
+        let mut out = vec![0f32; b * c * th * tw];
+        out.par_chunks_mut(th * tw)
+            .zip(x.par_chunks(h * w))
+            .for_each(|(o, p)| {
+                for (r, &sr) in hi.iter().enumerate() {
+                    for (col, &sc) in wi.iter().enumerate() {
+                        o[r * tw + col] = p[sr * w + sc];
+                    }
+                }
+            });
+        out
+    })?;
+    from_host(out, &[b, c, th, tw])
 }
 
 /// The adjoint of [`upsample`] from `(h, w)`: each source pixel collects the gradients of
 /// its copies.
 pub(crate) fn upsample_grad(g: &Tensor, (h, w): (usize, usize)) -> Result<Tensor> {
     let (b, c, th, tw) = g.dims4()?;
-    if th == 2 * h && tw == 2 * w {
-        return Ok(g.reshape((b, c, h, 2, w, 2))?.sum((3, 5))?);
-    }
     let (hi, wi) = (nearest(h, th), nearest(w, tw));
     if !host(g) {
+        if th == 2 * h && tw == 2 * w {
+            return Ok(g.reshape((b, c, h, 2, w, 2))?.sum((3, 5))?);
+        }
         let dev = g.device();
         let idx = |v: &[usize]| -> Result<Tensor> {
             let v: Vec<u32> = v.iter().map(|&i| i as u32).collect();
@@ -278,6 +328,18 @@ mod tests {
                 &add_bias(&graph(&x), &bias).unwrap(),
             );
             same(&add(&x, &x).unwrap(), &add(&graph(&x), &x).unwrap());
+        }
+        let (a, b) = (ramp(&[2, 3, 4, 5]), ramp(&[2, 6, 4, 5]));
+        let cat = cat_channels(&a, &b).unwrap();
+        same(&cat, &cat_channels(&graph(&a), &b).unwrap());
+        let (da, db) = split_channels(&cat, 3).unwrap();
+        same(&da, &a);
+        same(&db, &b);
+        for to in [(8, 10), (9, 7)] {
+            same(
+                &upsample(&a, to).unwrap(),
+                &upsample(&graph(&a), to).unwrap(),
+            );
         }
         let seq = ramp(&[2, 12, 6]);
         let heads = split_heads(&seq, 3).unwrap();

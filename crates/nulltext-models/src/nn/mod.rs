@@ -23,7 +23,6 @@ use std::sync::{Arc, OnceLock};
 use candle_core::{DType, Tensor, D};
 
 use crate::cpu::conv::CpuConv;
-use crate::cpu::ops::host_f32;
 use crate::cpu::ops::{
     CpuConvForward, CpuGroupNorm, CpuGroupNormGrad, CpuGroupNormTrain, CpuLayerNorm, CpuLinear,
     CpuScaledSoftmax,
@@ -489,14 +488,12 @@ impl LayerNorm {
     pub(crate) fn input_grad(&self, x: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
         let host = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32 && !t.track_op();
         if host(x) && host(g) && self.weight.dtype() == DType::F32 {
-            let d = x.dim(D::Minus1)?;
-            let dx = crate::cpu::kernels::layer_norm_backward(
-                &host_f32(x)?,
-                &host_f32(g)?,
-                d,
-                &self.weight.to_vec1::<f32>()?,
-                self.eps,
-            );
+            let (d, gamma) = (x.dim(D::Minus1)?, self.weight.to_vec1::<f32>()?);
+            let dx = layout::with_f32(x, |xs| {
+                layout::with_f32(g, |gs| {
+                    crate::cpu::kernels::layer_norm_backward(xs, gs, d, &gamma, self.eps)
+                })
+            })??;
             return Tensor::from_vec(dx, x.dims(), x.device());
         }
         layer_norm_input_grad(&self.weight, self.eps, x, g)

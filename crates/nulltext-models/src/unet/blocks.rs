@@ -218,10 +218,6 @@ impl UpBlock {
         })
     }
 
-    pub fn num_resnets(&self) -> usize {
-        self.resnets.len()
-    }
-
     pub fn sites(&self) -> impl Iterator<Item = &AttentionSite> {
         self.attentions.iter().flat_map(|a| a.sites())
     }

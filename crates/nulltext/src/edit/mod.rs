@@ -396,7 +396,8 @@ pub struct EditResult {
     pub latents: Tensor,
     /// The prompt of each row: the inversion's, then the targets.
     pub prompts: Vec<String>,
-    /// The mode that ran (`Auto` resolved).
+    /// The mode that ran (`Auto` resolved); with SDEdit, which controls no attention, the
+    /// mode asked for.
     pub mode: EditMode,
     /// Mean cross-attention over steps, layers and heads at 1/`attention_downscale` of the
     /// latent: `[B, r_h, r_w, 77]`.

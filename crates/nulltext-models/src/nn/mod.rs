@@ -486,8 +486,7 @@ impl LayerNorm {
     /// The gradient of the input `x` given the gradient `g` of the output: the CPU kernel
     /// in f32, else [`grads::layer_norm_input_grad`].
     pub(crate) fn input_grad(&self, x: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
-        let host = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32 && !t.track_op();
-        if host(x) && host(g) && self.weight.dtype() == DType::F32 {
+        if layout::host(x) && layout::host(g) && self.weight.dtype() == DType::F32 {
             let (d, gamma) = (x.dim(D::Minus1)?, self.weight.to_vec1::<f32>()?);
             let dx = layout::with_f32(x, |xs| {
                 layout::with_f32(g, |gs| {

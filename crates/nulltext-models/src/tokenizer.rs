@@ -377,6 +377,19 @@ impl ClipTokenizer {
             .collect()
     }
 
+    /// The text of each used position of `text`'s encoding, as attention maps are labelled:
+    /// `<start>`, each token decoded, `<end>`.
+    pub fn labels(&self, text: &str) -> Vec<(usize, String)> {
+        let enc = self.encode_padded(text);
+        (0..enc.len)
+            .map(|i| match i {
+                0 => (i, "<start>".to_string()),
+                _ if i + 1 == enc.len => (i, "<end>".to_string()),
+                _ => (i, self.decode(&[enc.ids[i]])),
+            })
+            .collect()
+    }
+
     /// Token positions of every occurrence of `word` (an exact space-separated word).
     pub fn word_positions(&self, text: &str, word: &str) -> Vec<usize> {
         let words: Vec<&str> = text.split(' ').collect();

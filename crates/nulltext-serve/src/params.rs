@@ -3,12 +3,12 @@
 //! options. Every refusal names the field at fault.
 
 use image::{ImageFormat, RgbImage};
-use nulltext::edit::{BlendOptions, CrossReplace, EditMode, EditOptions, Window};
+use nulltext::edit::{EditOptions, EditSpec};
 use nulltext::image_io::Crop;
 use nulltext::{InvertOptions, Method};
 use serde::{Deserialize, Serialize};
 
-use crate::error::{api_wording, ApiError};
+use crate::error::ApiError;
 
 /// What one request may ask for.
 #[derive(Debug, Clone)]
@@ -233,28 +233,6 @@ fn nonempty(s: &Option<String>) -> Option<&str> {
     s.as_deref().map(str::trim).filter(|s| !s.is_empty())
 }
 
-/// `"tiger=2"` or `"fluffy=2,cat=0.5"`.
-pub fn parse_reweight(s: &str) -> Result<Vec<(String, f64)>, ApiError> {
-    s.split(',')
-        .map(str::trim)
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            let (w, v) = p.split_once('=').ok_or_else(|| {
-                ApiError::bad_request(format!("`reweight` `{p}`: expected WORD=SCALE"))
-            })?;
-            let v: f64 = v.trim().parse().map_err(|_| {
-                ApiError::bad_request(format!("`reweight` `{p}`: `{v}` is not a number"))
-            })?;
-            if !v.is_finite() {
-                return Err(ApiError::bad_request(format!(
-                    "`reweight` `{p}`: not a finite number"
-                )));
-            }
-            Ok((w.trim().to_string(), v))
-        })
-        .collect()
-}
-
 impl EditRequest {
     /// Checks the request on its own and turns it into the library's options; the words
     /// it names are checked against the prompts later, with the tokenizer.
@@ -274,58 +252,21 @@ impl EditRequest {
         for (k, t) in self.targets.iter().enumerate() {
             check_prompt(&format!("targets[{k}]"), t, limits)?;
         }
-        let bad = |field: &str, e: String| ApiError::bad_request(format!("`{field}`: {e}"));
-        let mut o = EditOptions {
-            record_attention: self.attention_maps,
-            ..Default::default()
+        let text = |s: &Option<String>| nonempty(s).map(String::from);
+        let spec = EditSpec {
+            target: String::new(),
+            mode: text(&self.mode),
+            cross_replace: self.cross_replace.as_ref().and_then(Schedule::text),
+            self_replace: self.self_replace.as_ref().and_then(Schedule::text),
+            blend: text(&self.blend),
+            blend_threshold: self.blend_threshold,
+            blend_subtract: text(&self.blend_subtract),
+            attention_downscale: self.attention_downscale,
+            reweight: text(&self.reweight),
+            sdedit: self.sdedit,
         };
-        if let Some(m) = nonempty(&self.mode) {
-            o.mode = m.parse::<EditMode>().map_err(|e| bad("mode", e))?;
-        }
-        if let Some(s) = self.cross_replace.as_ref().and_then(Schedule::text) {
-            o.cross_replace = s
-                .parse::<CrossReplace>()
-                .map_err(|e| bad("cross_replace", e))?;
-        }
-        if let Some(s) = self.self_replace.as_ref().and_then(Schedule::text) {
-            o.self_replace = s.parse::<Window>().map_err(|e| bad("self_replace", e))?;
-        }
-        match nonempty(&self.blend) {
-            Some(b) => {
-                let mut bo = BlendOptions::parse(b)
-                    .map_err(|e| ApiError::bad_request(api_wording(&e.to_string())))?;
-                if let Some(t) = self.blend_threshold {
-                    bo.threshold = in_range("blend_threshold", t, 0.0, 1.0)?;
-                }
-                if let Some(s) = nonempty(&self.blend_subtract) {
-                    bo.subtract = nulltext::edit::parse_words(s);
-                }
-                o.blend = Some(bo);
-            }
-            None if nonempty(&self.blend_subtract).is_some() => {
-                return Err(ApiError::bad_request("`blend_subtract` needs `blend`"))
-            }
-            None => {}
-        }
-        if let Some(r) = nonempty(&self.reweight) {
-            o.reweight = parse_reweight(r)?;
-        }
-        if let Some(d) = self.attention_downscale {
-            if !nulltext::edit::ATTENTION_DOWNSCALES.contains(&d) {
-                return Err(ApiError::bad_request(format!(
-                    "`attention_downscale` must be 1, 2 or 4, got {d}"
-                )));
-            }
-            o.attention_downscale = d;
-        }
-        if let Some(s) = self.sdedit {
-            if !(s > 0.0 && s <= 1.0) {
-                return Err(ApiError::bad_request(format!(
-                    "`sdedit` must be in (0, 1], got {s}"
-                )));
-            }
-            o.sdedit = Some(s);
-        }
+        let mut o = spec.options()?;
+        o.record_attention = self.attention_maps;
         Ok(o)
     }
 }
@@ -333,6 +274,7 @@ impl EditRequest {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nulltext::edit::Window;
     use std::io::Cursor;
 
     fn limits() -> Limits {

@@ -164,23 +164,6 @@ fn invert(app: &App, job: &Job, image: &RgbImage, params: &InvertParams) -> Resu
     app.store.publish_inversion(staging, inversion)
 }
 
-/// The text of each token of `prompt` up to its end token, as attention maps are labelled.
-fn token_labels(sd: &StableDiffusion, prompt: &str) -> Vec<(usize, String)> {
-    let enc = sd.tokenizer.encode_padded(prompt);
-    (0..enc.len)
-        .map(|i| {
-            let text = if i == 0 {
-                "<start>".to_string()
-            } else if i + 1 == enc.len {
-                "<end>".to_string()
-            } else {
-                sd.tokenizer.decode(&[enc.ids[i]])
-            };
-            (i, text)
-        })
-        .collect()
-}
-
 fn edit(
     app: &App,
     job: &Job,
@@ -220,24 +203,18 @@ fn edit(
         });
     }
     let mut maps_stored = Vec::new();
-    if let Some(maps) = &res.attention_maps {
-        let (_, rh, rw, _) = maps.dims4()?;
-        for (b, prompt) in res.prompts.iter().enumerate() {
-            let flat: Vec<f32> = maps.get(b)?.flatten_all()?.to_vec1()?;
-            let strip = nulltext::plot::render::attention_strip(
-                &flat,
-                rh,
-                rw,
-                &token_labels(sd, prompt),
-                128,
-            );
-            let file = format!("attention-{b}.png");
-            save_png(&strip, &staging.path(&file))?;
-            maps_stored.push(StoredImage {
-                prompt: prompt.clone(),
-                file,
-            });
-        }
+    for (b, (strip, prompt)) in res
+        .attention_strips(&sd.tokenizer)?
+        .iter()
+        .zip(&res.prompts)
+        .enumerate()
+    {
+        let file = format!("attention-{b}.png");
+        save_png(strip, &staging.path(&file))?;
+        maps_stored.push(StoredImage {
+            prompt: prompt.clone(),
+            file,
+        });
     }
     let edit = EditRecord {
         id: edit_id,

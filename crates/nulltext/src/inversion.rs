@@ -420,9 +420,16 @@ impl StepObjective<'_> {
     }
 }
 
+/// A scalar that is 0 when every value of `t` is finite and NaN otherwise: `x − x` is 0
+/// for any finite `x`, however large (a sum of magnitudes could overflow), and NaN for
+/// NaN and ±∞.
+fn finiteness(t: &Tensor) -> Result<Tensor> {
+    let t = t.to_dtype(DType::F32)?;
+    Ok((&t - &t)?.sum_all()?)
+}
+
 fn is_finite(t: &Tensor) -> Result<bool> {
-    let s: f32 = t.to_dtype(DType::F32)?.abs()?.sum_all()?.to_scalar()?;
-    Ok(s.is_finite())
+    Ok(finiteness(t)?.to_scalar::<f32>()?.is_finite())
 }
 
 /// Null-text optimization (spec §3), one sampling step at a time, so that callers can
@@ -551,13 +558,12 @@ impl<'a> NullTextOptimizer<'a> {
         for j in 0..opts.inner_steps {
             let (loss, grad) = objective.loss_and_grad(sd, tape.as_mut(), &var, i)?;
             self.report.unet_passes += 2;
-            // the loss and the gradient's magnitude in one transfer (on a GPU, one wait)
-            let grad_size = grad.to_dtype(DType::F32)?.abs()?.sum_all()?;
-            let both = Tensor::stack(&[loss.to_dtype(DType::F32)?, grad_size], 0)?;
-            let [loss_val, grad_size] = both.to_dtype(DType::F64)?.to_vec1::<f64>()?[..] else {
+            // the loss and the gradient's finiteness in one transfer (on a GPU, one wait)
+            let both = Tensor::stack(&[loss.to_dtype(DType::F32)?, finiteness(&grad)?], 0)?;
+            let [loss_val, grad_ok] = both.to_dtype(DType::F64)?.to_vec1::<f64>()?[..] else {
                 unreachable!("two values")
             };
-            if !loss_val.is_finite() || !grad_size.is_finite() {
+            if !loss_val.is_finite() || !grad_ok.is_finite() {
                 return Err(Error::NonFinite(format!(
                     "the null-text optimization (step {i}, iteration {j})"
                 )));
@@ -890,4 +896,25 @@ pub fn reconstruct(
         source_offsets: offsets.as_ref(),
     };
     sample(sd, &ddim, &spec, &mut NoControl, progress, |_, _| Ok(()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finiteness_holds_for_huge_values_and_fails_for_nan_and_infinities() {
+        let dev = candle_core::Device::Cpu;
+        let big = Tensor::full(3e38f32, 1000, &dev).unwrap();
+        assert!(
+            is_finite(&big).unwrap(),
+            "a sum of magnitudes would overflow here"
+        );
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let mut v = vec![1e30f32; 100];
+            v[57] = bad;
+            let t = Tensor::from_vec(v, 100, &dev).unwrap();
+            assert!(!is_finite(&t).unwrap(), "{bad}");
+        }
+    }
 }

@@ -214,26 +214,12 @@ pub fn run(a: EditArgs, ctx: &Ctx) -> Result<()> {
         ctx.wrote(p);
         written.push(p.clone());
     }
-    if let (Some(p), Some(maps)) = (&a.attention_maps, &res.attention_maps) {
-        let (_, rh, rw, _) = maps.dims4()?;
-        let mut rows = Vec::new();
-        for (b, prompt) in res.prompts.iter().enumerate() {
-            let flat: Vec<f32> = maps.get(b)?.flatten_all()?.to_vec1()?;
-            let ids = sd.tokenizer.encode_padded(prompt);
-            let tokens: Vec<(usize, String)> = (0..ids.len)
-                .map(|i| {
-                    let text = if i == 0 {
-                        "<start>".to_string()
-                    } else if i + 1 == ids.len {
-                        "<end>".to_string()
-                    } else {
-                        sd.tokenizer.decode(&[ids.ids[i]])
-                    };
-                    (i, text)
-                })
-                .collect();
-            rows.push(render::attention_strip(&flat, rh, rw, &tokens, 128));
-        }
+    if let Some(p) = a
+        .attention_maps
+        .as_ref()
+        .filter(|_| res.attention_maps.is_some())
+    {
+        let rows = res.attention_strips(&sd.tokenizer)?;
         image_io::save_png(&render::stack_vertical(&rows), p)?;
         ctx.wrote(p);
         written.push(p.clone());

@@ -2,8 +2,6 @@
 //! single graph nodes whose backward passes are the kernels' input gradients (and, when
 //! training, the weights' gradients).
 
-use std::sync::Arc;
-
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor, D};
 
 use super::attention::AttnDims;
@@ -61,117 +59,41 @@ pub(crate) fn linear_input_grad_f32(g: &[f32], rows: usize, w: &[f32], dx: &mut 
 pub(crate) struct CpuLinear;
 
 impl CpuLinear {
-    pub(crate) fn run(
-        x: (&CpuStorage, &Layout),
-        w: (&CpuStorage, &Layout),
-        b: Option<(&CpuStorage, &Layout)>,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+    /// `g W` `[rows, in]`.
+    pub(crate) fn input_grad(w: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
+        g.contiguous()?.apply_op2_no_bwd(w, &CpuLinearInputGrad)
+    }
+}
+
+impl BiasedKernel for CpuLinear {
+    const NAME: &'static str = "cpu-linear";
+
+    fn run(&self, x: Arg, w: Arg, b: Option<Arg>) -> candle_core::Result<(CpuStorage, Shape)> {
         let (rows, in_dim) = x.1.shape().dims2()?;
         let (out_dim, w_in) = w.1.shape().dims2()?;
         if in_dim != w_in {
             candle_core::bail!("linear: input width {in_dim}, weight expects {w_in}");
         }
-        let xs = f32_slice(x.0, x.1, "input")?;
-        let ws = f32_slice(w.0, w.1, "weight")?;
-        let bias = match b {
-            Some((b, l)) => {
-                let bias = f32_slice(b, l, "bias")?;
-                if bias.len() != out_dim {
-                    candle_core::bail!("linear: bias of {} for {out_dim} outputs", bias.len());
-                }
-                Some(bias)
-            }
-            None => None,
-        };
-        let y = linear_f32(xs, rows, ws, out_dim, bias);
+        let bias = b.map(|(b, l)| f32_slice(b, l, "bias")).transpose()?;
+        if let Some(bias) = bias.filter(|b| b.len() != out_dim) {
+            candle_core::bail!("linear: bias of {} for {out_dim} outputs", bias.len());
+        }
+        let y = linear_f32(
+            f32_slice(x.0, x.1, "input")?,
+            rows,
+            f32_slice(w.0, w.1, "weight")?,
+            out_dim,
+            bias,
+        );
         Ok((CpuStorage::F32(y), Shape::from((rows, out_dim))))
     }
 
-    /// `g W` `[rows, in]`.
-    pub(crate) fn input_grad(w: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
-        g.contiguous()?.apply_op2_no_bwd(w, &CpuLinearInputGrad)
+    fn dx(&self, _x: &Tensor, w: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
+        Self::input_grad(w, g)
     }
 
-    /// The gradients of whichever of `x`, `W` and `b` are being differentiated: `g W`,
-    /// `gᵀ x` and the column sums of `g` (the weights' only when training them).
-    #[allow(clippy::type_complexity)]
-    pub(crate) fn grads(
-        x: &Tensor,
-        w: &Tensor,
-        b: Option<&Tensor>,
-        g: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let g = g.contiguous()?;
-        let dx = match x.track_op() {
-            true => Some(Self::input_grad(w, &g)?),
-            false => None,
-        };
-        let dw = match w.track_op() {
-            true => Some(g.t()?.matmul(&x.detach().contiguous()?)?),
-            false => None,
-        };
-        let db = match b {
-            Some(b) if b.track_op() => Some(channel_sums(&g, g.dim(1)?)?),
-            _ => None,
-        };
-        Ok((dx, dw, db))
-    }
-}
-
-impl candle_core::CustomOp2 for CpuLinear {
-    fn name(&self) -> &'static str {
-        "cpu-linear"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        Self::run((s1, l1), (s2, l2), None)
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _res: &Tensor,
-        g: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, _) = Self::grads(x, w, None, g)?;
-        Ok((dx, dw))
-    }
-}
-
-impl candle_core::CustomOp3 for CpuLinear {
-    fn name(&self) -> &'static str {
-        "cpu-linear"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        Self::run((s1, l1), (s2, l2), Some((s3, l3)))
-    }
-
-    #[allow(clippy::type_complexity)]
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        b: &Tensor,
-        _res: &Tensor,
-        g: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        Self::grads(x, w, Some(b), g)
+    fn dw(&self, x: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
+        g.t()?.matmul(&x.detach().contiguous()?)
     }
 }
 
@@ -204,6 +126,105 @@ impl candle_core::CustomOp2 for CpuLinearInputGrad {
             false,
         );
         Ok((CpuStorage::F32(dx), Shape::from((rows, in_dim))))
+    }
+}
+
+/// A storage and its layout, as candle hands them to a custom op.
+type Arg<'a> = (&'a CpuStorage, &'a Layout);
+
+/// A kernel `f(x, W) (+ b)` with an optional bias ([`CpuLinear`], [`CpuConvForward`]): one
+/// graph node of two arguments or three ([`Biased`]), whose backward gives the gradients of
+/// whichever of `x`, `W` and `b` are being differentiated (the weights' only when training
+/// them).
+pub(crate) trait BiasedKernel {
+    const NAME: &'static str;
+
+    fn run(&self, x: Arg, w: Arg, b: Option<Arg>) -> candle_core::Result<(CpuStorage, Shape)>;
+
+    /// The input gradient for the output gradient `g` (contiguous).
+    fn dx(&self, x: &Tensor, w: &Tensor, g: &Tensor) -> candle_core::Result<Tensor>;
+
+    /// The weight gradient for the output gradient `g` (contiguous).
+    fn dw(&self, x: &Tensor, g: &Tensor) -> candle_core::Result<Tensor>;
+}
+
+/// A [`BiasedKernel`] as a candle custom op: `CustomOp2` without a bias, `CustomOp3` with.
+pub(crate) struct Biased<K>(pub(crate) K);
+
+impl<K: BiasedKernel> Biased<K> {
+    #[allow(clippy::type_complexity)]
+    fn grads(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        let dx = x.track_op().then(|| self.0.dx(x, w, &g)).transpose()?;
+        let dw = w.track_op().then(|| self.0.dw(x, &g)).transpose()?;
+        let db = match b {
+            Some(b) if b.track_op() => Some(channel_sums(&g, g.dim(1)?)?),
+            _ => None,
+        };
+        Ok((dx, dw, db))
+    }
+}
+
+impl<K: BiasedKernel + Send + Sync> candle_core::CustomOp2 for Biased<K> {
+    fn name(&self) -> &'static str {
+        K::NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.0.run((s1, l1), (s2, l2), None)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = self.grads(x, w, None, g)?;
+        Ok((dx, dw))
+    }
+}
+
+impl<K: BiasedKernel + Send + Sync> candle_core::CustomOp3 for Biased<K> {
+    fn name(&self) -> &'static str {
+        K::NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.0.run((s1, l1), (s2, l2), Some((s3, l3)))
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        self.grads(x, w, Some(b), g)
     }
 }
 
@@ -244,46 +265,12 @@ impl CpuConvForward {
         g.contiguous()?
             .apply_op2_no_bwd(w, &CpuConvInputGrad(self.0, h, wd))
     }
+}
 
-    /// The gradients of whichever of the input, kernel and bias are being differentiated
-    /// (the kernel's and bias's only when training them).
-    #[allow(clippy::type_complexity)]
-    pub(crate) fn grads(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        b: Option<&Tensor>,
-        g: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let g = g.contiguous()?;
-        let dx = match x.track_op() {
-            true => {
-                let (_, _, h, wd) = x.dims4()?;
-                Some(self.input_grad((h, wd), w, &g)?)
-            }
-            false => None,
-        };
-        let dw = match w.track_op() {
-            true => Some(
-                x.detach()
-                    .contiguous()?
-                    .apply_op2_no_bwd(&g, &CpuConvWeightGrad(self.0))?,
-            ),
-            false => None,
-        };
-        let db = match b {
-            Some(b) if b.track_op() => Some(channel_sums(&g, g.dim(1)?)?),
-            _ => None,
-        };
-        Ok((dx, dw, db))
-    }
+impl BiasedKernel for CpuConvForward {
+    const NAME: &'static str = "cpu-conv2d";
 
-    pub(crate) fn run(
-        &self,
-        x: (&CpuStorage, &Layout),
-        w: (&CpuStorage, &Layout),
-        b: Option<(&CpuStorage, &Layout)>,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn run(&self, x: Arg, w: Arg, b: Option<Arg>) -> candle_core::Result<(CpuStorage, Shape)> {
         let s = nchw(x.1)?;
         if s.c != self.0.c_in {
             candle_core::bail!(
@@ -292,10 +279,7 @@ impl CpuConvForward {
                 self.0.c_in
             );
         }
-        let bias = match b {
-            Some((b, l)) => Some(f32_slice(b, l, "bias")?),
-            None => None,
-        };
+        let bias = b.map(|(b, l)| f32_slice(b, l, "bias")).transpose()?;
         let out = self.0.forward(
             f32_slice(x.0, x.1, "input")?,
             s,
@@ -308,62 +292,16 @@ impl CpuConvForward {
             Shape::from((s.b, self.0.c_out, oh, ow)),
         ))
     }
-}
 
-impl candle_core::CustomOp2 for CpuConvForward {
-    fn name(&self) -> &'static str {
-        "cpu-conv2d"
+    fn dx(&self, x: &Tensor, w: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
+        let (_, _, h, wd) = x.dims4()?;
+        self.input_grad((h, wd), w, g)
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.run((s1, l1), (s2, l2), None)
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _res: &Tensor,
-        g: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, _) = self.grads(x, w, None, g)?;
-        Ok((dx, dw))
-    }
-}
-
-impl candle_core::CustomOp3 for CpuConvForward {
-    fn name(&self) -> &'static str {
-        "cpu-conv2d"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.run((s1, l1), (s2, l2), Some((s3, l3)))
-    }
-
-    #[allow(clippy::type_complexity)]
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        b: &Tensor,
-        _res: &Tensor,
-        g: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        self.grads(x, w, Some(b), g)
+    fn dw(&self, x: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
+        x.detach()
+            .contiguous()?
+            .apply_op2_no_bwd(g, &CpuConvWeightGrad(self.0))
     }
 }
 
@@ -440,15 +378,29 @@ impl candle_core::CustomOp2 for CpuConvWeightGrad {
     }
 }
 
-/// Group normalization on the CPU in two passes (`crate::cpu::kernels::group_norm`).
-/// With `silu`, the SiLU after the normalization in the same pass. One graph node whose
-/// backward is the input gradient (`crate::cpu::kernels::group_norm_backward`).
-#[derive(Clone)]
+/// Group normalization on the CPU in two passes (`crate::cpu::kernels::group_norm`):
+/// arguments `x`, γ, β. With `silu`, the SiLU after the normalization in the same pass. One
+/// graph node whose backward is the input gradient
+/// (`crate::cpu::kernels::group_norm_backward`) and, when γ and β are trained, theirs
+/// (`crate::cpu::kernels::group_norm_affine_grads`).
+#[derive(Clone, Copy)]
 pub(crate) struct CpuGroupNorm {
     pub(crate) groups: usize,
     pub(crate) eps: f64,
-    pub(crate) affine: Arc<(Vec<f32>, Vec<f32>)>,
     pub(crate) silu: bool,
+}
+
+impl CpuGroupNorm {
+    /// The input gradient for the output gradient `g`, with γ and β as host vectors.
+    pub(crate) fn input_grad(
+        self,
+        x: &Tensor,
+        g: &Tensor,
+        affine: (Vec<f32>, Vec<f32>),
+    ) -> candle_core::Result<Tensor> {
+        x.contiguous()?
+            .apply_op2_no_bwd(&g.contiguous()?, &CpuGroupNormGrad(self, affine))
+    }
 }
 
 pub(crate) fn channels_and_plane(l: &Layout) -> candle_core::Result<(usize, usize)> {
@@ -459,82 +411,9 @@ pub(crate) fn channels_and_plane(l: &Layout) -> candle_core::Result<(usize, usiz
     Ok((dims[1], dims[2..].iter().product()))
 }
 
-impl CustomOp1 for CpuGroupNorm {
+impl candle_core::CustomOp3 for CpuGroupNorm {
     fn name(&self) -> &'static str {
         "cpu-group-norm"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (c, hw) = channels_and_plane(l)?;
-        let x = f32_slice(s, l, "group norm input")?;
-        let (gamma, beta) = &*self.affine;
-        let out = crate::cpu::kernels::group_norm(
-            x,
-            c,
-            hw,
-            self.groups,
-            gamma,
-            beta,
-            self.eps,
-            self.silu,
-        );
-        Ok((CpuStorage::F32(out), l.shape().clone()))
-    }
-
-    fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let g = g.contiguous()?;
-        Ok(Some(
-            x.apply_op2_no_bwd(&g, &CpuGroupNormGrad(self.clone()))?,
-        ))
-    }
-}
-
-/// The input gradient of a [`CpuGroupNorm`]: arguments `x` and the output gradient.
-pub(crate) struct CpuGroupNormGrad(pub(crate) CpuGroupNorm);
-
-impl candle_core::CustomOp2 for CpuGroupNormGrad {
-    fn name(&self) -> &'static str {
-        "cpu-group-norm-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (c, hw) = channels_and_plane(l1)?;
-        if l1.dims() != l2.dims() {
-            candle_core::bail!("group norm backward: gradient shape {:?}", l2.dims());
-        }
-        let (gamma, beta) = &*self.0.affine;
-        let dx = crate::cpu::kernels::group_norm_backward(
-            f32_slice(s1, l1, "group norm input")?,
-            f32_slice(s2, l2, "group norm gradient")?,
-            c,
-            hw,
-            self.0.groups,
-            (gamma, beta),
-            self.0.eps,
-            self.0.silu,
-        );
-        Ok((CpuStorage::F32(dx), l1.shape().clone()))
-    }
-}
-
-/// [`CpuGroupNorm`] whose γ and β are arguments (variables being trained): its backward
-/// also gives their gradients (`crate::cpu::kernels::group_norm_affine_grads`).
-#[derive(Clone, Copy)]
-pub(crate) struct CpuGroupNormTrain {
-    pub(crate) groups: usize,
-    pub(crate) eps: f64,
-    pub(crate) silu: bool,
-}
-
-impl candle_core::CustomOp3 for CpuGroupNormTrain {
-    fn name(&self) -> &'static str {
-        "cpu-group-norm-train"
     }
 
     fn cpu_fwd(
@@ -578,23 +457,19 @@ impl candle_core::CustomOp3 for CpuGroupNormTrain {
         _res: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let g = g.contiguous()?;
-        let affine = Arc::new((w.detach().to_vec1::<f32>()?, b.detach().to_vec1::<f32>()?));
-        let op = CpuGroupNorm {
-            groups: self.groups,
-            eps: self.eps,
-            affine: affine.clone(),
-            silu: self.silu,
-        };
-        let dx = match x.track_op() {
-            true => Some(x.detach().apply_op2_no_bwd(&g, &CpuGroupNormGrad(op))?),
-            false => None,
-        };
+        let affine = (w.detach().to_vec1::<f32>()?, b.detach().to_vec1::<f32>()?);
+        let dx = x
+            .track_op()
+            .then(|| self.input_grad(&x.detach(), g, affine.clone()))
+            .transpose()?;
+        if !w.track_op() && !b.track_op() {
+            return Ok((dx, None, None));
+        }
         let c = x.dim(1)?;
         let hw = x.elem_count() / (x.dim(0)? * c).max(1);
         let (dg, db) = crate::cpu::kernels::group_norm_affine_grads(
             &host_f32(x)?,
-            &host_f32(&g)?,
+            &host_f32(g)?,
             c,
             hw,
             self.groups,
@@ -607,6 +482,41 @@ impl candle_core::CustomOp3 for CpuGroupNormTrain {
             Some(Tensor::from_vec(dg, c, x.device())?),
             Some(Tensor::from_vec(db, c, x.device())?),
         ))
+    }
+}
+
+/// The input gradient of a [`CpuGroupNorm`] with γ and β: arguments `x` and the output
+/// gradient.
+pub(crate) struct CpuGroupNormGrad(CpuGroupNorm, (Vec<f32>, Vec<f32>));
+
+impl candle_core::CustomOp2 for CpuGroupNormGrad {
+    fn name(&self) -> &'static str {
+        "cpu-group-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (c, hw) = channels_and_plane(l1)?;
+        if l1.dims() != l2.dims() {
+            candle_core::bail!("group norm backward: gradient shape {:?}", l2.dims());
+        }
+        let (gamma, beta) = &self.1;
+        let dx = crate::cpu::kernels::group_norm_backward(
+            f32_slice(s1, l1, "group norm input")?,
+            f32_slice(s2, l2, "group norm gradient")?,
+            c,
+            hw,
+            self.0.groups,
+            (gamma, beta),
+            self.0.eps,
+            self.0.silu,
+        );
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }
 

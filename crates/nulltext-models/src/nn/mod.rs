@@ -18,14 +18,13 @@ mod autograd;
 mod grads;
 pub(crate) mod layout;
 
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 
 use candle_core::{DType, Tensor, D};
 
 use crate::cpu::conv::CpuConv;
 use crate::cpu::ops::{
-    CpuConvForward, CpuGroupNorm, CpuGroupNormGrad, CpuGroupNormTrain, CpuLayerNorm, CpuLinear,
-    CpuScaledSoftmax,
+    Biased, CpuConvForward, CpuGroupNorm, CpuLayerNorm, CpuLinear, CpuScaledSoftmax,
 };
 use crate::error::Result;
 use crate::weights::Vb;
@@ -82,8 +81,8 @@ impl Linear {
             let x2 = x2.contiguous()?;
             let w = self.weight.contiguous()?;
             return match &self.bias {
-                Some(b) => x2.apply_op3(&w, &b.contiguous()?, CpuLinear),
-                None => x2.apply_op2(&w, CpuLinear),
+                Some(b) => x2.apply_op3(&w, &b.contiguous()?, Biased(CpuLinear)),
+                None => x2.apply_op2(&w, Biased(CpuLinear)),
             };
         }
         let y = x2.matmul(&self.weight.t()?)?;
@@ -172,7 +171,7 @@ impl Conv2d {
     fn cpu_forward(&self, x: &Tensor, geometry: CpuConv) -> candle_core::Result<Tensor> {
         let x = x.contiguous()?;
         let w = self.weight.contiguous()?;
-        let op = CpuConvForward(geometry);
+        let op = Biased(CpuConvForward(geometry));
         match &self.bias {
             Some(b) => x.apply_op3(&w, &b.contiguous()?, op),
             None => x.apply_op2(&w, op),
@@ -246,8 +245,6 @@ pub struct GroupNorm {
     pub bias: Tensor,
     pub groups: usize,
     pub eps: f64,
-    /// γ and β as host vectors when the weights are f32 on the CPU (the fast kernel).
-    pub(crate) cpu_affine: Option<Arc<(Vec<f32>, Vec<f32>)>>,
 }
 
 impl GroupNorm {
@@ -260,26 +257,11 @@ impl GroupNorm {
         }
         let weight = vb.get(&[channels], "weight")?;
         let bias = vb.get(&[channels], "bias")?;
-        // trained weights change under the optimizer: no host copy of them
-        let cpu_affine = if weight.device().is_cpu()
-            && !weight.is_variable()
-            && weight.dtype() == DType::F32
-            && weight.dims() == [channels]
-            && vb.store().recorded().is_empty()
-        {
-            match (weight.to_vec1::<f32>(), bias.to_vec1::<f32>()) {
-                (Ok(w), Ok(b)) => Some(Arc::new((w, b))),
-                _ => None,
-            }
-        } else {
-            None
-        };
         Ok(Self {
             weight,
             bias,
             groups,
             eps,
-            cpu_affine,
         })
     }
 
@@ -317,54 +299,40 @@ impl GroupNorm {
         wd
     }
 
-    /// The CPU kernel, when the affine parameters and `x` are f32 on the CPU.
+    /// The CPU kernel, when `x` and the affine parameters are f32 on the CPU.
     fn cpu_op(&self, x: &Tensor, silu: bool) -> Option<CpuGroupNorm> {
-        match (&self.cpu_affine, x.dtype(), x.device().is_cpu()) {
-            (Some(affine), DType::F32, true) => Some(CpuGroupNorm {
-                groups: self.groups,
-                eps: self.eps,
-                affine: affine.clone(),
-                silu,
-            }),
-            _ => None,
-        }
-    }
-
-    /// The CPU kernel with γ and β as graph inputs (training them).
-    fn train_op(&self, x: &Tensor, silu: bool) -> Option<CpuGroupNormTrain> {
-        (self.weight.is_variable()
-            && x.device().is_cpu()
+        (x.device().is_cpu()
             && x.dtype() == DType::F32
-            && self.weight.dtype() == DType::F32)
-            .then_some(CpuGroupNormTrain {
+            && self.weight.dtype() == DType::F32
+            && self.bias.dtype() == DType::F32)
+            .then_some(CpuGroupNorm {
                 groups: self.groups,
                 eps: self.eps,
                 silu,
             })
     }
 
-    fn apply_train(&self, x: &Tensor, op: CpuGroupNormTrain) -> Result<Tensor> {
+    fn apply_cpu(&self, x: &Tensor, op: CpuGroupNorm) -> Result<Tensor> {
         Ok(x.contiguous()?
             .apply_op3(&self.weight.contiguous()?, &self.bias.contiguous()?, op)?)
     }
 
+    /// γ and β as host vectors (for the CPU kernel's input gradient).
+    fn affine(&self) -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
+        Ok((self.weight.to_vec1()?, self.bias.to_vec1()?))
+    }
+
     /// `silu(group_norm(x))`, fused on the CPU (the pre-activation of every residual block).
     pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
-        if let Some(op) = self.train_op(x, true) {
-            return self.apply_train(x, op);
-        }
         match self.cpu_op(x, true) {
-            Some(op) => Ok(x.contiguous()?.apply_op1(op)?),
+            Some(op) => self.apply_cpu(x, op),
             None => Ok(self.forward(x)?.silu()?),
         }
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if let Some(op) = self.train_op(x, false) {
-            return self.apply_train(x, op);
-        }
         if let Some(op) = self.cpu_op(x, false) {
-            return Ok(x.contiguous()?.apply_op1(op)?);
+            return self.apply_cpu(x, op);
         }
         let value = |x: &Tensor| Ok::<_, candle_core::Error>(self.forward_saving(x, false)?.0);
         if !x.track_op() || self.weight.is_variable() {
@@ -409,7 +377,8 @@ impl GroupNorm {
         match self.cpu_op(x, silu).filter(|_| !x.track_op()) {
             Some(op) => {
                 let x = x.contiguous()?;
-                Ok((x.apply_op1_no_bwd(&op)?, NormRecord::Input(x)))
+                let y = x.apply_op3_no_bwd(&self.weight, &self.bias, &op)?;
+                Ok((y, NormRecord::Input(x)))
             }
             None => {
                 let (y, (xn, rstd)) = self.forward_saving(x, silu)?;
@@ -427,7 +396,7 @@ impl GroupNorm {
     ) -> candle_core::Result<Tensor> {
         match record {
             NormRecord::Input(x) => match self.cpu_op(x, silu) {
-                Some(op) => x.apply_op2_no_bwd(&g.contiguous()?, &CpuGroupNormGrad(op)),
+                Some(op) => op.input_grad(x, g, self.affine()?),
                 None => self.input_grad(x, g, silu),
             },
             NormRecord::Normalized(xn, rstd) => {

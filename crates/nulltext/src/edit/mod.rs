@@ -5,7 +5,7 @@ pub mod align;
 pub mod controller;
 
 use candle_core::{DType, Tensor};
-use nulltext_models::tokenizer::MAX_LEN;
+use nulltext_models::tokenizer::{ClipTokenizer, MAX_LEN};
 use nulltext_models::{Ddim, NoControl, StableDiffusion};
 
 pub use align::Word;
@@ -210,6 +210,9 @@ pub fn parse_reweight(s: &str) -> Result<Vec<(String, f64)>> {
                 .trim()
                 .parse()
                 .map_err(|_| invalid(format!("reweight `{p}`: `{v}` is not a number")))?;
+            if !v.is_finite() {
+                return Err(invalid(format!("reweight `{p}`: not a finite number")));
+            }
             Ok((w.trim().to_string(), v))
         })
         .collect()
@@ -360,19 +363,32 @@ impl EditSpec {
         if let Some(b) = &self.blend {
             let mut bo = BlendOptions::parse(b)?;
             if let Some(t) = self.blend_threshold {
+                // written so that NaN is refused too
+                if !(0.0..=1.0).contains(&t) {
+                    return Err(invalid(format!(
+                        "`blend_threshold` must be in [0, 1], got {t}"
+                    )));
+                }
                 bo.threshold = t;
             }
             if let Some(s) = &self.blend_subtract {
                 bo.subtract = parse_words(s);
             }
             o.blend = Some(bo);
-        } else if self.blend_subtract.is_some() || self.blend_threshold.is_some() {
-            return Err(invalid("blend_subtract and blend_threshold need blend"));
+        } else if self.blend_subtract.is_some() {
+            return Err(invalid("`blend_subtract` needs `blend`"));
+        } else if self.blend_threshold.is_some() {
+            return Err(invalid("`blend_threshold` needs `blend`"));
         }
         if let Some(r) = &self.reweight {
             o.reweight = parse_reweight(r)?;
         }
         if let Some(d) = self.attention_downscale {
+            if !ATTENTION_DOWNSCALES.contains(&d) {
+                return Err(invalid(format!(
+                    "`attention_downscale` must be 1, 2 or 4, got {d}"
+                )));
+            }
             o.attention_downscale = d;
         }
         o.sdedit = self.sdedit;
@@ -383,7 +399,7 @@ impl EditSpec {
         o.self_replace.validate("self_replace")?;
         if let Some(s) = o.sdedit {
             if !(s > 0.0 && s <= 1.0) {
-                return Err(invalid(format!("sdedit must be in (0, 1], got {s}")));
+                return Err(invalid(format!("`sdedit` must be in (0, 1], got {s}")));
             }
         }
         Ok(o)
@@ -408,6 +424,27 @@ pub struct EditResult {
     /// The Prompt-to-Prompt controller after sampling (its attention store and blend
     /// trace); `None` for SDEdit.
     pub controller: Option<P2PController>,
+}
+
+impl EditResult {
+    /// One picture per row of [`EditResult::attention_maps`], each token's map labelled with
+    /// its text (what `nulltext edit --attention-maps` and the web app show); empty without
+    /// maps.
+    pub fn attention_strips(&self, tokenizer: &ClipTokenizer) -> Result<Vec<image::RgbImage>> {
+        let Some(maps) = &self.attention_maps else {
+            return Ok(Vec::new());
+        };
+        let (_, rh, rw, _) = maps.dims4()?;
+        let mut strips = Vec::with_capacity(self.prompts.len());
+        for (b, prompt) in self.prompts.iter().enumerate() {
+            let flat: Vec<f32> = maps.get(b)?.flatten_all()?.to_vec1()?;
+            let labels = tokenizer.labels(prompt);
+            strips.push(crate::plot::render::attention_strip(
+                &flat, rh, rw, &labels, 128,
+            ));
+        }
+        Ok(strips)
+    }
 }
 
 /// Resolves `Auto` and checks that the mode fits the prompts.

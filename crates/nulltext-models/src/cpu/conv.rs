@@ -10,6 +10,8 @@
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use super::winograd;
+
 /// Upper bound of the patch buffer of one tile.
 const TILE_BYTES: usize = 32 << 20;
 /// Upper bound of the patch buffer of a group of small images (tiny in the unit tests, so
@@ -118,14 +120,14 @@ fn gemm_f32(
 /// The patch buffer of the calling thread, kept between calls: every element a tile uses
 /// is written (patches, zeros for the padding, or the product) before it is read, so it is
 /// neither zeroed nor freed — a fresh 32 MiB buffer per call cost page faults and a memset.
-struct Scratch(Vec<f32>);
+pub(super) struct Scratch(pub(super) Vec<f32>);
 
 thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 impl Scratch {
-    fn take(len: usize) -> Self {
+    pub(super) fn take(len: usize) -> Self {
         let mut v = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
         if v.len() < len {
             v.resize(len, 0.0);
@@ -174,6 +176,20 @@ impl CpuConv {
         assert_eq!(weight.len(), self.c_out * self.c_in * self.k * self.k);
         assert!(bias.is_none_or(|b| b.len() == self.c_out));
         assert_eq!(x.len(), s.b * s.c * s.h * s.w);
+        if winograd::applies(self.k, self.stride, self.padding, s) {
+            return winograd::forward(x, s, weight, self.c_out, bias);
+        }
+        self.forward_direct(x, s, weight, bias)
+    }
+
+    /// [`Self::forward`] as products of the kernel with the input's patches.
+    pub(crate) fn forward_direct(
+        &self,
+        x: &[f32],
+        s: Nchw,
+        weight: &[f32],
+        bias: Option<&[f32]>,
+    ) -> Vec<f32> {
         let (oh, ow) = self.out_hw(s.h, s.w);
         let n = oh * ow;
         let kk = self.c_in * self.k * self.k;
@@ -240,6 +256,13 @@ impl CpuConv {
         let (oh, ow) = self.out_hw(s.h, s.w);
         let n = oh * ow;
         assert_eq!(g.len(), s.b * self.c_out * n);
+        if winograd::applies(self.k, self.stride, self.padding, s) {
+            // the adjoint of a 3×3 convolution of padding 1 is the convolution of the
+            // output gradient with the flipped, transposed kernel
+            let flipped = winograd::flip_transposed(weight, self.c_out, self.c_in);
+            let gs = Nchw { c: self.c_out, ..s };
+            return winograd::forward(g, gs, &flipped, self.c_in, None);
+        }
         let kk = self.c_in * self.k * self.k;
         let plane = s.c * s.h * s.w;
         let mut dx = vec![0f32; s.b * plane];

@@ -1,4 +1,5 @@
-//! nulltext's CPU kernels, f32: GEMM and convolution (`conv`), attention without
+//! nulltext's CPU kernels, f32: GEMM and convolution (`conv`, with 3×3 convolutions by
+//! Winograd's F(2×2, 3×3) in `winograd`), attention without
 //! materialized probabilities (`attention`), norms, softmax and GEGLU (`kernels`), and the
 //! candle custom ops that run them inside candle's graph (`ops`).
 
@@ -6,3 +7,4 @@ pub mod attention;
 pub mod conv;
 pub mod kernels;
 pub(crate) mod ops;
+pub(crate) mod winograd;

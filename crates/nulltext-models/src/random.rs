@@ -456,9 +456,7 @@ pub fn text_encoder_2_list(configs: &ModelConfigs) -> Result<Option<TensorList>>
     };
     let c: ClipTextConfig = serde_json::from_value(v.clone())
         .map_err(|e| Error::Msg(format!("text_encoder_2: {e}")))?;
-    let s = crate::weights::WeightStore::recording();
-    crate::clip::ClipTextModelWithProjection::load(&s.root(), &c)?;
-    Ok(Some(s.recorded()))
+    crate::tensors::text_encoder_2_list(&c).map(Some)
 }
 
 fn write_json(path: &Path, v: &Value) -> Result<()> {

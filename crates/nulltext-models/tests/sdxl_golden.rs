@@ -11,9 +11,9 @@ use candle_core::{DType, IndexOp};
 use common::*;
 use nulltext_models::config::{read_json, UNetConfig, VaeConfig};
 use nulltext_models::model::component_weight_files;
+use nulltext_models::random::{self, Preset};
 use nulltext_models::sdxl::{time_ids, Family, TextEncoders};
 use nulltext_models::weights::WeightStore;
-use nulltext_models::random::{self, Preset};
 use nulltext_models::{AddedCond, AutoencoderKL, NoControl, UNet2DConditionModel};
 
 const TOL: f64 = 1e-4;
@@ -247,7 +247,11 @@ fn tiny_sdxl_preset_has_the_fixture_shapes_and_runs() {
     let list = random::text_encoder_2_list(&configs).unwrap().unwrap();
     let s = store("text_encoder_2", "model");
     for (name, shape) in &list {
-        assert_eq!(s.shape_of(name), Some(shape.as_slice()), "text_encoder_2: {name}");
+        assert_eq!(
+            s.shape_of(name),
+            Some(shape.as_slice()),
+            "text_encoder_2: {name}"
+        );
     }
     assert_eq!(s.names().count(), list.len());
 

@@ -1,12 +1,16 @@
-//! The CLIP text transformer (transformers `CLIPTextModel`): SD 1.x's text encoder.
+//! The CLIP text transformer (transformers `CLIPTextModel`): SD 1.x's text encoder, and
+//! `CLIPTextModelWithProjection`, SDXL's second one.
 //!
 //! Output: the last hidden state after the final layer norm, `[B, 77, hidden]`; with
 //! `use_penultimate_layer` (SD 2.x), the penultimate layer's output through the final norm.
+//! SDXL takes the penultimate layer's output *without* the final norm
+//! ([`ClipTextTransformer::hidden_states`]) and, from its second encoder, the pooled output
+//! (the final-normed state at the end token) through `text_projection`.
 
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::ClipTextConfig;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::nn::{LayerNorm, Linear};
 use crate::weights::Vb;
 
@@ -97,10 +101,17 @@ pub struct ClipTextTransformer {
 }
 
 impl ClipTextTransformer {
-    /// Loads from `vb` positioned at the model root (keys `text_model.*`).
+    /// Loads from `vb` positioned at the model root: keys `text_model.*`, or the same keys
+    /// without that prefix (as transformers 5 saves a `CLIPTextModel`).
     pub fn load(vb: &Vb, config: &ClipTextConfig) -> Result<Self> {
         config.validate()?;
-        let vb = vb.pp("text_model");
+        let token = "embeddings.token_embedding.weight";
+        let unprefixed = vb.contains(token) && !vb.pp("text_model").contains(token);
+        let vb = if unprefixed {
+            vb.clone()
+        } else {
+            vb.pp("text_model")
+        };
         let emb = vb.pp("embeddings");
         let c = config;
         let layers = (0..c.num_hidden_layers)
@@ -126,6 +137,11 @@ impl ClipTextTransformer {
         &self.config
     }
 
+    /// Where the weights live.
+    pub fn device(&self) -> Device {
+        self.token_embedding.device().clone()
+    }
+
     pub fn hidden_size(&self) -> usize {
         self.config.hidden_size
     }
@@ -137,10 +153,12 @@ impl ClipTextTransformer {
         Ok(Tensor::from_vec(mask, (1, 1, l, l), device)?.to_dtype(dtype)?)
     }
 
-    /// `ids`: `[B, L]` (u32). Returns `[B, L, hidden]`.
-    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+    /// The embeddings followed by the first `n` layers: `[B, L, hidden]`, and the output
+    /// of the layer before the last of them.
+    fn layers(&self, ids: &Tensor, n: usize) -> Result<(Tensor, Tensor)> {
         let (b, l) = ids.dims2()?;
         let dtype = self.token_embedding.dtype();
+        // (B·L, hidden) -> (B, L, hidden)
         let tok = self
             .token_embedding
             .index_select(&ids.flatten_all()?, 0)?
@@ -148,14 +166,91 @@ impl ClipTextTransformer {
         let pos = self.position_embedding.narrow(0, 0, l)?;
         let mut x = tok.broadcast_add(&pos)?;
         let mask = Self::causal_mask(l, ids.device(), dtype)?;
+        let mut before = x.clone();
+        for layer in &self.layers[..n] {
+            before = x;
+            x = layer.forward(&before, &mask)?;
+        }
+        Ok((x, before))
+    }
+
+    /// `ids`: `[B, L]` (u32). Returns `[B, L, hidden]`.
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         let n = if self.config.use_penultimate_layer {
             self.layers.len() - 1
         } else {
             self.layers.len()
         };
-        for layer in &self.layers[..n] {
-            x = layer.forward(&x, &mask)?;
-        }
-        self.final_layer_norm.forward(&x)
+        self.final_layer_norm.forward(&self.layers(ids, n)?.0)
+    }
+
+    /// SDXL's use of the encoder: the penultimate layer's output (`hidden_states[-2]`, no
+    /// final norm) `[B, L, hidden]`, and the pooled output `[B, hidden]`: the final-normed
+    /// last state at each row's end token.
+    pub fn hidden_states(&self, ids: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (last, penultimate) = self.layers(ids, self.layers.len())?;
+        // (B, L, hidden) -> (B·L, hidden) -> (B, hidden): row b's state at its end token
+        let (b, l, h) = last.dims3()?;
+        let flat: Vec<u32> = (self.end_positions(ids)?.into_iter().enumerate())
+            .map(|(row, p)| (row * l) as u32 + p)
+            .collect();
+        let flat = Tensor::from_vec(flat, b, ids.device())?;
+        let at_end = last.reshape((b * l, h))?.index_select(&flat, 0)?;
+        Ok((penultimate, self.final_layer_norm.forward(&at_end)?))
+    }
+
+    /// Each row's end-token position, as transformers finds it: the first position of
+    /// `eos_token_id`, or of the highest id under the legacy `eos_token_id` 2.
+    fn end_positions(&self, ids: &Tensor) -> Result<Vec<u32>> {
+        let rows: Vec<Vec<u32>> = ids.to_dtype(DType::U32)?.to_vec2()?;
+        let eos = self.config.eos_token_id.filter(|e| *e != 2);
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let target = match eos {
+                    Some(e) => e as u32,
+                    None => r.iter().copied().max().unwrap_or(0),
+                };
+                r.iter().position(|&i| i == target).unwrap_or(r.len() - 1) as u32
+            })
+            .collect())
+    }
+}
+
+/// transformers' `CLIPTextModelWithProjection`: the text transformer and its
+/// `text_projection` (no bias), SDXL's second text encoder.
+pub struct ClipTextModelWithProjection {
+    pub text_model: ClipTextTransformer,
+    text_projection: Linear,
+}
+
+impl ClipTextModelWithProjection {
+    /// Loads from `vb` positioned at the model root (keys `text_model.*`,
+    /// `text_projection.weight`); the config must name `projection_dim`.
+    pub fn load(vb: &Vb, config: &ClipTextConfig) -> Result<Self> {
+        let proj = config.projection_dim.ok_or_else(|| {
+            Error::Unsupported("text encoder with projection: no `projection_dim`".into())
+        })?;
+        Ok(Self {
+            text_model: ClipTextTransformer::load(vb, config)?,
+            text_projection: Linear::load(
+                &vb.pp("text_projection"),
+                config.hidden_size,
+                proj,
+                false,
+            )?,
+        })
+    }
+
+    /// The projection's width (the pooled embedding's).
+    pub fn projection_dim(&self) -> usize {
+        self.text_projection.weight.dims()[0]
+    }
+
+    /// SDXL: the penultimate layer's output `[B, L, hidden]` and the projected pooled
+    /// output `text_embeds` `[B, projection_dim]`.
+    pub fn forward(&self, ids: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (hidden, pooled) = self.text_model.hidden_states(ids)?;
+        Ok((hidden, self.text_projection.forward(&pooled)?))
     }
 }

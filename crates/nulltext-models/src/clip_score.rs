@@ -78,6 +78,8 @@ impl ClipVisionTransformer {
             hidden_act: c.hidden_act.clone(),
             layer_norm_eps: c.layer_norm_eps,
             use_penultimate_layer: false,
+            projection_dim: None,
+            eos_token_id: None,
         };
         as_text.validate()?;
         let h = c.hidden_size;

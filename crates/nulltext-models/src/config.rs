@@ -105,7 +105,8 @@ pub struct UNetConfig {
     pub norm_eps: f64,
     #[serde(default)]
     pub use_linear_projection: bool,
-    #[serde(default)]
+    /// SDXL's config writes `null` for false.
+    #[serde(default, deserialize_with = "null_as_false")]
     pub upcast_attention: bool,
     #[serde(default = "d_true")]
     pub flip_sin_to_cos: bool,
@@ -135,8 +136,17 @@ pub struct UNetConfig {
     pub sample_size: usize,
     #[serde(default)]
     pub class_embed_type: Option<String>,
+    /// `"text_time"` for SDXL: the pooled text embedding and six size/crop numbers,
+    /// embedded and added to the time embedding.
     #[serde(default)]
     pub addition_embed_type: Option<String>,
+    /// SDXL: the width of each `time_ids` number's sinusoidal embedding (256).
+    #[serde(default)]
+    pub addition_time_embed_dim: Option<usize>,
+    /// SDXL: the input width of `add_embedding`, the pooled text embedding's plus six
+    /// times `addition_time_embed_dim` (2816 = 1280 + 6 · 256).
+    #[serde(default)]
+    pub projection_class_embeddings_input_dim: Option<usize>,
     #[serde(default)]
     pub encoder_hid_dim: Option<usize>,
     #[serde(default)]
@@ -147,6 +157,23 @@ pub struct UNetConfig {
     pub num_class_embeds: Option<usize>,
 }
 
+/// How many numbers SDXL's `time_ids` hold per latent: original size, crop top-left and
+/// target size, each as (height, width).
+pub const TIME_IDS: usize = 6;
+
+/// The widths of SDXL's added conditioning ([`UNetConfig::text_time`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TextTimeDims {
+    /// The pooled text embedding's width (`text_embeds`).
+    pub text: usize,
+    /// The width of each time id's sinusoidal embedding.
+    pub time: usize,
+}
+
+fn null_as_false<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<bool, D::Error> {
+    Ok(Option::<bool>::deserialize(d)?.unwrap_or(false))
+}
+
 fn d_2_perblock() -> PerBlock {
     PerBlock::One(2)
 }
@@ -155,8 +182,30 @@ impl UNetConfig {
     /// Refuses configurations whose architecture nulltext does not implement.
     pub fn validate(&self) -> Result<()> {
         let bad = |what: &str| Err(Error::Unsupported(format!("UNet config: {what}")));
-        if self.addition_embed_type.is_some() {
-            return bad("`addition_embed_type` (SDXL-style conditioning) is not supported");
+        match self.addition_embed_type.as_deref() {
+            None => {}
+            Some("text_time") => {
+                let (Some(t), Some(p)) = (
+                    self.addition_time_embed_dim,
+                    self.projection_class_embeddings_input_dim,
+                ) else {
+                    return bad(
+                        "`addition_embed_type: text_time` needs `addition_time_embed_dim` and \
+                         `projection_class_embeddings_input_dim`",
+                    );
+                };
+                if t == 0 || p <= TIME_IDS * t {
+                    return bad(
+                        "`projection_class_embeddings_input_dim` must exceed six times \
+                         `addition_time_embed_dim`",
+                    );
+                }
+            }
+            Some(t) => {
+                return Err(Error::Unsupported(format!(
+                    "UNet config: `addition_embed_type: {t}` (only SDXL's `text_time` is supported)"
+                )))
+            }
         }
         if self.class_embed_type.is_some() || self.num_class_embeds.is_some() {
             return bad("class embeddings are not supported");
@@ -214,6 +263,22 @@ impl UNetConfig {
         match &self.num_attention_heads {
             Some(h) => h.expand(n, "num_attention_heads"),
             None => self.attention_head_dim.expand(n, "attention_head_dim"),
+        }
+    }
+
+    /// SDXL's added conditioning, when this UNet takes it: the widths of the pooled text
+    /// embedding and of each time id's embedding.
+    pub fn text_time(&self) -> Option<TextTimeDims> {
+        match (
+            self.addition_embed_type.as_deref(),
+            self.addition_time_embed_dim,
+            self.projection_class_embeddings_input_dim,
+        ) {
+            (Some("text_time"), Some(time), Some(input)) => Some(TextTimeDims {
+                text: input.saturating_sub(TIME_IDS * time),
+                time,
+            }),
+            _ => None,
         }
     }
 
@@ -322,6 +387,14 @@ pub struct ClipTextConfig {
     /// nulltext extension, set for SD 2.x: use the penultimate layer (then the final norm).
     #[serde(default)]
     pub use_penultimate_layer: bool,
+    /// The width of `text_projection` (`CLIPTextModelWithProjection`, SDXL's second text
+    /// encoder).
+    #[serde(default)]
+    pub projection_dim: Option<usize>,
+    /// The end token, whose position gives the pooled output; `2` (or absent) is
+    /// transformers' legacy value, meaning "the position of the highest id".
+    #[serde(default)]
+    pub eos_token_id: Option<i64>,
 }
 
 impl ClipTextConfig {

@@ -1,7 +1,10 @@
-//! Sinusoidal timestep embedding (diffusers `get_timestep_embedding`, `TimestepEmbedding`).
+//! Sinusoidal timestep embedding (diffusers `get_timestep_embedding`, `TimestepEmbedding`)
+//! and SDXL's added text/time embedding (`unet_2d_condition.py`, `addition_embed_type`
+//! `"text_time"`).
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
+use crate::config::{TextTimeDims, UNetConfig, TIME_IDS};
 use crate::error::Result;
 use crate::nn::Linear;
 use crate::weights::Vb;
@@ -55,5 +58,53 @@ impl TimestepEmbedding {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.linear_2.forward(&self.linear_1.forward(x)?.silu()?)
+    }
+}
+
+/// SDXL's added conditioning (diffusers `addition_embed_type: "text_time"`): each time id
+/// embedded sinusoidally (`add_time_proj`), concatenated after the pooled text embedding
+/// and projected by `add_embedding` to the time embedding's width, to which it is added.
+pub struct TextTimeEmbedding {
+    add_embedding: TimestepEmbedding,
+    dims: TextTimeDims,
+    flip_sin_to_cos: bool,
+    freq_shift: f64,
+}
+
+impl TextTimeEmbedding {
+    /// Loads `add_embedding` from `vb` (the UNet's root) for a time embedding `dim` wide.
+    pub fn load(vb: &Vb, config: &UNetConfig, dims: TextTimeDims, dim: usize) -> Result<Self> {
+        let input = dims.text + TIME_IDS * dims.time;
+        Ok(Self {
+            add_embedding: TimestepEmbedding::load(&vb.pp("add_embedding"), input, dim)?,
+            dims,
+            flip_sin_to_cos: config.flip_sin_to_cos,
+            freq_shift: config.freq_shift,
+        })
+    }
+
+    /// The widths this embedding takes.
+    pub fn dims(&self) -> TextTimeDims {
+        self.dims
+    }
+
+    /// `[B, dim]` from `text_embeds` `[B, text]` and `time_ids` `[B, 6]`, in `dtype`.
+    pub fn forward(&self, text_embeds: &Tensor, time_ids: &Tensor, dtype: DType) -> Result<Tensor> {
+        let (b, n) = time_ids.dims2()?;
+        let ids: Vec<f64> = time_ids
+            .to_dtype(DType::F64)?
+            .flatten_all()?
+            .to_vec1::<f64>()?;
+        // (B·6, time) -> (B, 6·time)
+        let t = timestep_embedding(
+            &ids,
+            self.dims.time,
+            self.flip_sin_to_cos,
+            self.freq_shift,
+            time_ids.device(),
+        )?
+        .reshape((b, n * self.dims.time))?;
+        let x = Tensor::cat(&[&text_embeds.to_dtype(DType::F32)?, &t], 1)?.to_dtype(dtype)?;
+        self.add_embedding.forward(&x)
     }
 }

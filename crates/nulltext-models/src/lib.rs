@@ -1,4 +1,4 @@
-//! Stable Diffusion 1.x/2.x for nulltext: tokenizer, text encoder, UNet with an
+//! Stable Diffusion 1.x/2.x and SDXL for nulltext: tokenizer, text encoders, UNet with an
 //! attention-control hook, VAE and DDIM, on candle, matching diffusers numerically.
 
 pub mod attention;
@@ -17,6 +17,7 @@ pub mod nn;
 pub mod random;
 pub mod resnet;
 pub mod scheduler;
+pub mod sdxl;
 pub mod single_file;
 pub mod tensors;
 pub mod tokenizer;
@@ -25,7 +26,7 @@ pub mod vae;
 pub mod weights;
 
 pub use candle_core;
-pub use clip::ClipTextTransformer;
+pub use clip::{ClipTextModelWithProjection, ClipTextTransformer};
 pub use config::{ClipTextConfig, SchedulerConfig, UNetConfig, VaeConfig};
 pub use control::{
     AttentionCall, AttentionControl, AttentionKind, AttentionSite, NoControl, Place,
@@ -34,5 +35,5 @@ pub use error::{Error, Result};
 pub use model::{LoadOptions, StableDiffusion};
 pub use scheduler::Ddim;
 pub use tokenizer::ClipTokenizer;
-pub use unet::{Execution, UNet2DConditionModel};
+pub use unet::{AddedCond, Execution, UNet2DConditionModel};
 pub use vae::AutoencoderKL;

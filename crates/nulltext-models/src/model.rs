@@ -440,6 +440,14 @@ impl StableDiffusion {
 
     /// Tokenizes `prompts` (padded/truncated to 77) and encodes them: `[B, 77, D]`, f32.
     pub fn encode_prompts(&self, prompts: &[&str]) -> Result<(Tensor, Vec<Encoding>)> {
+        if self.unet.takes_added_cond() {
+            // its context comes from two encoders ([`crate::sdxl::TextEncoders`])
+            return Err(Error::Unsupported(format!(
+                "{} is an SDXL model: inversion, editing and generation take Stable \
+                 Diffusion 1.x/2.x models",
+                self.name
+            )));
+        }
         let encs: Vec<Encoding> = prompts
             .iter()
             .map(|p| self.tokenizer.encode_padded(p))

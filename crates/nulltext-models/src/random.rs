@@ -34,6 +34,11 @@ pub enum Preset {
     /// The small SD 1.x-shaped model `nulltext train` trains on 64 px shape scenes
     /// (8×8 latents).
     Shapes,
+    /// Stable Diffusion XL base 1.0 (2.6G UNet, 1024 px, two text encoders).
+    Sdxl,
+    /// The tiny SDXL-shaped model of the test fixtures (`tests/fixtures/models/tiny-sdxl`,
+    /// 256 px).
+    TinySdxl,
 }
 
 impl std::str::FromStr for Preset {
@@ -46,8 +51,11 @@ impl std::str::FromStr for Preset {
             "tiny" => Ok(Preset::Tiny),
             "tiny-v" => Ok(Preset::TinyV),
             "shapes" => Ok(Preset::Shapes),
+            "sdxl" | "sdxl-base" => Ok(Preset::Sdxl),
+            "tiny-sdxl" => Ok(Preset::TinySdxl),
             _ => Err(format!(
-                "unknown preset `{s}` (sd15, sd21-base, sd21-v, tiny, tiny-v, shapes)"
+                "unknown preset `{s}` \
+                 (sd15, sd21-base, sd21-v, tiny, tiny-v, shapes, sdxl, tiny-sdxl)"
             )),
         }
     }
@@ -62,6 +70,9 @@ pub struct ModelConfigs {
     pub scheduler: Value,
     /// `pad_token` of the tokenizer (`<|endoftext|>` for SD 1.x, `!` for SD 2.x).
     pub pad_token: String,
+    /// SDXL's second text encoder (`CLIPTextModelWithProjection`; its tokenizer pads
+    /// with `!`), `None` for SD 1.x/2.x.
+    pub text_encoder_2: Option<Value>,
 }
 
 fn scheduler(prediction: &str) -> Value {
@@ -71,6 +82,58 @@ fn scheduler(prediction: &str) -> Value {
         "clip_sample": false, "num_train_timesteps": 1000, "prediction_type": prediction,
         "set_alpha_to_one": false, "steps_offset": 1, "timestep_spacing": "leading",
         "trained_betas": null
+    })
+}
+
+/// SDXL base 1.0's scheduler config (the beta keys are DDIM's).
+fn sdxl_scheduler() -> Value {
+    json!({
+        "_class_name": "EulerDiscreteScheduler",
+        "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+        "clip_sample": false, "interpolation_type": "linear", "num_train_timesteps": 1000,
+        "prediction_type": "epsilon", "sample_max_value": 1.0, "set_alpha_to_one": false,
+        "skip_prk_steps": true, "steps_offset": 1, "timestep_spacing": "leading",
+        "trained_betas": null, "use_karras_sigmas": false
+    })
+}
+
+/// An SDXL UNet: DownBlock2D then cross-attention blocks, linear projections, the
+/// text/time added conditioning.
+fn sdxl_unet(
+    blocks: &[usize],
+    heads: &[usize],
+    depth: &[usize],
+    text: (usize, usize),
+    time: usize,
+    sample: usize,
+) -> Value {
+    let n = blocks.len();
+    let mut down = vec!["DownBlock2D"];
+    down.extend(vec!["CrossAttnDownBlock2D"; n - 1]);
+    let up: Vec<&str> = down
+        .iter()
+        .rev()
+        .map(|d| {
+            if *d == "DownBlock2D" {
+                "UpBlock2D"
+            } else {
+                "CrossAttnUpBlock2D"
+            }
+        })
+        .collect();
+    let (context, pooled) = text;
+    json!({
+        "_class_name": "UNet2DConditionModel", "act_fn": "silu",
+        "addition_embed_type": "text_time", "addition_time_embed_dim": time,
+        "projection_class_embeddings_input_dim": pooled + 6 * time,
+        "attention_head_dim": heads, "block_out_channels": blocks,
+        "center_input_sample": false, "cross_attention_dim": context,
+        "down_block_types": down, "up_block_types": up,
+        "downsample_padding": 1, "flip_sin_to_cos": true, "freq_shift": 0, "in_channels": 4,
+        "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-05,
+        "norm_num_groups": 32, "out_channels": 4, "sample_size": sample,
+        "transformer_layers_per_block": depth,
+        "use_linear_projection": true, "upcast_attention": null
     })
 }
 
@@ -116,16 +179,63 @@ fn clip(hidden: usize, inter: usize, layers: usize, heads: usize, act: &str, pro
     })
 }
 
+/// SDXL's VAE config: the SD one with its scaling factor, upcast in half precision.
+fn sdxl_vae(mut c: Value) -> Value {
+    c["scaling_factor"] = json!(0.13025);
+    c["force_upcast"] = json!(true);
+    c
+}
+
+/// A `CLIPTextModelWithProjection` config (its pooled output is the one SDXL takes).
+fn with_projection(mut c: Value) -> Value {
+    c["architectures"] = json!(["CLIPTextModelWithProjection"]);
+    c
+}
+
 impl Preset {
+    /// The configs of this preset's components.
     pub fn configs(self) -> ModelConfigs {
         let eot = "<|endoftext|>".to_string();
         match self {
+            Preset::Sdxl => ModelConfigs {
+                unet: sdxl_unet(
+                    &[320, 640, 1280],
+                    &[5, 10, 20],
+                    &[1, 2, 10],
+                    (2048, 1280),
+                    256,
+                    128,
+                ),
+                vae: sdxl_vae(vae(&[128, 256, 512, 512], 1024)),
+                text_encoder: clip(768, 3072, 12, 12, "quick_gelu", 768),
+                text_encoder_2: Some(with_projection(clip(1280, 5120, 32, 20, "gelu", 1280))),
+                scheduler: sdxl_scheduler(),
+                pad_token: eot,
+            },
+            Preset::TinySdxl => ModelConfigs {
+                unet: {
+                    let mut c = sdxl_unet(&[16, 32, 48], &[2, 4, 6], &[1, 1, 2], (24, 12), 8, 32);
+                    c["norm_num_groups"] = json!(16);
+                    c
+                },
+                vae: {
+                    let mut c = sdxl_vae(vae(&[16, 16, 32, 32], 256));
+                    c["layers_per_block"] = json!(1);
+                    c["norm_num_groups"] = json!(16);
+                    c
+                },
+                text_encoder: clip(8, 32, 3, 2, "quick_gelu", 8),
+                text_encoder_2: Some(with_projection(clip(16, 64, 3, 4, "gelu", 12))),
+                scheduler: sdxl_scheduler(),
+                pad_token: eot,
+            },
             Preset::Sd15 => ModelConfigs {
                 unet: unet(&[320, 640, 1280, 1280], json!(8), 768, 64, false, false),
                 vae: vae(&[128, 256, 512, 512], 512),
                 text_encoder: clip(768, 3072, 12, 12, "quick_gelu", 768),
                 scheduler: scheduler("epsilon"),
                 pad_token: eot,
+                text_encoder_2: None,
             },
             Preset::Sd21Base | Preset::Sd21V => {
                 let v = self == Preset::Sd21V;
@@ -142,6 +252,7 @@ impl Preset {
                     text_encoder: clip(1024, 4096, 23, 16, "gelu", 512),
                     scheduler: scheduler(if v { "v_prediction" } else { "epsilon" }),
                     pad_token: "!".into(),
+                    text_encoder_2: None,
                 }
             }
             Preset::Tiny => ModelConfigs {
@@ -154,6 +265,7 @@ impl Preset {
                 },
                 scheduler: scheduler("epsilon"),
                 pad_token: eot,
+                text_encoder_2: None,
             },
             Preset::Shapes => ModelConfigs {
                 unet: {
@@ -170,6 +282,7 @@ impl Preset {
                 text_encoder: clip(64, 128, 2, 4, "quick_gelu", 64),
                 scheduler: scheduler("epsilon"),
                 pad_token: eot,
+                text_encoder_2: None,
             },
             Preset::TinyV => ModelConfigs {
                 // one head per 64 channels, as SD 2.x (here: one head everywhere)
@@ -178,6 +291,7 @@ impl Preset {
                 text_encoder: clip(64, 128, 3, 1, "gelu", 32),
                 scheduler: scheduler("v_prediction"),
                 pad_token: "!".into(),
+                text_encoder_2: None,
             },
         }
     }
@@ -335,6 +449,16 @@ pub fn tensor_lists(configs: &ModelConfigs) -> Result<[(&'static str, TensorList
     crate::tensors::tensor_lists(&uc, &vc, &cc)
 }
 
+/// The tensors of SDXL's second text encoder, `None` for SD 1.x/2.x.
+pub fn text_encoder_2_list(configs: &ModelConfigs) -> Result<Option<TensorList>> {
+    let Some(v) = &configs.text_encoder_2 else {
+        return Ok(None);
+    };
+    let c: ClipTextConfig = serde_json::from_value(v.clone())
+        .map_err(|e| Error::Msg(format!("text_encoder_2: {e}")))?;
+    crate::tensors::text_encoder_2_list(&c).map(Some)
+}
+
 fn write_json(path: &Path, v: &Value) -> Result<()> {
     let s = serde_json::to_string_pretty(v).map_err(|e| Error::Msg(e.to_string()))?;
     std::fs::write(path, s + "\n").map_err(|e| Error::io(path, e))
@@ -354,34 +478,48 @@ pub fn write_random_model(dir: &Path, configs: &ModelConfigs, seed: u64, f16: bo
         &dir.join("scheduler/scheduler_config.json"),
         &configs.scheduler,
     )?;
-    let tok = dir.join("tokenizer");
-    std::fs::write(tok.join("vocab.json"), crate::tokenizer::BUNDLED_VOCAB)
-        .map_err(|e| Error::io(&tok, e))?;
-    std::fs::write(tok.join("merges.txt"), crate::tokenizer::BUNDLED_MERGES)
-        .map_err(|e| Error::io(&tok, e))?;
-    write_json(
-        &tok.join("special_tokens_map.json"),
-        &json!({"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": configs.pad_token}),
-    )?;
-    write_json(
-        &tok.join("tokenizer_config.json"),
-        &json!({"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": true, "pad_token": configs.pad_token}),
-    )?;
+    write_tokenizer(&dir.join("tokenizer"), &configs.pad_token)?;
+    let variant = if f16 { ".fp16" } else { "" };
+    let sdxl = match (&configs.text_encoder_2, text_encoder_2_list(configs)?) {
+        (Some(config), Some(list)) => {
+            let d = dir.join("text_encoder_2");
+            std::fs::create_dir_all(&d).map_err(|e| Error::io(&d, e))?;
+            write_json(&d.join("config.json"), config)?;
+            let path = d.join(format!("model{variant}.safetensors"));
+            write_safetensors(&path, &list, seed.wrapping_add(2), "text_encoder_2", f16)?;
+            // SDXL's second tokenizer: the same vocabulary, padding with `!`
+            let t = dir.join("tokenizer_2");
+            std::fs::create_dir_all(&t).map_err(|e| Error::io(&t, e))?;
+            write_tokenizer(&t, "!")?;
+            true
+        }
+        _ => false,
+    };
     for (component, list) in &lists {
         let file = if *component == "text_encoder" {
             "model"
         } else {
             "diffusion_pytorch_model"
         };
-        let variant = if f16 { ".fp16" } else { "" };
         let path = dir
             .join(component)
             .join(format!("{file}{variant}.safetensors"));
         write_safetensors(&path, list, seed, component, f16)?;
     }
-    write_json(
-        &dir.join("model_index.json"),
-        &json!({
+    let index = if sdxl {
+        json!({
+            "_class_name": "StableDiffusionXLPipeline",
+            "force_zeros_for_empty_prompt": true,
+            "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "tokenizer_2": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"]
+        })
+    } else {
+        json!({
             "_class_name": "StableDiffusionPipeline",
             "feature_extractor": [null, null], "safety_checker": [null, null],
             "requires_safety_checker": false,
@@ -390,10 +528,27 @@ pub fn write_random_model(dir: &Path, configs: &ModelConfigs, seed: u64, f16: bo
             "tokenizer": ["transformers", "CLIPTokenizer"],
             "unet": ["diffusers", "UNet2DConditionModel"],
             "vae": ["diffusers", "AutoencoderKL"]
-        }),
-    )?;
+        })
+    };
+    write_json(&dir.join("model_index.json"), &index)?;
     let _ = SchedulerConfig::default();
     Ok(())
+}
+
+/// The bundled CLIP vocabulary as a tokenizer folder padding with `pad_token`.
+fn write_tokenizer(tok: &Path, pad_token: &str) -> Result<()> {
+    std::fs::write(tok.join("vocab.json"), crate::tokenizer::BUNDLED_VOCAB)
+        .map_err(|e| Error::io(tok, e))?;
+    std::fs::write(tok.join("merges.txt"), crate::tokenizer::BUNDLED_MERGES)
+        .map_err(|e| Error::io(tok, e))?;
+    write_json(
+        &tok.join("special_tokens_map.json"),
+        &json!({"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": pad_token}),
+    )?;
+    write_json(
+        &tok.join("tokenizer_config.json"),
+        &json!({"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": true, "pad_token": pad_token}),
+    )
 }
 
 fn inv_resnet(leaf: &str) -> String {
@@ -539,6 +694,13 @@ pub fn write_random_single_file(
     openclip: bool,
     seed: u64,
 ) -> Result<()> {
+    if configs.text_encoder_2.is_some() {
+        return Err(Error::Unsupported(
+            "single-file checkpoints of SDXL models (`conditioner.embedders.*` keys) are not written; \
+             write a diffusers folder"
+                .into(),
+        ));
+    }
     let lists = tensor_lists(configs)?;
     let uc: UNetConfig =
         serde_json::from_value(configs.unet.clone()).map_err(|e| Error::Msg(e.to_string()))?;
@@ -696,8 +858,13 @@ pub fn write_random_single_file(
     })
 }
 
-/// Parameter count of each component.
+/// Parameter count of each component (SDXL's second text encoder last).
 pub fn parameter_counts(configs: &ModelConfigs) -> Result<Vec<(&'static str, usize)>> {
     let (uc, vc, cc) = typed_configs(configs)?;
-    crate::tensors::parameter_counts(&uc, &vc, &cc)
+    let mut counts = crate::tensors::parameter_counts(&uc, &vc, &cc)?;
+    if let Some(list) = text_encoder_2_list(configs)? {
+        let n = list.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+        counts.push(("text_encoder_2", n));
+    }
+    Ok(counts)
 }

@@ -6,7 +6,7 @@
 //! checkpoint against them before it builds anything; the random-model generator
 //! (`crate::random`) writes them.
 
-use crate::clip::ClipTextTransformer;
+use crate::clip::{ClipTextModelWithProjection, ClipTextTransformer};
 use crate::config::{ClipTextConfig, UNetConfig, VaeConfig};
 use crate::error::Result;
 use crate::unet::UNet2DConditionModel;
@@ -45,4 +45,11 @@ pub fn parameter_counts(
         .iter()
         .map(|(c, l)| (*c, l.iter().map(|(_, s)| s.iter().product::<usize>()).sum()))
         .collect())
+}
+
+/// The tensors of a `CLIPTextModelWithProjection` (SDXL's second text encoder).
+pub fn text_encoder_2_list(config: &ClipTextConfig) -> Result<TensorList> {
+    let s = WeightStore::recording();
+    ClipTextModelWithProjection::load(&s.root(), config)?;
+    Ok(s.recorded())
 }

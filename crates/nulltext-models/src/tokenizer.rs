@@ -63,6 +63,10 @@ pub struct ClipTokenizer {
     bos: u32,
     eos: u32,
     pad: u32,
+    /// The padding token's text where it is an ordinary token (`!` for SD 2.x and SDXL's
+    /// second tokenizer): transformers then treats it as a special token, split out of
+    /// the text before BPE, so a prompt's `!` becomes the padding id.
+    pad_text: Option<String>,
 }
 
 /// GPT-2's reversible byte → printable-unicode map.
@@ -148,6 +152,8 @@ impl ClipTokenizer {
             Some(t) => id(t)?,
             None => eos,
         };
+        let pad_text =
+            pad_token.filter(|t| ![START_OF_TEXT, END_OF_TEXT].contains(t) && !t.is_empty());
         let byte_encoder = bytes_to_unicode();
         let byte_decoder = byte_encoder
             .iter()
@@ -169,6 +175,7 @@ impl ClipTokenizer {
             bos,
             eos,
             pad,
+            pad_text: pad_text.map(String::from),
         })
     }
 
@@ -263,14 +270,28 @@ impl ClipTokenizer {
     pub fn encode_content(&self, text: &str) -> Vec<u32> {
         let norm = Self::normalize(text);
         let mut ids = Vec::new();
-        for m in self.pattern.find_iter(&norm) {
+        let Some(pad) = &self.pad_text else {
+            self.encode_words(&norm, &mut ids);
+            return ids;
+        };
+        for (i, part) in norm.split(pad.as_str()).enumerate() {
+            if i > 0 {
+                ids.push(self.pad);
+            }
+            self.encode_words(part, &mut ids);
+        }
+        ids
+    }
+
+    /// Appends the ids of normalized text without the padding token.
+    fn encode_words(&self, norm: &str, ids: &mut Vec<u32>) {
+        for m in self.pattern.find_iter(norm) {
             match m.as_str() {
                 START_OF_TEXT => ids.push(self.bos),
                 END_OF_TEXT => ids.push(self.eos),
                 piece => ids.extend(self.bpe(piece)),
             }
         }
-        ids
     }
 
     /// `[start, tokens…, end]`, unpadded and untruncated (transformers' `encode`).

@@ -3,6 +3,8 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use clap::Args;
 
+use nulltext::models::sdxl::Family;
+
 use super::context::{Ctx, ModelArg};
 
 #[derive(Args)]
@@ -71,12 +73,14 @@ pub fn run(a: InfoArgs, ctx: &Ctx) -> Result<()> {
     };
     let sd = ctx.load(model)?;
     let u = sd.unet.config();
-    let family = if sd.context_dim() == 1024 {
-        "Stable Diffusion 2.x"
-    } else if sd.context_dim() == 768 {
-        "Stable Diffusion 1.x"
-    } else {
-        "Stable Diffusion-shaped (custom size)"
+    let family = Family::of(u);
+    let standard = matches!(
+        (family, u.cross_attention_dim),
+        (Family::Sd1, 768) | (Family::Sd2, 1024) | (Family::Sdxl, 2048)
+    );
+    let family = match standard {
+        true => family.name().to_string(),
+        false => format!("{}-shaped (custom size)", family.name()),
     };
     let mut params = serde_json::Map::new();
     for (component, n) in nulltext::models::tensors::parameter_counts(
@@ -85,6 +89,14 @@ pub fn run(a: InfoArgs, ctx: &Ctx) -> Result<()> {
         sd.text_encoder.config(),
     )? {
         params.insert(component.into(), serde_json::json!(n));
+    }
+    // SDXL's second text encoder, in a diffusers folder
+    let second = sd.path.join("text_encoder_2/config.json");
+    if second.is_file() {
+        let config = nulltext::models::config::read_json(&second)?;
+        let list = nulltext::models::tensors::text_encoder_2_list(&config)?;
+        let n: usize = list.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+        params.insert("text_encoder_2".into(), serde_json::json!(n));
     }
     let layout = if sd.path.is_file() {
         "single file (original layout)"

@@ -10,7 +10,7 @@ use super::context::Ctx;
 
 #[derive(Args)]
 pub struct RandomModelArgs {
-    /// sd15, sd21-base, sd21-v, tiny or tiny-v.
+    /// sd15, sd21-base, sd21-v, tiny, tiny-v, shapes, sdxl (base 1.0's shapes) or tiny-sdxl.
     #[arg(long, default_value = "sd15")]
     preset: Preset,
     /// Copy the configs of this diffusers folder instead of a preset.
@@ -43,6 +43,7 @@ pub fn run(a: RandomModelArgs, ctx: &Ctx) -> Result<()> {
         configs.unet = read(dir, "unet/config.json")?;
         configs.vae = read(dir, "vae/config.json")?;
         configs.text_encoder = read(dir, "text_encoder/config.json")?;
+        configs.text_encoder_2 = read(dir, "text_encoder_2/config.json").ok();
         if let Ok(s) = read(dir, "scheduler/scheduler_config.json") {
             configs.scheduler = s;
         }

@@ -1,8 +1,10 @@
 //! The UNet's structure: its blocks, read from the config and loaded from the weights.
 
+use candle_core::Tensor;
+
 use crate::config::UNetConfig;
 use crate::control::AttentionSite;
-use crate::embeddings::TimestepEmbedding;
+use crate::embeddings::{TextTimeEmbedding, TimestepEmbedding};
 use crate::error::Result;
 use crate::nn::{Conv2d, GroupNorm};
 use crate::weights::Vb;
@@ -38,11 +40,26 @@ impl std::str::FromStr for Execution {
     }
 }
 
-/// The denoising UNet of Stable Diffusion 1.x/2.x (diffusers' `UNet2DConditionModel`):
-/// predicts the noise (or v) of latents at a timestep, given a text context.
+/// SDXL's added conditioning of each latent (diffusers' `added_cond_kwargs`), which
+/// [`UNet2DConditionModel`]s with `addition_embed_type: "text_time"` take beside the
+/// text context.
+#[derive(Debug, Clone)]
+pub struct AddedCond {
+    /// The pooled text embedding `[B, P]` (the second text encoder's projected output).
+    pub text_embeds: Tensor,
+    /// `[B, 6]`: original size, crop top-left and target size, each (height, width), in
+    /// pixels.
+    pub time_ids: Tensor,
+}
+
+/// The denoising UNet of Stable Diffusion 1.x/2.x and SDXL (diffusers'
+/// `UNet2DConditionModel`): predicts the noise (or v) of latents at a timestep, given a
+/// text context (and, for SDXL, an [`AddedCond`]).
 pub struct UNet2DConditionModel {
     pub(super) conv_in: Conv2d,
     pub(super) time_embedding: TimestepEmbedding,
+    /// SDXL's `add_embedding`, `None` for SD 1.x/2.x.
+    pub(super) add_embedding: Option<TextTimeEmbedding>,
     pub(super) down_blocks: Vec<DownBlock>,
     pub(super) mid_block: Option<MidBlock>,
     pub(super) up_blocks: Vec<UpBlock>,
@@ -141,6 +158,10 @@ impl UNet2DConditionModel {
         Ok(Self {
             conv_in: Conv2d::load(&vb.pp("conv_in"), c.in_channels, ch[0], kin, 1, kin / 2)?,
             time_embedding: TimestepEmbedding::load(&vb.pp("time_embedding"), ch[0], temb)?,
+            add_embedding: match c.text_time() {
+                Some(dims) => Some(TextTimeEmbedding::load(vb, c, dims, temb)?),
+                None => None,
+            },
             down_blocks,
             mid_block,
             up_blocks,
@@ -154,6 +175,11 @@ impl UNet2DConditionModel {
             execution: Execution::default(),
             config: config.clone(),
         })
+    }
+
+    /// Whether this UNet takes SDXL's [`AddedCond`].
+    pub fn takes_added_cond(&self) -> bool {
+        self.add_embedding.is_some()
     }
 
     pub fn config(&self) -> &UNetConfig {

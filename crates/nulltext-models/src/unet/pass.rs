@@ -23,12 +23,12 @@
 use candle_core::Tensor;
 
 use super::blocks::{DownBlock, MidBlock, UpBlock};
-use super::model::UNet2DConditionModel;
+use super::model::{AddedCond, UNet2DConditionModel};
 use crate::attention::{Attention, AttnRecord, BasicTransformerBlock, FeedForward};
 use crate::attention::{Projection, Transformer2DModel};
 use crate::control::{AttentionCall, AttentionControl};
 use crate::embeddings::timestep_embedding;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::nn::layout as ops;
 use crate::nn::{GroupNorm, NormRecord};
 use crate::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
@@ -132,13 +132,16 @@ pub(super) struct Pass<'a> {
 
 impl UNet2DConditionModel {
     /// `time_emb_proj(silu(temb))` of every residual block in call order, `[B, C, 1, 1]`,
-    /// for one timestep per latent.
+    /// for one timestep per latent; SDXL's `added` conditioning joins the time embedding
+    /// here (diffusers: `emb = emb + aug_emb`).
     pub(super) fn time_biases(
         &self,
         timesteps: &[f64],
+        added: Option<&AddedCond>,
         like: &Tensor,
     ) -> Result<Vec<Option<Tensor>>> {
         let ch0 = self.config.block_out_channels[0];
+        let dtype = self.conv_in.weight.dtype();
         let t = timestep_embedding(
             timesteps,
             ch0,
@@ -146,8 +149,25 @@ impl UNet2DConditionModel {
             self.config.freq_shift,
             like.device(),
         )?
-        .to_dtype(self.conv_in.weight.dtype())?;
-        let temb = self.time_embedding.forward(&t)?.silu()?;
+        .to_dtype(dtype)?;
+        let temb = self.time_embedding.forward(&t)?;
+        let temb = match (&self.add_embedding, added) {
+            (Some(e), Some(a)) => (temb + e.forward(&a.text_embeds, &a.time_ids, dtype)?)?,
+            (None, None) => temb,
+            (Some(_), None) => {
+                return Err(Error::Msg(
+                    "this UNet (SDXL) needs the pooled text embedding and the time ids beside \
+                     the text context"
+                        .into(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(Error::Msg(
+                    "this UNet (SD 1.x/2.x) takes no pooled text embedding or time ids".into(),
+                ))
+            }
+        }
+        .silu()?;
         self.down_blocks
             .iter()
             .flat_map(|d| d.resnets.iter())

@@ -4,14 +4,15 @@
 
 use candle_core::{DType, Tensor};
 
-use super::model::{Execution, UNet2DConditionModel};
+use super::model::{AddedCond, Execution, UNet2DConditionModel};
 use super::pass::{Backward, Constants, Pass, Record};
+use crate::config::TIME_IDS;
 use crate::control::{AttentionControl, NoControl};
 use crate::error::{Error, Result};
 
 impl UNet2DConditionModel {
     /// ε (or v) prediction for latents `x` `[B, C, h, w]` at `timestep`, with text
-    /// `context` `[B, 77, D]`.
+    /// `context` `[B, 77, D]` (SD 1.x/2.x; SDXL takes [`Self::forward_conditioned`]).
     pub fn forward(&self, x: &Tensor, timestep: f64, context: &Tensor) -> Result<Tensor> {
         self.forward_controlled(x, timestep, context, &mut NoControl, 0)
     }
@@ -25,8 +26,22 @@ impl UNet2DConditionModel {
         control: &mut dyn AttentionControl,
         step: usize,
     ) -> Result<Tensor> {
+        self.forward_conditioned(x, timestep, context, None, control, step)
+    }
+
+    /// As [`Self::forward_controlled`], with SDXL's `added` conditioning (required by a
+    /// UNet that [takes it](Self::takes_added_cond), refused by the others).
+    pub fn forward_conditioned(
+        &self,
+        x: &Tensor,
+        timestep: f64,
+        context: &Tensor,
+        added: Option<&AddedCond>,
+        control: &mut dyn AttentionControl,
+        step: usize,
+    ) -> Result<Tensor> {
         let b = x.dim(0)?;
-        self.run(x, &vec![timestep; b], context, control, step)
+        self.run(x, &vec![timestep; b], context, added, control, step)
     }
 
     /// As [`Self::forward`], with one timestep per latent (training).
@@ -36,7 +51,7 @@ impl UNet2DConditionModel {
         timesteps: &[f64],
         context: &Tensor,
     ) -> Result<Tensor> {
-        self.run(x, timesteps, context, &mut NoControl, 0)
+        self.run(x, timesteps, context, None, &mut NoControl, 0)
     }
 
     /// As [`Self::forward_timesteps`], calling `control` at every attention layer (training
@@ -48,7 +63,7 @@ impl UNet2DConditionModel {
         context: &Tensor,
         control: &mut dyn AttentionControl,
     ) -> Result<Tensor> {
-        self.run(x, timesteps, context, control, 0)
+        self.run(x, timesteps, context, None, control, 0)
     }
 
     /// Checks latents `[B, C, h, w]` against this UNet and `rows` contexts or timesteps.
@@ -68,20 +83,40 @@ impl UNet2DConditionModel {
         Ok(())
     }
 
+    /// Checks SDXL's added conditioning against this UNet and `b` latents.
+    fn check_added(&self, added: Option<&AddedCond>, b: usize) -> Result<()> {
+        let (Some(e), Some(a)) = (&self.add_embedding, added) else {
+            return Ok(());
+        };
+        let dims = e.dims();
+        let text = a.text_embeds.dims();
+        let ids = a.time_ids.dims();
+        if text != [b, dims.text] || ids != [b, TIME_IDS] {
+            return Err(Error::Msg(format!(
+                "UNet: for {b} latents, the pooled text embedding must be [{b}, {}] and the \
+                 time ids [{b}, {TIME_IDS}]; got {text:?} and {ids:?}",
+                dims.text
+            )));
+        }
+        Ok(())
+    }
+
     fn run(
         &self,
         x: &Tensor,
         timesteps: &[f64],
         context: &Tensor,
+        added: Option<&AddedCond>,
         control: &mut dyn AttentionControl,
         step: usize,
     ) -> Result<Tensor> {
         self.check_latents(x, timesteps.len(), "timesteps")?;
         self.check_latents(x, context.dim(0)?, "contexts")?;
+        self.check_added(added, timesteps.len())?;
         let dtype = self.conv_in.weight.dtype();
         let x = x.to_dtype(dtype)?;
         let context = context.to_dtype(dtype)?;
-        let biases = self.time_biases(timesteps, &x)?;
+        let biases = self.time_biases(timesteps, added, &x)?;
         Pass::new(&biases, &context, control, step).unet(self, &x)
     }
 
@@ -89,15 +124,27 @@ impl UNet2DConditionModel {
     /// UNet was loaded for candle's graph ([`Execution::Graph`]): then the caller
     /// differentiates through the graph.
     pub fn context_tape(&self, x: &Tensor, timestep: f64) -> Result<Option<ContextTape<'_>>> {
+        self.context_tape_conditioned(x, timestep, None)
+    }
+
+    /// As [`Self::context_tape`], with SDXL's `added` conditioning, which stays fixed for
+    /// the tape's passes (it enters the time embedding, computed once).
+    pub fn context_tape_conditioned(
+        &self,
+        x: &Tensor,
+        timestep: f64,
+        added: Option<&AddedCond>,
+    ) -> Result<Option<ContextTape<'_>>> {
         if self.execution == Execution::Graph {
             return Ok(None);
         }
         let b = x.dim(0)?;
         self.check_latents(x, b, "timesteps")?;
+        self.check_added(added, b)?;
         let latent = x.to_dtype(self.conv_in.weight.dtype())?.detach();
         Ok(Some(ContextTape {
             unet: self,
-            biases: self.time_biases(&vec![timestep; b], &latent)?,
+            biases: self.time_biases(&vec![timestep; b], added, &latent)?,
             latent,
             consts: Constants::default(),
             records: None,

@@ -394,31 +394,17 @@ fn batch_records_a_failed_item_and_goes_on() {
 fn invert_traced(dir: &Path, method: &str, inner_steps: &str, extra: &[&str]) -> (String, PathBuf) {
     let trace = dir.join(format!("{method}.json"));
     let out = dir.join(format!("{method}.nti.safetensors"));
-    let mut args = vec![
-        "invert",
-        "-m",
-        tiny_arg(),
-        "-i",
-        photo_arg(),
-        "-p",
-        "a close up photo of a cat",
-        "--size",
-        "64",
-        "--steps",
-        "4",
-        "--inner-steps",
-        inner_steps,
+    let mut args = vec!["--size", "64", "--steps", "4", "--inner-steps", inner_steps];
+    args.extend([
         "--trace-budgets",
         "1",
         "--method",
         method,
         "--trace",
         s(&trace),
-        "--out",
-        s(&out),
-    ];
+    ]);
     args.extend(extra);
-    (ok(&args), trace)
+    (ok(&invert_args(photo_arg(), CAT, &out, &args)), trace)
 }
 
 /// `plot` of `traces` into `out` with the options `args`.
@@ -531,26 +517,15 @@ fn quality_per_compute_traces_and_chart() {
     let svg = std::fs::read_to_string(d.join("edit.svg")).unwrap();
     assert!(svg.contains("direct") && svg.contains("UNet passes"));
     // an edit needs its region, and is refused before any inversion without one
-    let out = nulltext(&[
-        "invert",
-        "-m",
-        tiny_arg(),
-        "-i",
-        photo_arg(),
-        "-p",
-        "a close up photo of a cat",
-        "--trace",
-        s(&d.join("x.json")),
-        "--trace-edit",
-        DOG,
-        "--out",
-        s(&d.join("x.nti.safetensors")),
-    ]);
+    let (trace, inv) = (d.join("x.json"), d.join("x.nti.safetensors"));
+    let edit = ["--trace", s(&trace), "--trace-edit", DOG];
+    let out = nulltext(&invert_args(photo_arg(), CAT, &inv, &edit));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--trace-mask"));
-    assert!(!d.join("x.nti.safetensors").exists());
+    assert!(!inv.exists());
     let _ = std::fs::remove_dir_all(&d);
 }
 
+const CAT: &str = "a close up photo of a cat";
 const DOG: &str = "a close up photo of a dog";
 
 #[test]

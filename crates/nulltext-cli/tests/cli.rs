@@ -258,17 +258,7 @@ fn generate_writes_a_png() {
 fn bad_models_are_named() {
     let d = tmp("badmodels");
     let png = d.join("x.png");
-    let generate = |model: &Path| {
-        fails(&[
-            "generate",
-            "--model",
-            s(model),
-            "--prompt",
-            "x",
-            "--out",
-            s(&png),
-        ])
-    };
+    let generate = |model: &Path| fails(&generate_args(model, &png));
     // Missing folder.
     let e = generate(&d.join("nope"));
     assert!(e.contains("nope"), "{e}");

@@ -94,19 +94,6 @@ fn model_with_unet_config(name: &str, edit: impl Fn(&mut serde_json::Value)) -> 
     d
 }
 
-/// `generate` with `model` that must fail; its error.
-fn generate_fails(model: &Path, png: &Path) -> String {
-    fails(&[
-        "generate",
-        "--model",
-        s(model),
-        "--prompt",
-        "x",
-        "--out",
-        s(png),
-    ])
-}
-
 #[test]
 fn a_single_file_checkpoint_with_a_rank_0_shape_is_refused() {
     let d = tmp("rank0");
@@ -118,7 +105,7 @@ fn a_single_file_checkpoint_with_a_rank_0_shape_is_refused() {
     let out = d.join("out");
     std::fs::create_dir_all(&out).unwrap();
     let png = out.join("x.png");
-    let e = generate_fails(&ckpt, &png);
+    let e = fails(&generate_args(&ckpt, &png));
     assert!(
         e.contains("model.diffusion_model.input_blocks.0.0.weight") && e.contains("shape []"),
         "{e}"
@@ -218,7 +205,7 @@ fn a_model_sample_size_beyond_the_limit_is_refused_up_front() {
         "{e}"
     );
     let png = d.join("x.png");
-    let e = generate_fails(&m, &png);
+    let e = fails(&generate_args(&m, &png));
     assert!(e.contains("800000"), "{e}");
     assert!(start.elapsed() < Duration::from_secs(20));
     assert_empty(&d);

@@ -142,6 +142,19 @@ pub fn invert_args<'a>(
     v
 }
 
+/// `generate` with `model` and the prompt "x" into `out`.
+pub fn generate_args<'a>(model: &'a Path, out: &'a Path) -> [&'a str; 7] {
+    [
+        "generate",
+        "--model",
+        s(model),
+        "--prompt",
+        "x",
+        "--out",
+        s(out),
+    ]
+}
+
 /// `reconstruct` of the inversion file `inv` on the tiny model into `out`, then `extra`.
 pub fn reconstruct_args<'a>(inv: &'a Path, out: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
     let mut v = vec!["reconstruct", "--model", tiny_arg(), "--inversion", s(inv)];

@@ -5,27 +5,20 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-
-use common::*;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-fn run(args: &[&str]) -> Output {
-    command(args, "2").output().expect("run nulltext")
-}
+use common::*;
 
+/// Runs a command that must succeed; returns its stdout.
 fn ok(args: &[&str]) -> String {
-    let out = run(args);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "nulltext {args:?} failed:\n{stderr}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    String::from_utf8_lossy(&succeeds(args).stdout).into_owned()
 }
 
 #[test]
 fn eval_reports_scikit_image_values() {
     let m = root().join("tests/fixtures/metrics");
-    let reference: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(m.join("reference.json")).unwrap()).unwrap();
+    let reference = read_json(&m.join("reference.json"));
     let pair = &reference["pairs"][0];
     let out = ok(&[
         "eval",
@@ -63,14 +56,8 @@ fn eval_reports_scikit_image_values() {
         "{table}"
     );
     // With the networks' weights: the reference packages' values.
-    let lp: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(root().join("tests/fixtures/lpips/reference.json")).unwrap(),
-    )
-    .unwrap();
-    let clip_ref: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(root().join("tests/fixtures/clip/reference.json")).unwrap(),
-    )
-    .unwrap();
+    let lp = read_json(&root().join("tests/fixtures/lpips/reference.json"));
+    let clip_ref = read_json(&clip().join("reference.json"));
     let out = ok(&[
         "eval",
         "--json",
@@ -86,15 +73,16 @@ fn eval_reports_scikit_image_values() {
     let g = got["candidates"][0]["lpips"].as_f64().unwrap();
     assert!((g - want).abs() < 1e-5 * want, "{g} vs {want}");
     let case = &clip_ref["cases"][1];
+    let chelsea32 = clip().join("chelsea32.png");
     let out = ok(&[
         "eval",
         "--json",
         "-r",
-        s(&root().join("tests/fixtures/clip/chelsea32.png")),
+        s(&chelsea32),
         "-c",
-        s(&root().join("tests/fixtures/clip/chelsea32.png")),
+        s(&chelsea32),
         "--clip",
-        s(&root().join("tests/fixtures/clip")),
+        s(&clip()),
         "--caption",
         case["text"].as_str().unwrap(),
     ]);
@@ -103,7 +91,7 @@ fn eval_reports_scikit_image_values() {
     let want = case["score"].as_f64().unwrap();
     assert!((g - want).abs() < 1e-4, "{g} vs {want}");
     // Different sizes: a clear error.
-    let out = run(&[
+    let out = nulltext(&[
         "eval",
         "-r",
         s(&m.join("chelsea.png")),
@@ -167,9 +155,9 @@ const SETTINGS: [&str; 8] = [
 fn metric_nets() -> [&'static str; 4] {
     [
         "--lpips",
-        s_static(&root().join("tests/fixtures/lpips/lpips-squeeze-random-backbone.safetensors")),
+        static_arg(&lpips_squeeze()),
         "--clip",
-        s_static(&root().join("tests/fixtures/clip")),
+        static_arg(&clip()),
     ]
 }
 
@@ -178,7 +166,7 @@ fn batch_args<'a>(manifest: &'a Path, out: &'a Path, extra: &[&'a str]) -> Vec<&
         "-q",
         "batch",
         "-m",
-        s_static(&tiny()),
+        tiny_arg(),
         s(manifest),
         "--out-dir",
         s(out),
@@ -187,10 +175,6 @@ fn batch_args<'a>(manifest: &'a Path, out: &'a Path, extra: &[&'a str]) -> Vec<&
     v.extend(metric_nets());
     v.extend(extra);
     v
-}
-
-fn s_static(p: &Path) -> &'static str {
-    Box::leak(p.to_str().unwrap().to_string().into_boxed_str())
 }
 
 /// Every item's result (timings dropped) and the bytes of every picture.
@@ -280,9 +264,7 @@ fn batch_resumes_after_a_kill_and_shards_add_up() {
         csv.starts_with("id,kind,caption,mode,psnr,ssim,mse,"),
         "{csv}"
     );
-    let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(whole.join("summary.json")).unwrap())
-            .unwrap();
+    let summary = read_json(&whole.join("summary.json"));
     assert_eq!(summary["finished"], 10);
     let item3 = &summary["items"][3];
     assert!(item3["edits"][0]["background"]["psnr"].as_f64().unwrap() > 0.0);
@@ -310,25 +292,29 @@ fn batch_resumes_after_a_kill_and_shards_add_up() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while finished(&killed).len() < 4 {
-        assert!(Instant::now() < deadline, "the batch made no progress");
-        assert!(child.try_wait().unwrap().is_none(), "the batch ended early");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for(
+        Duration::from_secs(600),
+        "the batch made no progress",
+        || {
+            let done = finished(&killed).len() >= 4;
+            assert!(
+                done || child.try_wait().unwrap().is_none(),
+                "the batch ended early"
+            );
+            done
+        },
+    );
     child.kill().unwrap();
     child.wait().unwrap();
     let before = finished(&killed);
     assert!(before.len() < 10, "the kill came too late to test anything");
-    let mtimes: Vec<_> = before
-        .iter()
-        .map(|id| {
-            std::fs::metadata(killed.join("items").join(id).join("result.json"))
-                .unwrap()
-                .modified()
-                .unwrap()
-        })
-        .collect();
+    let mtime = |id: &str| {
+        std::fs::metadata(killed.join("items").join(id).join("result.json"))
+            .unwrap()
+            .modified()
+            .unwrap()
+    };
+    let mtimes: Vec<_> = before.iter().map(|id| mtime(id)).collect();
     let out = ok(&batch_args(&m, &killed, &[])[1..]);
     assert!(
         out.contains(&format!(
@@ -339,11 +325,7 @@ fn batch_resumes_after_a_kill_and_shards_add_up() {
         "{out}"
     );
     for (id, t) in before.iter().zip(&mtimes) {
-        let now = std::fs::metadata(killed.join("items").join(id).join("result.json"))
-            .unwrap()
-            .modified()
-            .unwrap();
-        assert_eq!(&now, t, "{id} was redone");
+        assert_eq!(&mtime(id), t, "{id} was redone");
     }
     same(&outcome(&killed), &reference, "resumed run");
 
@@ -381,35 +363,56 @@ fn batch_records_a_failed_item_and_goes_on() {
     )
     .unwrap();
     let out_dir = d.join("runs");
-    let out = run(&batch_args(&m, &out_dir, &[]));
+    let out = nulltext(&batch_args(&m, &out_dir, &[]));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("2 items failed"), "{err}");
     assert!(err.contains("notes.png"), "{err}");
     assert!(err.contains("`horse`"), "{err}");
     assert_eq!(finished(&out_dir), vec!["good".to_string()]);
-    let e: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(out_dir.join("items/bad/error.json")).unwrap(),
-    )
-    .unwrap();
+    let e = read_json(&out_dir.join("items/bad/error.json"));
     assert!(e["error"].as_str().unwrap().contains("notes.png"));
     // Nothing but the error is written for an item refused before its inversion.
     assert!(!out_dir
         .join("items/horse/inversion.nti.safetensors")
         .exists());
-    let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out_dir.join("summary.json")).unwrap())
-            .unwrap();
+    let summary = read_json(&out_dir.join("summary.json"));
     assert_eq!(summary["finished"], 1);
     assert_eq!(summary["failed"].as_array().unwrap().len(), 2);
 
     // A manifest error names its line and nothing runs.
     std::fs::write(&m, "{\"image\": \"cat.png\"}\n").unwrap();
-    let out = run(&batch_args(&m, &d.join("none"), &[]));
+    let out = nulltext(&batch_args(&m, &d.join("none"), &[]));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("line 1"), "{err}");
     assert!(!d.join("none").exists());
     let _ = std::fs::remove_dir_all(&d);
+}
+
+/// `invert` of the fixture photo at 64 px in 4 steps by `method`, with `inner_steps` and a
+/// trace of budgets 1 and up to `dir/{method}.json`, then `extra`; the output and the trace.
+fn invert_traced(dir: &Path, method: &str, inner_steps: &str, extra: &[&str]) -> (String, PathBuf) {
+    let trace = dir.join(format!("{method}.json"));
+    let out = dir.join(format!("{method}.nti.safetensors"));
+    let mut args = vec!["--size", "64", "--steps", "4", "--inner-steps", inner_steps];
+    args.extend([
+        "--trace-budgets",
+        "1",
+        "--method",
+        method,
+        "--trace",
+        s(&trace),
+    ]);
+    args.extend(extra);
+    (ok(&invert_args(photo_arg(), CAT, &out, &args)), trace)
+}
+
+/// `plot` of `traces` into `out` with the options `args`.
+fn plot(out: &Path, args: &[&str], traces: &[PathBuf]) {
+    let mut all = vec!["plot", "--out", s(out)];
+    all.extend(args);
+    all.extend(traces.iter().map(|p| s(p)));
+    ok(&all);
 }
 
 #[test]
@@ -417,33 +420,9 @@ fn trace_and_plot_draw_figure_4() {
     let d = tmp("trace");
     let mut traces = Vec::new();
     for method in ["null-text", "ddim"] {
-        let t = d.join(format!("{method}.json"));
-        let out = ok(&[
-            "invert",
-            "-m",
-            s(&tiny()),
-            "-i",
-            s(&photo()),
-            "-p",
-            "a close up photo of a cat",
-            "--size",
-            "64",
-            "--steps",
-            "4",
-            "--inner-steps",
-            "3",
-            "--trace-budgets",
-            "1",
-            "--method",
-            method,
-            "--trace",
-            s(&t),
-            "--out",
-            s(&d.join(format!("{method}.nti.safetensors"))),
-        ]);
+        let (out, t) = invert_traced(&d, method, "3", &[]);
         assert!(out.contains("PSNR"), "{out}");
-        let v: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&t).unwrap()).unwrap();
+        let v = read_json(&t);
         let points = v["points"].as_array().unwrap();
         if method == "ddim" {
             assert_eq!(points.len(), 1);
@@ -462,9 +441,7 @@ fn trace_and_plot_draw_figure_4() {
         traces.push(t);
     }
     let png = d.join("fig4.png");
-    let mut args = vec!["plot", "--out", s(&png), "--against", "vae"];
-    args.extend(traces.iter().map(|p| s(p)));
-    ok(&args);
+    plot(&png, &["--against", "vae"], &traces);
     let img = image::open(&png).unwrap().to_rgb8();
     assert_eq!(img.dimensions(), (900, 560));
     // The null-text line and the DDIM reference are drawn in their methods' colours.
@@ -475,14 +452,12 @@ fn trace_and_plot_draw_figure_4() {
     assert!(count("null-text") > 100 && count("ddim") > 100);
     // By its extension, the same chart as SVG, for papers.
     let svg = d.join("fig4.svg");
-    let mut args = vec!["plot", "--out", s(&svg), "--against", "vae"];
-    args.extend(traces.iter().map(|p| s(p)));
-    ok(&args);
+    plot(&svg, &["--against", "vae"], &traces);
     let svg = std::fs::read_to_string(&svg).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("ddim"));
     let bad = d.join("bad.json");
     std::fs::write(&bad, "{}").unwrap();
-    let out = run(&["plot", "--out", s(&d.join("x.png")), s(&bad)]);
+    let out = nulltext(&["plot", "--out", s(&d.join("x.png")), s(&bad)]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a trace"));
     assert!(!d.join("x.png").exists());
     let _ = std::fs::remove_dir_all(&d);
@@ -506,40 +481,12 @@ fn quality_per_compute_traces_and_chart() {
     .unwrap();
     let mut traces = Vec::new();
     for method in ["direct", "null-text"] {
-        let t = d.join(format!("{method}.json"));
-        ok(&[
-            "invert",
-            "-m",
-            s(&tiny()),
-            "-i",
-            s(&photo()),
-            "-p",
-            "a close up photo of a cat",
-            "--size",
-            "64",
-            "--steps",
-            "4",
-            "--inner-steps",
-            "2",
-            "--trace-budgets",
-            "1",
-            "--method",
-            method,
-            "--trace",
-            s(&t),
-            "--trace-edit",
-            "a close up photo of a dog",
-            "--trace-mask",
-            s(&region),
-            "--out",
-            s(&d.join(format!("{method}.nti.safetensors"))),
-        ]);
-        let v: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&t).unwrap()).unwrap();
-        assert_eq!(v["edit_target"], "a close up photo of a dog");
-        let passes: Vec<u64> = v["points"]
-            .as_array()
-            .unwrap()
+        let edit = ["--trace-edit", DOG, "--trace-mask", s(&region)];
+        let (_, t) = invert_traced(&d, method, "2", &edit);
+        let v = read_json(&t);
+        assert_eq!(v["edit_target"], DOG);
+        let points = v["points"].as_array().unwrap();
+        let passes: Vec<u64> = points
             .iter()
             .map(|p| {
                 assert!(p["edit_background_psnr"].as_f64().unwrap() > 0.0, "{p}");
@@ -551,13 +498,10 @@ fn quality_per_compute_traces_and_chart() {
             assert_eq!(passes, [12]);
         } else {
             // 4 + per step: ε(C), 2 per iteration, and the step's unconditional pass
-            let iterations: Vec<u64> = v["points"]
-                .as_array()
-                .unwrap()
+            let want: Vec<u64> = points
                 .iter()
-                .map(|p| p["iterations"].as_u64().unwrap())
+                .map(|p| 4 + 4 * 2 + 2 * p["iterations"].as_u64().unwrap())
                 .collect();
-            let want: Vec<u64> = iterations.iter().map(|i| 4 + 4 * 2 + 2 * i).collect();
             assert_eq!(passes, want);
         }
         traces.push(t);
@@ -567,88 +511,42 @@ fn quality_per_compute_traces_and_chart() {
         ("edit-background", "edit.svg"),
     ] {
         let out = d.join(file);
-        let mut args = vec!["plot", "--x", "unet-passes", "--y", y, "--out", s(&out)];
-        args.extend(traces.iter().map(|p| s(p)));
-        ok(&args);
+        plot(&out, &["--x", "unet-passes", "--y", y], &traces);
         assert!(out.is_file());
     }
     let svg = std::fs::read_to_string(d.join("edit.svg")).unwrap();
     assert!(svg.contains("direct") && svg.contains("UNet passes"));
     // an edit needs its region, and is refused before any inversion without one
-    let out = run(&[
-        "invert",
-        "-m",
-        s(&tiny()),
-        "-i",
-        s(&photo()),
-        "-p",
-        "a close up photo of a cat",
-        "--trace",
-        s(&d.join("x.json")),
-        "--trace-edit",
-        "a close up photo of a dog",
-        "--out",
-        s(&d.join("x.nti.safetensors")),
-    ]);
+    let (trace, inv) = (d.join("x.json"), d.join("x.nti.safetensors"));
+    let edit = ["--trace", s(&trace), "--trace-edit", DOG];
+    let out = nulltext(&invert_args(photo_arg(), CAT, &inv, &edit));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--trace-mask"));
-    assert!(!d.join("x.nti.safetensors").exists());
+    assert!(!inv.exists());
     let _ = std::fs::remove_dir_all(&d);
 }
 
+const CAT: &str = "a close up photo of a cat";
+const DOG: &str = "a close up photo of a dog";
+
 #[test]
 fn serve_starts_answers_and_stops_on_ctrl_c() {
-    use std::io::{BufRead, Read, Write};
     let d = tmp("serve");
-    let mut child = command(
-        &[
-            "serve",
-            "-m",
-            s(&tiny()),
-            "--bind",
-            "127.0.0.1:0",
-            "--data-dir",
-            s(&d.join("data")),
-        ],
-        "2",
-    )
-    .stdout(Stdio::piped())
-    .stderr(Stdio::null())
-    .spawn()
-    .unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = line
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .unwrap_or_else(|| panic!("no URL in {line:?}"));
-    let addr = url.trim_start_matches("http://").trim_end_matches('/');
-    let mut conn = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        conn,
-        "GET /openapi.json HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut reply = String::new();
-    conn.read_to_string(&mut reply).unwrap();
-    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    let (mut child, addr) = serve(&["-m", tiny_arg(), "--data-dir", s(&d.join("data"))]);
+    let (status, reply) = http(&addr, "GET", "/openapi.json", "text/plain", b"");
+    assert_eq!(status, 200, "{reply}");
     assert!(reply.contains("\"openapi\""), "{reply}");
     // Ctrl-C: a clean exit.
-    let status = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let code = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "serve did not stop on SIGINT");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(code.success(), "{code:?}");
+    interrupt(child.id());
+    let mut code = None;
+    wait_for(
+        Duration::from_secs(30),
+        "serve did not stop on SIGINT",
+        || {
+            code = child.try_wait().unwrap();
+            code.is_some()
+        },
+    );
+    assert!(code.unwrap().success(), "{code:?}");
     let _ = std::fs::remove_dir_all(&d);
 }
 
@@ -662,16 +560,12 @@ fn ctrl_c_stops_a_batch_and_keeps_finished_items() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while finished(&out_dir).is_empty() {
-        assert!(Instant::now() < deadline, "the batch made no progress");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let status = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    wait_for(
+        Duration::from_secs(600),
+        "the batch made no progress",
+        || !finished(&out_dir).is_empty(),
+    );
+    interrupt(child.id());
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{err}");
@@ -685,9 +579,7 @@ fn ctrl_c_stops_a_batch_and_keeps_finished_items() {
     );
     // Only whole files: no temporaries, and the summary covers the finished items.
     outcome(&out_dir);
-    let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out_dir.join("summary.json")).unwrap())
-            .unwrap();
+    let summary = read_json(&out_dir.join("summary.json"));
     assert_eq!(summary["finished"], n);
     let _ = std::fs::remove_dir_all(&d);
 }

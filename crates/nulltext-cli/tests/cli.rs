@@ -4,20 +4,14 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 use common::*;
 
-fn nulltext(args: &[&str]) -> Output {
-    command(args, "2").output().expect("run nulltext")
-}
-
+/// Runs a command that must succeed; returns its stdout and stderr.
 fn ok(args: &[&str]) -> String {
-    let out = nulltext(args);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "nulltext {args:?} failed:\n{stderr}");
-    String::from_utf8_lossy(&out.stdout).into_owned() + &stderr
+    text(&succeeds(args))
 }
 
 /// Runs a command that must fail; returns its stderr.
@@ -32,24 +26,15 @@ fn fails(args: &[&str]) -> String {
     stderr
 }
 
-/// A copy of the tiny model (weights as symlinks unless `copy_weights`).
-fn model_copy(name: &str, copy_weights: bool) -> PathBuf {
-    let d = tmp(name).join("model");
-    for sub in ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] {
-        std::fs::create_dir_all(d.join(sub)).unwrap();
-        for e in std::fs::read_dir(tiny().join(sub)).unwrap() {
-            let e = e.unwrap();
-            let to = d.join(sub).join(e.file_name());
-            if e.path().extension().is_some_and(|x| x == "safetensors") && !copy_weights {
-                std::os::unix::fs::symlink(e.path().canonicalize().unwrap(), &to).unwrap();
-            } else {
-                std::fs::copy(e.path(), &to).unwrap();
-            }
-        }
-    }
-    std::fs::copy(tiny().join("model_index.json"), d.join("model_index.json")).unwrap();
-    d
+/// `edit` of the inversion file `inv` on the tiny model, then `args`.
+fn edit<'a>(inv: &'a Path, args: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec!["edit", "--model", tiny_arg(), "--inversion", s(inv)];
+    v.extend(args);
+    v
 }
+
+const CAT: &str = "a close up photo of a cat";
+const DOG: &str = "a close up photo of a dog";
 
 #[test]
 fn tokens_json_lists_ids_tokens_and_words() {
@@ -74,24 +59,20 @@ fn invert_edit_reconstruct_round_trip() {
     let d = tmp("roundtrip");
     let inv = d.join("cat.nti.safetensors");
     let rec = d.join("rec.png");
-    let out = ok(&[
-        "invert",
-        "--model",
-        s(&tiny()),
-        "--image",
-        s(&photo()),
-        "--prompt",
-        "a close up photo of a cat",
-        "--out",
-        s(&inv),
-        "--steps",
-        "10",
-        "--inner-steps",
-        "2",
-        "--reconstruction",
-        s(&rec),
-        "--compare",
-    ]);
+    let out = ok(&invert_args(
+        photo_arg(),
+        CAT,
+        &inv,
+        &[
+            "--steps",
+            "10",
+            "--inner-steps",
+            "2",
+            "--reconstruction",
+            s(&rec),
+            "--compare",
+        ],
+    ));
     assert!(out.contains("PSNR"), "{out}");
     assert!(out.contains("ddim (baseline)"), "{out}");
     assert!(inv.is_file() && rec.is_file());
@@ -103,17 +84,7 @@ fn invert_edit_reconstruct_round_trip() {
     // The reconstruction command gives the inversion's own reconstruction.
     let rec2 = d.join("rec2.png");
     let lat = d.join("z0.safetensors");
-    ok(&[
-        "reconstruct",
-        "--model",
-        s(&tiny()),
-        "--inversion",
-        s(&inv),
-        "--out",
-        s(&rec2),
-        "--save-latents",
-        s(&lat),
-    ]);
+    ok(&reconstruct_args(&inv, &rec2, &["--save-latents", s(&lat)]));
     let a = image::open(&rec).unwrap().to_rgb8();
     let b = image::open(&rec2).unwrap().to_rgb8();
     assert!(nulltext::image_io::psnr(&a, &b) > 40.0);
@@ -122,31 +93,29 @@ fn invert_edit_reconstruct_round_trip() {
     let grid = d.join("grid.png");
     let maps = d.join("maps.png");
     let latents = d.join("latents.safetensors");
-    let out = ok(&[
-        "edit",
-        "--model",
-        s(&tiny()),
-        "--inversion",
-        s(&inv),
-        "--target",
-        "a close up photo of a dog",
-        "--target",
-        "a close up photo of a tiger",
-        "--blend",
-        "cat:dog tiger",
-        "--reweight",
-        "tiger=2",
-        "--cross-replace",
-        "0.8,tiger=0.4",
-        "--out-dir",
-        s(&edits),
-        "--grid",
-        s(&grid),
-        "--attention-maps",
-        s(&maps),
-        "--save-latents",
-        s(&latents),
-    ]);
+    let out = ok(&edit(
+        &inv,
+        &[
+            "--target",
+            DOG,
+            "--target",
+            "a close up photo of a tiger",
+            "--blend",
+            "cat:dog tiger",
+            "--reweight",
+            "tiger=2",
+            "--cross-replace",
+            "0.8,tiger=0.4",
+            "--out-dir",
+            s(&edits),
+            "--grid",
+            s(&grid),
+            "--attention-maps",
+            s(&maps),
+            "--save-latents",
+            s(&latents),
+        ],
+    ));
     assert!(out.contains("(replace)"), "{out}");
     for f in [
         "reconstruction.png",
@@ -162,105 +131,39 @@ fn invert_edit_reconstruct_round_trip() {
     assert_eq!(t["latents"].dims(), &[3, 4, 32, 32]);
 
     // Refine (a word added) and SDEdit.
-    let out = ok(&[
-        "edit",
-        "--model",
-        s(&tiny()),
-        "--inversion",
-        s(&inv),
-        "--target",
-        "a close up photo of a fluffy cat",
-        "--out-dir",
-        s(&d.join("refine")),
-    ]);
+    let refine = d.join("refine");
+    let fluffy = "a close up photo of a fluffy cat";
+    let out = ok(&edit(&inv, &["--target", fluffy, "--out-dir", s(&refine)]));
     assert!(out.contains("(refine)"), "{out}");
-    let out = ok(&[
-        "edit",
-        "--model",
-        s(&tiny()),
-        "--inversion",
-        s(&inv),
-        "--target",
-        "a close up photo of a dog",
-        "--sdedit",
-        "0.5",
-        "--out-dir",
-        s(&d.join("sdedit")),
-    ]);
+    let sdedit = d.join("sdedit");
+    let out = ok(&edit(
+        &inv,
+        &["--target", DOG, "--sdedit", "0.5", "--out-dir", s(&sdedit)],
+    ));
     assert!(out.contains("sdedit"), "{out}");
 
     // Bad edits: clear errors naming the word or value, nothing written.
     let bad = d.join("bad");
-    let e = fails(&[
-        "edit",
-        "--model",
-        s(&tiny()),
-        "--inversion",
-        s(&inv),
-        "--target",
-        "a close up photo of a fluffy cat",
-        "--mode",
-        "replace",
-        "--out-dir",
-        s(&bad),
-    ]);
-    assert!(e.contains("as many words") && e.contains("fluffy"), "{e}");
-    let e = fails(&[
-        "edit",
-        "--model",
-        s(&tiny()),
-        "--inversion",
-        s(&inv),
-        "--target",
-        "a close up photo of a dog",
-        "--blend",
-        "cat:zebra",
-        "--out-dir",
-        s(&bad),
-    ]);
-    assert!(e.contains("`zebra`"), "{e}");
-    let e = fails(&[
-        "edit",
-        "--model",
-        s(&tiny()),
-        "--inversion",
-        s(&inv),
-        "--target",
-        "a close up photo of a dog",
-        "--blend",
-        "horse:dog",
-        "--out-dir",
-        s(&bad),
-    ]);
-    assert!(e.contains("`horse`"), "{e}");
-    let e = fails(&[
-        "edit",
-        "--model",
-        s(&tiny()),
-        "--inversion",
-        s(&inv),
-        "--target",
-        "a close up photo of a dog",
-        "--reweight",
-        "zebra=2",
-        "--out-dir",
-        s(&bad),
-    ]);
-    assert!(e.contains("`zebra`"), "{e}");
-    let e = fails(&[
-        "edit",
-        "--model",
-        s(&tiny()),
-        "--inversion",
-        s(&inv),
-        "--target",
-        "a close up photo of a dog",
-        "--cross-replace",
-        "1.5",
-        "--out-dir",
-        s(&bad),
-    ]);
-    assert!(e.contains("--cross-replace") && e.contains("1.5"), "{e}");
+    for (args, says) in [
+        (
+            &["--target", fluffy, "--mode", "replace"][..],
+            &["as many words", "fluffy"][..],
+        ),
+        (&["--target", DOG, "--blend", "cat:zebra"], &["`zebra`"]),
+        (&["--target", DOG, "--blend", "horse:dog"], &["`horse`"]),
+        (&["--target", DOG, "--reweight", "zebra=2"], &["`zebra`"]),
+        (
+            &["--target", DOG, "--cross-replace", "1.5"],
+            &["--cross-replace", "1.5"],
+        ),
+    ] {
+        let mut args = args.to_vec();
+        args.extend(["--out-dir", s(&bad)]);
+        let e = fails(&edit(&inv, &args));
+        for say in says {
+            assert!(e.contains(say), "{args:?}: {e}");
+        }
+    }
     assert!(!bad.exists(), "nothing written for bad edits");
 
     // An inversion from another model.
@@ -274,17 +177,9 @@ fn invert_edit_reconstruct_round_trip() {
         "--out",
         s(&other),
     ]);
-    let e = fails(&[
-        "edit",
-        "--model",
-        s(&other),
-        "--inversion",
-        s(&inv),
-        "--target",
-        "a close up photo of a dog",
-        "--out-dir",
-        s(&bad),
-    ]);
+    let mut args = edit(&inv, &["--target", DOG, "--out-dir", s(&bad)]);
+    args[2] = s(&other); // in place of the tiny model
+    let e = fails(&args);
     assert!(e.contains("fingerprint") && e.contains("--force"), "{e}");
     assert!(!bad.exists());
 
@@ -292,15 +187,8 @@ fn invert_edit_reconstruct_round_trip() {
     let trunc = d.join("trunc.nti.safetensors");
     let bytes = std::fs::read(&inv).unwrap();
     std::fs::write(&trunc, &bytes[..bytes.len() / 2]).unwrap();
-    let e = fails(&[
-        "reconstruct",
-        "--model",
-        s(&tiny()),
-        "--inversion",
-        s(&trunc),
-        "--out",
-        s(&bad.join("x.png")),
-    ]);
+    let png = bad.join("x.png");
+    let e = fails(&reconstruct_args(&trunc, &png, &[]));
     assert!(e.contains("trunc.nti.safetensors"), "{e}");
     assert!(!bad.exists());
 }
@@ -312,21 +200,8 @@ fn invert_edit_reconstruct_round_trip() {
 fn direct_inversion_from_the_command_line() {
     let d = tmp("direct");
     let inv = d.join("cat.nti.safetensors");
-    let out = ok(&[
-        "invert",
-        "--model",
-        s(&tiny()),
-        "--image",
-        s(&photo()),
-        "--prompt",
-        "a close up photo of a cat",
-        "--out",
-        s(&inv),
-        "--steps",
-        "10",
-        "--method",
-        "direct",
-    ]);
+    let direct = ["--steps", "10", "--method", "direct"];
+    let out = ok(&invert_args(photo_arg(), CAT, &inv, &direct));
     assert!(
         out.contains("inverted") && out.contains("with direct"),
         "{out}"
@@ -348,32 +223,13 @@ fn direct_inversion_from_the_command_line() {
     assert_eq!(v["format"], "nulltext-inversion/2");
 
     let grid = d.join("grid.png");
-    let e = fails(&[
-        "edit",
-        "--model",
-        s(&tiny()),
-        "--inversion",
-        s(&inv),
-        "--target",
-        "a close up photo of a dog",
-        "--guidance",
-        "5",
-        "--grid",
-        s(&grid),
-    ]);
+    let e = fails(&edit(
+        &inv,
+        &["--target", DOG, "--guidance", "5", "--grid", s(&grid)],
+    ));
     assert!(e.contains("made at guidance 7.5"), "{e}");
     assert!(!grid.exists());
-    ok(&[
-        "edit",
-        "--model",
-        s(&tiny()),
-        "--inversion",
-        s(&inv),
-        "--target",
-        "a close up photo of a dog",
-        "--grid",
-        s(&grid),
-    ]);
+    ok(&edit(&inv, &["--target", DOG, "--grid", s(&grid)]));
     assert!(grid.is_file());
 }
 
@@ -384,7 +240,7 @@ fn generate_writes_a_png() {
     ok(&[
         "generate",
         "--model",
-        s(&tiny()),
+        tiny_arg(),
         "--prompt",
         "a red circle",
         "--steps",
@@ -402,33 +258,17 @@ fn generate_writes_a_png() {
 fn bad_models_are_named() {
     let d = tmp("badmodels");
     let png = d.join("x.png");
+    let generate = |model: &Path| fails(&generate_args(model, &png));
     // Missing folder.
-    let e = fails(&[
-        "generate",
-        "--model",
-        s(&d.join("nope")),
-        "--prompt",
-        "x",
-        "--out",
-        s(&png),
-    ]);
+    let e = generate(&d.join("nope"));
     assert!(e.contains("nope"), "{e}");
     // Missing config key.
     let m = model_copy("nokey", false);
     let cfg = m.join("unet/config.json");
-    let mut v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    let mut v = read_json(&cfg);
     v.as_object_mut().unwrap().remove("cross_attention_dim");
     std::fs::write(&cfg, v.to_string()).unwrap();
-    let e = fails(&[
-        "generate",
-        "--model",
-        s(&m),
-        "--prompt",
-        "x",
-        "--out",
-        s(&png),
-    ]);
+    let e = generate(&m);
     assert!(
         e.contains("cross_attention_dim") && e.contains("unet/config.json"),
         "{e}"
@@ -436,15 +276,7 @@ fn bad_models_are_named() {
     // Wrong tensor shape (config says 48, weights are 32 wide).
     v["cross_attention_dim"] = serde_json::json!(48);
     std::fs::write(&cfg, v.to_string()).unwrap();
-    let e = fails(&[
-        "generate",
-        "--model",
-        s(&m),
-        "--prompt",
-        "x",
-        "--out",
-        s(&png),
-    ]);
+    let e = generate(&m);
     assert!(
         e.contains("attn2.to_k.weight") && e.contains("[32, 48]"),
         "{e}"
@@ -454,15 +286,7 @@ fn bad_models_are_named() {
     let f = m.join("vae/diffusion_pytorch_model.safetensors");
     std::fs::remove_file(&f).unwrap();
     std::fs::write(&f, b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all").unwrap();
-    let e = fails(&[
-        "generate",
-        "--model",
-        s(&m),
-        "--prompt",
-        "x",
-        "--out",
-        s(&png),
-    ]);
+    let e = generate(&m);
     assert!(
         e.contains("vae/diffusion_pytorch_model.safetensors") && e.contains("safetensors"),
         "{e}"
@@ -472,15 +296,7 @@ fn bad_models_are_named() {
     let m = model_copy("bin", false);
     std::fs::remove_file(m.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
     std::fs::write(m.join("unet/diffusion_pytorch_model.bin"), b"pickle").unwrap();
-    let e = fails(&[
-        "generate",
-        "--model",
-        s(&m),
-        "--prompt",
-        "x",
-        "--out",
-        s(&png),
-    ]);
+    let e = generate(&m);
     assert!(e.contains(".bin") && e.contains("safetensors"), "{e}");
     // A repo id that is not in the cache.
     let e = fails(&["info", "--model", "nobody/no-such-model"]);
@@ -494,19 +310,7 @@ fn bad_models_are_named() {
 fn bad_images_are_refused_before_any_work() {
     let d = tmp("badimages");
     let out = d.join("x.nti.safetensors");
-    let run = |img: &Path| {
-        fails(&[
-            "invert",
-            "--model",
-            s(&tiny()),
-            "--image",
-            s(img),
-            "--prompt",
-            "a cat",
-            "--out",
-            s(&out),
-        ])
-    };
+    let run = |img: &Path| fails(&invert_args(s(img), "a cat", &out, &[]));
     let e = run(&d.join("missing.png"));
     assert!(e.contains("missing.png"), "{e}");
     let text = d.join("notes.png");
@@ -565,7 +369,7 @@ fn single_file_checkpoints_load_from_the_cli() {
         "--model",
         s(&single),
         "--model-config",
-        s(&tiny()),
+        tiny_arg(),
     ]);
     assert!(
         out.contains("f99da5222da910ce") && out.contains("single file"),
@@ -598,29 +402,13 @@ fn single_file_checkpoints_load_from_the_cli() {
 fn ctrl_c_stops_cleanly_and_writes_nothing() {
     let d = tmp("ctrlc");
     let out = d.join("cat.nti.safetensors");
-    let child = Command::new(env!("CARGO_BIN_EXE_nulltext"))
-        .args([
-            "invert",
-            "--model",
-            s(&tiny()),
-            "--image",
-            s(&photo()),
-            "--prompt",
-            "a cat",
-            "--out",
-            s(&out),
-        ])
-        .env("RAYON_NUM_THREADS", "2")
+    let child = command(&invert_args(photo_arg(), "a cat", &out, &[]), "2")
         .stderr(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
     std::thread::sleep(std::time::Duration::from_secs(4));
-    let status = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    interrupt(child.id());
     let res = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&res.stderr);
     assert_eq!(res.status.code(), Some(130), "{stderr}");
@@ -637,28 +425,16 @@ fn ctrl_c_stops_cleanly_and_writes_nothing() {
 fn a_300_word_prompt_is_truncated_with_a_warning() {
     let d = tmp("long");
     let words: Vec<String> = (0..300).map(|i| format!("word{i}")).collect();
-    let out = ok(&[
-        "invert",
-        "--model",
-        s(&tiny()),
-        "--image",
-        s(&photo()),
-        "--prompt",
-        &words.join(" "),
-        "--out",
-        s(&d.join("x.nti.safetensors")),
-        "--steps",
-        "2",
-        "--inner-steps",
-        "1",
-    ]);
+    let (prompt, inv) = (words.join(" "), d.join("x.nti.safetensors"));
+    let short = ["--steps", "2", "--inner-steps", "1"];
+    let out = ok(&invert_args(photo_arg(), &prompt, &inv, &short));
     assert!(out.contains("longer than 77 tokens"), "{out}");
-    assert!(d.join("x.nti.safetensors").is_file());
+    assert!(inv.is_file());
 }
 
 #[test]
 fn info_reports_the_fixture_model() {
-    let out = ok(&["info", "--model", s(&tiny()), "--json"]);
+    let out = ok(&["info", "--model", tiny_arg(), "--json"]);
     let v: serde_json::Value = serde_json::from_str(&out[..out.rfind('}').unwrap() + 1]).unwrap();
     assert_eq!(v["fingerprint"], "f99da5222da910ce");
     assert_eq!(v["image_size"], 256);
@@ -670,12 +446,14 @@ fn info_reports_the_fixture_model() {
 #[test]
 fn demo_runs_the_main_job_on_the_bundled_model() {
     let d = tmp("demo");
-    let out = command(&["demo", "--out-dir", s(&d), "--inner-steps", "3"], "2")
-        .current_dir(root())
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{err}");
+    // runs from the repository root, must succeed; its stderr
+    let in_root = |args: &[&str]| {
+        let out = command(args, "2").current_dir(root()).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{err}");
+        err
+    };
+    let err = in_root(&["demo", "--out-dir", s(&d), "--inner-steps", "3"]);
     for f in [
         "inversion.nti.safetensors",
         "reconstruction.png",
@@ -724,25 +502,17 @@ fn demo_runs_the_main_job_on_the_bundled_model() {
     // The default scale on these latents leaves 2×2 maps: `edit` says so.
     let inv = d.join("inversion.nti.safetensors");
     let coarse = d.join("coarse.png");
-    let out = command(
-        &[
-            "edit",
-            "-m",
-            "models/shapes",
-            "-i",
-            s(&inv),
-            "-t",
-            "a green circle on a blue background",
-            "--attention-maps",
-            s(&coarse),
-        ],
-        "2",
-    )
-    .current_dir(root())
-    .output()
-    .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{err}");
+    let err = in_root(&[
+        "edit",
+        "-m",
+        "models/shapes",
+        "-i",
+        s(&inv),
+        "-t",
+        "a green circle on a blue background",
+        "--attention-maps",
+        s(&coarse),
+    ]);
     assert!(
         err.contains("--attention-downscale 4 leaves 2×2 attention maps on this model's 8×8 latents; --attention-downscale 1 gives 8×8"),
         "{err}"
@@ -751,21 +521,19 @@ fn demo_runs_the_main_job_on_the_bundled_model() {
 
 #[test]
 fn an_unknown_unet_execution_in_the_environment_is_refused() {
-    let out = Command::new(env!("CARGO_BIN_EXE_nulltext"))
-        .args(["tokens", "-p", "a cat"])
-        .env("NULLTEXT_CONTEXT_TAPE", "fast")
-        .output()
-        .unwrap();
+    let tokens_with = |execution: &str| -> Output {
+        Command::new(env!("CARGO_BIN_EXE_nulltext"))
+            .args(["tokens", "-p", "a cat"])
+            .env("NULLTEXT_CONTEXT_TAPE", execution)
+            .output()
+            .unwrap()
+    };
+    let out = tokens_with("fast");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(
         err.contains("NULLTEXT_CONTEXT_TAPE: unknown UNet execution `fast`"),
         "{err}"
     );
-    let out = Command::new(env!("CARGO_BIN_EXE_nulltext"))
-        .args(["tokens", "-p", "a cat"])
-        .env("NULLTEXT_CONTEXT_TAPE", "off")
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    assert!(tokens_with("off").status.success());
 }

@@ -7,14 +7,10 @@ mod common;
 mod crafted_png;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
-
-fn nulltext(args: &[&str]) -> Output {
-    command(args, "2").output().expect("run nulltext")
-}
 
 /// Runs a command that must fail with status 1 and one line of error; returns the line.
 fn fails(args: &[&str]) -> String {
@@ -39,6 +35,18 @@ fn assert_empty(dir: &Path) {
     assert!(left.is_empty(), "{}: {left:?}", dir.display());
 }
 
+/// Writes a safetensors file: `header` (padded to 8 bytes) and then `data`.
+fn write_safetensors(path: &Path, header: &serde_json::Value, data: &[u8]) {
+    let mut h = header.to_string().into_bytes();
+    while !h.len().is_multiple_of(8) {
+        h.push(b' ');
+    }
+    let mut bytes = (h.len() as u64).to_le_bytes().to_vec();
+    bytes.extend(h);
+    bytes.extend_from_slice(data);
+    std::fs::write(path, bytes).unwrap();
+}
+
 /// A safetensors file with the given header entries and zeroed data.
 fn safetensors_file(path: &Path, tensors: &[(&str, Vec<usize>)]) {
     let mut header = serde_json::Map::new();
@@ -51,14 +59,16 @@ fn safetensors_file(path: &Path, tensors: &[(&str, Vec<usize>)]) {
         );
         offset += n;
     }
-    let mut h = serde_json::Value::Object(header).to_string().into_bytes();
-    while !h.len().is_multiple_of(8) {
-        h.push(b' ');
-    }
-    let mut bytes = (h.len() as u64).to_le_bytes().to_vec();
-    bytes.extend(h);
-    bytes.resize(bytes.len() + offset, 0);
-    std::fs::write(path, bytes).unwrap();
+    write_safetensors(path, &header.into(), &vec![0; offset]);
+}
+
+/// Rewrites metadata key `key` of a safetensors file.
+fn set_metadata(path: &Path, key: &str, value: &str) {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    header["__metadata__"][key] = value.into();
+    write_safetensors(path, &header, &bytes[8 + n..]);
 }
 
 /// A small valid PNG whose header then claims `w`×`h` pixels (a decompression bomb's
@@ -76,47 +86,12 @@ fn png_claiming(path: &Path, w: u32, h: u32) {
 
 /// A copy of the tiny model (weights as symlinks) with `edit` applied to its UNet config.
 fn model_with_unet_config(name: &str, edit: impl Fn(&mut serde_json::Value)) -> PathBuf {
-    let d = tmp(name).join("model");
-    for sub in ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] {
-        std::fs::create_dir_all(d.join(sub)).unwrap();
-        for e in std::fs::read_dir(tiny().join(sub)).unwrap() {
-            let e = e.unwrap();
-            let to = d.join(sub).join(e.file_name());
-            if e.path().extension().is_some_and(|x| x == "safetensors") {
-                std::os::unix::fs::symlink(e.path().canonicalize().unwrap(), &to).unwrap();
-            } else {
-                std::fs::copy(e.path(), &to).unwrap();
-            }
-        }
-    }
-    std::fs::copy(tiny().join("model_index.json"), d.join("model_index.json")).unwrap();
+    let d = model_copy(name, false);
     let cfg = d.join("unet/config.json");
-    let mut v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    let mut v = read_json(&cfg);
     edit(&mut v);
     std::fs::write(&cfg, v.to_string()).unwrap();
     d
-}
-
-fn invert_args<'a>(image: &'a Path, out: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut v = vec![
-        "invert",
-        "--model",
-        s_static(&tiny()),
-        "--image",
-        s(image),
-        "--prompt",
-        "a cat",
-        "--out",
-        s(out),
-    ];
-    v.extend_from_slice(extra);
-    v
-}
-
-/// `tiny()` as a `&'static str` (it never changes within a run).
-fn s_static(p: &Path) -> &'static str {
-    Box::leak(p.to_str().unwrap().to_string().into_boxed_str())
 }
 
 #[test]
@@ -130,15 +105,7 @@ fn a_single_file_checkpoint_with_a_rank_0_shape_is_refused() {
     let out = d.join("out");
     std::fs::create_dir_all(&out).unwrap();
     let png = out.join("x.png");
-    let e = fails(&[
-        "generate",
-        "--model",
-        s(&ckpt),
-        "--prompt",
-        "x",
-        "--out",
-        s(&png),
-    ]);
+    let e = fails(&generate_args(&ckpt, &png));
     assert!(
         e.contains("model.diffusion_model.input_blocks.0.0.weight") && e.contains("shape []"),
         "{e}"
@@ -178,13 +145,18 @@ fn an_image_claiming_60000_squared_pixels_is_refused_from_its_header() {
     let out = d.join("out");
     std::fs::create_dir_all(&out).unwrap();
     let inv = out.join("x.nti.safetensors");
-    let e = fails(&invert_args(&bomb, &inv, &[]));
+    let e = fails(&invert_args(s(&bomb), "a cat", &inv, &[]));
     assert!(
         e.contains("bomb.png") && e.contains("60000×60000") && e.contains("--max-pixels"),
         "{e}"
     );
     // The limit is the user's to set.
-    let e = fails(&invert_args(&photo(), &inv, &["--max-pixels", "10000"]));
+    let e = fails(&invert_args(
+        photo_arg(),
+        "a cat",
+        &inv,
+        &["--max-pixels", "10000"],
+    ));
     assert!(e.contains("256×256") && e.contains("10000"), "{e}");
     assert_empty(&out);
 }
@@ -203,7 +175,7 @@ fn the_batch_refuses_an_image_bomb_per_item() {
     let out = nulltext(&[
         "batch",
         "--model",
-        s(&tiny()),
+        tiny_arg(),
         s(&manifest),
         "--out-dir",
         s(&runs),
@@ -225,8 +197,7 @@ fn a_model_sample_size_beyond_the_limit_is_refused_up_front() {
     let d = tmp("samplesize-out");
     let inv = d.join("x.nti.safetensors");
     let start = Instant::now();
-    let img = photo();
-    let mut args = invert_args(&img, &inv, &[]);
+    let mut args = invert_args(photo_arg(), "a cat", &inv, &[]);
     args[2] = s(&m);
     let e = fails(&args);
     assert!(
@@ -234,15 +205,7 @@ fn a_model_sample_size_beyond_the_limit_is_refused_up_front() {
         "{e}"
     );
     let png = d.join("x.png");
-    let e = fails(&[
-        "generate",
-        "--model",
-        s(&m),
-        "--prompt",
-        "x",
-        "--out",
-        s(&png),
-    ]);
+    let e = fails(&generate_args(&m, &png));
     assert!(e.contains("800000"), "{e}");
     assert!(start.elapsed() < Duration::from_secs(20));
     assert_empty(&d);
@@ -252,12 +215,22 @@ fn a_model_sample_size_beyond_the_limit_is_refused_up_front() {
 fn steps_beyond_the_scheduler_are_refused_before_any_work() {
     let d = tmp("steps");
     let inv = d.join("x.nti.safetensors");
-    let e = fails(&invert_args(&photo(), &inv, &["--steps", "1000"]));
+    let e = fails(&invert_args(
+        photo_arg(),
+        "a cat",
+        &inv,
+        &["--steps", "1000"],
+    ));
     assert!(
         e.contains("--steps") && e.contains("between 1 and 999"),
         "{e}"
     );
-    let e = fails(&invert_args(&photo(), &inv, &["--guidance", "NaN"]));
+    let e = fails(&invert_args(
+        photo_arg(),
+        "a cat",
+        &inv,
+        &["--guidance", "NaN"],
+    ));
     assert!(e.contains("--guidance"), "{e}");
     assert_empty(&d);
 }
@@ -266,8 +239,7 @@ fn steps_beyond_the_scheduler_are_refused_before_any_work() {
 fn empty_prompts_are_refused_as_the_server_refuses_them() {
     let d = tmp("emptyprompt");
     let inv = d.join("x.nti.safetensors");
-    let img = photo();
-    let mut args = invert_args(&img, &inv, &[]);
+    let mut args = invert_args(photo_arg(), "a cat", &inv, &[]);
     args[6] = " ";
     let e = fails(&args);
     assert!(e.contains("`--prompt` is empty"), "{e}");
@@ -284,7 +256,7 @@ fn outputs_that_are_not_regular_files_are_never_replaced() {
     std::fs::write(&real, b"keep me").unwrap();
     let link = d.join("link.nti.safetensors");
     std::os::unix::fs::symlink(&real, &link).unwrap();
-    let e = fails(&invert_args(&photo(), &link, &[]));
+    let e = fails(&invert_args(photo_arg(), "a cat", &link, &[]));
     assert!(
         e.contains("link.nti.safetensors") && e.contains("symbolic link"),
         "{e}"
@@ -301,12 +273,17 @@ fn outputs_that_are_not_regular_files_are_never_replaced() {
         .status()
         .unwrap()
         .success());
-    let e = fails(&invert_args(&photo(), &fifo, &[]));
+    let e = fails(&invert_args(photo_arg(), "a cat", &fifo, &[]));
     assert!(
         e.contains("fifo.nti.safetensors") && e.contains("FIFO"),
         "{e}"
     );
-    let e = fails(&invert_args(&photo(), Path::new("/dev/null"), &[]));
+    let e = fails(&invert_args(
+        photo_arg(),
+        "a cat",
+        Path::new("/dev/null"),
+        &[],
+    ));
     assert!(e.contains("/dev/null"), "{e}");
 
     // A folder that cannot take the file is found before the work, not after it.
@@ -314,7 +291,12 @@ fn outputs_that_are_not_regular_files_are_never_replaced() {
     std::fs::write(&file, b"").unwrap();
     let under = file.join("x.nti.safetensors");
     let start = Instant::now();
-    let e = fails(&invert_args(&photo(), &under, &["--steps", "50"]));
+    let e = fails(&invert_args(
+        photo_arg(),
+        "a cat",
+        &under,
+        &["--steps", "50"],
+    ));
     assert!(e.contains("plain"), "{e}");
     assert!(start.elapsed() < Duration::from_secs(10));
     let mut left: Vec<String> = std::fs::read_dir(&d)
@@ -333,37 +315,19 @@ fn outputs_that_are_not_regular_files_are_never_replaced() {
     );
 }
 
-/// Rewrites metadata key `key` of a safetensors file.
-fn set_metadata(path: &Path, key: &str, value: &str) {
-    let bytes = std::fs::read(path).unwrap();
-    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-    header["__metadata__"][key] = value.into();
-    let mut h = header.to_string().into_bytes();
-    while !h.len().is_multiple_of(8) {
-        h.push(b' ');
-    }
-    let mut out = (h.len() as u64).to_le_bytes().to_vec();
-    out.extend(h);
-    out.extend_from_slice(&bytes[8 + n..]);
-    std::fs::write(path, out).unwrap();
-}
-
 #[test]
 fn inversion_files_with_absurd_numbers_are_refused() {
     let d = tmp("absurd");
     let good = d.join("good.nti.safetensors");
-    let out = nulltext(&invert_args(
-        &photo(),
-        &good,
-        &["--method", "ddim", "--steps", "2"],
-    ));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let ddim = ["--method", "ddim", "--steps", "2"];
+    succeeds(&invert_args(photo_arg(), "a cat", &good, &ddim));
     let edits = d.join("edits");
+    let edit_fails = |inv: &Path, extra: &[&str]| {
+        let mut args = vec!["edit", "--model", tiny_arg(), "--inversion", s(inv)];
+        args.extend(["--target", "a dog", "--out-dir", s(&edits)]);
+        args.extend(extra);
+        fails(&args)
+    };
     for (key, value, says) in [
         ("guidance_scale", "NaN", "guidance_scale"),
         ("guidance_scale", "1e308", "guidance_scale"),
@@ -379,48 +343,18 @@ fn inversion_files_with_absurd_numbers_are_refused() {
         let bad = d.join("bad.nti.safetensors");
         std::fs::copy(&good, &bad).unwrap();
         set_metadata(&bad, key, value);
-        let e = fails(&[
-            "edit",
-            "--model",
-            s(&tiny()),
-            "--inversion",
-            s(&bad),
-            "--target",
-            "a dog",
-            "--out-dir",
-            s(&edits),
-        ]);
+        let e = edit_fails(&bad, &[]);
         assert!(
             e.contains("bad.nti.safetensors") && e.contains(says),
             "{key}={value}: {e}"
         );
         let rec = d.join("rec.png");
-        let e = fails(&[
-            "reconstruct",
-            "--model",
-            s(&tiny()),
-            "--inversion",
-            s(&bad),
-            "--out",
-            s(&rec),
-        ]);
+        let e = fails(&reconstruct_args(&bad, &rec, &[]));
         assert!(e.contains(says), "{key}={value}: {e}");
         assert!(!edits.exists() && !rec.exists());
     }
     // SDEdit that would start after the last step is refused before any sampling.
-    let e = fails(&[
-        "edit",
-        "--model",
-        s(&tiny()),
-        "--inversion",
-        s(&good),
-        "--target",
-        "a dog",
-        "--sdedit",
-        "0.01",
-        "--out-dir",
-        s(&edits),
-    ]);
+    let e = edit_fails(&good, &["--sdedit", "0.01"]);
     assert!(e.contains("--sdedit 0.01"), "{e}");
     assert!(!edits.exists());
 }
@@ -429,30 +363,15 @@ fn inversion_files_with_absurd_numbers_are_refused() {
 fn ctrl_c_after_the_file_is_written_says_so() {
     let d = tmp("ctrlc-after");
     let out = d.join("cat.nti.safetensors");
-    let img = photo();
-    let args = invert_args(
-        &img,
-        &out,
-        &["--method", "ddim", "--steps", "100", "--compare"],
-    );
+    let extra = ["--method", "ddim", "--steps", "100", "--compare"];
+    let args = invert_args(photo_arg(), "a cat", &out, &extra);
     let child = command(&args, "2")
         .stderr(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let start = Instant::now();
-    while !out.exists() {
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "no file written"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let status = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    wait_for(Duration::from_secs(120), "no file written", || out.exists());
+    interrupt(child.id());
     let res = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&res.stderr);
     assert_eq!(res.status.code(), Some(130), "{stderr}");
@@ -474,64 +393,19 @@ fn rss_of(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// One HTTP/1.1 request with `Connection: close`; the status and the body.
-fn http(addr: &str, method: &str, path: &str, ctype: &str, body: &[u8]) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
-         Content-Type: {ctype}\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).unwrap();
-    s.write_all(body).unwrap();
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).unwrap();
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text[9..12].parse().unwrap();
-    let body = text
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_string();
-    (status, body)
-}
-
 /// The server process hands the memory of a job back: a 36 MP upload decoded, resized
 /// and inverted leaves resident memory where it was (the batch commands keep theirs).
 #[test]
 fn the_server_returns_memory_after_a_job() {
-    use std::io::BufRead;
     let d = tmp("serve-memory");
-    let mut child = command(
-        &[
-            "serve",
-            "--model",
-            s(&tiny()),
-            "--bind",
-            "127.0.0.1:0",
-            "--data-dir",
-            s(&d),
-            "--max-megapixels",
-            "40",
-        ],
-        "2",
-    )
-    .stdout(std::process::Stdio::piped())
-    .stderr(std::process::Stdio::null())
-    .spawn()
-    .unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    // "nulltext serve: open http://127.0.0.1:PORT/ (…)"
-    let addr = line
-        .split("http://")
-        .nth(1)
-        .and_then(|r| r.split('/').next())
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .to_string();
+    let (mut child, addr) = serve(&[
+        "--model",
+        tiny_arg(),
+        "--data-dir",
+        s(&d),
+        "--max-megapixels",
+        "40",
+    ]);
     let pid = child.id();
     let mut png = Vec::new();
     image::GrayImage::new(6000, 6000)
@@ -569,9 +443,7 @@ fn the_server_returns_memory_after_a_job() {
     std::thread::sleep(Duration::from_millis(500));
     let after = rss_of(pid);
     eprintln!("serve: a 36 MP upload inverted; RSS {before} KiB → {after} KiB");
-    let _ = Command::new("kill")
-        .args(["-INT", &pid.to_string()])
-        .status();
+    interrupt(pid);
     let _ = child.wait();
     // The decoded upload alone is 108 MB.
     assert!(after < before + 64 * 1024, "RSS {before} KiB → {after} KiB");

@@ -4,28 +4,23 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use common::*;
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 fn bench() -> PathBuf {
     root().join("tests/fixtures/pie-bench")
 }
 
+/// evaluate.py's numbers and the settings it ran with.
+fn reference() -> serde_json::Value {
+    read_json(&bench().join("reference.json"))
+}
+
 /// The generated DINO ViT the reference used (tests/fixtures/pie-bench/reference.json).
-fn small_dino(dir: &std::path::Path) -> PathBuf {
-    let r: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(bench().join("reference.json")).unwrap())
-            .unwrap();
+fn small_dino(dir: &Path) -> PathBuf {
+    let r = reference();
     let spec = &r["dino_test_vit"];
     let p = dir.join("dino-test.safetensors");
     nulltext::models::dino::write_generated(
@@ -38,16 +33,31 @@ fn small_dino(dir: &std::path::Path) -> PathBuf {
     p
 }
 
+/// evaluate.py's name of our metric `name` (its SSIM is torchmetrics 1.2's).
+fn evaluate_py_name(name: &str) -> &str {
+    match name {
+        "ssim_unedit_part" => "ssim_unedit_part_torchmetrics_1_2",
+        m => m,
+    }
+}
+
+/// Runs `nulltext` with `args`, then the metric networks: the fixture LPIPS and CLIP, and
+/// the reference's DINO made in `dir`.
+fn with_metric_nets(dir: &Path, args: &[&str]) -> Output {
+    let dino = small_dino(dir);
+    let (lpips, clip) = (lpips_squeeze(), clip());
+    let mut all = args.to_vec();
+    all.extend(["--lpips", s(&lpips), "--clip", s(&clip), "--dino", s(&dino)]);
+    nulltext(&all)
+}
+
 #[test]
 fn batch_runs_pie_bench_and_records_bad_entries() {
     let dir = tmp("pie-bench-batch");
     let data = pie_bench_with_bad_entries(&dir);
-    let dino = small_dino(&dir);
     let out = dir.join("ddim");
-    let lpips = root().join("tests/fixtures/lpips/lpips-squeeze-random-backbone.safetensors");
-    let clip = root().join("tests/fixtures/clip");
-    let model = tiny();
-    let o = command(
+    let o = with_metric_nets(
+        &dir,
         &[
             "batch",
             "--pie-bench",
@@ -57,24 +67,15 @@ fn batch_runs_pie_bench_and_records_bad_entries() {
             "--out-dir",
             s(&out),
             "-m",
-            s(&model),
+            tiny_arg(),
             "--method",
             "ddim",
             "--steps",
             "3",
             "--size",
             "128",
-            "--lpips",
-            s(&lpips),
-            "--clip",
-            s(&clip),
-            "--dino",
-            s(&dino),
         ],
-        "2",
-    )
-    .output()
-    .unwrap();
+    );
     let log = text(&o);
     // The bad entries fail, the run goes on and says so in its exit status.
     assert_eq!(o.status.code(), Some(1), "{log}");
@@ -82,8 +83,7 @@ fn batch_runs_pie_bench_and_records_bad_entries() {
         log.contains("3 done, 0 skipped (finished before), 3 failed"),
         "{log}"
     );
-    let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let summary = read_json(&out.join("summary.json"));
     let failed: Vec<&str> = summary["failed"]
         .as_array()
         .unwrap()
@@ -145,10 +145,7 @@ fn batch_runs_pie_bench_and_records_bad_entries() {
 #[test]
 fn eval_pie_bench_gives_evaluate_py_numbers() {
     let dir = tmp("pie-bench-eval");
-    let dino = small_dino(&dir);
-    let r: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(bench().join("reference.json")).unwrap())
-            .unwrap();
+    let r = reference();
     let key = "111000000000";
     let path = "1_change_object_80/1_artificial/1_animal/111000000000.png";
     let src = bench().join("annotation_images").join(path);
@@ -163,9 +160,8 @@ fn eval_pie_bench_gives_evaluate_py_numbers() {
     wide.save(&wide_path).unwrap();
     let mask = bench().join(format!("masks/{key}.png"));
     let want = &r["entries"][key];
-    let lpips = root().join("tests/fixtures/lpips/lpips-squeeze-random-backbone.safetensors");
-    let clip = root().join("tests/fixtures/clip");
-    let o = command(
+    let o = with_metric_nets(
+        &dir,
         &[
             "eval",
             "--pie-bench",
@@ -176,54 +172,26 @@ fn eval_pie_bench_gives_evaluate_py_numbers() {
             s(&wide_path),
             "--mask",
             s(&mask),
-            "--lpips",
-            s(&lpips),
-            "--clip",
-            s(&clip),
-            "--dino",
-            s(&dino),
             "--source-caption",
             want["original_prompt"].as_str().unwrap(),
             "--caption",
             want["editing_prompt"].as_str().unwrap(),
         ],
-        "2",
-    )
-    .output()
-    .unwrap();
+    );
     assert!(o.status.success(), "{}", text(&o));
     let got: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let c = &got["candidates"][0];
-    for (name, theirs, rel, abs) in [
-        ("structure_distance", "structure_distance", 1e-4, 0.0),
-        ("psnr_unedit_part", "psnr_unedit_part", 1e-5, 0.0),
-        ("mse_unedit_part", "mse_unedit_part", 1e-5, 0.0),
-        ("lpips_unedit_part", "lpips_unedit_part", 1e-4, 0.0),
-        (
-            "ssim_unedit_part",
-            "ssim_unedit_part_torchmetrics_1_2",
-            1e-5,
-            0.0,
-        ),
-        (
-            "clip_similarity_source_image",
-            "clip_similarity_source_image",
-            0.0,
-            0.1,
-        ),
-        (
-            "clip_similarity_target_image",
-            "clip_similarity_target_image",
-            0.0,
-            0.1,
-        ),
-        (
-            "clip_similarity_target_image_edit_part",
-            "clip_similarity_target_image_edit_part",
-            0.0,
-            0.1,
-        ),
+    for (name, rel, abs) in [
+        ("structure_distance", 1e-4, 0.0),
+        ("psnr_unedit_part", 1e-5, 0.0),
+        ("mse_unedit_part", 1e-5, 0.0),
+        ("lpips_unedit_part", 1e-4, 0.0),
+        ("ssim_unedit_part", 1e-5, 0.0),
+        ("clip_similarity_source_image", 0.0, 0.1),
+        ("clip_similarity_target_image", 0.0, 0.1),
+        ("clip_similarity_target_image_edit_part", 0.0, 0.1),
     ] {
+        let theirs = evaluate_py_name(name);
         let (g, w) = (
             c[name].as_f64().unwrap(),
             want["metrics"][theirs].as_f64().unwrap(),
@@ -264,37 +232,24 @@ fn job_files_are_consistent() {
 #[test]
 fn eval_measures_another_tools_outputs_as_evaluate_py() {
     let dir = tmp("pie-bench-outputs");
-    let dino = small_dino(&dir);
-    let r: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(bench().join("reference.json")).unwrap())
-            .unwrap();
+    let r = reference();
     // PnPInversion's layout: output/METHOD/annotation_images/….
     let method = dir.join("output/made-up+edit");
     std::fs::create_dir_all(&method).unwrap();
     std::os::unix::fs::symlink(bench().join("edited"), method.join("annotation_images")).unwrap();
     let prefix = dir.join("evaluation_result");
-    let lpips = root().join("tests/fixtures/lpips/lpips-squeeze-random-backbone.safetensors");
-    let clip = root().join("tests/fixtures/clip");
-    let o = command(
+    let o = with_metric_nets(
+        &dir,
         &[
             "eval",
             "--pie-bench-dir",
             s(&bench()),
             "--outputs",
             s(&method.join("annotation_images")),
-            "--lpips",
-            s(&lpips),
-            "--clip",
-            s(&clip),
-            "--dino",
-            s(&dino),
             "--out",
             s(&prefix),
         ],
-        "2",
-    )
-    .output()
-    .unwrap();
+    );
     assert!(o.status.success(), "{}", text(&o));
     let csv = std::fs::read_to_string(prefix.with_extension("csv")).unwrap();
     let mut lines = csv.lines();
@@ -307,11 +262,7 @@ fn eval_measures_another_tools_outputs_as_evaluate_py() {
         let want = &r["entries"][cells[0]]["metrics"];
         for (k, name) in head.iter().enumerate().skip(1) {
             let metric = name.split_once('|').unwrap().1;
-            let theirs = match metric {
-                "ssim_unedit_part" => "ssim_unedit_part_torchmetrics_1_2",
-                m => m,
-            };
-            match want[theirs].as_f64() {
+            match want[evaluate_py_name(metric)].as_f64() {
                 None => assert_eq!(cells[k], "nan", "{line}"),
                 Some(w) => {
                     let g: f64 = cells[k].parse().unwrap();

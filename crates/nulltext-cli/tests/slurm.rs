@@ -24,14 +24,6 @@ impl Drop for Cluster<'_> {
     }
 }
 
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
 const BATCH_ARGS: &str = "--steps 3 --size 128";
 
 #[test]
@@ -110,23 +102,16 @@ fn pie_bench_job_array_on_slurm_equals_one_process() {
     }
 
     // One process, the same settings.
-    let model = tiny();
+    let batch = |out_dir: &Path, extra: &[&str]| {
+        let mut args = vec!["--device", "cpu", "batch", "--pie-bench", s(&data)];
+        args.extend(["--out-dir", s(out_dir), "--model", tiny_arg()]);
+        args.extend(["--method", "ddim"]);
+        args.extend(extra);
+        args.extend(BATCH_ARGS.split(' '));
+        command(&args, "1")
+    };
     let single = dir.join("single/pie-bench");
-    let mut args = vec![
-        "--device",
-        "cpu",
-        "batch",
-        "--pie-bench",
-        s(&data),
-        "--out-dir",
-        s(&single),
-        "--model",
-        s(&model),
-        "--method",
-        "ddim",
-    ];
-    args.extend(BATCH_ARGS.split(' '));
-    let one = command(&args, "1").output().unwrap();
+    let one = batch(&single, &[]).output().unwrap();
     assert_eq!(one.status.code(), Some(1), "{}", text(&one));
     for (what, extra) in [
         ("report", &[][..]),
@@ -158,23 +143,7 @@ fn pie_bench_job_array_on_slurm_equals_one_process() {
     }
 
     // A retried task (same index) resumes: everything of its shard is skipped.
-    let mut args = vec![
-        "--device",
-        "cpu",
-        "batch",
-        "--pie-bench",
-        s(&data),
-        "--out-dir",
-        s(&out_dir),
-        "--model",
-        s(&model),
-        "--method",
-        "ddim",
-        "--shard",
-        "auto",
-    ];
-    args.extend(BATCH_ARGS.split(' '));
-    let again = command(&args, "1")
+    let again = batch(&out_dir, &["--shard", "auto"])
         .env("SLURM_ARRAY_TASK_ID", "1")
         .env("SLURM_ARRAY_TASK_MIN", "0")
         .env("SLURM_ARRAY_TASK_STEP", "1")

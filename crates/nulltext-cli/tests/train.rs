@@ -3,10 +3,10 @@
 
 mod common;
 
-use common::{command, s, tmp};
+use common::{nulltext, read_json, s, succeeds, tmp};
 
 fn state(dir: &std::path::Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(dir.join("train/state.json")).unwrap()).unwrap()
+    read_json(&dir.join("train/state.json"))
 }
 
 #[test]
@@ -37,12 +37,7 @@ fn trains_resumes_and_loads() {
             args.extend(["--vae-steps", v]);
         }
         args.extend(extra);
-        let out = command(&args, "2").output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        succeeds(&args);
     };
     // a component's weights as written
     let weights =
@@ -61,9 +56,7 @@ fn trains_resumes_and_loads() {
         .all(|g| (0.0..=1.0).contains(&g[1].as_f64().unwrap())));
     let scale = st["scaling_factor"].as_f64().unwrap();
     assert!(scale.is_finite() && scale > 0.0);
-    let vae_config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(model.join("vae/config.json")).unwrap())
-            .unwrap();
+    let vae_config = read_json(&model.join("vae/config.json"));
     assert_eq!(vae_config["scaling_factor"].as_f64().unwrap(), scale);
     for f in [
         "README.md",
@@ -139,25 +132,18 @@ fn trains_resumes_and_loads() {
     // each folder is a Stable Diffusion model
     for m in [&model, &export] {
         let img = d.join("gen.png");
-        let out = command(
-            &[
-                "--quiet",
-                "generate",
-                "--model",
-                s(m),
-                "--prompt",
-                "a red circle on a blue background",
-                "--steps",
-                "5",
-                "--out",
-                s(&img),
-            ],
-            "2",
-        )
-        .output()
-        .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "{err}");
+        succeeds(&[
+            "--quiet",
+            "generate",
+            "--model",
+            s(m),
+            "--prompt",
+            "a red circle on a blue background",
+            "--steps",
+            "5",
+            "--out",
+            s(&img),
+        ]);
         let png = image::open(&img).unwrap();
         assert_eq!((png.width(), png.height()), (64, 64));
     }
@@ -166,20 +152,9 @@ fn trains_resumes_and_loads() {
 #[test]
 fn refuses_a_folder_that_holds_another_model() {
     let d = tmp("train-refuse");
-    let out = command(
-        &["random-model", "--preset", "tiny", "--out", s(&d.join("m"))],
-        "2",
-    )
-    .output()
-    .unwrap();
-    assert!(out.status.success());
+    succeeds(&["random-model", "--preset", "tiny", "--out", s(&d.join("m"))]);
     let before = std::fs::read(d.join("m/unet/diffusion_pytorch_model.safetensors")).unwrap();
-    let out = command(
-        &["train", "--out", s(&d.join("m")), "--vae-steps", "1"],
-        "2",
-    )
-    .output()
-    .unwrap();
+    let out = nulltext(&["train", "--out", s(&d.join("m")), "--vae-steps", "1"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("without a training state"), "{err}");

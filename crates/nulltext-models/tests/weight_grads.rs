@@ -3,6 +3,7 @@
 
 mod common;
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var, D};
 use common::noise;
 use nulltext_models::nn::{Conv2d, GroupNorm, LayerNorm, Linear};
@@ -17,54 +18,50 @@ fn store(vars: &[(&str, &Var)]) -> WeightStore {
     s
 }
 
-fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
-    let d = (a - b)
-        .unwrap()
-        .abs()
+fn var(seed: u64, shape: &[usize]) -> Var {
+    Var::from_tensor(&noise(seed, shape)).unwrap()
+}
+
+/// The gradients of ⟨y, g⟩.
+fn grads(y: Tensor, g: &Tensor) -> GradStore {
+    (y * g).unwrap().sum_all().unwrap().backward().unwrap()
+}
+
+fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
         .unwrap()
         .max_all()
         .unwrap()
         .to_scalar::<f32>()
-        .unwrap();
-    let m = b
-        .abs()
         .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    d / m.max(1e-6)
+}
+
+/// Asserts max |got − want| ≤ tol · max |want| for the gradient of each of `vars`.
+fn assert_same_grads(what: &str, got: &GradStore, want: &GradStore, vars: &[&Var], tol: f32) {
+    for v in vars {
+        let (a, b) = (
+            got.get(v.as_tensor()).unwrap(),
+            want.get(v.as_tensor()).unwrap(),
+        );
+        let e = max_abs(&(a - b).unwrap()) / max_abs(b).max(1e-6);
+        assert!(e < tol, "{what} gradient off by {e}");
+    }
 }
 
 #[test]
 fn linear() {
-    let w = Var::from_tensor(&noise(1, &[7, 5])).unwrap();
-    let b = Var::from_tensor(&noise(2, &[7])).unwrap();
-    let x = Var::from_tensor(&noise(3, &[2, 3, 5])).unwrap();
+    let (w, b, x) = (var(1, &[7, 5]), var(2, &[7]), var(3, &[2, 3, 5]));
     let g = noise(4, &[2, 3, 7]);
     let st = store(&[("l.weight", &w), ("l.bias", &b)]);
     let layer = Linear::load(&st.root().pp("l"), 5, 7, true).unwrap();
-    let loss = (layer.forward(x.as_tensor()).unwrap() * &g)
-        .unwrap()
-        .sum_all()
-        .unwrap();
-    let got = loss.backward().unwrap();
-    let want = (x
+    let got = grads(layer.forward(x.as_tensor()).unwrap(), &g);
+    let y = x
         .as_tensor()
         .broadcast_matmul(&w.as_tensor().t().unwrap())
         .unwrap()
         .broadcast_add(b.as_tensor())
-        .unwrap()
-        * &g)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
         .unwrap();
-    for t in [w.as_tensor(), b.as_tensor(), x.as_tensor()] {
-        let e = max_rel(got.get(t).unwrap(), want.get(t).unwrap());
-        assert!(e < 1e-5, "linear gradient off by {e}");
-    }
+    assert_same_grads("linear", &got, &grads(y, &g), &[&w, &b, &x], 1e-5);
 }
 
 /// `⟨conv(x, W) + b, g⟩` is linear in each of `x`, `W` and `b`: each entry of a gradient is
@@ -73,14 +70,12 @@ fn linear() {
 #[test]
 fn conv2d() {
     for (stride, padding, k) in [(1, 1, 3), (2, 1, 3), (1, 0, 1)] {
-        let w = Var::from_tensor(&noise(5, &[6, 4, k, k])).unwrap();
-        let b = Var::from_tensor(&noise(6, &[6])).unwrap();
-        let x = Var::from_tensor(&noise(7, &[2, 4, 9, 8])).unwrap();
+        let (w, b, x) = (var(5, &[6, 4, k, k]), var(6, &[6]), var(7, &[2, 4, 9, 8]));
         let st = store(&[("c.weight", &w), ("c.bias", &b)]);
         let conv = Conv2d::load(&st.root().pp("c"), 4, 6, k, stride, padding).unwrap();
         let y = conv.forward(x.as_tensor()).unwrap();
         let g = noise(8, y.dims());
-        let got = (y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let got = grads(y, &g);
         let loss = |x: &Tensor, w: &Tensor, b: &Tensor| -> f64 {
             let y = x
                 .conv2d(w, padding, stride, 1, 1)
@@ -133,8 +128,7 @@ fn conv2d() {
 #[test]
 fn group_norm() {
     let w = Var::from_tensor(&(noise(9, &[8]) + 1.0).unwrap()).unwrap();
-    let b = Var::from_tensor(&noise(10, &[8])).unwrap();
-    let x = Var::from_tensor(&noise(11, &[2, 8, 5, 3])).unwrap();
+    let (b, x) = (var(10, &[8]), var(11, &[2, 8, 5, 3]));
     let g = noise(12, &[2, 8, 5, 3]);
     let st = store(&[("n.weight", &w), ("n.bias", &b)]);
     let norm = GroupNorm::load(&st.root().pp("n"), 4, 8, 1e-5).unwrap();
@@ -144,12 +138,7 @@ fn group_norm() {
         } else {
             norm.forward(x.as_tensor())
         };
-        let got = (y.unwrap() * &g)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let got = grads(y.unwrap(), &g);
         let xs = x.as_tensor().reshape((2, 4, 30)).unwrap();
         let xc = xs.broadcast_sub(&xs.mean_keepdim(2).unwrap()).unwrap();
         let rstd = (xc.sqr().unwrap().mean_keepdim(2).unwrap() + 1e-5)
@@ -170,28 +159,19 @@ fn group_norm() {
         if silu {
             y = y.silu().unwrap();
         }
-        let want = (y * &g).unwrap().sum_all().unwrap().backward().unwrap();
-        for t in [w.as_tensor(), b.as_tensor(), x.as_tensor()] {
-            let e = max_rel(got.get(t).unwrap(), want.get(t).unwrap());
-            assert!(e < 1e-4, "group norm (silu {silu}) gradient off by {e}");
-        }
+        let what = format!("group norm (silu {silu})");
+        assert_same_grads(&what, &got, &grads(y, &g), &[&w, &b, &x], 1e-4);
     }
 }
 
 #[test]
 fn layer_norm() {
     let w = Var::from_tensor(&(noise(13, &[6]) + 1.0).unwrap()).unwrap();
-    let b = Var::from_tensor(&noise(14, &[6])).unwrap();
-    let x = Var::from_tensor(&noise(15, &[3, 4, 6])).unwrap();
+    let (b, x) = (var(14, &[6]), var(15, &[3, 4, 6]));
     let g = noise(16, &[3, 4, 6]);
     let st = store(&[("n.weight", &w), ("n.bias", &b)]);
     let norm = LayerNorm::load(&st.root().pp("n"), 6, 1e-5).unwrap();
-    let got = (norm.forward(x.as_tensor()).unwrap() * &g)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
+    let got = grads(norm.forward(x.as_tensor()).unwrap(), &g);
     let xs = x.as_tensor();
     let xc = xs
         .broadcast_sub(&xs.mean_keepdim(D::Minus1).unwrap())
@@ -209,9 +189,5 @@ fn layer_norm() {
         .unwrap()
         .broadcast_add(b.as_tensor())
         .unwrap();
-    let want = (y * &g).unwrap().sum_all().unwrap().backward().unwrap();
-    for t in [w.as_tensor(), b.as_tensor(), x.as_tensor()] {
-        let e = max_rel(got.get(t).unwrap(), want.get(t).unwrap());
-        assert!(e < 1e-4, "layer norm gradient off by {e}");
-    }
+    assert_same_grads("layer norm", &got, &grads(y, &g), &[&w, &b, &x], 1e-4);
 }

@@ -25,16 +25,7 @@ fn inversion() -> &'static (nulltext::StableDiffusion, nulltext::Inversion) {
             method: Method::Direct,
             ..Default::default()
         };
-        let (inv, report) = nulltext::invert_latent(
-            &sd,
-            &z0,
-            "a close up photo of a cat",
-            256,
-            256,
-            &opts,
-            &mut NoProgress,
-        )
-        .unwrap();
+        let (inv, report) = invert_chelsea(&sd, &z0, &opts);
         // the offset walk ends where the source branch of every edit ends: on z*₀
         let end = report.final_latent.as_ref().unwrap();
         assert_relative("the offset walk's end vs z*0", end, &z0, 1e-5);

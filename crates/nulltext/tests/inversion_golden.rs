@@ -11,6 +11,28 @@ use nulltext::models::{Ddim, NoControl};
 use nulltext::sampling::predict_eps;
 use nulltext::{InvertOptions, NoProgress};
 
+/// The null-text loss of one guided DDIM step from `z`: the mean squared distance of
+/// z_{t−1}(ε(∅) + w (ε(C) − ε(∅))) to `target`.
+fn step_loss(
+    ddim: &Ddim,
+    t: usize,
+    z: &Tensor,
+    eps_u: &Tensor,
+    eps_c: &Tensor,
+    w: f64,
+    target: &Tensor,
+) -> Tensor {
+    let noise = (eps_u + ((eps_c - eps_u).unwrap() * w).unwrap()).unwrap();
+    let prev = ddim.step(&noise, t, z).unwrap();
+    (prev - target).unwrap().sqr().unwrap().mean_all().unwrap()
+}
+
+/// The sum of `t`'s elements, in f64 (summed in `t`'s own type).
+fn sum(t: &Tensor) -> f64 {
+    let s = t.sum_all().unwrap().to_dtype(DType::F64).unwrap();
+    s.to_scalar::<f64>().unwrap()
+}
+
 #[test]
 fn image_latent_matches() {
     let sd = load_tiny();
@@ -47,9 +69,7 @@ fn null_text_gradient_matches_golden() {
     let var = Var::from_tensor(&on_device(&g["uncond_init"])).unwrap();
     let eps_c = predict_eps(&sd, &ddim, &z, t, cond, &mut NoControl, 0).unwrap();
     let eps_u = predict_eps(&sd, &ddim, &z, t, var.as_tensor(), &mut NoControl, 0).unwrap();
-    let noise = (&eps_u + ((&eps_c - &eps_u).unwrap() * 7.5).unwrap()).unwrap();
-    let prev = ddim.step(&noise, t, &z).unwrap();
-    let loss = (prev - target).unwrap().sqr().unwrap().mean_all().unwrap();
+    let loss = step_loss(&ddim, t, &z, &eps_u, &eps_c, 7.5, &target);
     let grads = loss.backward().unwrap();
     let grad = &grads
         .get(var.as_tensor())
@@ -59,26 +79,9 @@ fn null_text_gradient_matches_golden() {
     let want = &g["grad0"];
     assert_close("∂loss/∂∅ at step 0", grad, want, 1e-4);
     // And the direction, as a scale-free check.
-    let dot = (grad * want)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap() as f64;
-    let n1 = grad
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap() as f64;
-    let n2 = want
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap() as f64;
+    let dot = sum(&(grad * want).unwrap());
+    let n1 = sum(&grad.sqr().unwrap());
+    let n2 = sum(&want.sqr().unwrap());
     let cos = dot / (n1.sqrt() * n2.sqrt());
     eprintln!("gradient cosine to golden: {cos:.8}");
     assert!(cos > 0.99999, "{cos}");
@@ -116,10 +119,7 @@ fn null_text_gradient_matches_golden() {
         let out = tape.forward(&ctx).unwrap().to_dtype(DType::F32).unwrap();
         let out = Var::from_tensor(&on_device(&out)).unwrap();
         let eps_u = ddim.epsilon(out.as_tensor(), t, &z).unwrap();
-        let noise = (&eps_u + ((&eps_c - &eps_u).unwrap() * 7.5).unwrap()).unwrap();
-        let prev = ddim.step(&noise, t, &z).unwrap();
-        let target = on_device(&d["latents"].i(49..50).unwrap());
-        let loss = (prev - target).unwrap().sqr().unwrap().mean_all().unwrap();
+        let loss = step_loss(&ddim, t, &z, &eps_u, &eps_c, 7.5, &target);
         let grads = loss.backward().unwrap();
         let tgrad = tape.backward(grads.get(out.as_tensor()).unwrap()).unwrap();
         let tgrad = on_device(&tgrad);
@@ -162,9 +162,7 @@ fn null_text_steps_match_from_golden_trajectory() {
                 break;
             }
             let eps_u = predict_eps(&sd, &ddim, &z, t, var.as_tensor(), &mut NoControl, i).unwrap();
-            let noise = (&eps_u + ((&eps_c - &eps_u).unwrap() * opts.guidance).unwrap()).unwrap();
-            let prev = ddim.step(&noise, t, &z).unwrap();
-            let loss = (prev - &target).unwrap().sqr().unwrap().mean_all().unwrap();
+            let loss = step_loss(&ddim, t, &z, &eps_u, &eps_c, opts.guidance, &target);
             let grads = loss.backward().unwrap();
             let l = loss.to_scalar::<f32>().unwrap() as f64;
             let rel = (l - want).abs() / want.abs();
@@ -256,16 +254,7 @@ fn full_null_text_inversion_matches_golden() {
     let g = golden("chelsea_nti.safetensors");
     let z0 = chelsea_latent(&sd);
     let opts = InvertOptions::default();
-    let (inv, report) = nulltext::invert_latent(
-        &sd,
-        &z0,
-        "a close up photo of a cat",
-        256,
-        256,
-        &opts,
-        &mut NoProgress,
-    )
-    .unwrap();
+    let (inv, report) = invert_chelsea(&sd, &z0, &opts);
     let want_losses: Vec<Vec<f64>> = g["losses"].to_vec2().unwrap();
     let mut worst = 0f64;
     for (i, got) in report.losses.iter().enumerate() {
@@ -284,22 +273,8 @@ fn full_null_text_inversion_matches_golden() {
         rec.to_device(&candle_core::Device::Cpu).unwrap(),
         z0.to_device(&candle_core::Device::Cpu).unwrap(),
     );
-    let mse = (&rec - &z0)
-        .unwrap()
-        .sqr()
-        .unwrap()
-        .mean_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap() as f64;
-    let golden_mse = (g["nti_latents"].i(50..51).unwrap() - &g["image_latent"])
-        .unwrap()
-        .sqr()
-        .unwrap()
-        .mean_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap() as f64;
+    let golden_mse = mse(&g["nti_latents"].i(50..51).unwrap(), &g["image_latent"]) as f64;
+    let mse = mse(&rec, &z0) as f64;
     eprintln!("reconstruction latent MSE {mse:.6} (golden {golden_mse:.6})");
     assert!(mse <= golden_mse * 1.05);
     assert_close(
@@ -339,16 +314,6 @@ impl TestAdam {
     }
 }
 
-#[allow(dead_code)]
-fn f64s(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
-
 /// The analytic gradient w.r.t. the null embedding against central finite differences
 /// along random directions, at a late step where the loss is well above rounding.
 #[test]
@@ -366,14 +331,8 @@ fn null_text_gradient_agrees_with_finite_differences() {
     let eps_c = predict_eps(&sd, &ddim, &z, t, &cond, &mut NoControl, i).unwrap();
     let loss_of = |u: &Tensor| -> (Tensor, f64) {
         let eps_u = predict_eps(&sd, &ddim, &z, t, u, &mut NoControl, i).unwrap();
-        let noise = (&eps_u + ((&eps_c - &eps_u).unwrap() * 7.5).unwrap()).unwrap();
-        let prev = ddim.step(&noise, t, &z).unwrap();
-        let loss = (prev - &target).unwrap().sqr().unwrap().mean_all().unwrap();
-        let v = loss
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
+        let loss = step_loss(&ddim, t, &z, &eps_u, &eps_c, 7.5, &target);
+        let v = sum(&loss);
         (loss, v)
     };
     let var = Var::from_tensor(&u0).unwrap();
@@ -386,14 +345,7 @@ fn null_text_gradient_agrees_with_finite_differences() {
         .unwrap();
     // Along the gradient itself (the largest change) and two mixed directions; the loss is
     // O(1e-2) in f32, so the step must move it well above rounding.
-    let gnorm = grad
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-        .sqrt();
+    let gnorm = sum(&grad.sqr().unwrap()).sqrt();
     let unit_grad = (&grad / gnorm).unwrap().to_dtype(DType::F32).unwrap();
     for seed in 0..3u64 {
         let noise =
@@ -401,14 +353,7 @@ fn null_text_gradient_agrees_with_finite_differences() {
                 .unwrap()
                 .reshape((1, 77, 32))
                 .unwrap();
-        let nn = noise
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            .sqrt() as f64;
+        let nn = sum(&noise.sqr().unwrap()).sqrt();
         let mix = if seed == 0 { 0.0 } else { 0.5 };
         let dir = ((&unit_grad * (1.0 - mix)).unwrap() + (on_device(&noise) * (mix / nn)).unwrap())
             .unwrap();
@@ -416,12 +361,7 @@ fn null_text_gradient_agrees_with_finite_differences() {
         let (_, lp) = loss_of(&(&u0 + (&dir * h).unwrap()).unwrap());
         let (_, lm) = loss_of(&(&u0 - (&dir * h).unwrap()).unwrap());
         let fd = (lp - lm) / (2.0 * h);
-        let an = (&grad * dir.to_dtype(DType::F64).unwrap())
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
+        let an = sum(&(&grad * dir.to_dtype(DType::F64).unwrap()).unwrap());
         let rel = (fd - an).abs() / an.abs().max(1e-12);
         eprintln!(
             "direction {seed}: analytic {an:.6e}, finite difference {fd:.6e}, relative {rel:.2e}"

@@ -47,14 +47,7 @@ fn null_text_beats_ddim_on_a_v_prediction_single_file_model() {
             .unwrap()
             .to_device(&sd.device)
             .unwrap();
-        let m = (rec - z0)
-            .unwrap()
-            .sqr()
-            .unwrap()
-            .mean_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let m = common::mse(&rec, &z0);
         eprintln!("{method}: reconstruction latent MSE {m:.5}");
         mse.push(m);
     }

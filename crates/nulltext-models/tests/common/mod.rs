@@ -92,6 +92,12 @@ pub fn assert_close(what: &str, got: &Tensor, golden: &Tensor, tol: f64) -> f64 
     err
 }
 
+/// mean (a − b)², in the tensors' f32.
+pub fn mse(a: &Tensor, b: &Tensor) -> f32 {
+    let m = (a - b).unwrap().sqr().unwrap().mean_all().unwrap();
+    m.to_scalar::<f32>().unwrap()
+}
+
 /// Reproducible values in [−1, 1) (xorshift), on the CPU.
 pub fn noise(seed: u64, shape: &[usize]) -> Tensor {
     let n: usize = shape.iter().product();

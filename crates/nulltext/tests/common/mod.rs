@@ -23,6 +23,16 @@ pub fn chelsea_latent(sd: &nulltext::StableDiffusion) -> Tensor {
     sd.image_to_latent(&x).unwrap()
 }
 
+/// The fixture photo's latent `z0` (from `chelsea_latent`) inverted with its caption.
+pub fn invert_chelsea(
+    sd: &nulltext::StableDiffusion,
+    z0: &Tensor,
+    opts: &nulltext::InvertOptions,
+) -> (nulltext::Inversion, nulltext::InvertReport) {
+    let prompt = "a close up photo of a cat";
+    nulltext::invert_latent(sd, z0, prompt, 256, 256, opts, &mut nulltext::NoProgress).unwrap()
+}
+
 /// The prompts and edit options of a golden Prompt-to-Prompt case (its JSON metadata:
 /// kind, prompts, cross- and self-replace windows, blend words and thresholds, reweights).
 pub fn case_options(case: &serde_json::Value) -> (Vec<String>, EditOptions) {

@@ -9,10 +9,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::{json, Value};
 
-fn job_id(r: &Resp) -> String {
-    r.json()["id"].as_str().unwrap().to_string()
-}
-
 #[test]
 fn invert_edit_download_across_a_restart() {
     let dir = temp_dir("flow");
@@ -30,7 +26,7 @@ fn invert_edit_download_across_a_restart() {
     assert_eq!(tree(&dir), before);
 
     let r = submit_inversion(addr, "4", "2");
-    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.status, 202, "{}", r.text());
     let job = r.json();
     assert_eq!(job["kind"], "inversion");
     assert!(matches!(job["state"].as_str(), Some("queued" | "running")));
@@ -126,17 +122,9 @@ fn invert_edit_download_across_a_restart() {
         (json!({"targets": ["a dog".repeat(20_000)]}), 413, "limit"),
     ] {
         let r = post_json(addr, &edits, &body);
-        assert_eq!(
-            r.status,
-            code,
-            "{body}: {}",
-            String::from_utf8_lossy(&r.body)
-        );
-        let v = r.json();
-        assert!(
-            v["error"]["message"].as_str().unwrap().contains(needle),
-            "{v}"
-        );
+        assert_eq!(r.status, code, "{body}: {}", r.text());
+        let m = r.message();
+        assert!(m.contains(needle), "{m}");
     }
 
     let r = post_json(
@@ -151,7 +139,7 @@ fn invert_edit_download_across_a_restart() {
             "attention_maps": true,
         }),
     );
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.status, 200, "{}", r.text());
     let job = r.json();
     assert_eq!(job["state"], "succeeded", "{job}");
     let edit = &job["result"];
@@ -236,25 +224,16 @@ fn refused_requests_write_nothing() {
         Err(e) => eprintln!("chunked upload: {e}"),
     }
 
+    let long_caption = "a very long caption ".repeat(10);
     let cases: Vec<(Vec<u8>, u16, &str)> = vec![
         // A text file named .png.
         (
-            multipart(&[
-                Part::File("image", "cat.png", "image/png", b"this is not an image\n"),
-                Part::Text("prompt", "a cat"),
-            ]),
+            multipart(&cat_form(b"this is not an image\n", &[])),
             415,
             "unsupported_media_type",
         ),
         // 256×256 pixels over a limit of 10,000.
-        (
-            multipart(&[
-                Part::File("image", "cat.png", "image/png", &png),
-                Part::Text("prompt", "a cat"),
-            ]),
-            413,
-            "too_large",
-        ),
+        (multipart(&cat_form(&png, &[])), 413, "too_large"),
         (
             multipart(&[Part::Text("prompt", "a cat")]),
             400,
@@ -263,26 +242,18 @@ fn refused_requests_write_nothing() {
         (
             multipart(&[
                 Part::File("image", "cat.png", "image/png", &png),
-                Part::Text("prompt", &"a very long caption ".repeat(10)),
+                Part::Text("prompt", &long_caption),
             ]),
             400,
             "bad_request",
         ),
         (
-            multipart(&[
-                Part::File("image", "cat.png", "image/png", &png),
-                Part::Text("prompt", "a cat"),
-                Part::Text("data_dir", "/tmp"),
-            ]),
+            multipart(&cat_form(&png, &[Part::Text("data_dir", "/tmp")])),
             400,
             "bad_request",
         ),
         (
-            multipart(&[
-                Part::File("image", "cat.png", "image/png", &png),
-                Part::Text("prompt", "a cat"),
-                Part::Text("steps", "100000"),
-            ]),
+            multipart(&cat_form(&png, &[Part::Text("steps", "100000")])),
             400,
             "bad_request",
         ),
@@ -296,12 +267,7 @@ fn refused_requests_write_nothing() {
             &[("Content-Type", &mp)],
             body,
         );
-        assert_eq!(
-            r.status,
-            *status,
-            "case {k}: {}",
-            String::from_utf8_lossy(&r.body)
-        );
+        assert_eq!(r.status, *status, "case {k}: {}", r.text());
         assert_eq!(r.error_code(), *code, "case {k}");
     }
     let r = request(
@@ -349,12 +315,7 @@ fn refused_requests_write_nothing() {
             &[("Content-Type", "application/json")],
             b"{\"targets\":[\"a\"]}",
         );
-        assert_eq!(
-            r.status,
-            status,
-            "{method} {path}: {}",
-            String::from_utf8_lossy(&r.body)
-        );
+        assert_eq!(r.status, status, "{method} {path}: {}", r.text());
         let code = r.error_code();
         assert!(
             ["invalid_id", "not_found", "no_route"].contains(&code.as_str()),
@@ -376,10 +337,7 @@ fn refused_requests_write_nothing() {
         "POST",
         "/v1/inversions",
         &[("Content-Type", &mp), ("Origin", "http://evil.example")],
-        &multipart(&[
-            Part::File("image", "cat.png", "image/png", &png),
-            Part::Text("prompt", "a cat"),
-        ]),
+        &multipart(&cat_form(&png, &[])),
     );
     assert_eq!((r.status, r.error_code().as_str()), (403, "forbidden"));
     let r = request(
@@ -430,14 +388,13 @@ fn full_queue_cancellation_and_interrupted_jobs() {
     assert!((1..=3600).contains(&retry));
 
     // Cancelling: a queued job at once, the running one at its next iteration.
-    let r = request(addr, "POST", &format!("/v1/jobs/{queued}/cancel"), &[], b"");
+    let r = cancel(addr, &queued);
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["state"], "cancelled");
-    let r = request(addr, "POST", &format!("/v1/jobs/{long}/cancel"), &[], b"");
-    assert_eq!(r.status, 200);
+    assert_eq!(cancel(addr, &long).status, 200);
     let v = wait_job(addr, &long, 60, is_terminal);
     assert_eq!(v["state"], "cancelled", "{v}");
-    let r = request(addr, "POST", &format!("/v1/jobs/{long}/cancel"), &[], b"");
+    let r = cancel(addr, &long);
     assert_eq!((r.status, r.error_code().as_str()), (409, "conflict"));
 
     // A shutdown in the middle of a job marks it failed, and nothing half-written stays.

@@ -14,11 +14,6 @@ use common::*;
 use nulltext_serve::params::{invert_params, EditRequest, Limits};
 use serde_json::{json, Value};
 
-fn job_id(r: &Resp) -> String {
-    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
-    r.json()["id"].as_str().unwrap().to_string()
-}
-
 /// An all-black PNG of `w`×`h`: a few hundred KB that decode to `3·w·h` bytes.
 fn black_png(w: u32, h: u32) -> Vec<u8> {
     let mut bytes = Vec::new();
@@ -79,10 +74,7 @@ fn forms_images_and_sizes_are_refused_up_front() {
     let took = t.elapsed();
     if let Ok(r) = r {
         assert_eq!(r.status, 400);
-        assert!(r.json()["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("more than 32 fields"));
+        assert!(r.message().contains("more than 32 fields"));
     }
     let worst = poller.join().unwrap();
     eprintln!("150k-field form answered in {took:?}; slowest /v1/info meanwhile {worst:?}");
@@ -91,50 +83,28 @@ fn forms_images_and_sizes_are_refused_up_front() {
 
     // A PNG whose header claims 60000×60000 pixels: 413, nothing decoded.
     let bomb = crafted_png::claiming(black_png(4, 4), 60_000, 60_000);
-    let r = post_multipart(
-        addr,
-        "/v1/inversions",
-        &[
-            Part::File("image", "x.png", "image/png", &bomb),
-            Part::Text("prompt", "a cat"),
-            Part::Text("size", "64"),
-        ],
-    );
+    let form = cat_form(&bomb, &[Part::Text("size", "64")]);
+    let r = post_multipart(addr, "/v1/inversions", &form);
     assert_eq!((r.status, r.error_code().as_str()), (413, "too_large"));
-    assert!(r.json()["error"]["message"]
-        .as_str()
-        .unwrap()
-        .contains("60000×60000"));
+    assert!(r.message().contains("60000×60000"));
 
     // No size field: the model's own (256) obeys --max-size 128 as an asked-for one does.
     let png = chelsea_png();
-    let r = post_multipart(
-        addr,
-        "/v1/inversions",
-        &[
-            Part::File("image", "x.png", "image/png", &png),
-            Part::Text("prompt", "a cat"),
-        ],
-    );
+    let r = post_multipart(addr, "/v1/inversions", &cat_form(&png, &[]));
     assert_eq!(r.status, 400);
-    let m = r.json()["error"]["message"].as_str().unwrap().to_string();
+    let m = r.message();
     assert!(
         m.contains("the model's sample size is 256") && m.contains("128"),
         "{m}"
     );
     // Steps the scheduler cannot take.
-    let r = post_multipart(
-        addr,
-        "/v1/inversions",
-        &[
-            Part::File("image", "x.png", "image/png", &png),
-            Part::Text("prompt", "a cat"),
-            Part::Text("size", "64"),
-            Part::Text("steps", "1000"),
-        ],
+    let form = cat_form(
+        &png,
+        &[Part::Text("size", "64"), Part::Text("steps", "1000")],
     );
+    let r = post_multipart(addr, "/v1/inversions", &form);
     assert_eq!(r.status, 400);
-    let m = r.json()["error"]["message"].as_str().unwrap().to_string();
+    let m = r.message();
     assert!(m.contains("between 1 and"), "{m}");
 
     // The page may not be framed by another site.
@@ -171,15 +141,8 @@ fn a_full_queue_answers_before_decoding_and_memory_stays_bounded() {
         .map(|_| {
             let big = big.clone();
             std::thread::spawn(move || {
-                let r = post_multipart(
-                    addr,
-                    "/v1/inversions",
-                    &[
-                        Part::File("image", "big.png", "image/png", &big),
-                        Part::Text("prompt", "a cat"),
-                        Part::Text("size", "64"),
-                    ],
-                );
+                let form = cat_form(&big, &[Part::Text("size", "64")]);
+                let r = post_multipart(addr, "/v1/inversions", &form);
                 (r.status, r.error_code())
             })
         })
@@ -203,7 +166,7 @@ fn a_full_queue_answers_before_decoding_and_memory_stays_bounded() {
 
     // SDEdit starting after the last step is refused when asked, not in the worker.
     for id in [&queued, &long] {
-        request(addr, "POST", &format!("/v1/jobs/{id}/cancel"), &[], b"");
+        cancel(addr, id);
     }
     wait_job(addr, &long, 60, is_terminal);
     let inv = submit_inversion(addr, "2", "1");
@@ -212,11 +175,8 @@ fn a_full_queue_answers_before_decoding_and_memory_stays_bounded() {
     let inv_id = v["inversion_id"].as_str().unwrap().to_string();
     let edits = format!("/v1/inversions/{inv_id}/edits");
     let r = post_json(addr, &edits, &json!({"targets": ["a dog"], "sdedit": 0.01}));
-    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
-    assert!(r.json()["error"]["message"]
-        .as_str()
-        .unwrap()
-        .contains("sdedit 0.01"));
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.message().contains("sdedit 0.01"));
 
     // Edits full of new words (refused: the blend word is in no target) keep the
     // tokenizer's memory bounded.
@@ -239,7 +199,7 @@ fn a_full_queue_answers_before_decoding_and_memory_stays_bounded() {
                 &edits,
                 &json!({"targets": [target.join(" ")], "blend": "cat:zebra"}),
             );
-            assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+            assert_eq!(r.status, 400, "{}", r.text());
         }
     };
     rounds(0);

@@ -125,6 +125,19 @@ impl Resp {
         })
     }
 
+    /// The body as text, for messages.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// The `message` of a JSON error body.
+    pub fn message(&self) -> String {
+        self.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
     /// The `code` of a JSON error body.
     pub fn error_code(&self) -> String {
         let v = self.json();
@@ -266,6 +279,7 @@ pub fn post_json(addr: SocketAddr, path: &str, v: &Value) -> Resp {
 
 pub const BOUNDARY: &str = "----nulltext-test-boundary-7d2b";
 
+#[derive(Clone, Copy)]
 pub enum Part<'a> {
     Text(&'a str, &'a str),
     File(&'a str, &'a str, &'a str, &'a [u8]),
@@ -307,6 +321,27 @@ pub fn post_multipart(addr: SocketAddr, path: &str, parts: &[Part]) -> Resp {
         &[("Content-Type", &ctype)],
         &multipart(parts),
     )
+}
+
+/// An inversion form: `image` as cat.png, the prompt "a cat", then `extra`.
+pub fn cat_form<'a>(image: &'a [u8], extra: &[Part<'a>]) -> Vec<Part<'a>> {
+    let mut parts = vec![
+        Part::File("image", "cat.png", "image/png", image),
+        Part::Text("prompt", "a cat"),
+    ];
+    parts.extend_from_slice(extra);
+    parts
+}
+
+/// The id of a job just queued (202).
+pub fn job_id(r: &Resp) -> String {
+    assert_eq!(r.status, 202, "{}", r.text());
+    r.json()["id"].as_str().unwrap().to_string()
+}
+
+/// Cancels job `id`.
+pub fn cancel(addr: SocketAddr, id: &str) -> Resp {
+    request(addr, "POST", &format!("/v1/jobs/{id}/cancel"), &[], b"")
 }
 
 /// Queues a small inversion of the fixture photo (64 px, `steps` × `inner` iterations).

@@ -104,7 +104,9 @@ impl TextTimeEmbedding {
             time_ids.device(),
         )?
         .reshape((b, n * self.dims.time))?;
-        let x = Tensor::cat(&[&text_embeds.to_dtype(DType::F32)?, &t], 1)?.to_dtype(dtype)?;
+        // each part cast on its own: the same values as casting the concatenation, and an
+        // f64 model keeps an f64 embedding's digits (and their gradient)
+        let x = Tensor::cat(&[&text_embeds.to_dtype(dtype)?, &t.to_dtype(dtype)?], 1)?;
         self.add_embedding.forward(&x)
     }
 }

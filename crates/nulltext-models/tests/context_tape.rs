@@ -29,10 +29,6 @@ fn graph_forward(unet: &UNet2DConditionModel, z: &Tensor, t: f64, ctx: &Tensor) 
     unet.forward_controlled(z, t, ctx, &mut Hooked, 0).unwrap()
 }
 
-fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-    max_err(a, b) / max_abs(b).max(1e-30)
-}
-
 /// Checks the tape against the graph path for latents of `shape` at `t`, two contexts.
 fn check(sd: &StableDiffusion, shape: &[usize], t: f64) {
     let unet = &sd.unet;
@@ -140,20 +136,6 @@ fn graph_grad(
     let grads = loss.backward().unwrap_or_else(|e| panic!("{e}"));
     let g = grads.get(var.as_tensor()).unwrap().clone();
     (out, g)
-}
-
-fn cosine(a: &Tensor, b: &Tensor) -> f64 {
-    let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
-    let b = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
-    let dot = |x: &Tensor, y: &Tensor| {
-        (x * y)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    };
-    dot(&a, &b) / (dot(&a, &a) * dot(&b, &b)).sqrt()
 }
 
 /// The tape with candle's tensor ops (the path of GPUs and half precision), in f64 on the

@@ -12,6 +12,9 @@
 //! - everything before the first cross-attention (the input convolution, the first residual
 //!   block, the first transformer's self-attention and its cross-attention's queries) does
 //!   not depend on the context: a [`Constants`] keeps it for the later passes of one tape;
+//! - SDXL's null-text inversion also varies the pooled text embedding, which reaches every
+//!   residual block through its time-embedding bias: then everything after the input
+//!   convolution varies, and the backward pass also gives each bias's gradient;
 //! - convolutions and linear layers keep nothing (their weights are constants); norms keep
 //!   their input, attention its queries, keys, values, output and log-sum-exp (or, off the
 //!   CPU, its probabilities).
@@ -20,7 +23,7 @@
 //! `crate::cpu::attention`, `crate::nn::layout`), elsewhere candle's ops. The layers own their
 //! input-gradient formulas (`Conv2d::input_grad`, `GroupNorm::backward`, …).
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 use super::blocks::{DownBlock, MidBlock, UpBlock};
 use super::model::{AddedCond, UNet2DConditionModel};
@@ -49,8 +52,11 @@ impl Constants {
 }
 
 pub(super) struct ResnetRecord {
-    norm1: NormRecord,
+    /// `None` where the block's input is a constant (its bias varies).
+    norm1: Option<NormRecord>,
     norm2: NormRecord,
+    /// The bias's index in call order, where it varies.
+    bias: Option<usize>,
     /// The sizes of the input and of the first convolution's output.
     in_hw: (usize, usize),
     mid_hw: (usize, usize),
@@ -125,12 +131,23 @@ pub(super) struct Pass<'a> {
     /// `time_emb_proj(silu(temb))` of every residual block, in call order, `[B, C, 1, 1]`.
     biases: &'a [Option<Tensor>],
     next_bias: usize,
+    /// Whether the biases vary between passes (with SDXL's pooled text embedding).
+    biases_vary: bool,
     context: &'a Tensor,
     control: &'a mut dyn AttentionControl,
     step: usize,
 }
 
 impl UNet2DConditionModel {
+    /// Every residual block, in call order.
+    pub(super) fn resnets(&self) -> impl Iterator<Item = &ResnetBlock2D> {
+        self.down_blocks
+            .iter()
+            .flat_map(|d| d.resnets.iter())
+            .chain(self.mid_block.iter().flat_map(|m| m.resnets.iter()))
+            .chain(self.up_blocks.iter().flat_map(|u| u.resnets.iter()))
+    }
+
     /// `time_emb_proj(silu(temb))` of every residual block in call order, `[B, C, 1, 1]`,
     /// for one timestep per latent; SDXL's `added` conditioning joins the time embedding
     /// here (diffusers: `emb = emb + aug_emb`).
@@ -168,11 +185,7 @@ impl UNet2DConditionModel {
             }
         }
         .silu()?;
-        self.down_blocks
-            .iter()
-            .flat_map(|d| d.resnets.iter())
-            .chain(self.mid_block.iter().flat_map(|m| m.resnets.iter()))
-            .chain(self.up_blocks.iter().flat_map(|u| u.resnets.iter()))
+        self.resnets()
             .map(|r| match &r.time_emb_proj {
                 Some(p) => Ok(Some(p.forward(&temb)?.unsqueeze(2)?.unsqueeze(3)?)),
                 None => Ok(None),
@@ -194,6 +207,7 @@ impl<'a> Pass<'a> {
             consts: None,
             biases,
             next_bias: 0,
+            biases_vary: false,
             context,
             control,
             step,
@@ -203,6 +217,14 @@ impl<'a> Pass<'a> {
     /// Records for a backward pass.
     pub(super) fn recording(mut self, record: bool) -> Self {
         self.record = record;
+        self
+    }
+
+    /// Treats the biases as varying (the pooled text embedding of SDXL's null-text
+    /// inversion): only the input convolution's output is then a constant, and a recorded
+    /// pass keeps what the biases' gradients need.
+    pub(super) fn varying_biases(mut self, vary: bool) -> Self {
+        self.biases_vary = vary;
         self
     }
 
@@ -269,10 +291,16 @@ impl<'a> Pass<'a> {
     }
 
     fn resnet(&mut self, r: &ResnetBlock2D, x: Act) -> Result<Act> {
-        let bias = self.biases.get(self.next_bias).cloned().flatten();
+        let index = self.next_bias;
+        let bias = self.biases.get(index).cloned().flatten();
         self.next_bias += 1;
-        let run = |x: &Tensor, record: bool| -> Result<(Tensor, Option<ResnetRecord>)> {
-            let (a, norm1) = norm(&r.norm1, x, true, record)?;
+        let bias_varies = self.biases_vary && bias.is_some();
+        // `record_input`: whether the input varies (its gradient is wanted)
+        let run = |x: &Tensor,
+                   record_input: bool,
+                   record: bool|
+         -> Result<(Tensor, Option<ResnetRecord>)> {
+            let (a, norm1) = norm(&r.norm1, x, true, record_input)?;
             let h = r.conv1.forward(&a)?;
             let h = match &bias {
                 Some(b) => ops::add_bias(&h, b)?,
@@ -284,25 +312,26 @@ impl<'a> Pass<'a> {
                 Some(c) => c.forward(x)?,
                 None => x.clone(),
             };
-            let rec = match (norm1, norm2) {
-                (Some(norm1), Some(norm2)) => Some(ResnetRecord {
+            let rec = match norm2 {
+                Some(norm2) => Some(ResnetRecord {
                     norm1,
                     norm2,
+                    bias: bias_varies.then_some(index),
                     in_hw: hw(x)?,
                     mid_hw: hw(&h)?,
                 }),
-                _ => None,
+                None => None,
             };
             Ok((ops::add(&shortcut, &y)?, rec))
         };
-        if !x.varies {
-            let y = self.constant(|_| Ok(run(&x.x, false)?.0))?;
+        if !x.varies && !bias_varies {
+            let y = self.constant(|_| Ok(run(&x.x, false, false)?.0))?;
             return Ok(Act {
                 x: y,
                 varies: false,
             });
         }
-        let (y, rec) = run(&x.x, self.record)?;
+        let (y, rec) = run(&x.x, x.varies && self.record, self.record)?;
         if let Some(rec) = rec {
             self.push(Record::Resnet(rec));
         }
@@ -502,11 +531,12 @@ impl<'a> Pass<'a> {
     }
 }
 
-/// The backward pass to the context: the forward pass's records, popped last-first, and
-/// the context's gradient so far.
+/// The backward pass to the context: the forward pass's records, popped last-first, the
+/// context's gradient so far, and the gradients of the biases that vary.
 pub(super) struct Backward {
     records: Vec<Record>,
     dctx: Option<Tensor>,
+    dbias: Vec<Option<Tensor>>,
 }
 
 impl Backward {
@@ -525,15 +555,18 @@ impl Backward {
     }
 
     /// The context's gradient given the gradient `grad` of the output of the pass that
-    /// made `records`.
+    /// made `records`, and each residual block's bias gradient `[B, C]` (in f32, or f64
+    /// for f64 models) where its bias varied in that pass ([`Pass::varying_biases`]),
+    /// `None` elsewhere.
     pub(super) fn unet(
         unet: &UNet2DConditionModel,
         records: Vec<Record>,
         grad: &Tensor,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, Vec<Option<Tensor>>)> {
         let mut bw = Backward {
             records,
             dctx: None,
+            dbias: vec![None; unet.resnets().count()],
         };
         let Record::Out(norm, size) = bw.pop() else {
             unreachable!("a pass ends with its output norm")
@@ -567,25 +600,39 @@ impl Backward {
                 None => break,
             }
         }
-        Ok(bw
+        let dctx = bw
             .dctx
-            .expect("every UNet has a cross-attention, which the backward pass reaches"))
+            .expect("every UNet has a cross-attention, which the backward pass reaches");
+        Ok((dctx, bw.dbias))
     }
 
-    fn resnet(&mut self, r: &ResnetBlock2D, g: Tensor) -> Result<Tensor> {
+    /// The gradient of the block's input, `None` when it is a constant; where the block's
+    /// bias varies, its gradient joins `dbias`.
+    fn resnet(&mut self, r: &ResnetBlock2D, g: Tensor) -> Result<Option<Tensor>> {
         let Record::Resnet(rec) = self.pop() else {
             unreachable!("records out of order: expected a residual block")
         };
         let da = r.conv2.input_grad(&g, rec.mid_hw)?;
         let dh = r.norm2.backward(&rec.norm2, &da, true)?;
         drop(rec.norm2);
+        if let Some(i) = rec.bias {
+            // h = conv1(…) + bias: the bias collects dh over the grid, [B, C, H, W] -> [B, C]
+            let wide = match dh.dtype() {
+                DType::F16 | DType::BF16 => dh.to_dtype(DType::F32)?,
+                _ => dh.clone(),
+            };
+            self.dbias[i] = Some(wide.sum((2, 3))?);
+        }
+        let Some(norm1) = rec.norm1 else {
+            return Ok(None);
+        };
         let da = r.conv1.input_grad(&dh, rec.in_hw)?;
-        let dx = r.norm1.backward(&rec.norm1, &da, true)?;
+        let dx = r.norm1.backward(&norm1, &da, true)?;
         let shortcut = match &r.conv_shortcut {
             Some(c) => c.input_grad(&g, rec.in_hw)?,
             None => g,
         };
-        ops::add(&dx, &shortcut)
+        Ok(Some(ops::add(&dx, &shortcut)?))
     }
 
     /// The gradient of the attention's input (its queries, and its keys and values for
@@ -690,7 +737,9 @@ impl Backward {
                     .transformer(t, g)?
                     .expect("the up path depends on the context");
             }
-            let dcat = self.resnet(&block.resnets[i], g)?;
+            let dcat = self
+                .resnet(&block.resnets[i], g)?
+                .expect("the up path depends on the context");
             let Record::Cat(c) = self.pop() else {
                 unreachable!("records out of order: expected a concatenation")
             };
@@ -702,13 +751,12 @@ impl Backward {
     }
 
     fn mid(&mut self, mid: &MidBlock, mut g: Tensor) -> Result<Tensor> {
+        let varies = "the mid block depends on the context";
         for (t, r) in mid.attentions.iter().zip(&mid.resnets[1..]).rev() {
-            g = self.resnet(r, g)?;
-            g = self
-                .transformer(t, g)?
-                .expect("the mid block depends on the context");
+            g = self.resnet(r, g)?.expect(varies);
+            g = self.transformer(t, g)?.expect(varies);
         }
-        self.resnet(&mid.resnets[0], g)
+        Ok(self.resnet(&mid.resnets[0], g)?.expect(varies))
     }
 
     /// `g`: the gradient of the block's output from the next block; `skip_grads`: those
@@ -754,7 +802,10 @@ impl Backward {
             if self.records.is_empty() {
                 return Ok(None);
             }
-            g = self.resnet(&block.resnets[i], g)?;
+            match self.resnet(&block.resnets[i], g)? {
+                Some(d) => g = d,
+                None => return Ok(None),
+            }
         }
         Ok(Some(g))
     }

@@ -83,6 +83,26 @@ pub fn max_err(a: &Tensor, b: &Tensor) -> f64 {
     max_abs(&(a - b).unwrap())
 }
 
+/// max |a − b| / max |b|
+pub fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
+    max_err(a, b) / max_abs(b).max(1e-30)
+}
+
+/// The cosine of the angle between `a` and `b` (flattened), in f64.
+pub fn cosine(a: &Tensor, b: &Tensor) -> f64 {
+    let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+    let b = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+    let dot = |x: &Tensor, y: &Tensor| {
+        (x * y)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    dot(&a, &b) / (dot(&a, &a) * dot(&b, &b)).sqrt()
+}
+
 /// Asserts max |a − golden| ≤ tol × (1 + max |golden|) and returns the error.
 pub fn assert_close(what: &str, got: &Tensor, golden: &Tensor, tol: f64) -> f64 {
     let err = max_err(got, golden);

@@ -537,3 +537,90 @@ fn an_unknown_unet_execution_in_the_environment_is_refused() {
     );
     assert!(tokens_with("off").status.success());
 }
+
+/// An SDXL model runs the same commands: a direct inversion (with the DDIM baseline), an
+/// edit with a local blend, a reconstruction and `generate`; an SD 1.x inversion is
+/// refused by the SDXL model.
+#[test]
+fn sdxl_model_runs_the_same_commands() {
+    let d = tmp("sdxl");
+    let sdxl = static_arg(&root().join("tests/fixtures/models/tiny-sdxl"));
+    let inv = d.join("cat.nti.safetensors");
+    let mut args = vec![
+        "invert",
+        "--model",
+        sdxl,
+        "--image",
+        photo_arg(),
+        "--prompt",
+        CAT,
+    ];
+    args.extend([
+        "--out",
+        s(&inv),
+        "--method",
+        "direct",
+        "--steps",
+        "10",
+        "--compare",
+    ]);
+    let out = ok(&args);
+    assert!(out.contains("ddim (baseline)"), "{out}");
+    let loaded = nulltext::inversion_file::load(&inv).unwrap();
+    assert_eq!(loaded.null_pooled.unwrap().dims(), &[10, 12]);
+    let grid = d.join("grid.png");
+    let mut args = vec![
+        "edit",
+        "--model",
+        sdxl,
+        "--inversion",
+        s(&inv),
+        "--target",
+        DOG,
+    ];
+    args.extend(["--blend", "cat:dog", "--grid", s(&grid)]);
+    ok(&args);
+    assert!(grid.is_file());
+    let rec = d.join("rec.png");
+    ok(&[
+        "reconstruct",
+        "--model",
+        sdxl,
+        "--inversion",
+        s(&inv),
+        "--out",
+        s(&rec),
+    ]);
+    let pic = d.join("gen.png");
+    ok(&[
+        "generate",
+        "--model",
+        sdxl,
+        "--prompt",
+        DOG,
+        "--steps",
+        "5",
+        "--out",
+        s(&pic),
+    ]);
+    assert_eq!(image::open(&pic).unwrap().width(), 256);
+
+    let sd15 = d.join("sd15.nti.safetensors");
+    ok(&invert_args(
+        photo_arg(),
+        CAT,
+        &sd15,
+        &["--method", "ddim", "--steps", "2"],
+    ));
+    let err = fails(&[
+        "edit",
+        "--model",
+        sdxl,
+        "--inversion",
+        s(&sd15),
+        "--target",
+        DOG,
+    ]);
+    assert!(err.contains("fingerprint"), "{err}");
+    std::fs::remove_dir_all(&d).ok();
+}

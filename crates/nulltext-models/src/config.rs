@@ -182,6 +182,14 @@ impl UNetConfig {
     /// Refuses configurations whose architecture nulltext does not implement.
     pub fn validate(&self) -> Result<()> {
         let bad = |what: &str| Err(Error::Unsupported(format!("UNet config: {what}")));
+        if self.in_channels != self.out_channels {
+            return Err(Error::Unsupported(format!(
+                "UNet config: {} input channels for {} output channels: an inpainting (or \
+                 otherwise image-conditioned) model, which takes a mask and a masked image \
+                 beside the latent; nulltext inverts and edits with text-to-image models",
+                self.in_channels, self.out_channels
+            )));
+        }
         match self.addition_embed_type.as_deref() {
             None => {}
             Some("text_time") => {
@@ -330,6 +338,10 @@ pub struct VaeConfig {
     pub use_post_quant_conv: bool,
     #[serde(default)]
     pub sample_size: Option<usize>,
+    /// Whether the VAE overflows in f16 and must run in f32 there (SDXL's VAE; diffusers'
+    /// XL pipelines read it).
+    #[serde(default = "d_true")]
+    pub force_upcast: bool,
 }
 
 impl VaeConfig {

@@ -14,6 +14,7 @@ pub mod error;
 pub mod fingerprint;
 pub mod model;
 pub mod nn;
+pub mod prompt;
 pub mod random;
 pub mod resnet;
 pub mod scheduler;
@@ -33,6 +34,7 @@ pub use control::{
 };
 pub use error::{Error, Result};
 pub use model::{LoadOptions, StableDiffusion};
+pub use prompt::PromptEmbeds;
 pub use scheduler::Ddim;
 pub use tokenizer::ClipTokenizer;
 pub use unet::{AddedCond, Execution, UNet2DConditionModel};

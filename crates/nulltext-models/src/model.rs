@@ -12,9 +12,11 @@ use crate::clip::ClipTextTransformer;
 use crate::config::{read_json, ClipTextConfig, SchedulerConfig, UNetConfig, VaeConfig};
 use crate::error::{Error, Result};
 use crate::fingerprint::unet_fingerprint;
+use crate::prompt::PromptEmbeds;
+use crate::sdxl::{Family, SecondTextEncoder};
 use crate::tensors::tensor_lists;
-use crate::tokenizer::{ClipTokenizer, Encoding};
-use crate::unet::{Execution, UNet2DConditionModel};
+use crate::tokenizer::{ClipTokenizer, Encoding, MAX_LEN};
+use crate::unet::{AddedCond, Execution, UNet2DConditionModel};
 use crate::vae::AutoencoderKL;
 use crate::weights::WeightStore;
 
@@ -210,10 +212,17 @@ pub fn component_weight_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
     Err(Error::MissingFile(dir.join(format!("{stem}.safetensors"))))
 }
 
-/// Stable Diffusion: tokenizer, text encoder, UNet, VAE and the scheduler settings.
+/// Stable Diffusion (1.x, 2.x or XL): tokenizer, text encoder, UNet, VAE and the scheduler
+/// settings.
 pub struct StableDiffusion {
+    /// The tokenizer whose word positions Prompt-to-Prompt uses (SDXL: the first).
     pub tokenizer: ClipTokenizer,
     pub text_encoder: ClipTextTransformer,
+    /// SDXL's second tokenizer and text encoder; `None` for SD 1.x/2.x.
+    pub text_encoder_2: Option<SecondTextEncoder>,
+    /// Whether an empty negative prompt is encoded as zeros (SDXL's
+    /// `force_zeros_for_empty_prompt`, as diffusers' pipeline does).
+    pub zeros_for_empty_prompt: bool,
     pub unet: UNet2DConditionModel,
     pub vae: AutoencoderKL,
     pub scheduler: SchedulerConfig,
@@ -259,6 +268,16 @@ impl StableDiffusion {
     fn load_single_file(path: &Path, name: &str, opts: &LoadOptions) -> Result<Self> {
         use crate::single_file as sf;
         let shapes = sf::read_shapes(path)?;
+        if shapes
+            .keys()
+            .any(|k| k.starts_with("conditioner.embedders."))
+        {
+            return Err(Error::Unsupported(format!(
+                "{}: a single-file SDXL checkpoint, which nulltext does not read yet; load \
+                 SDXL from its diffusers folder or Hugging Face cache id",
+                path.display()
+            )));
+        }
         if !shapes.keys().any(|k| k.starts_with(sf::UNET_PREFIX)) {
             return Err(Error::Unsupported(format!(
                 "{}: not a Stable Diffusion checkpoint (no `{}*` tensors)",
@@ -331,6 +350,8 @@ impl StableDiffusion {
         Ok(Self {
             tokenizer,
             text_encoder,
+            text_encoder_2: None,
+            zeros_for_empty_prompt: false,
             unet,
             vae,
             scheduler,
@@ -350,8 +371,14 @@ impl StableDiffusion {
                 dir.display()
             )));
         }
+        let pipeline: serde_json::Value = match index.is_file() {
+            true => read_json(&index)?,
+            false => serde_json::Value::Null,
+        };
+        refuse_other_pipelines(dir, &pipeline)?;
         let (dev, dt) = (&opts.device, opts.dtype);
         let unet_cfg: UNetConfig = read_json(&dir.join("unet/config.json"))?;
+        let family = Family::of(&unet_cfg);
         let vae_cfg: VaeConfig = read_json(&dir.join("vae/config.json"))?;
         let text_cfg: ClipTextConfig = read_json(&dir.join("text_encoder/config.json"))?;
         let sched_path = dir.join("scheduler/scheduler_config.json");
@@ -385,10 +412,15 @@ impl StableDiffusion {
             .map_err(|e| with_component(e, "unet", &dir.join("unet/config.json")))?
             .with_execution(opts.execution);
         drop(unet_store);
+        // SDXL's VAE overflows in f16: as diffusers' XL pipelines, run it in f32 there
+        let vae_dtype = match family == Family::Sdxl && dt == DType::F16 && vae_cfg.force_upcast {
+            true => DType::F32,
+            false => dt,
+        };
         let vae_store = WeightStore::open(
             &component_weight_files(&dir.join("vae"), "diffusion_pytorch_model")?,
             dev,
-            dt,
+            vae_dtype,
         )?;
         let vae = AutoencoderKL::load(&vae_store.root(), &vae_cfg)
             .map_err(|e| with_component(e, "vae", &dir.join("vae/config.json")))?;
@@ -402,9 +434,20 @@ impl StableDiffusion {
             ClipTextTransformer::load(&text_store.root(), &text_cfg).map_err(|e| {
                 with_component(e, "text_encoder", &dir.join("text_encoder/config.json"))
             })?;
-        Ok(Self {
+        drop(text_store);
+        let text_encoder_2 = match family {
+            Family::Sdxl => Some(SecondTextEncoder::load_diffusers(dir, dev, dt)?),
+            Family::Sd1 | Family::Sd2 => None,
+        };
+        let zeros_for_empty_prompt = pipeline
+            .get("force_zeros_for_empty_prompt")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(family == Family::Sdxl);
+        let sd = Self {
             tokenizer,
             text_encoder,
+            text_encoder_2,
+            zeros_for_empty_prompt,
             unet,
             vae,
             scheduler,
@@ -413,7 +456,53 @@ impl StableDiffusion {
             path: dir.to_path_buf(),
             device: dev.clone(),
             dtype: dt,
-        })
+        };
+        sd.check_text_widths()?;
+        Ok(sd)
+    }
+
+    /// The model family, by its UNet.
+    pub fn family(&self) -> Family {
+        Family::of(self.unet.config())
+    }
+
+    /// Checks that the text encoders give what the UNet takes.
+    fn check_text_widths(&self) -> Result<()> {
+        let unet = self.unet.config();
+        let pooled = self
+            .text_encoder_2
+            .as_ref()
+            .map(|e| e.model.projection_dim());
+        let wanted = unet.text_time().map(|d| d.text);
+        if self.context_dim() != unet.cross_attention_dim || pooled != wanted {
+            return Err(Error::Config {
+                path: self.path.clone(),
+                msg: format!(
+                    "the text encoders give a context {} wide{}, but the UNet takes {}{}",
+                    self.context_dim(),
+                    pooled.map_or(String::new(), |p| format!(
+                        " and a pooled embedding {p} wide"
+                    )),
+                    unet.cross_attention_dim,
+                    wanted.map_or(String::new(), |p| format!(" and {p}")),
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// A [`crate::unet::ContextTape`] for latents `z` `[B, C, h, w]` at `timestep`, for
+    /// passes with embeddings like `like` (B rows; SDXL's time ids follow the latents'
+    /// size); `None` where the UNet runs candle's graph.
+    pub fn context_tape(
+        &self,
+        z: &Tensor,
+        timestep: f64,
+        like: &PromptEmbeds,
+    ) -> Result<Option<crate::unet::ContextTape<'_>>> {
+        let added = self.added_cond(like, z)?;
+        self.unet
+            .context_tape_conditioned(z, timestep, added.as_ref())
     }
 
     /// Pixels per latent cell (8 for SD).
@@ -434,37 +523,91 @@ impl StableDiffusion {
         self.unet.config().in_channels
     }
 
+    /// The context's width D (SDXL: both encoders' widths added).
     pub fn context_dim(&self) -> usize {
         self.text_encoder.hidden_size()
+            + self
+                .text_encoder_2
+                .as_ref()
+                .map_or(0, |e| e.model.text_model.hidden_size())
     }
 
-    /// Tokenizes `prompts` (padded/truncated to 77) and encodes them: `[B, 77, D]`, f32.
-    pub fn encode_prompts(&self, prompts: &[&str]) -> Result<(Tensor, Vec<Encoding>)> {
-        if self.unet.takes_added_cond() {
-            // its context comes from two encoders ([`crate::sdxl::TextEncoders`])
-            return Err(Error::Unsupported(format!(
-                "{} is an SDXL model: inversion, editing and generation take Stable \
-                 Diffusion 1.x/2.x models",
-                self.name
-            )));
-        }
-        let encs: Vec<Encoding> = prompts
-            .iter()
-            .map(|p| self.tokenizer.encode_padded(p))
-            .collect();
-        let ids: Vec<u32> = encs.iter().flat_map(|e| e.ids.iter().copied()).collect();
-        let ids = Tensor::from_vec(
-            ids,
-            (prompts.len(), crate::tokenizer::MAX_LEN),
-            &self.device,
-        )?;
-        let emb = self.text_encoder.forward(&ids)?.to_dtype(DType::F32)?;
-        Ok((emb, encs))
+    /// The pooled embedding's width P (SDXL), `None` for SD 1.x/2.x.
+    pub fn pooled_dim(&self) -> Option<usize> {
+        self.text_encoder_2
+            .as_ref()
+            .map(|e| e.model.projection_dim())
     }
 
-    /// `[1, 77, D]` embedding of one prompt.
-    pub fn encode_prompt(&self, prompt: &str) -> Result<Tensor> {
+    /// Tokenizes `prompts` (padded or truncated to 77) and encodes them, as diffusers'
+    /// pipelines do: the context `[B, 77, D]` and, for SDXL, the pooled embedding `[B, P]`
+    /// (f32). The encodings are the first tokenizer's: the word positions for
+    /// Prompt-to-Prompt. SDXL's second tokenizer puts every word at the same position (it
+    /// pads with `!` instead of the end token, and splits runs of `!` one character at a
+    /// time where the first has tokens such as `!!`); the contexts are concatenated position
+    /// by position all the same, as diffusers does.
+    pub fn encode_prompts(&self, prompts: &[&str]) -> Result<(PromptEmbeds, Vec<Encoding>)> {
+        let (ids, encodings) = token_ids(&self.tokenizer, prompts, &self.device)?;
+        let embeds = match &self.text_encoder_2 {
+            None => PromptEmbeds::context(self.text_encoder.forward(&ids)?.to_dtype(DType::F32)?),
+            Some(second) => {
+                let (ids_2, _) = token_ids(&second.tokenizer, prompts, &self.device)?;
+                let (h1, _) = self.text_encoder.hidden_states(&ids)?;
+                let (h2, pooled) = second.model.forward(&ids_2)?;
+                // [B, 77, D₁] ‖ [B, 77, D₂] -> [B, 77, D₁ + D₂]
+                PromptEmbeds {
+                    context: Tensor::cat(&[&h1, &h2], 2)?.to_dtype(DType::F32)?,
+                    pooled: Some(pooled.to_dtype(DType::F32)?),
+                }
+            }
+        };
+        Ok((embeds, encodings))
+    }
+
+    /// The embeddings of one prompt (one row).
+    pub fn encode_prompt(&self, prompt: &str) -> Result<PromptEmbeds> {
         Ok(self.encode_prompts(&[prompt])?.0)
+    }
+
+    /// The embeddings of a negative prompt (the unconditional input of classifier-free
+    /// guidance): zeros for the empty prompt of a model that says so
+    /// ([`Self::zeros_for_empty_prompt`], SDXL), else the prompt's encoding.
+    pub fn encode_negative(&self, prompt: &str) -> Result<PromptEmbeds> {
+        let embeds = self.encode_prompt(prompt)?;
+        match prompt.is_empty() && self.zeros_for_empty_prompt {
+            true => embeds.zeros_like(),
+            false => Ok(embeds),
+        }
+    }
+
+    /// SDXL's added conditioning of `embeds` for latents `z` `[B, C, h, w]`: their pooled
+    /// embeddings, and the time ids of an uncropped image of the latents' size (original
+    /// and target size both the image's, as the pipeline's defaults are). `None` for SD
+    /// 1.x/2.x.
+    pub fn added_cond(&self, embeds: &PromptEmbeds, z: &Tensor) -> Result<Option<AddedCond>> {
+        let Some(pooled) = &embeds.pooled else {
+            return Ok(None);
+        };
+        let (_, _, h, w) = z.dims4()?;
+        let f = self.vae_scale_factor();
+        let size = (h * f, w * f);
+        let ids = crate::sdxl::time_ids(size, (0, 0), size);
+        Ok(Some(AddedCond::new(pooled.clone(), ids)?))
+    }
+
+    /// The UNet's output for latents `z` `[B, C, h, w]` at `timestep` with prompt
+    /// `embeds` (B rows), calling `control` at every attention layer with `step`.
+    pub fn predict(
+        &self,
+        z: &Tensor,
+        timestep: f64,
+        embeds: &PromptEmbeds,
+        control: &mut dyn crate::AttentionControl,
+        step: usize,
+    ) -> Result<Tensor> {
+        let added = self.added_cond(embeds, z)?;
+        self.unet
+            .forward_conditioned(z, timestep, &embeds.context, added.as_ref(), control, step)
     }
 
     /// Image `[B, 3, H, W]` in [−1, 1] → z₀ = encoder mean × scaling factor (f32).
@@ -489,6 +632,54 @@ impl StableDiffusion {
             .decode(&(z / c.scaling_factor)?)?
             .to_dtype(DType::F32)?;
         Ok(((x / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
+    }
+}
+
+/// Token ids `[B, 77]` of `prompts` by `tokenizer`, and their encodings.
+fn token_ids(
+    tokenizer: &ClipTokenizer,
+    prompts: &[&str],
+    device: &Device,
+) -> Result<(Tensor, Vec<Encoding>)> {
+    let encodings: Vec<Encoding> = prompts.iter().map(|p| tokenizer.encode_padded(p)).collect();
+    let ids: Vec<u32> = encodings
+        .iter()
+        .flat_map(|e| e.ids.iter().copied())
+        .collect();
+    Ok((
+        Tensor::from_vec(ids, (prompts.len(), MAX_LEN), device)?,
+        encodings,
+    ))
+}
+
+/// Refuses the diffusers pipelines whose UNet takes other inputs than a text-to-image
+/// model's: SDXL's refiner (aesthetic-score conditioning) and inpainting models (a mask
+/// and a masked image beside the latent).
+fn refuse_other_pipelines(dir: &Path, pipeline: &serde_json::Value) -> Result<()> {
+    let class = pipeline
+        .get("_class_name")
+        .and_then(|v| v.as_str())
+        .unwrap_or_default();
+    let aesthetic = pipeline
+        .get("requires_aesthetics_score")
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false);
+    let what = if aesthetic
+        || (!dir.join("text_encoder").is_dir() && dir.join("text_encoder_2").is_dir())
+    {
+        Some("an SDXL refiner (its UNet takes an aesthetic score and only the second text encoder's context)")
+    } else if class.contains("Inpaint") {
+        Some("an inpainting model (its UNet takes a mask and the masked image beside the latent)")
+    } else {
+        None
+    };
+    match what {
+        Some(what) => Err(Error::Unsupported(format!(
+            "{} is {what}; nulltext inverts and edits photos with text-to-image models such as \
+             SD 1.5, SD 2.1 or SDXL base",
+            dir.display()
+        ))),
+        None => Ok(()),
     }
 }
 

@@ -7,11 +7,11 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::clip::{ClipTextModelWithProjection, ClipTextTransformer};
+use crate::clip::ClipTextModelWithProjection;
 use crate::config::{read_json, ClipTextConfig, UNetConfig, TIME_IDS};
 use crate::error::Result;
 use crate::model::component_weight_files;
-use crate::tokenizer::{ClipTokenizer, Encoding, MAX_LEN};
+use crate::tokenizer::ClipTokenizer;
 use crate::unet::AddedCond;
 use crate::weights::WeightStore;
 
@@ -73,88 +73,24 @@ impl AddedCond {
     }
 }
 
-/// Prompts encoded as SDXL's UNet takes them.
-pub struct PromptEmbeds {
-    /// `[B, 77, D₁ + D₂]`: both encoders' penultimate hidden states, concatenated (f32).
-    pub context: Tensor,
-    /// `[B, P]`: the second encoder's projected pooled output (f32).
-    pub pooled: Tensor,
-    /// The first tokenizer's encodings: the word positions for Prompt-to-Prompt. The
-    /// second tokenizer puts every token at the same position, except in runs of `!` (its
-    /// padding token, which it splits off one character at a time where the first
-    /// tokenizer has tokens such as `!!`); the contexts are concatenated position by
-    /// position all the same, as diffusers does.
-    pub encodings: Vec<Encoding>,
-}
-
-/// SDXL's two tokenizers and text encoders: CLIP ViT-L (`text_encoder`) and OpenCLIP
-/// ViT-bigG with its projection (`text_encoder_2`), as `encode_prompt` runs them.
-pub struct TextEncoders {
+/// SDXL's second tokenizer and text encoder: OpenCLIP ViT-bigG with its projection
+/// (`tokenizer_2/`, `text_encoder_2/`), whose penultimate hidden states follow the first
+/// encoder's in the context and whose projected pooled output is the UNet's `text_embeds`.
+pub struct SecondTextEncoder {
+    /// Pads with `!` where the first tokenizer pads with the end token.
     pub tokenizer: ClipTokenizer,
-    pub text_encoder: ClipTextTransformer,
-    /// Pads with `!` where the first pads with the end token.
-    pub tokenizer_2: ClipTokenizer,
-    pub text_encoder_2: ClipTextModelWithProjection,
+    pub model: ClipTextModelWithProjection,
 }
 
-impl TextEncoders {
-    /// Loads `tokenizer/`, `text_encoder/`, `tokenizer_2/` and `text_encoder_2/` of a
-    /// diffusers folder.
+impl SecondTextEncoder {
+    /// Loads `tokenizer_2/` and `text_encoder_2/` of a diffusers folder.
     pub fn load_diffusers(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
-        let store = |sub: &str| -> Result<WeightStore> {
-            WeightStore::open(
-                &component_weight_files(&dir.join(sub), "model")?,
-                device,
-                dtype,
-            )
-        };
-        let config =
-            |sub: &str| -> Result<ClipTextConfig> { read_json(&dir.join(sub).join("config.json")) };
-        let text_encoder =
-            ClipTextTransformer::load(&store("text_encoder")?.root(), &config("text_encoder")?)?;
-        let text_encoder_2 = ClipTextModelWithProjection::load(
-            &store("text_encoder_2")?.root(),
-            &config("text_encoder_2")?,
-        )?;
+        let sub = dir.join("text_encoder_2");
+        let store = WeightStore::open(&component_weight_files(&sub, "model")?, device, dtype)?;
+        let config: ClipTextConfig = read_json(&sub.join("config.json"))?;
         Ok(Self {
-            tokenizer: ClipTokenizer::from_dir(&dir.join("tokenizer"))?,
-            text_encoder,
-            tokenizer_2: ClipTokenizer::from_dir(&dir.join("tokenizer_2"))?,
-            text_encoder_2,
-        })
-    }
-
-    /// The context's width, D₁ + D₂ (the UNet's `cross_attention_dim`).
-    pub fn context_dim(&self) -> usize {
-        self.text_encoder.hidden_size() + self.text_encoder_2.text_model.hidden_size()
-    }
-
-    /// The pooled embedding's width.
-    pub fn pooled_dim(&self) -> usize {
-        self.text_encoder_2.projection_dim()
-    }
-
-    /// Tokenizes `prompts` with both tokenizers (padded or truncated to 77) and encodes them.
-    pub fn encode_prompts(&self, prompts: &[&str]) -> Result<PromptEmbeds> {
-        let device = self.text_encoder.device();
-        let ids = |t: &ClipTokenizer| -> Result<(Tensor, Vec<Encoding>)> {
-            let encs: Vec<Encoding> = prompts.iter().map(|p| t.encode_padded(p)).collect();
-            let ids: Vec<u32> = encs.iter().flat_map(|e| e.ids.iter().copied()).collect();
-            Ok((
-                Tensor::from_vec(ids, (prompts.len(), MAX_LEN), &device)?,
-                encs,
-            ))
-        };
-        let (ids_1, encodings) = ids(&self.tokenizer)?;
-        let (ids_2, _) = ids(&self.tokenizer_2)?;
-        let (h1, _) = self.text_encoder.hidden_states(&ids_1)?;
-        let (h2, pooled) = self.text_encoder_2.forward(&ids_2)?;
-        // [B, 77, D₁] ‖ [B, 77, D₂] -> [B, 77, D₁ + D₂]
-        let context = Tensor::cat(&[&h1, &h2], 2)?.to_dtype(DType::F32)?;
-        Ok(PromptEmbeds {
-            context,
-            pooled: pooled.to_dtype(DType::F32)?,
-            encodings,
+            tokenizer: ClipTokenizer::from_dir(&dir.join("tokenizer_2"))?,
+            model: ClipTextModelWithProjection::load(&store.root(), &config)?,
         })
     }
 }

@@ -12,9 +12,10 @@ use common::*;
 use nulltext_models::config::{read_json, UNetConfig, VaeConfig};
 use nulltext_models::model::component_weight_files;
 use nulltext_models::random::{self, Preset};
-use nulltext_models::sdxl::{time_ids, Family, TextEncoders};
+use nulltext_models::sdxl::{time_ids, Family};
 use nulltext_models::weights::WeightStore;
-use nulltext_models::{AddedCond, AutoencoderKL, NoControl, UNet2DConditionModel};
+use nulltext_models::{AddedCond, AutoencoderKL, NoControl, StableDiffusion, UNet2DConditionModel};
+use nulltext_models::{ClipTokenizer, LoadOptions};
 
 const TOL: f64 = 1e-4;
 
@@ -38,8 +39,16 @@ fn unet() -> UNet2DConditionModel {
     UNet2DConditionModel::load(&store("unet", "diffusion_pytorch_model").root(), &config).unwrap()
 }
 
-fn encoders() -> TextEncoders {
-    TextEncoders::load_diffusers(&tiny_sdxl(), &device(), DType::F32).unwrap()
+fn load(dir: &std::path::Path) -> StableDiffusion {
+    let opts = LoadOptions {
+        device: device(),
+        ..Default::default()
+    };
+    StableDiffusion::load(dir.to_str().unwrap(), &opts).unwrap()
+}
+
+fn tokenizer_2(sd: &StableDiffusion) -> &ClipTokenizer {
+    &sd.text_encoder_2.as_ref().expect("an SDXL model").tokenizer
 }
 
 fn prompts() -> Vec<String> {
@@ -155,35 +164,42 @@ fn time_ids_follow_the_pipeline() {
 
 #[test]
 fn text_encoders_match_encode_prompt() {
-    let enc = encoders();
-    assert_eq!(enc.context_dim(), 24);
-    assert_eq!(enc.pooled_dim(), 12);
+    let sd = load(&tiny_sdxl());
+    assert_eq!(sd.family(), Family::Sdxl);
+    assert_eq!(sd.context_dim(), 24);
+    assert_eq!(sd.pooled_dim(), Some(12));
+    assert!(sd.zeros_for_empty_prompt);
     let g = golden("sdxl_text.safetensors");
     let prompts = prompts();
     let refs: Vec<&str> = prompts.iter().map(|s| s.as_str()).collect();
-    let out = enc.encode_prompts(&refs).unwrap();
+    let (out, _) = sd.encode_prompts(&refs).unwrap();
     let e = assert_close("prompt_embeds", &out.context, &g["prompt_embeds"], TOL);
     let p = assert_close(
         "pooled_prompt_embeds",
-        &out.pooled,
+        out.pooled.as_ref().unwrap(),
         &g["pooled_prompt_embeds"],
         TOL,
     );
+    // the pipeline's unconditional input of an empty negative prompt: zeros
+    let empty = sd.encode_negative("").unwrap();
+    assert_eq!(max_abs(&empty.context), 0.0);
+    assert_eq!(empty.pooled.map(|p| p.dims().to_vec()), Some(vec![1, 12]));
     eprintln!("text: context {e:.3e}, pooled {p:.3e}");
 }
 
 #[test]
 fn both_tokenizers_match_transformers_and_agree_on_word_positions() {
-    let enc = encoders();
+    let sd = load(&tiny_sdxl());
+    let (tok_1, tok_2) = (&sd.tokenizer, tokenizer_2(&sd));
     let g = golden("sdxl_text.safetensors");
     let ids_1: Vec<Vec<i64>> = g["ids_1"].to_vec2().unwrap();
     let ids_2: Vec<Vec<i64>> = g["ids_2"].to_vec2().unwrap();
-    assert_eq!(enc.tokenizer.pad(), enc.tokenizer.eos());
-    assert_eq!(enc.tokenizer_2.pad(), 0, "tokenizer_2 pads with `!`");
+    assert_eq!(tok_1.pad(), tok_1.eos());
+    assert_eq!(tok_2.pad(), 0, "tokenizer_2 pads with `!`");
     let as_i64 = |v: &[u32]| v.iter().map(|&i| i as i64).collect::<Vec<_>>();
     for (i, prompt) in prompts().iter().enumerate() {
-        let a = enc.tokenizer.encode_padded(prompt);
-        let b = enc.tokenizer_2.encode_padded(prompt);
+        let a = tok_1.encode_padded(prompt);
+        let b = tok_2.encode_padded(prompt);
         assert_eq!(as_i64(&a.ids), ids_1[i], "tokenizer of {prompt:?}");
         assert_eq!(as_i64(&b.ids), ids_2[i], "tokenizer_2 of {prompt:?}");
         let words = |t: &nulltext_models::ClipTokenizer| -> Vec<(usize, Option<usize>)> {
@@ -199,7 +215,7 @@ fn both_tokenizers_match_transformers_and_agree_on_word_positions() {
         }
         // every word at the same positions; only `!` and the padding differ
         assert_eq!(a.len, b.len, "{prompt:?}");
-        assert_eq!(words(&enc.tokenizer), words(&enc.tokenizer_2), "{prompt:?}");
+        assert_eq!(words(tok_1), words(tok_2), "{prompt:?}");
         for (x, y) in a.ids[..a.len].iter().zip(&b.ids[..b.len]) {
             assert!(x == y || (*x == 256 && *y == 0), "{prompt:?}: {x} vs {y}");
         }
@@ -258,17 +274,10 @@ fn tiny_sdxl_preset_has_the_fixture_shapes_and_runs() {
     // a random model of the preset loads and runs
     let dir = std::env::temp_dir().join(format!("nulltext-tiny-sdxl-{}", std::process::id()));
     random::write_random_model(&dir, &configs, 3, false).unwrap();
-    let enc = TextEncoders::load_diffusers(&dir, &device(), DType::F32).unwrap();
-    let p = enc.encode_prompts(&["a cat!", ""]).unwrap();
-    let config: UNetConfig = read_json(&dir.join("unet/config.json")).unwrap();
-    let files = component_weight_files(&dir.join("unet"), "diffusion_pytorch_model").unwrap();
-    let s = WeightStore::open(&files, &device(), DType::F32).unwrap();
-    let unet = UNet2DConditionModel::load(&s.root(), &config).unwrap();
-    let added = AddedCond::new(p.pooled, time_ids((256, 256), (0, 0), (256, 256))).unwrap();
+    let sd = load(&dir);
+    let (p, _) = sd.encode_prompts(&["a cat!", ""]).unwrap();
     let x = on_device(&noise(1, &[2, 4, 32, 32]));
-    let eps = unet
-        .forward_conditioned(&x, 501.0, &p.context, Some(&added), &mut NoControl, 0)
-        .unwrap();
+    let eps = sd.predict(&x, 501.0, &p, &mut NoControl, 0).unwrap();
     assert_eq!(eps.dims(), [2, 4, 32, 32]);
     assert!(max_abs(&eps).is_finite());
     std::fs::remove_dir_all(&dir).ok();

@@ -33,9 +33,11 @@ fn same_bits(what: &str, a: &Tensor, b: &Tensor) {
 fn outputs(sd: &StableDiffusion) -> (Tensor, Tensor, Tensor) {
     let g = golden("unet_eps.safetensors");
     let x = on_device(&g["x"].i(0..1).unwrap());
-    let (emb, _) = sd
+    let emb = sd
         .encode_prompts(&["a close up photo of a cat", ""])
-        .unwrap();
+        .unwrap()
+        .0
+        .context;
     let c = sd.context_dim();
     let ctx = emb.i(0..1).unwrap().narrow(2, 0, c).unwrap();
     let eps = sd.unet.forward(&x, 501.0, &ctx).unwrap();

@@ -256,17 +256,19 @@ impl Inversion {
         nulltext::inversion_file::describe(&self.inv).to_string()
     }
 
-    /// One of the file's tensors: `latent`, `null_embeddings`, `image_latent`,
-    /// `latent_offsets`; `None` where this inversion has none.
+    /// One of the file's tensors: `latent`, `null_embeddings`, `null_pooled` (SDXL),
+    /// `image_latent`, `latent_offsets`; `None` where this inversion has none.
     fn tensor<'py>(&self, py: Python<'py>, name: &str) -> PyResult<Option<Array<'py>>> {
         let t = match name {
             "latent" => Some(&self.inv.latent_t),
             "null_embeddings" => Some(&self.inv.null_embeddings),
+            "null_pooled" => self.inv.null_pooled.as_ref(),
             "image_latent" => self.inv.image_latent.as_ref(),
             "latent_offsets" => self.inv.latent_offsets.as_ref(),
             other => {
                 return Err(PyValueError::new_err(format!(
-                    "no tensor `{other}` (latent, null_embeddings, image_latent, latent_offsets)"
+                    "no tensor `{other}` (latent, null_embeddings, null_pooled, image_latent, \
+                     latent_offsets)"
                 )))
             }
         };

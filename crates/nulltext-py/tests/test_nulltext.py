@@ -112,6 +112,18 @@ def test_direct_inversion_reconstructs_the_pivot(tiny, tmp_path):
         tiny.edit(inv, "a close up photo of a dog", guidance=5.0)
 
 
+def test_an_sdxl_inversion_keeps_its_pooled_embeddings(tmp_path):
+    sdxl = nulltext.load(ROOT / "tests" / "fixtures" / "models" / "tiny-sdxl", device="cpu")
+    inv = sdxl.invert(CHELSEA, CAPTION, steps=3, inner_steps=2)
+    assert inv.null_pooled.shape == (3, 12) and inv.format_version == 3
+    assert np.abs(inv.null_pooled).max() > 0, "null-text optimizes the pooled embedding too"
+    path = tmp_path / "cat.nti.safetensors"
+    inv.save(path)
+    assert np.array_equal(load_file(str(path))["null_pooled"], inv.null_pooled)
+    out = sdxl.edit(inv, "a close up photo of a dog")
+    assert len(out.images) == 2
+
+
 def cli(*args):
     exe = os.environ.get("NULLTEXT_CLI", str(ROOT / "target" / "debug" / "nulltext"))
     if not Path(exe).is_file():

@@ -8,7 +8,7 @@ use std::time::Instant;
 use candle_core::{DType, Tensor, Var};
 use image::RgbImage;
 use nulltext_models::unet::ContextTape;
-use nulltext_models::{Ddim, NoControl, SchedulerConfig, StableDiffusion};
+use nulltext_models::{Ddim, NoControl, PromptEmbeds, SchedulerConfig, StableDiffusion};
 
 use crate::error::{invalid, Error, Result};
 use crate::events::{check, Event, Progress, Stage};
@@ -146,6 +146,9 @@ pub struct Inversion {
     pub latent_t: Tensor,
     /// Unconditional embedding per sampling step, `[T, 77, D]`, in sampling order.
     pub null_embeddings: Tensor,
+    /// SDXL: the unconditional pooled embedding per sampling step, `[T, P]`; `None` for SD
+    /// 1.x/2.x.
+    pub null_pooled: Option<Tensor>,
     /// z₀ of the input image, `[1, C, h, w]`.
     pub image_latent: Option<Tensor>,
     /// Direct inversion: the offset added to the source row after each sampling step,
@@ -177,12 +180,18 @@ pub struct Inversion {
 }
 
 impl Inversion {
-    /// The unconditional embedding of each step, `[1, 77, D]` each.
-    pub fn null_embedding_list(&self, device: &candle_core::Device) -> Result<Vec<Tensor>> {
-        let all = self.null_embeddings.to_device(device)?;
-        (0..self.num_steps)
-            .map(|i| Ok(all.narrow(0, i, 1)?))
-            .collect()
+    /// Every step's unconditional embeddings as one value of `num_steps` rows.
+    pub fn nulls(&self) -> PromptEmbeds {
+        PromptEmbeds {
+            context: self.null_embeddings.clone(),
+            pooled: self.null_pooled.clone(),
+        }
+    }
+
+    /// The unconditional embeddings of each step, one row each.
+    pub fn null_embedding_list(&self, device: &candle_core::Device) -> Result<Vec<PromptEmbeds>> {
+        let all = self.nulls().to_device(device)?;
+        (0..self.num_steps).map(|i| Ok(all.narrow(i, 1)?)).collect()
     }
 
     /// Direct inversion's offsets on `device`, `[T, C, h, w]`, if this inversion has them.
@@ -224,7 +233,8 @@ impl Inversion {
 
     /// Checks that this inversion can be used with `sd`: same weights (by fingerprint; with
     /// `force`, a mismatch is only logged as a warning), embeddings of the text encoder's
-    /// shape `[T, 77, D]`, and a latent of the shape the model gives for the inversion's
+    /// shape `[T, 77, D]` (for SDXL with pooled embeddings `[T, P]`, for the others
+    /// without), and a latent of the shape the model gives for the inversion's
     /// image size. Sampling from it uses the inversion's own [`Inversion::scheduler`].
     pub fn check_model(&self, sd: &StableDiffusion, force: bool) -> Result<()> {
         if self.model_fingerprint != sd.fingerprint {
@@ -237,6 +247,23 @@ impl Inversion {
             } else {
                 return Err(invalid(format!("{msg}; pass --force to use it anyway")));
             }
+        }
+        let pooled = self.null_pooled.as_ref().map(|p| p.dims().to_vec());
+        let want = sd.pooled_dim().map(|p| vec![self.num_steps, p]);
+        if pooled != want {
+            return Err(invalid(match (pooled, want) {
+                (Some(p), None) => format!(
+                    "inversion has pooled embeddings {p:?} (an SDXL inversion), which `{}` \
+                     does not take",
+                    sd.name
+                ),
+                (None, Some(_)) => format!(
+                    "`{}` is an SDXL model and needs the inversion's pooled embeddings, which \
+                     this inversion (of an SD 1.x/2.x model) lacks",
+                    sd.name
+                ),
+                (p, w) => format!("inversion pooled embeddings are {p:?}, the model needs {w:?}"),
+            }));
         }
         let (_, l, d) = self.null_embeddings.dims3()?;
         if d != sd.context_dim() || l != nulltext_models::tokenizer::MAX_LEN {
@@ -284,7 +311,7 @@ pub fn ddim_inversion(
     sd: &StableDiffusion,
     ddim: &Ddim,
     z0: &Tensor,
-    cond: &Tensor,
+    cond: &PromptEmbeds,
     progress: &mut dyn Progress,
 ) -> Result<Vec<Tensor>> {
     ddim_inversion_steps(sd, ddim, z0, cond, ddim.num_steps(), progress)
@@ -295,7 +322,7 @@ pub fn ddim_inversion_steps(
     sd: &StableDiffusion,
     ddim: &Ddim,
     z0: &Tensor,
-    cond: &Tensor,
+    cond: &PromptEmbeds,
     k: usize,
     progress: &mut dyn Progress,
 ) -> Result<Vec<Tensor>> {
@@ -325,11 +352,11 @@ pub fn ddim_inversion_steps(
     Ok(latents)
 }
 
-/// Adam (β = (0.9, 0.999), ε = 1e-8, no weight decay) exactly as PyTorch's single-tensor
-/// implementation computes it.
+/// Adam (β = (0.9, 0.999), ε = 1e-8, no weight decay) over the parts of prompt embeddings,
+/// exactly as PyTorch's single-tensor implementation computes it for a list of parameters.
 pub struct Adam {
-    m: Tensor,
-    v: Tensor,
+    /// The first and second moments of each part.
+    moments: Vec<(Tensor, Tensor)>,
     t: i32,
 }
 
@@ -338,27 +365,63 @@ impl Adam {
     const B2: f64 = 0.999;
     const EPS: f64 = 1e-8;
 
-    /// A fresh state (zero moments) for a parameter of `like`'s shape, dtype and device.
-    pub fn new(like: &Tensor) -> Result<Self> {
-        Ok(Self {
-            m: like.zeros_like()?,
-            v: like.zeros_like()?,
-            t: 0,
-        })
+    /// A fresh state (zero moments) for parameters of `like`'s shapes, dtype and device.
+    pub fn new(like: &PromptEmbeds) -> Result<Self> {
+        let moments = like
+            .parts()
+            .map(|p| Ok((p.zeros_like()?, p.zeros_like()?)))
+            .collect::<Result<_>>()?;
+        Ok(Self { moments, t: 0 })
     }
 
     /// One update of `param` by its gradient `grad` at learning rate `lr`.
-    pub fn step(&mut self, param: &Var, grad: &Tensor, lr: f64) -> Result<()> {
+    pub fn step(&mut self, param: &NullVars, grad: &PromptEmbeds, lr: f64) -> Result<()> {
         self.t += 1;
-        // m.lerp_(g, 1 − β₁); v = β₂ v + (1 − β₂) g²
-        self.m = (&self.m + ((grad - &self.m)? * (1.0 - Self::B1))?)?;
-        self.v = ((&self.v * Self::B2)? + (grad.sqr()? * (1.0 - Self::B2))?)?;
         let bc1 = 1.0 - Self::B1.powi(self.t);
         let bc2 = 1.0 - Self::B2.powi(self.t);
-        let denom = ((self.v.sqrt()? / bc2.sqrt())? + Self::EPS)?;
-        let update = ((&self.m / denom)? * (lr / bc1))?;
-        param.set(&(param.as_tensor() - update)?)?;
+        let parts = param.vars().zip(grad.parts()).zip(self.moments.iter_mut());
+        for ((param, grad), (m, v)) in parts {
+            // m.lerp_(g, 1 − β₁); v = β₂ v + (1 − β₂) g²
+            *m = (&*m + ((grad - &*m)? * (1.0 - Self::B1))?)?;
+            *v = ((&*v * Self::B2)? + (grad.sqr()? * (1.0 - Self::B2))?)?;
+            let denom = ((v.sqrt()? / bc2.sqrt())? + Self::EPS)?;
+            let update = ((&*m / denom)? * (lr / bc1))?;
+            param.set(&(param.as_tensor() - update)?)?;
+        }
         Ok(())
+    }
+}
+
+/// The optimized unconditional input: one variable per part of the embeddings.
+pub struct NullVars {
+    context: Var,
+    pooled: Option<Var>,
+}
+
+impl NullVars {
+    /// Variables holding copies of `init`.
+    pub fn new(init: &PromptEmbeds) -> Result<Self> {
+        Ok(Self {
+            context: Var::from_tensor(&init.context.copy()?)?,
+            pooled: init
+                .pooled
+                .as_ref()
+                .map(|p| Var::from_tensor(&p.copy()?))
+                .transpose()?,
+        })
+    }
+
+    /// The variables' values (tracked by candle's autograd).
+    pub fn embeds(&self) -> PromptEmbeds {
+        PromptEmbeds {
+            context: self.context.as_tensor().clone(),
+            pooled: self.pooled.as_ref().map(|p| p.as_tensor().clone()),
+        }
+    }
+
+    /// The variables, context first.
+    pub fn vars(&self) -> impl Iterator<Item = &Var> {
+        std::iter::once(&self.context).chain(self.pooled.as_ref())
     }
 }
 
@@ -387,34 +450,39 @@ impl StepObjective<'_> {
         Ok((prev - self.target)?.sqr()?.mean_all()?)
     }
 
-    /// The loss at `var` and its gradient with respect to `var`: through `tape` (made for
-    /// z̄ₜ and t) where there is one, else through candle's graph. `step` is the sampling
-    /// step's index, for the graph path's attention hook.
+    /// The loss at `var` and its gradient with respect to every part of `var`: through
+    /// `tape` (made for z̄ₜ and t) where there is one, else through candle's graph. `step`
+    /// is the sampling step's index, for the graph path's attention hook.
     pub fn loss_and_grad(
         &self,
         sd: &StableDiffusion,
         tape: Option<&mut ContextTape>,
-        var: &Var,
+        var: &NullVars,
         step: usize,
-    ) -> Result<(Tensor, Tensor)> {
+    ) -> Result<(Tensor, PromptEmbeds)> {
         let no_grad = || Error::InvalidInput("no gradient reached the null embedding".into());
         let (ddim, z, t) = (self.ddim, self.z, self.t);
         match tape {
             Some(tape) => {
                 // the graph covers only the UNet's output → loss; the tape does the rest
-                let out = Var::from_tensor(&tape.forward(var.as_tensor())?)?;
+                let out = Var::from_tensor(&tape.forward_embeds(&var.embeds())?)?;
                 let eps_u = ddim.epsilon(&out.as_tensor().to_dtype(z.dtype())?, t, z)?;
                 let loss = self.loss(&eps_u)?;
                 let grads = loss.backward()?;
                 let g = grads.get(out.as_tensor()).ok_or_else(no_grad)?;
-                Ok((loss, tape.backward(g)?))
+                Ok((loss, tape.backward_embeds(g)?))
             }
             None => {
-                let eps_u = predict_eps(sd, ddim, z, t, var.as_tensor(), &mut NoControl, step)?;
+                let embeds = var.embeds();
+                let eps_u = predict_eps(sd, ddim, z, t, &embeds, &mut NoControl, step)?;
                 let loss = self.loss(&eps_u)?;
                 let grads = loss.backward()?;
-                let g = grads.get(var.as_tensor()).ok_or_else(no_grad)?.clone();
-                Ok((loss, g))
+                let grad_of = |p: &Tensor| grads.get(p).cloned().ok_or_else(no_grad);
+                let grad = PromptEmbeds {
+                    context: grad_of(&embeds.context)?,
+                    pooled: embeds.pooled.as_ref().map(grad_of).transpose()?,
+                };
+                Ok((loss, grad))
             }
         }
     }
@@ -423,6 +491,7 @@ impl StepObjective<'_> {
 /// A scalar that is 0 when every value of `t` is finite and NaN otherwise: `x − x` is 0
 /// for any finite `x`, however large (a sum of magnitudes could overflow), and NaN for
 /// NaN and ±∞.
+#[allow(clippy::eq_op)] // x − x is the point
 fn finiteness(t: &Tensor) -> Result<Tensor> {
     let t = t.to_dtype(DType::F32)?;
     Ok((&t - &t)?.sum_all()?)
@@ -438,28 +507,29 @@ pub struct NullTextOptimizer<'a> {
     sd: &'a StableDiffusion,
     ddim: &'a Ddim,
     pivots: &'a [Tensor],
-    cond: &'a Tensor,
+    cond: &'a PromptEmbeds,
     opts: InvertOptions,
     global: bool,
     step: usize,
     /// z̄ at the current step.
     latent: Tensor,
     /// ∅ of the previous step (the initial value of the next).
-    current: Tensor,
+    current: PromptEmbeds,
     global_adam: Option<Adam>,
-    nulls: Vec<Tensor>,
+    nulls: Vec<PromptEmbeds>,
     report: InvertReport,
 }
 
 impl<'a> NullTextOptimizer<'a> {
-    /// `pivots`: z*₀ … z*_T of the DDIM inversion; `uncond`: ∅ = embed(""). With `global`,
-    /// one embedding (and one Adam state) serves every step.
+    /// `pivots`: z*₀ … z*_T of the DDIM inversion; `uncond`: the starting ∅
+    /// ([`StableDiffusion::encode_negative`] of ""). With `global`, one embedding (and one
+    /// Adam state) serves every step.
     pub fn new(
         sd: &'a StableDiffusion,
         ddim: &'a Ddim,
         pivots: &'a [Tensor],
-        cond: &'a Tensor,
-        uncond: &Tensor,
+        cond: &'a PromptEmbeds,
+        uncond: &PromptEmbeds,
         opts: &InvertOptions,
         global: bool,
     ) -> Result<Self> {
@@ -498,8 +568,8 @@ impl<'a> NullTextOptimizer<'a> {
         &self.latent
     }
 
-    /// The optimized embeddings so far, `[1, 77, D]` each.
-    pub fn null_embeddings(&self) -> &[Tensor] {
+    /// The optimized embeddings so far, one row each.
+    pub fn null_embeddings(&self) -> &[PromptEmbeds] {
         &self.nulls
     }
 
@@ -526,15 +596,19 @@ impl<'a> NullTextOptimizer<'a> {
         // GPUs and in half precision): the graph path's forward values, its own backward
         // pass, and the context-free prefix computed once per step for every pass below;
         // where no tape applies (odd sizes off the CPU), through candle's graph.
-        let mut tape = sd.unet.context_tape(z, t as f64)?;
+        let mut tape = sd.context_tape(z, t as f64, self.cond)?;
         // 1. ε(z̄, t, C) once, without gradient.
         let eps_c = match tape.as_mut() {
-            Some(tape) => ddim.epsilon(&tape.predict(self.cond)?.to_dtype(z.dtype())?, t, z)?,
+            Some(tape) => {
+                let out = tape.predict_embeds(self.cond)?.to_dtype(z.dtype())?;
+                ddim.epsilon(&out, t, z)?
+            }
             None => predict_eps(sd, ddim, z, t, self.cond, &mut NoControl, i)?.detach(),
         };
         self.report.unet_passes += 1;
-        // 2. Adam on ∅ᵢ, initialized from ∅ᵢ₋₁; a fresh state per step unless global.
-        let var = Var::from_tensor(&self.current.copy()?)?;
+        // 2. Adam on ∅ᵢ (every part: SDXL's pooled embedding too), initialized from ∅ᵢ₋₁;
+        // a fresh state per step unless global.
+        let var = NullVars::new(&self.current)?;
         let mut local_adam;
         let adam = if self.global {
             if self.global_adam.is_none() {
@@ -559,7 +633,11 @@ impl<'a> NullTextOptimizer<'a> {
             let (loss, grad) = objective.loss_and_grad(sd, tape.as_mut(), &var, i)?;
             self.report.unet_passes += 2;
             // the loss and the gradient's finiteness in one transfer (on a GPU, one wait)
-            let both = Tensor::stack(&[loss.to_dtype(DType::F32)?, finiteness(&grad)?], 0)?;
+            let mut grad_ok = finiteness(&grad.context)?;
+            if let Some(pooled) = &grad.pooled {
+                grad_ok = (grad_ok + finiteness(pooled)?)?;
+            }
+            let both = Tensor::stack(&[loss.to_dtype(DType::F32)?, grad_ok], 0)?;
             let [loss_val, grad_ok] = both.to_dtype(DType::F64)?.to_vec1::<f64>()?[..] else {
                 unreachable!("two values")
             };
@@ -585,7 +663,7 @@ impl<'a> NullTextOptimizer<'a> {
                 break;
             }
         }
-        self.current = var.as_tensor().detach();
+        self.current = var.embeds().detach();
         self.report.iterations.push(losses.len());
         progress.event(&Event::StepDone {
             step: i,
@@ -599,7 +677,7 @@ impl<'a> NullTextOptimizer<'a> {
         self.report.unet_passes += if tape.is_some() { 1 } else { 2 };
         let eps = match tape.as_mut() {
             Some(tape) => {
-                let out = tape.predict(&self.current)?.to_dtype(z.dtype())?;
+                let out = tape.predict_embeds(&self.current)?.to_dtype(z.dtype())?;
                 let eps_u = ddim.epsilon(&out, t, z)?;
                 (&eps_u + ((&eps_c - &eps_u)? * opts.guidance)?)?
             }
@@ -622,7 +700,7 @@ impl<'a> NullTextOptimizer<'a> {
 
     /// The embedding of every step and the report. For the global variant, the embedding
     /// after the last step serves every step.
-    pub fn finish(self) -> (Vec<Tensor>, InvertReport) {
+    pub fn finish(self) -> (Vec<PromptEmbeds>, InvertReport) {
         let mut report = self.report;
         if self.global {
             report.final_latent = None;
@@ -640,12 +718,12 @@ pub fn null_text_optimization(
     sd: &StableDiffusion,
     ddim: &Ddim,
     pivots: &[Tensor],
-    cond: &Tensor,
-    uncond: &Tensor,
+    cond: &PromptEmbeds,
+    uncond: &PromptEmbeds,
     opts: &InvertOptions,
     global: bool,
     progress: &mut dyn Progress,
-) -> Result<(Vec<Tensor>, InvertReport)> {
+) -> Result<(Vec<PromptEmbeds>, InvertReport)> {
     let mut opt = NullTextOptimizer::new(sd, ddim, pivots, cond, uncond, opts, global)?;
     progress.event(&Event::Start {
         stage: Stage::NullTextOptimization,
@@ -681,6 +759,7 @@ pub fn null_text_optimization(
 /// let prompt = "a red circle on a blue background";
 /// let (inv, report) = invert_latent(&sd, &z0, prompt, 64, 64, &opts, &mut NoProgress)?;
 /// assert_eq!(inv.null_embeddings.dims(), [5, 77, sd.context_dim()]);
+/// assert!(inv.null_pooled.is_none()); // SDXL inversions have them
 /// assert!(report.iterations.iter().all(|&n| (1..=2).contains(&n)));
 /// # Ok::<(), nulltext::Error>(())
 /// ```
@@ -695,9 +774,8 @@ pub fn invert_latent(
 ) -> Result<(Inversion, InvertReport)> {
     opts.validate(&sd.scheduler)?;
     let ddim = Ddim::new(&sd.scheduler, opts.num_steps)?;
-    let (emb, _) = sd.encode_prompts(&[prompt, ""])?;
-    let cond = emb.narrow(0, 0, 1)?;
-    let empty = emb.narrow(0, 1, 1)?;
+    let cond = sd.encode_prompt(prompt)?;
+    let empty = sd.encode_negative("")?;
     let start = Instant::now();
     let pivots = ddim_inversion(sd, &ddim, z0, &cond, progress)?;
     let seconds_ddim = start.elapsed().as_secs_f64();
@@ -731,10 +809,11 @@ pub fn invert_latent(
     report.seconds_ddim = seconds_ddim;
     report.seconds_optimization = start.elapsed().as_secs_f64();
     report.unet_passes += opts.num_steps;
-    let null_embeddings = Tensor::cat(&nulls, 0)?.to_dtype(DType::F32)?;
+    let nulls = PromptEmbeds::cat(&nulls.iter().collect::<Vec<_>>())?.to_dtype(DType::F32)?;
     let latent_t = pivots[opts.num_steps].to_dtype(DType::F32)?;
     for (what, t) in [
-        ("the null embeddings", Some(&null_embeddings)),
+        ("the null embeddings", Some(&nulls.context)),
+        ("the pooled null embeddings", nulls.pooled.as_ref()),
         ("z_T", Some(&latent_t)),
         ("the latent offsets", latent_offsets.as_ref()),
     ] {
@@ -745,7 +824,8 @@ pub fn invert_latent(
     report.pivots = pivots;
     let inversion = Inversion {
         latent_t,
-        null_embeddings,
+        null_embeddings: nulls.context,
+        null_pooled: nulls.pooled,
         image_latent: Some(z0.to_dtype(DType::F32)?),
         latent_offsets,
         prompt: prompt.to_string(),
@@ -774,8 +854,8 @@ pub fn direct_offsets(
     sd: &StableDiffusion,
     ddim: &Ddim,
     pivots: &[Tensor],
-    cond: &Tensor,
-    uncond: &Tensor,
+    cond: &PromptEmbeds,
+    uncond: &PromptEmbeds,
     guidance: f64,
     progress: &mut dyn Progress,
 ) -> Result<(Vec<Tensor>, Tensor)> {

@@ -1,10 +1,11 @@
 //! The inversion file (`*.nti.safetensors`, spec `inversion-file.md`): a plain safetensors
 //! file with `latent_T`, `null_embeddings`, `image_latent`, for direct inversions
-//! `latent_offsets`, and string metadata.
+//! `latent_offsets`, for SDXL `null_pooled`, and string metadata.
 //!
-//! Version 2 added `latent_offsets`. A file is written with the lowest version that
-//! describes it — 2 only when it holds offsets — so that readers of version 1 keep reading
-//! every other inversion, and refuse (rather than silently misuse) a direct one.
+//! Version 2 added `latent_offsets`, version 3 `null_pooled`. A file is written with the
+//! lowest version that describes it — 3 only for SDXL, 2 only when it holds offsets — so
+//! that older readers keep reading every other inversion, and refuse (rather than silently
+//! misuse) the ones they would get wrong.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -19,10 +20,11 @@ use crate::inversion::{Inversion, Method};
 /// The format name of the `format` metadata key, before `/VERSION`.
 pub const FORMAT_NAME: &str = "nulltext-inversion";
 /// The newest major version this nulltext reads and writes.
-pub const FORMAT_VERSION: u32 = 2;
-const KNOWN_TENSORS: [&str; 4] = [
+pub const FORMAT_VERSION: u32 = 3;
+const KNOWN_TENSORS: [&str; 5] = [
     "latent_T",
     "null_embeddings",
+    "null_pooled",
     "image_latent",
     "latent_offsets",
 ];
@@ -50,7 +52,9 @@ fn fmt_float(x: f64) -> String {
 
 /// The format version an inversion is written with: the lowest that describes it.
 pub fn format_version(inv: &Inversion) -> u32 {
-    if inv.latent_offsets.is_some() {
+    if inv.null_pooled.is_some() {
+        3
+    } else if inv.latent_offsets.is_some() {
         2
     } else {
         1
@@ -63,6 +67,7 @@ pub fn describe(inv: &Inversion) -> serde_json::Value {
     let named = [
         ("latent_T", Some(&inv.latent_t)),
         ("null_embeddings", Some(&inv.null_embeddings)),
+        ("null_pooled", inv.null_pooled.as_ref()),
         ("image_latent", inv.image_latent.as_ref()),
         ("latent_offsets", inv.latent_offsets.as_ref()),
     ];
@@ -118,6 +123,9 @@ pub fn to_bytes(inv: &Inversion) -> Result<Vec<u8>> {
         ("latent_T".into(), cpu(&inv.latent_t)?),
         ("null_embeddings".into(), cpu(&inv.null_embeddings)?),
     ];
+    if let Some(pooled) = &inv.null_pooled {
+        tensors.push(("null_pooled".into(), cpu(pooled)?));
+    }
     if let Some(z0) = &inv.image_latent {
         tensors.push(("image_latent".into(), cpu(z0)?));
     }
@@ -305,6 +313,7 @@ pub fn from_bytes(bytes: &[u8]) -> Result<Inversion> {
     };
     let latent_t = need("latent_T")?;
     let null_embeddings = need("null_embeddings")?;
+    let null_pooled = tensor("null_pooled")?;
     let image_latent = tensor("image_latent")?;
     let latent_offsets = tensor("latent_offsets")?;
     if latent_t.rank() != 4 || latent_t.dim(0)? != 1 {
@@ -318,6 +327,14 @@ pub fn from_bytes(bytes: &[u8]) -> Result<Inversion> {
             "`null_embeddings` has shape {:?}, expected [{num_steps}, 77, D] for num_steps = {num_steps}",
             null_embeddings.dims()
         )));
+    }
+    if let Some(p) = &null_pooled {
+        if p.rank() != 2 || p.dim(0)? != num_steps {
+            return Err(bad(format!(
+                "`null_pooled` has shape {:?}, expected [{num_steps}, P] for num_steps = {num_steps}",
+                p.dims()
+            )));
+        }
     }
     if let Some(z0) = &image_latent {
         if z0.dims() != latent_t.dims() {
@@ -336,6 +353,7 @@ pub fn from_bytes(bytes: &[u8]) -> Result<Inversion> {
         &[
             ("latent_T", Some(&latent_t)),
             ("null_embeddings", Some(&null_embeddings)),
+            ("null_pooled", null_pooled.as_ref()),
             ("image_latent", image_latent.as_ref()),
             ("latent_offsets", latent_offsets.as_ref()),
         ],
@@ -358,6 +376,7 @@ pub fn from_bytes(bytes: &[u8]) -> Result<Inversion> {
     let inv = Inversion {
         latent_t,
         null_embeddings,
+        null_pooled,
         image_latent,
         latent_offsets,
         prompt: key("prompt")?.clone(),

@@ -55,5 +55,5 @@ pub use inversion::{
 };
 pub use limits::Limits;
 pub use nulltext_models as models;
-pub use nulltext_models::StableDiffusion;
+pub use nulltext_models::{PromptEmbeds, StableDiffusion};
 pub use nulltext_plot as plot;

@@ -1,8 +1,8 @@
 //! Guided DDIM sampling from a latent with per-step unconditional embeddings: the loop that
 //! reconstruction, editing and text-to-image share.
 
-use candle_core::{Tensor, D};
-use nulltext_models::{AttentionControl, Ddim, NoControl, StableDiffusion};
+use candle_core::Tensor;
+use nulltext_models::{AttentionControl, Ddim, NoControl, PromptEmbeds, StableDiffusion};
 
 use crate::error::Result;
 use crate::events::{check, Event, Progress, Stage};
@@ -25,13 +25,11 @@ pub fn predict_eps(
     ddim: &Ddim,
     z: &Tensor,
     t: usize,
-    context: &Tensor,
+    embeds: &PromptEmbeds,
     control: &mut dyn AttentionControl,
     step: usize,
 ) -> Result<Tensor> {
-    let out = sd
-        .unet
-        .forward_controlled(z, t as f64, context, control, step)?;
+    let out = sd.predict(z, t as f64, embeds, control, step)?;
     let out = out.to_dtype(z.dtype())?;
     Ok(ddim.epsilon(&out, t, z)?)
 }
@@ -44,16 +42,16 @@ pub fn guided_eps(
     ddim: &Ddim,
     z: &Tensor,
     t: usize,
-    uncond: &Tensor,
-    cond: &Tensor,
+    uncond: &PromptEmbeds,
+    cond: &PromptEmbeds,
     guidance: f64,
     control: &mut dyn AttentionControl,
     step: usize,
 ) -> Result<Tensor> {
     let b = z.dim(0)?;
     let zz = Tensor::cat(&[z, z], 0)?;
-    let ctx = Tensor::cat(&[uncond, cond], 0)?;
-    let eps = predict_eps(sd, ddim, &zz, t, &ctx, control, step)?;
+    let embeds = PromptEmbeds::cat(&[uncond, cond])?;
+    let eps = predict_eps(sd, ddim, &zz, t, &embeds, control, step)?;
     let (eu, ec) = (eps.narrow(0, 0, b)?, eps.narrow(0, b, b)?);
     Ok((&eu + ((ec - &eu)? * guidance)?)?)
 }
@@ -63,10 +61,10 @@ pub fn guided_eps(
 pub struct SampleSpec<'a> {
     /// `[B, C, h, w]` (or `[1, …]`, expanded to the prompts' batch).
     pub start: &'a Tensor,
-    /// `[B, 77, D]`.
-    pub cond: &'a Tensor,
-    /// For each sampling step, `[1, 77, D]` (shared by the batch) or `[B, 77, D]`.
-    pub uncond: &'a [Tensor],
+    /// B rows.
+    pub cond: &'a PromptEmbeds,
+    /// For each sampling step, one row (shared by the batch) or B rows.
+    pub uncond: &'a [PromptEmbeds],
     /// Classifier-free guidance scale w (1: the conditional prediction alone).
     pub guidance: f64,
     /// Steps before this index are skipped (SDEdit-style starts); 0 runs them all.
@@ -93,12 +91,12 @@ pub struct SampleSpec<'a> {
 /// // Two prompts sampled as one batch from the same noise, with the empty prompt as the
 /// // unconditional embedding of every step.
 /// let prompts = ["a red circle on a blue background", "a red star on a blue background", ""];
-/// let (emb, _) = sd.encode_prompts(&prompts)?; // [3, 77, D]
-/// let uncond = vec![emb.narrow(0, 2, 1)?; ddim.num_steps()];
+/// let (emb, _) = sd.encode_prompts(&prompts)?; // three rows
+/// let uncond = vec![emb.narrow(2, 1)?; ddim.num_steps()];
 /// let noise = seeded_noise(0, (1, sd.latent_channels(), 8, 8), &sd.device)?;
 /// let spec = SampleSpec {
 ///     start: &noise,
-///     cond: &emb.narrow(0, 0, 2)?,
+///     cond: &emb.narrow(0, 2)?,
 ///     uncond: &uncond,
 ///     guidance: 7.5,
 ///     first_step: 0,
@@ -121,7 +119,7 @@ pub fn sample(
     progress: &mut dyn Progress,
     mut on_step: impl FnMut(usize, &Tensor) -> Result<()>,
 ) -> Result<Tensor> {
-    let b = spec.cond.dim(0)?;
+    let b = spec.cond.rows()?;
     let mut z = spec
         .start
         .broadcast_as((
@@ -146,13 +144,7 @@ pub fn sample(
     });
     for (i, &t) in steps.iter().enumerate().skip(spec.first_step) {
         check(progress)?;
-        let u = &spec.uncond[i];
-        let u = if u.dim(0)? == b {
-            u.clone()
-        } else {
-            u.broadcast_as((b, u.dim(1)?, u.dim(D::Minus1)?))?
-                .contiguous()?
-        };
+        let u = spec.uncond[i].expand_rows(b)?;
         let eps = guided_eps(sd, ddim, &z, t, &u, spec.cond, spec.guidance, controller, i)?;
         z = ddim.step(&eps, t, &z)?;
         if let Some(offsets) = spec.source_offsets {

@@ -92,9 +92,8 @@ pub fn generate(
         )));
     }
     let ddim = Ddim::new(&sd.scheduler, opts.steps)?;
-    let (emb, _) = sd.encode_prompts(&[&opts.prompt, &opts.negative_prompt])?;
-    let cond = emb.narrow(0, 0, 1)?;
-    let uncond = emb.narrow(0, 1, 1)?;
+    let cond = sd.encode_prompt(&opts.prompt)?;
+    let uncond = sd.encode_negative(&opts.negative_prompt)?;
     let noise = seeded_noise(
         opts.seed,
         (1, sd.latent_channels(), opts.height / f, opts.width / f),

@@ -288,11 +288,17 @@ fn bad_inversion_files_are_refused_with_the_reason() {
             .expect_err("must fail")
             .to_string()
     };
-    let e = err(&with(&[("format", "nulltext-inversion/3")], vec![]));
+    let e = err(&with(&[("format", "nulltext-inversion/4")], vec![]));
     assert!(
-        e.contains("version 3") && e.contains("newer nulltext"),
+        e.contains("version 4") && e.contains("newer nulltext"),
         "{e}"
     );
+    let pooled = Tensor::zeros((49, 12), candle_core::DType::F32, &candle_core::Device::Cpu);
+    let e = err(&with(
+        &[("format", "nulltext-inversion/3")],
+        vec![("null_pooled", pooled.unwrap())],
+    ));
+    assert!(e.contains("`null_pooled` has shape [49, 12]"), "{e}");
     let e = err(&with(&[("format", "something-else/1")], vec![]));
     assert!(e.contains("unknown format"), "{e}");
     let e = err(&with(&[("num_steps", "40")], vec![]));

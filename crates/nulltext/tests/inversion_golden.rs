@@ -48,7 +48,7 @@ fn ddim_inversion_trajectory_matches() {
     let z0 = on_device(&g["latents"].i(0..1).unwrap());
     let ddim = Ddim::new(&sd.scheduler, 50).unwrap();
     let cond = sd.encode_prompt("a close up photo of a cat").unwrap();
-    assert_close("cond", &cond, &g["cond"], 1e-4);
+    assert_close("cond", &cond.context, &g["cond"], 1e-4);
     let pivots =
         nulltext::inversion::ddim_inversion(&sd, &ddim, &z0, &cond, &mut NoProgress).unwrap();
     let got = Tensor::cat(&pivots, 0).unwrap();
@@ -65,10 +65,19 @@ fn null_text_gradient_matches_golden() {
     let t = ddim.timesteps()[0];
     let z = on_device(&g["latent_T"]);
     let target = on_device(&d["latents"].i(49..50).unwrap());
-    let cond = &on_device(&g["cond"]);
+    let cond = &embeds(&on_device(&g["cond"]));
     let var = Var::from_tensor(&on_device(&g["uncond_init"])).unwrap();
     let eps_c = predict_eps(&sd, &ddim, &z, t, cond, &mut NoControl, 0).unwrap();
-    let eps_u = predict_eps(&sd, &ddim, &z, t, var.as_tensor(), &mut NoControl, 0).unwrap();
+    let eps_u = predict_eps(
+        &sd,
+        &ddim,
+        &z,
+        t,
+        &embeds(var.as_tensor()),
+        &mut NoControl,
+        0,
+    )
+    .unwrap();
     let loss = step_loss(&ddim, t, &z, &eps_u, &eps_c, 7.5, &target);
     let grads = loss.backward().unwrap();
     let grad = &grads
@@ -152,7 +161,7 @@ fn null_text_steps_match_from_golden_trajectory() {
             g["null_embeddings"].i(i - 1..i).unwrap()
         });
         let t = ddim.timesteps()[i];
-        let cond = &on_device(&g["cond"]);
+        let cond = &embeds(&on_device(&g["cond"]));
         let eps_c = predict_eps(&sd, &ddim, &z, t, cond, &mut NoControl, i).unwrap();
         let var = Var::from_tensor(&init).unwrap();
         let lr = 1e-2 * (1.0 - i as f64 / 100.0);
@@ -161,7 +170,8 @@ fn null_text_steps_match_from_golden_trajectory() {
             if want.is_nan() {
                 break;
             }
-            let eps_u = predict_eps(&sd, &ddim, &z, t, var.as_tensor(), &mut NoControl, i).unwrap();
+            let u = embeds(var.as_tensor());
+            let eps_u = predict_eps(&sd, &ddim, &z, t, &u, &mut NoControl, i).unwrap();
             let loss = step_loss(&ddim, t, &z, &eps_u, &eps_c, opts.guidance, &target);
             let grads = loss.backward().unwrap();
             let l = loss.to_scalar::<f32>().unwrap() as f64;
@@ -191,10 +201,8 @@ fn first_steps(golden_file: &str, early_stop: f64, k: usize) -> (f64, f64) {
     let g = golden(golden_file);
     let ddim = Ddim::new(&sd.scheduler, 50).unwrap();
     let z0 = chelsea_latent(&sd);
-    let (emb, _) = sd
-        .encode_prompts(&["a close up photo of a cat", ""])
-        .unwrap();
-    let (cond, empty) = (emb.i(0..1).unwrap(), emb.i(1..2).unwrap());
+    let cond = sd.encode_prompt("a close up photo of a cat").unwrap();
+    let empty = sd.encode_negative("").unwrap();
     let pivots =
         nulltext::inversion::ddim_inversion(&sd, &ddim, &z0, &cond, &mut NoProgress).unwrap();
     let opts = InvertOptions {
@@ -228,7 +236,12 @@ fn first_steps(golden_file: &str, early_stop: f64, k: usize) -> (f64, f64) {
         &g["nti_latents"].i(k..k + 1).unwrap(),
         1e-4,
     );
-    let nulls = Tensor::cat(opt.null_embeddings(), 0).unwrap();
+    let nulls: Vec<Tensor> = opt
+        .null_embeddings()
+        .iter()
+        .map(|e| e.context.clone())
+        .collect();
+    let nulls = Tensor::cat(&nulls, 0).unwrap();
     let null_err = max_err(&nulls, &g["null_embeddings"].i(0..k).unwrap());
     eprintln!("∅_0..{k}: max|err| = {null_err:.3e}");
     assert!(null_err < 1e-3, "{null_err}");
@@ -326,11 +339,11 @@ fn null_text_gradient_agrees_with_finite_differences() {
     let t = ddim.timesteps()[i];
     let z = on_device(&g["nti_latents"].i(i..i + 1).unwrap());
     let target = on_device(&d["latents"].i(49 - i..50 - i).unwrap());
-    let cond = on_device(&g["cond"]);
+    let cond = embeds(&on_device(&g["cond"]));
     let u0 = on_device(&g["null_embeddings"].i(i - 1..i).unwrap());
     let eps_c = predict_eps(&sd, &ddim, &z, t, &cond, &mut NoControl, i).unwrap();
     let loss_of = |u: &Tensor| -> (Tensor, f64) {
-        let eps_u = predict_eps(&sd, &ddim, &z, t, u, &mut NoControl, i).unwrap();
+        let eps_u = predict_eps(&sd, &ddim, &z, t, &embeds(u), &mut NoControl, i).unwrap();
         let loss = step_loss(&ddim, t, &z, &eps_u, &eps_c, 7.5, &target);
         let v = sum(&loss);
         (loss, v)
@@ -396,8 +409,8 @@ fn non_finite_optimization_is_an_error() {
         "{e}"
     );
     let ddim = nulltext::models::Ddim::new(&sd.scheduler, opts.num_steps).unwrap();
-    let (emb, _) = sd.encode_prompts(&["a cat", ""]).unwrap();
-    let (cond, empty) = (emb.narrow(0, 0, 1).unwrap(), emb.narrow(0, 1, 1).unwrap());
+    let cond = sd.encode_prompt("a cat").unwrap();
+    let empty = sd.encode_negative("").unwrap();
     let pivots =
         nulltext::inversion::ddim_inversion(&sd, &ddim, &z0, &cond, &mut NoProgress).unwrap();
     let Err(e) = nulltext::inversion::null_text_optimization(

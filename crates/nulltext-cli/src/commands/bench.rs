@@ -5,11 +5,11 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use candle_core::{Tensor, Var};
+use candle_core::Tensor;
 use clap::Args;
 use nulltext::edit::EditOptions;
-use nulltext::inversion::{Adam, StepObjective};
-use nulltext::models::{Ddim, NoControl};
+use nulltext::inversion::{Adam, NullVars, StepObjective};
+use nulltext::models::{Ddim, NoControl, PromptEmbeds};
 use nulltext::sampling::{guided_eps, predict_eps, Controller};
 
 use super::context::{Ctx, ModelArg};
@@ -119,8 +119,9 @@ pub fn run(a: BenchArgs, ctx: &Ctx) -> Result<()> {
     let t = ddim.timesteps()[10];
     let z = nulltext::text2img::seeded_noise(1, (1, c, h, w), &dev)?;
     let z2 = Tensor::cat(&[&z, &z], 0)?;
-    let (emb, _) = sd.encode_prompts(&["a close up photo of a cat", ""])?;
-    let (cond, uncond) = (emb.narrow(0, 0, 1)?, emb.narrow(0, 1, 1)?);
+    let cond = sd.encode_prompt("a close up photo of a cat")?;
+    let uncond = sd.encode_negative("")?;
+    let emb = PromptEmbeds::cat(&[&cond, &uncond])?;
     let image = ((nulltext::text2img::seeded_noise(2, (1, 3, size, size), &dev)? * 0.5)?
         .clamp(-1f32, 1f32))?;
     let target = nulltext::text2img::seeded_noise(3, (1, c, h, w), &dev)?;
@@ -137,7 +138,7 @@ pub fn run(a: BenchArgs, ctx: &Ctx) -> Result<()> {
         image::RgbImage::from_raw(size as u32, size as u32, v).expect("image size")
     };
     let mut inversion: Option<nulltext::Inversion> = None;
-    let mut tape = sd.unet.context_tape(&z, t as f64)?;
+    let mut tape = sd.context_tape(&z, t as f64, &uncond)?;
     let mut rows = Vec::new();
     ctx.say(format!(
         "nulltext bench: {} at {size}×{size} ({h}×{w} latents), {:?}, {:?}, {} threads",
@@ -153,20 +154,15 @@ pub fn run(a: BenchArgs, ctx: &Ctx) -> Result<()> {
     for stage in &stages {
         let mut run_once = || -> Result<()> {
             match stage.as_str() {
-                "text_encoder" => sync(&sd.encode_prompt("a close up photo of a cat")?)?,
-                "unet_b1" => sync(&sd.unet.forward(&z, t as f64, &cond)?)?,
-                "unet_b2" => sync(&sd.unet.forward(&z2, t as f64, &emb)?)?,
-                "unet_b2_probs" => {
-                    sync(
-                        &sd.unet
-                            .forward_controlled(&z2, t as f64, &emb, &mut WantAll, 0)?,
-                    )?
-                }
+                "text_encoder" => sync(&sd.encode_prompt("a close up photo of a cat")?.context)?,
+                "unet_b1" => sync(&sd.predict(&z, t as f64, &cond, &mut NoControl, 0)?)?,
+                "unet_b2" => sync(&sd.predict(&z2, t as f64, &emb, &mut NoControl, 0)?)?,
+                "unet_b2_probs" => sync(&sd.predict(&z2, t as f64, &emb, &mut WantAll, 0)?)?,
                 "nti_iter" | "nti_iter_graph" => {
                     // as the inversion's inner loop runs it: the context tape (its
                     // context-free prefix computed by the warm-up); `nti_iter_graph`
                     // through candle's graph
-                    let var = Var::from_tensor(&uncond)?;
+                    let var = NullVars::new(&uncond)?;
                     let mut adam = Adam::new(&uncond)?;
                     let objective = StepObjective {
                         ddim: &ddim,
@@ -182,7 +178,7 @@ pub fn run(a: BenchArgs, ctx: &Ctx) -> Result<()> {
                     };
                     let (_, grad) = objective.loss_and_grad(&sd, tape, &var, 10)?;
                     adam.step(&var, &grad, 1e-2)?;
-                    sync(var.as_tensor())?
+                    sync(&var.embeds().context)?
                 }
                 "vae_encode" => sync(&sd.image_to_latent(&image)?)?,
                 "vae_decode" => sync(&sd.latent_to_image(&z)?)?,
@@ -247,7 +243,7 @@ pub fn run(a: BenchArgs, ctx: &Ctx) -> Result<()> {
                         &ddim,
                         &z2,
                         t,
-                        &Tensor::cat(&[&uncond, &uncond], 0)?,
+                        &uncond.expand_rows(2)?,
                         &emb,
                         7.5,
                         &mut ctl,

@@ -147,11 +147,11 @@ pub fn run(a: InvertArgs, ctx: &Ctx) -> Result<()> {
     )?);
     if a.compare && a.settings.method != Method::Ddim {
         let mut base = inv.clone();
-        let (emb, _) = sd.encode_prompts(&[""])?;
-        base.null_embeddings = emb
-            .broadcast_as((a.settings.steps, emb.dim(1)?, emb.dim(2)?))?
-            .contiguous()?;
+        let empty = sd.encode_negative("")?.expand_rows(a.settings.steps)?;
+        base.null_embeddings = empty.context;
+        base.null_pooled = empty.pooled;
         base.method = Method::Ddim;
+        base.latent_offsets = None;
         let z = nulltext::reconstruct(&sd, &base, &mut bars)?;
         let im = nulltext::image_io::decode_latents(&sd, &z)?.remove(0);
         ctx.say(line("ddim (baseline)", &im, Some(&z))?);

@@ -9,6 +9,7 @@ use super::pass::{Backward, Constants, Pass, Record};
 use crate::config::TIME_IDS;
 use crate::control::{AttentionControl, NoControl};
 use crate::error::{Error, Result};
+use crate::prompt::PromptEmbeds;
 
 impl UNet2DConditionModel {
     /// ε (or v) prediction for latents `x` `[B, C, h, w]` at `timestep`, with text
@@ -362,5 +363,39 @@ impl ContextTape<'_> {
     /// tensor ops.
     pub fn is_host(&self) -> bool {
         self.latent.device().is_cpu() && self.latent.dtype() == DType::F32
+    }
+}
+
+/// Passes that take whole prompt embeddings: with a pooled part (SDXL), the pooled
+/// embedding is an input of the pass and differentiated like the context.
+impl ContextTape<'_> {
+    /// [`Self::predict`] (or, with a pooled part, [`Self::predict_pooled`]) of `embeds`.
+    pub fn predict_embeds(&mut self, embeds: &PromptEmbeds) -> Result<Tensor> {
+        match &embeds.pooled {
+            None => self.predict(&embeds.context),
+            Some(pooled) => self.predict_pooled(&embeds.context, pooled),
+        }
+    }
+
+    /// [`Self::forward`] (or, with a pooled part, [`Self::forward_pooled`]) of `embeds`,
+    /// keeping what [`Self::backward_embeds`] needs.
+    pub fn forward_embeds(&mut self, embeds: &PromptEmbeds) -> Result<Tensor> {
+        match &embeds.pooled {
+            None => self.forward(&embeds.context),
+            Some(pooled) => self.forward_pooled(&embeds.context, pooled),
+        }
+    }
+
+    /// The gradient of every part of the embeddings of the last
+    /// [`Self::forward_embeds`] pass, given the gradient `grad` of its output.
+    pub fn backward_embeds(&mut self, grad: &Tensor) -> Result<PromptEmbeds> {
+        if self.pooled.is_none() {
+            return Ok(PromptEmbeds::context(self.backward(grad)?));
+        }
+        let (context, pooled) = self.backward_pooled(grad)?;
+        Ok(PromptEmbeds {
+            context,
+            pooled: Some(pooled),
+        })
     }
 }

@@ -160,7 +160,8 @@ class Inversion:
 
     @property
     def format_version(self) -> int:
-        """The file format version this inversion is written as (1, or 2 with offsets)."""
+        """The file format version this inversion is written as (1; 2 with offsets; 3 for
+        SDXL)."""
         return self._native.format_version
 
     def _tensor(self, name: str) -> Tuple[bytes, List[int]]:
@@ -177,6 +178,11 @@ class Inversion:
     def null_embeddings(self) -> np.ndarray:
         """The unconditional embedding of each sampling step, ``[T, 77, D]`` float32."""
         return _array(self._tensor("null_embeddings"))
+
+    @property
+    def null_pooled(self) -> Optional[np.ndarray]:
+        """SDXL: the unconditional pooled embedding of each sampling step, ``[T, P]``."""
+        return _maybe_array(self._native.tensor("null_pooled"))
 
     @property
     def image_latent(self) -> Optional[np.ndarray]:

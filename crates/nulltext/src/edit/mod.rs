@@ -772,7 +772,7 @@ pub fn edit(
             invalid("--sdedit needs the inversion's image latent, which this file lacks")
         })?;
         // The inverted latent at noise level k: DDIM inversion of z₀ with the source prompt.
-        let source = cond.narrow(0, 0, 1)?;
+        let source = cond.narrow(0, 1)?;
         let pivots = crate::inversion::ddim_inversion_steps(
             sd,
             &ddim,

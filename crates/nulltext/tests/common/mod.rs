@@ -8,6 +8,11 @@ use candle_core::Tensor;
 use nulltext::edit::{BlendOptions, CrossReplace, EditMode, EditOptions, Window};
 pub use shared::*;
 
+/// A text context as prompt embeddings (SD 1.x: no pooled part).
+pub fn embeds(context: &Tensor) -> nulltext::PromptEmbeds {
+    nulltext::PromptEmbeds::context(context.clone())
+}
+
 pub fn load_tiny() -> nulltext::StableDiffusion {
     nulltext::StableDiffusion::load(tiny_model().to_str().unwrap(), &load_options()).unwrap()
 }

@@ -30,8 +30,9 @@
 //! - `nulltext-cli` (the `nulltext` command), `nulltext-serve` (web app and HTTP API) and
 //!   `nulltext-py` (the Python module) are thin front ends over this crate.
 //!
-//! A model loads with [`StableDiffusion::load`] from a diffusers folder, a single-file
-//! checkpoint or a cached Hugging Face repository id. [`invert_image`] and [`edit()`] show the
+//! A model (SD 1.x, 2.x or XL) loads with [`StableDiffusion::load`] from a diffusers folder,
+//! a single-file checkpoint or a cached Hugging Face repository id; every pipeline takes
+//! prompts as [`PromptEmbeds`], whose pooled part SDXL adds. [`invert_image`] and [`edit()`] show the
 //! whole round trip; the examples run on the small models in the repository
 //! (`tests/fixtures/models/tiny-sd15`, and `models/shapes`, which draws 64×64 shapes).
 

@@ -715,16 +715,15 @@ fn openclip_plan(
     out
 }
 
-/// Writes the same random weights as [`write_random_model`] as one single-file checkpoint
-/// in the original CompVis/A1111 layout: for SD 1.x/2.x presets the text encoder in the
-/// transformers layout or (`openclip`, SD 2.x) OpenCLIP's; for SDXL presets always CLIP
-/// ViT-L then OpenCLIP (`conditioner.embedders.{0,1}`), `openclip` unused.
-pub fn write_random_single_file(
-    path: &Path,
+/// Each component's diffusers tensors, by component name.
+type ComponentLists = Vec<(&'static str, TensorList)>;
+
+/// The tensors of the single file [`write_random_single_file`] writes, sorted by name, and
+/// every component's diffusers tensors they are made from.
+fn single_file_plan(
     configs: &ModelConfigs,
     openclip: bool,
-    seed: u64,
-) -> Result<()> {
+) -> Result<(Vec<Planned>, ComponentLists)> {
     use crate::single_file as sf;
     let lists = tensor_lists(configs)?;
     let (uc, vc, cc) = typed_configs(configs)?;
@@ -801,12 +800,36 @@ pub fn write_random_single_file(
             false,
         ));
     }
-    let all = lists
-        .iter()
-        .map(|(c, l)| (*c, l))
-        .chain(text_2.iter().map(|(_, l)| ("text_encoder_2", l)));
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut all: ComponentLists = lists.into_iter().collect();
+    all.extend(text_2.map(|(_, l)| ("text_encoder_2", l)));
+    Ok((out, all))
+}
+
+/// The names and shapes of the tensors [`write_random_single_file`] writes for `configs`
+/// (its header), without making any values.
+pub fn single_file_shapes(
+    configs: &ModelConfigs,
+    openclip: bool,
+) -> Result<std::collections::BTreeMap<String, Vec<usize>>> {
+    let (plan, _) = single_file_plan(configs, openclip)?;
+    Ok(plan.into_iter().map(|(n, s, _)| (n, s)).collect())
+}
+
+/// Writes the same random weights as [`write_random_model`] as one single-file checkpoint
+/// in the original CompVis/A1111 layout: for SD 1.x/2.x presets the text encoder in the
+/// transformers layout or (`openclip`, SD 2.x) OpenCLIP's; for SDXL presets always CLIP
+/// ViT-L then OpenCLIP (`conditioner.embedders.{0,1}`), `openclip` unused.
+pub fn write_random_single_file(
+    path: &Path,
+    configs: &ModelConfigs,
+    openclip: bool,
+    seed: u64,
+) -> Result<()> {
+    let (out, all) = single_file_plan(configs, openclip)?;
     let shapes_of: std::collections::HashMap<(&str, &str), Vec<usize>> = all
-        .flat_map(|(c, l)| l.iter().map(move |(n, s)| ((c, n.as_str()), s.clone())))
+        .iter()
+        .flat_map(|(c, l)| l.iter().map(move |(n, s)| ((*c, n.as_str()), s.clone())))
         .collect();
     let of = |c: &str, n: &str| init(n, &shapes_of[&(c, n)], component_seed(seed, c), c);
     let values = |r: &Recipe, name: &str, shape: &[usize]| -> Vec<f32> {
@@ -821,7 +844,6 @@ pub fn write_random_single_file(
             Recipe::Fresh => init(name, shape, seed ^ 0xfeed, "extra"),
         }
     };
-    out.sort_by(|a, b| a.0.cmp(&b.0));
     let list: Vec<(String, Vec<usize>)> =
         out.iter().map(|(n, s, _)| (n.clone(), s.clone())).collect();
     write_streaming(path, &list, false, |i| {

@@ -355,6 +355,53 @@ fn sdxl_architecture_is_read_off_the_shapes() {
     assert!(single_file::unclaimed_keys(&shapes, &d).is_empty());
 }
 
+/// The header of a full-size SDXL base single file (the preset's shapes, no values): what
+/// detection reads off `sd_xl_base_1.0.safetensors`.
+#[test]
+fn sdxl_base_shapes_give_its_architecture() {
+    let configs = Preset::Sdxl.configs();
+    let shapes = nulltext_models::random::single_file_shapes(&configs, false).unwrap();
+    let d = single_file::detect(&shapes).unwrap();
+    assert_eq!(Family::of(&d.unet), Family::Sdxl);
+    assert_eq!(d.unet.block_out_channels, vec![320, 640, 1280]);
+    assert_eq!(
+        single_file::per_block(&d.unet.attention_head_dim),
+        [5, 10, 20]
+    );
+    assert_eq!(
+        single_file::per_block(&d.unet.transformer_layers_per_block),
+        [1, 2, 10]
+    );
+    assert_eq!(d.unet.cross_attention_dim, 2048);
+    assert_eq!(d.unet.addition_time_embed_dim, Some(256));
+    assert_eq!(d.unet.projection_class_embeddings_input_dim, Some(2816));
+    assert_eq!(d.unet.sample_size, 128);
+    let t2 = d.text_2.as_ref().unwrap();
+    assert_eq!(
+        (t2.hidden_size, t2.num_hidden_layers, t2.num_attention_heads),
+        (1280, 32, 20)
+    );
+    assert_eq!(t2.projection_dim, Some(1280));
+    assert_eq!(
+        (
+            d.text.hidden_size,
+            d.text.num_hidden_layers,
+            d.text.num_attention_heads
+        ),
+        (768, 12, 12)
+    );
+    assert_eq!(d.vae.block_out_channels, vec![128, 256, 512, 512]);
+    assert_eq!(d.vae.scaling_factor, 0.13025);
+    assert!(single_file::unclaimed_keys(&shapes, &d).is_empty());
+    // the detected UNet needs exactly the file's UNet tensors
+    let lists = nulltext_models::tensors::tensor_lists(&d.unet, &d.vae, &d.text).unwrap();
+    let in_file = shapes
+        .keys()
+        .filter(|k| k.starts_with(single_file::UNET_PREFIX))
+        .count();
+    assert_eq!(lists[0].1.len(), in_file);
+}
+
 /// `file`'s tensors, renamed or replaced by `edit` (`None` drops one), written to `out`.
 fn rewrite(
     file: &std::path::Path,

@@ -396,6 +396,29 @@ fn single_file_checkpoints_load_from_the_cli() {
         out.contains("v_prediction") && out.contains("\"text_hidden_size\": 64"),
         "{out}"
     );
+    // an SDXL single file (`conditioner.embedders.*`), configs from the same weights' folder
+    let (xl, xl_dir) = (d.join("xl.safetensors"), d.join("xl"));
+    ok(&[
+        "random-model",
+        "--preset",
+        "tiny-sdxl",
+        "--out",
+        s(&xl_dir),
+        "--single-file",
+        s(&xl),
+    ]);
+    let out = ok(&[
+        "info",
+        "--json",
+        "--model",
+        s(&xl),
+        "--model-config",
+        s(&xl_dir),
+    ]);
+    assert!(
+        out.contains("SDXL") && out.contains("single file") && out.contains("text_encoder_2"),
+        "{out}"
+    );
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::clip::ClipTextTransformer;
+use crate::clip::{ClipTextModelWithProjection, ClipTextTransformer};
 use crate::config::{read_json, ClipTextConfig, SchedulerConfig, UNetConfig, VaeConfig};
 use crate::error::{Error, Result};
 use crate::fingerprint::unet_fingerprint;
@@ -264,20 +264,10 @@ impl StableDiffusion {
         Self::load_diffusers(&path, spec, opts)
     }
 
-    /// A single-file checkpoint in the original key layout.
+    /// A single-file checkpoint in the original key layout (SD 1.x/2.x/XL).
     fn load_single_file(path: &Path, name: &str, opts: &LoadOptions) -> Result<Self> {
         use crate::single_file as sf;
         let shapes = sf::read_shapes(path)?;
-        if shapes
-            .keys()
-            .any(|k| k.starts_with("conditioner.embedders."))
-        {
-            return Err(Error::Unsupported(format!(
-                "{}: a single-file SDXL checkpoint, which nulltext does not read yet; load \
-                 SDXL from its diffusers folder or Hugging Face cache id",
-                path.display()
-            )));
-        }
         if !shapes.keys().any(|k| k.starts_with(sf::UNET_PREFIX)) {
             return Err(Error::Unsupported(format!(
                 "{}: not a Stable Diffusion checkpoint (no `{}*` tensors)",
@@ -285,6 +275,7 @@ impl StableDiffusion {
                 sf::UNET_PREFIX
             )));
         }
+        refuse_other_models(path, sf::other_model(&shapes))?;
         let mut d = sf::detect(&shapes).map_err(|e| Error::Config {
             path: path.to_path_buf(),
             msg: e.to_string(),
@@ -295,13 +286,16 @@ impl StableDiffusion {
             .or_else(|| sf::sidecar_prediction(path))
             .unwrap_or_else(|| "epsilon".into());
         let mut scheduler = sf::scheduler_for(&prediction);
-        let mut tokenizer = None;
+        let (mut tokenizer, mut tokenizer_2) = (None, None);
         if let Some(dir) = &opts.config_dir {
             d.unet = read_json(&dir.join("unet/config.json"))?;
             d.vae = read_json(&dir.join("vae/config.json"))?;
             let mut text: ClipTextConfig = read_json(&dir.join("text_encoder/config.json"))?;
             text.use_penultimate_layer = false;
             d.text = text;
+            if d.text_2.is_some() {
+                d.text_2 = Some(read_json(&dir.join("text_encoder_2/config.json"))?);
+            }
             let sp = dir.join("scheduler/scheduler_config.json");
             if sp.is_file() {
                 scheduler = SchedulerConfig::from_file(&sp)?;
@@ -311,6 +305,9 @@ impl StableDiffusion {
             }
             if dir.join("tokenizer/vocab.json").is_file() {
                 tokenizer = Some(ClipTokenizer::from_dir(&dir.join("tokenizer"))?);
+            }
+            if dir.join("tokenizer_2/vocab.json").is_file() {
+                tokenizer_2 = Some(ClipTokenizer::from_dir(&dir.join("tokenizer_2"))?);
             }
         } else if d.openclip && prediction == "v_prediction" {
             // SD 2.x 768-v: 96×96 latents and upcast attention, as its config says.
@@ -323,13 +320,18 @@ impl StableDiffusion {
             None if d.openclip => ClipTokenizer::bundled_with_pad("!"),
             None => ClipTokenizer::bundled(),
         };
+        let family = Family::of(&d.unet);
         let (dev, dt) = (&opts.device, opts.dtype);
-        let stores = sf::open_stores(path, &d, dev, dt)?;
+        let stores = sf::open_stores(path, &d, dev, dt, vae_dtype(family, dt, &d.vae))?;
         let label = path.display().to_string();
         let required = tensor_lists(&d.unet, &d.vae, &d.text)?;
         let in_order = [&stores.unet, &stores.vae, &stores.text];
         for ((component, tensors), store) in required.iter().zip(in_order) {
             check_complete(store, tensors, &format!("{label} ({component})"))?;
+        }
+        if let (Some(c), Some(store)) = (&d.text_2, &stores.text_2) {
+            let tensors = crate::tensors::text_encoder_2_list(c)?;
+            check_complete(store, &tensors, &format!("{label} (text_encoder_2)"))?;
         }
         let extra = sf::unclaimed_keys(&shapes, &d);
         if !extra.is_empty() {
@@ -347,11 +349,19 @@ impl StableDiffusion {
             .with_execution(opts.execution);
         let vae = AutoencoderKL::load(&stores.vae.root(), &d.vae)?;
         let text_encoder = ClipTextTransformer::load(&stores.text.root(), &d.text)?;
-        Ok(Self {
+        let text_encoder_2 = match (&d.text_2, &stores.text_2) {
+            (Some(c), Some(store)) => Some(SecondTextEncoder {
+                // SDXL's second tokenizer: the same vocabulary, padding with `!`
+                tokenizer: tokenizer_2.unwrap_or_else(|| ClipTokenizer::bundled_with_pad("!")),
+                model: ClipTextModelWithProjection::load(&store.root(), c)?,
+            }),
+            _ => None,
+        };
+        let sd = Self {
             tokenizer,
             text_encoder,
-            text_encoder_2: None,
-            zeros_for_empty_prompt: false,
+            text_encoder_2,
+            zeros_for_empty_prompt: family == Family::Sdxl,
             unet,
             vae,
             scheduler,
@@ -360,7 +370,9 @@ impl StableDiffusion {
             path: path.to_path_buf(),
             device: dev.clone(),
             dtype: dt,
-        })
+        };
+        sd.check_text_widths()?;
+        Ok(sd)
     }
 
     fn load_diffusers(dir: &Path, name: &str, opts: &LoadOptions) -> Result<Self> {
@@ -412,15 +424,10 @@ impl StableDiffusion {
             .map_err(|e| with_component(e, "unet", &dir.join("unet/config.json")))?
             .with_execution(opts.execution);
         drop(unet_store);
-        // SDXL's VAE overflows in f16: as diffusers' XL pipelines, run it in f32 there
-        let vae_dtype = match family == Family::Sdxl && dt == DType::F16 && vae_cfg.force_upcast {
-            true => DType::F32,
-            false => dt,
-        };
         let vae_store = WeightStore::open(
             &component_weight_files(&dir.join("vae"), "diffusion_pytorch_model")?,
             dev,
-            vae_dtype,
+            vae_dtype(family, dt, &vae_cfg),
         )?;
         let vae = AutoencoderKL::load(&vae_store.root(), &vae_cfg)
             .map_err(|e| with_component(e, "vae", &dir.join("vae/config.json")))?;
@@ -652,6 +659,15 @@ fn token_ids(
     ))
 }
 
+/// The VAE's dtype: SDXL's VAE overflows in f16, so as diffusers' XL pipelines, run it in
+/// f32 there.
+fn vae_dtype(family: Family, dtype: DType, vae: &VaeConfig) -> DType {
+    match family == Family::Sdxl && dtype == DType::F16 && vae.force_upcast {
+        true => DType::F32,
+        false => dtype,
+    }
+}
+
 /// Refuses the diffusers pipelines whose UNet takes other inputs than a text-to-image
 /// model's: SDXL's refiner (aesthetic-score conditioning) and inpainting models (a mask
 /// and a masked image beside the latent).
@@ -673,11 +689,17 @@ fn refuse_other_pipelines(dir: &Path, pipeline: &serde_json::Value) -> Result<()
     } else {
         None
     };
+    refuse_other_models(dir, what)
+}
+
+/// Fails if `what` names a model nulltext refuses (see [`refuse_other_pipelines`] and
+/// [`crate::single_file::other_model`]).
+fn refuse_other_models(path: &Path, what: Option<&str>) -> Result<()> {
     match what {
         Some(what) => Err(Error::Unsupported(format!(
             "{} is {what}; nulltext inverts and edits photos with text-to-image models such as \
              SD 1.5, SD 2.1 or SDXL base",
-            dir.display()
+            path.display()
         ))),
         None => Ok(()),
     }

@@ -486,7 +486,13 @@ pub fn write_random_model(dir: &Path, configs: &ModelConfigs, seed: u64, f16: bo
             std::fs::create_dir_all(&d).map_err(|e| Error::io(&d, e))?;
             write_json(&d.join("config.json"), config)?;
             let path = d.join(format!("model{variant}.safetensors"));
-            write_safetensors(&path, &list, seed.wrapping_add(2), "text_encoder_2", f16)?;
+            write_safetensors(
+                &path,
+                &list,
+                component_seed(seed, "text_encoder_2"),
+                "text_encoder_2",
+                f16,
+            )?;
             // SDXL's second tokenizer: the same vocabulary, padding with `!`
             let t = dir.join("tokenizer_2");
             std::fs::create_dir_all(&t).map_err(|e| Error::io(&t, e))?;
@@ -551,79 +557,6 @@ fn write_tokenizer(tok: &Path, pad_token: &str) -> Result<()> {
     )
 }
 
-fn inv_resnet(leaf: &str) -> String {
-    let map = [
-        ("norm1.", "in_layers.0."),
-        ("conv1.", "in_layers.2."),
-        ("time_emb_proj.", "emb_layers.1."),
-        ("norm2.", "out_layers.0."),
-        ("conv2.", "out_layers.3."),
-        ("conv_shortcut.", "skip_connection."),
-    ];
-    map.iter()
-        .find_map(|(a, b)| leaf.strip_prefix(a).map(|r| format!("{b}{r}")))
-        .unwrap_or_else(|| leaf.to_string())
-}
-
-/// The original (CompVis) name of a diffusers UNet tensor.
-fn original_unet(name: &str, layers: usize, up_attn: &[bool]) -> Option<String> {
-    let simple = [
-        ("time_embedding.linear_1.", "time_embed.0."),
-        ("time_embedding.linear_2.", "time_embed.2."),
-        ("conv_in.", "input_blocks.0.0."),
-        ("conv_norm_out.", "out.0."),
-        ("conv_out.", "out.2."),
-        ("mid_block.resnets.0.", "middle_block.0."),
-        ("mid_block.attentions.0.", "middle_block.1."),
-        ("mid_block.resnets.1.", "middle_block.2."),
-    ];
-    for (a, b) in simple {
-        if let Some(r) = name.strip_prefix(a) {
-            let r = if a.contains("resnets") {
-                inv_resnet(r)
-            } else {
-                r.to_string()
-            };
-            return Some(format!("{}{b}{r}", crate::single_file::UNET_PREFIX));
-        }
-    }
-    let p: Vec<&str> = name.splitn(5, '.').collect();
-    if p.len() < 5 {
-        return None;
-    }
-    let (blocks, b, kind, l, rest) = (p[0], p[1].parse::<usize>().ok()?, p[2], p[3], p[4]);
-    let l: usize = l.parse().ok()?;
-    let k = match (blocks, kind) {
-        ("down_blocks", "resnets") => format!(
-            "input_blocks.{}.0.{}",
-            1 + b * (layers + 1) + l,
-            inv_resnet(rest)
-        ),
-        ("down_blocks", "attentions") => {
-            format!("input_blocks.{}.1.{rest}", 1 + b * (layers + 1) + l)
-        }
-        ("down_blocks", "downsamplers") => format!(
-            "input_blocks.{}.0.op.{}",
-            1 + b * (layers + 1) + layers,
-            rest.strip_prefix("conv.")?
-        ),
-        ("up_blocks", "resnets") => format!(
-            "output_blocks.{}.0.{}",
-            b * (layers + 1) + l,
-            inv_resnet(rest)
-        ),
-        ("up_blocks", "attentions") => format!("output_blocks.{}.1.{rest}", b * (layers + 1) + l),
-        ("up_blocks", "upsamplers") => format!(
-            "output_blocks.{}.{}.conv.{}",
-            b * (layers + 1) + layers,
-            if up_attn[b] { 2 } else { 1 },
-            rest.strip_prefix("conv.")?
-        ),
-        _ => return None,
-    };
-    Some(format!("{}{k}", crate::single_file::UNET_PREFIX))
-}
-
 /// The original name of a diffusers VAE tensor, and whether it is stored as a 1×1 conv.
 fn original_vae(name: &str, levels: usize) -> Option<(String, bool)> {
     let pre = crate::single_file::VAE_PREFIX;
@@ -682,32 +615,128 @@ enum Recipe {
     Same(&'static str, String),
     /// Those tensors concatenated along dimension 0 (OpenCLIP's fused `in_proj`).
     Concat(&'static str, Vec<String>),
-    /// Fresh random values (tensors nulltext ignores, e.g. OpenCLIP's last layer).
+    /// That 2-D tensor transposed (OpenCLIP's `text_projection`, stored as x @ W).
+    Transposed(&'static str, String),
+    /// Fresh random values (tensors nulltext ignores, e.g. OpenCLIP's last layer in SD 2.x).
     Fresh,
 }
 
-/// Writes the same random weights as [`write_random_model`] as one single-file checkpoint
-/// in the original CompVis/A1111 layout (OpenCLIP for SD 2.x presets).
-pub fn write_random_single_file(
-    path: &Path,
+/// A tensor of a single-file checkpoint: its name, shape, and how to make it.
+type Planned = (String, Vec<usize>, Recipe);
+
+/// The seed of a component's random values: SDXL's second text encoder has its own, so
+/// that its values differ from the first's.
+fn component_seed(seed: u64, component: &str) -> u64 {
+    match component {
+        "text_encoder_2" => seed.wrapping_add(2),
+        _ => seed,
+    }
+}
+
+/// The OpenCLIP text tower of `component` (transformers names, config `c`) under `prefix`,
+/// the inverse of [`crate::single_file`]'s `openclip_to_clip`: q/k/v fused into `in_proj`;
+/// `extra_layer`, one layer more than the model uses (SD 2.x, which takes the penultimate
+/// layer); `text_projection` transposed where the component has one, else fresh values.
+fn openclip_plan(
+    prefix: &str,
+    component: &'static str,
+    c: &ClipTextConfig,
+    has_projection: bool,
+    extra_layer: bool,
+) -> Vec<Planned> {
+    let h = c.hidden_size;
+    let t = |s: &str| format!("text_model.{s}");
+    let same = |s: String| Recipe::Same(component, s);
+    let mut out: Vec<Planned> = vec![
+        (
+            format!("{prefix}token_embedding.weight"),
+            vec![c.vocab_size, h],
+            same(t("embeddings.token_embedding.weight")),
+        ),
+        (
+            format!("{prefix}positional_embedding"),
+            vec![c.max_position_embeddings, h],
+            same(t("embeddings.position_embedding.weight")),
+        ),
+        (
+            format!("{prefix}ln_final.weight"),
+            vec![h],
+            same(t("final_layer_norm.weight")),
+        ),
+        (
+            format!("{prefix}ln_final.bias"),
+            vec![h],
+            same(t("final_layer_norm.bias")),
+        ),
+    ];
+    let layers = c.num_hidden_layers + usize::from(extra_layer);
+    for i in 0..layers {
+        let p = format!("{prefix}transformer.resblocks.{i}");
+        let l = t(&format!("encoder.layers.{i}"));
+        let real = i < c.num_hidden_layers;
+        let mut add = |k: String, shape: Vec<usize>, r: Recipe| {
+            out.push((k, shape, if real { r } else { Recipe::Fresh }))
+        };
+        for (leaf, shape) in [("weight", vec![3 * h, h]), ("bias", vec![3 * h])] {
+            let qkv = ["q", "k", "v"].map(|x| format!("{l}.self_attn.{x}_proj.{leaf}"));
+            let r = Recipe::Concat(component, qkv.to_vec());
+            add(format!("{p}.attn.in_proj_{leaf}"), shape, r);
+        }
+        for (from, to, shape) in [
+            ("attn.out_proj", "self_attn.out_proj", vec![h, h]),
+            ("ln_1", "layer_norm1", vec![h]),
+            ("ln_2", "layer_norm2", vec![h]),
+            ("mlp.c_fc", "mlp.fc1", vec![c.intermediate_size, h]),
+            ("mlp.c_proj", "mlp.fc2", vec![h, c.intermediate_size]),
+        ] {
+            // a norm's bias has its weight's shape; a linear layer's, its output width
+            let bias = vec![shape[0]];
+            add(
+                format!("{p}.{from}.weight"),
+                shape,
+                same(format!("{l}.{to}.weight")),
+            );
+            add(
+                format!("{p}.{from}.bias"),
+                bias,
+                same(format!("{l}.{to}.bias")),
+            );
+        }
+    }
+    let projection = format!("{prefix}text_projection");
+    match (has_projection, c.projection_dim) {
+        (true, Some(p)) => out.push((
+            projection,
+            vec![h, p],
+            Recipe::Transposed(component, "text_projection.weight".into()),
+        )),
+        _ => out.push((projection, vec![h, h], Recipe::Fresh)),
+    }
+    out
+}
+
+/// Each component's diffusers tensors, by component name.
+type ComponentLists = Vec<(&'static str, TensorList)>;
+
+/// The tensors of the single file [`write_random_single_file`] writes, sorted by name, and
+/// every component's diffusers tensors they are made from.
+fn single_file_plan(
     configs: &ModelConfigs,
     openclip: bool,
-    seed: u64,
-) -> Result<()> {
-    if configs.text_encoder_2.is_some() {
-        return Err(Error::Unsupported(
-            "single-file checkpoints of SDXL models (`conditioner.embedders.*` keys) are not written; \
-             write a diffusers folder"
-                .into(),
-        ));
-    }
+) -> Result<(Vec<Planned>, ComponentLists)> {
+    use crate::single_file as sf;
     let lists = tensor_lists(configs)?;
-    let uc: UNetConfig =
-        serde_json::from_value(configs.unet.clone()).map_err(|e| Error::Msg(e.to_string()))?;
-    let vc: VaeConfig =
-        serde_json::from_value(configs.vae.clone()).map_err(|e| Error::Msg(e.to_string()))?;
-    let cc: ClipTextConfig = serde_json::from_value(configs.text_encoder.clone())
-        .map_err(|e| Error::Msg(e.to_string()))?;
+    let (uc, vc, cc) = typed_configs(configs)?;
+    let text_2: Option<(ClipTextConfig, TensorList)> =
+        match (&configs.text_encoder_2, text_encoder_2_list(configs)?) {
+            (Some(v), Some(list)) => Some((
+                serde_json::from_value(v.clone())
+                    .map_err(|e| Error::Msg(format!("text_encoder_2: {e}")))?,
+                list,
+            )),
+            _ => None,
+        };
+    let sdxl = text_2.is_some();
     let layers = match &uc.layers_per_block {
         crate::config::PerBlock::One(l) => *l,
         crate::config::PerBlock::Each(v) => v[0],
@@ -718,13 +747,13 @@ pub fn write_random_single_file(
         .map(|t| t.starts_with("CrossAttn"))
         .collect();
     let levels = vc.block_out_channels.len();
-    let mut out: Vec<(String, Vec<usize>, Recipe)> = Vec::new();
+    let mut out: Vec<Planned> = Vec::new();
     for (component, list) in &lists {
         let comp: &'static str = component;
         for (name, shape) in list {
             match comp {
                 "unet" => {
-                    let k = original_unet(name, layers, &up_attn)
+                    let k = sf::original_unet_key(name, layers, &up_attn)
                         .ok_or_else(|| Error::Msg(format!("no original name for unet `{name}`")))?;
                     out.push((k, shape.clone(), Recipe::Same(comp, name.clone())));
                 }
@@ -737,120 +766,84 @@ pub fn write_random_single_file(
                     }
                     out.push((k, sh, Recipe::Same(comp, name.clone())));
                 }
-                _ if !openclip => out.push((
-                    format!("{}{name}", crate::single_file::CLIP_PREFIX),
-                    shape.clone(),
-                    Recipe::Same(comp, name.clone()),
-                )),
+                _ if sdxl || !openclip => {
+                    let prefix = if sdxl {
+                        sf::SDXL_CLIP_PREFIX
+                    } else {
+                        sf::CLIP_PREFIX
+                    };
+                    out.push((
+                        format!("{prefix}{name}"),
+                        shape.clone(),
+                        Recipe::Same(comp, name.clone()),
+                    ))
+                }
                 _ => {}
             }
         }
     }
-    if openclip {
-        let o = crate::single_file::OPENCLIP_PREFIX;
-        let h = cc.hidden_size;
-        let t = |s: &str| format!("text_model.{s}");
-        out.push((
-            format!("{o}token_embedding.weight"),
-            vec![cc.vocab_size, h],
-            Recipe::Same("text_encoder", t("embeddings.token_embedding.weight")),
+    if openclip && !sdxl {
+        out.extend(openclip_plan(
+            sf::OPENCLIP_PREFIX,
+            "text_encoder",
+            &cc,
+            false,
+            true,
         ));
-        out.push((
-            format!("{o}positional_embedding"),
-            vec![cc.max_position_embeddings, h],
-            Recipe::Same("text_encoder", t("embeddings.position_embedding.weight")),
-        ));
-        out.push((
-            format!("{o}ln_final.weight"),
-            vec![h],
-            Recipe::Same("text_encoder", t("final_layer_norm.weight")),
-        ));
-        out.push((
-            format!("{o}ln_final.bias"),
-            vec![h],
-            Recipe::Same("text_encoder", t("final_layer_norm.bias")),
-        ));
-        // The file holds one layer more than the diffusers model uses (SD 2.x takes the
-        // penultimate layer), plus the projection; nulltext ignores them.
-        for i in 0..=cc.num_hidden_layers {
-            let p = format!("{o}transformer.resblocks.{i}");
-            let l = t(&format!("encoder.layers.{i}"));
-            let real = i < cc.num_hidden_layers;
-            let mut add = |k: String, shape: Vec<usize>, r: Recipe| {
-                out.push((k, shape, if real { r } else { Recipe::Fresh }))
-            };
-            add(
-                format!("{p}.attn.in_proj_weight"),
-                vec![3 * h, h],
-                Recipe::Concat(
-                    "text_encoder",
-                    ["q", "k", "v"]
-                        .iter()
-                        .map(|x| format!("{l}.self_attn.{x}_proj.weight"))
-                        .collect(),
-                ),
-            );
-            add(
-                format!("{p}.attn.in_proj_bias"),
-                vec![3 * h],
-                Recipe::Concat(
-                    "text_encoder",
-                    ["q", "k", "v"]
-                        .iter()
-                        .map(|x| format!("{l}.self_attn.{x}_proj.bias"))
-                        .collect(),
-                ),
-            );
-            for (from, to, shape) in [
-                ("attn.out_proj", "self_attn.out_proj", vec![h, h]),
-                ("ln_1", "layer_norm1", vec![h]),
-                ("ln_2", "layer_norm2", vec![h]),
-                ("mlp.c_fc", "mlp.fc1", vec![cc.intermediate_size, h]),
-                ("mlp.c_proj", "mlp.fc2", vec![h, cc.intermediate_size]),
-            ] {
-                let bias_shape = vec![shape[0]];
-                if shape.len() == 2 {
-                    add(
-                        format!("{p}.{from}.weight"),
-                        shape.clone(),
-                        Recipe::Same("text_encoder", format!("{l}.{to}.weight")),
-                    );
-                    add(
-                        format!("{p}.{from}.bias"),
-                        bias_shape,
-                        Recipe::Same("text_encoder", format!("{l}.{to}.bias")),
-                    );
-                } else {
-                    add(
-                        format!("{p}.{from}.weight"),
-                        shape.clone(),
-                        Recipe::Same("text_encoder", format!("{l}.{to}.weight")),
-                    );
-                    add(
-                        format!("{p}.{from}.bias"),
-                        shape.clone(),
-                        Recipe::Same("text_encoder", format!("{l}.{to}.bias")),
-                    );
-                }
-            }
-        }
-        out.push((format!("{o}text_projection"), vec![h, h], Recipe::Fresh));
     }
-    let shapes_of: std::collections::HashMap<(&str, &str), Vec<usize>> = lists
+    if let Some((c2, _)) = &text_2 {
+        out.extend(openclip_plan(
+            sf::SDXL_OPENCLIP_PREFIX,
+            "text_encoder_2",
+            c2,
+            true,
+            false,
+        ));
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut all: ComponentLists = lists.into_iter().collect();
+    all.extend(text_2.map(|(_, l)| ("text_encoder_2", l)));
+    Ok((out, all))
+}
+
+/// The names and shapes of the tensors [`write_random_single_file`] writes for `configs`
+/// (its header), without making any values.
+pub fn single_file_shapes(
+    configs: &ModelConfigs,
+    openclip: bool,
+) -> Result<std::collections::BTreeMap<String, Vec<usize>>> {
+    let (plan, _) = single_file_plan(configs, openclip)?;
+    Ok(plan.into_iter().map(|(n, s, _)| (n, s)).collect())
+}
+
+/// Writes the same random weights as [`write_random_model`] as one single-file checkpoint
+/// in the original CompVis/A1111 layout: for SD 1.x/2.x presets the text encoder in the
+/// transformers layout or (`openclip`, SD 2.x) OpenCLIP's; for SDXL presets always CLIP
+/// ViT-L then OpenCLIP (`conditioner.embedders.{0,1}`), `openclip` unused.
+pub fn write_random_single_file(
+    path: &Path,
+    configs: &ModelConfigs,
+    openclip: bool,
+    seed: u64,
+) -> Result<()> {
+    let (out, all) = single_file_plan(configs, openclip)?;
+    let shapes_of: std::collections::HashMap<(&str, &str), Vec<usize>> = all
         .iter()
         .flat_map(|(c, l)| l.iter().map(move |(n, s)| ((*c, n.as_str()), s.clone())))
         .collect();
+    let of = |c: &str, n: &str| init(n, &shapes_of[&(c, n)], component_seed(seed, c), c);
     let values = |r: &Recipe, name: &str, shape: &[usize]| -> Vec<f32> {
         match r {
-            Recipe::Same(c, n) => init(n, &shapes_of[&(*c, n.as_str())], seed, c),
-            Recipe::Concat(c, ns) => ns
-                .iter()
-                .flat_map(|n| init(n, &shapes_of[&(*c, n.as_str())], seed, c))
-                .collect(),
+            Recipe::Same(c, n) => of(c, n),
+            Recipe::Concat(c, ns) => ns.iter().flat_map(|n| of(c, n)).collect(),
+            Recipe::Transposed(c, n) => {
+                // out [h, p] from w [p, h]: out[i][j] = w[j][i]
+                let (w, h, p) = (of(c, n), shape[0], shape[1]);
+                (0..h * p).map(|k| w[(k % p) * h + k / p]).collect()
+            }
             Recipe::Fresh => init(name, shape, seed ^ 0xfeed, "extra"),
         }
     };
-    out.sort_by(|a, b| a.0.cmp(&b.0));
     let list: Vec<(String, Vec<usize>)> =
         out.iter().map(|(n, s, _)| (n.clone(), s.clone())).collect();
     write_streaming(path, &list, false, |i| {

@@ -90,11 +90,10 @@ pub fn run(a: InfoArgs, ctx: &Ctx) -> Result<()> {
     )? {
         params.insert(component.into(), serde_json::json!(n));
     }
-    // SDXL's second text encoder, in a diffusers folder
-    let second = sd.path.join("text_encoder_2/config.json");
-    if second.is_file() {
-        let config = nulltext::models::config::read_json(&second)?;
-        let list = nulltext::models::tensors::text_encoder_2_list(&config)?;
+    // SDXL's second text encoder
+    if let Some(second) = &sd.text_encoder_2 {
+        let config = second.model.text_model.config();
+        let list = nulltext::models::tensors::text_encoder_2_list(config)?;
         let n: usize = list.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
         params.insert("text_encoder_2".into(), serde_json::json!(n));
     }

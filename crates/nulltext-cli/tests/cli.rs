@@ -569,39 +569,19 @@ fn sdxl_model_runs_the_same_commands() {
     let d = tmp("sdxl");
     let sdxl = static_arg(&root().join("tests/fixtures/models/tiny-sdxl"));
     let inv = d.join("cat.nti.safetensors");
-    let mut args = vec![
-        "invert",
-        "--model",
-        sdxl,
-        "--image",
-        photo_arg(),
-        "--prompt",
-        CAT,
-    ];
-    args.extend([
-        "--out",
-        s(&inv),
-        "--method",
-        "direct",
-        "--steps",
-        "10",
-        "--compare",
-    ]);
+    let extra = ["--method", "direct", "--steps", "10", "--compare"];
+    let mut args = invert_args(photo_arg(), CAT, &inv, &extra);
+    args[2] = sdxl; // the model, in place of the tiny SD 1.5
     let out = ok(&args);
     assert!(out.contains("ddim (baseline)"), "{out}");
     let loaded = nulltext::inversion_file::load(&inv).unwrap();
     assert_eq!(loaded.null_pooled.unwrap().dims(), &[10, 12]);
     let grid = d.join("grid.png");
-    let mut args = vec![
-        "edit",
-        "--model",
-        sdxl,
-        "--inversion",
-        s(&inv),
-        "--target",
-        DOG,
-    ];
-    args.extend(["--blend", "cat:dog", "--grid", s(&grid)]);
+    let mut args = edit(
+        &inv,
+        &["--target", DOG, "--blend", "cat:dog", "--grid", s(&grid)],
+    );
+    args[2] = sdxl; // the model, in place of the tiny SD 1.5
     ok(&args);
     assert!(grid.is_file());
     let rec = d.join("rec.png");

@@ -580,11 +580,14 @@ impl StableDiffusion {
     /// guidance): zeros for the empty prompt of a model that says so
     /// ([`Self::zeros_for_empty_prompt`], SDXL), else the prompt's encoding.
     pub fn encode_negative(&self, prompt: &str) -> Result<PromptEmbeds> {
-        let embeds = self.encode_prompt(prompt)?;
-        match prompt.is_empty() && self.zeros_for_empty_prompt {
-            true => embeds.zeros_like(),
-            false => Ok(embeds),
+        if !(prompt.is_empty() && self.zeros_for_empty_prompt) {
+            return self.encode_prompt(prompt);
         }
+        let zeros = |shape: &[usize]| Tensor::zeros(shape, DType::F32, &self.device);
+        Ok(PromptEmbeds {
+            context: zeros(&[1, MAX_LEN, self.context_dim()])?,
+            pooled: self.pooled_dim().map(|p| zeros(&[1, p])).transpose()?,
+        })
     }
 
     /// SDXL's added conditioning of `embeds` for latents `z` `[B, C, h, w]`: their pooled
@@ -683,14 +686,21 @@ fn refuse_other_pipelines(dir: &Path, pipeline: &serde_json::Value) -> Result<()
     let what = if aesthetic
         || (!dir.join("text_encoder").is_dir() && dir.join("text_encoder_2").is_dir())
     {
-        Some("an SDXL refiner (its UNet takes an aesthetic score and only the second text encoder's context)")
+        Some(SDXL_REFINER)
     } else if class.contains("Inpaint") {
-        Some("an inpainting model (its UNet takes a mask and the masked image beside the latent)")
+        Some(INPAINTING)
     } else {
         None
     };
     refuse_other_models(dir, what)
 }
+
+/// What a refused SDXL refiner is.
+pub(crate) const SDXL_REFINER: &str =
+    "an SDXL refiner (its UNet takes an aesthetic score and only the second text encoder's context)";
+/// What a refused inpainting model is.
+pub(crate) const INPAINTING: &str =
+    "an inpainting model (its UNet takes a mask and the masked image beside the latent)";
 
 /// Fails if `what` names a model nulltext refuses (see [`refuse_other_pipelines`] and
 /// [`crate::single_file::other_model`]).

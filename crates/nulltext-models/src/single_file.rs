@@ -299,9 +299,9 @@ pub fn other_model(shapes: &BTreeMap<String, Vec<usize>>) -> Option<&'static str
         .get(&format!("{UNET_PREFIX}input_blocks.0.0.weight"))
         .and_then(|s| s.get(1).copied());
     if (has(REFINER_OPENCLIP_PREFIX) && !has(SDXL_CLIP_PREFIX)) || label_in == Some(2560) {
-        Some("an SDXL refiner (its UNet takes an aesthetic score and only the second text encoder's context)")
+        Some(crate::model::SDXL_REFINER)
     } else if in_channels == Some(9) {
-        Some("an inpainting model (its UNet takes a mask and the masked image beside the latent)")
+        Some(crate::model::INPAINTING)
     } else {
         None
     }

@@ -379,6 +379,11 @@ impl Adam {
         self.t += 1;
         let bc1 = 1.0 - Self::B1.powi(self.t);
         let bc2 = 1.0 - Self::B2.powi(self.t);
+        debug_assert_eq!(
+            grad.parts().count(),
+            self.moments.len(),
+            "one moment pair per part"
+        );
         let parts = param.vars().zip(grad.parts()).zip(self.moments.iter_mut());
         for ((param, grad), (m, v)) in parts {
             // m.lerp_(g, 1 − β₁); v = β₂ v + (1 − β₂) g²

@@ -216,17 +216,7 @@ fn first_steps(golden_file: &str, early_stop: f64, k: usize) -> (f64, f64) {
     for _ in 0..k {
         opt.step(&mut NoProgress).unwrap();
     }
-    let want_losses: Vec<Vec<f64>> = g["losses"].to_vec2().unwrap();
-    let want_iters: Vec<i64> = g["iterations"].to_vec1().unwrap();
-    let mut worst = 0f64;
-    for i in 0..k {
-        let got = &opt.report().losses[i];
-        assert_eq!(got.len() as i64, want_iters[i], "iterations of step {i}");
-        for (j, l) in got.iter().enumerate() {
-            let w = want_losses[i][j];
-            worst = worst.max((l - w).abs() / w.abs());
-        }
-    }
+    let worst = loss_deviation(&opt.report().losses, &g);
     eprintln!("{golden_file}: worst relative loss deviation over {k} steps: {worst:.3e}");
     assert!(worst < 1e-3, "{worst}");
     let z = opt.latent();

@@ -299,16 +299,7 @@ fn first_steps(file: &str, early_stop: f64, k: usize) {
     for _ in 0..k {
         opt.step(&mut NoProgress).unwrap();
     }
-    let want_losses: Vec<Vec<f64>> = g["losses"].to_vec2().unwrap();
-    let want_iters: Vec<i64> = g["iterations"].to_vec1().unwrap();
-    let mut worst = 0f64;
-    for i in 0..k {
-        let got = &opt.report().losses[i];
-        assert_eq!(got.len() as i64, want_iters[i], "iterations of step {i}");
-        for (j, l) in got.iter().enumerate() {
-            worst = worst.max((l - want_losses[i][j]).abs() / want_losses[i][j].abs());
-        }
-    }
+    let worst = loss_deviation(&opt.report().losses, &g);
     eprintln!("{file}: worst relative loss deviation over {k} steps: {worst:.3e}");
     assert!(worst < 1e-3, "{worst}");
     assert_close(
@@ -386,18 +377,7 @@ fn full_null_text_inversion_matches_diffusers() {
     let opts = InvertOptions::default();
     let (inv, report) =
         nulltext::invert_latent(&sd, &z0, PROMPT, 256, 256, &opts, &mut NoProgress).unwrap();
-    let want: Vec<Vec<f64>> = g["losses"].to_vec2().unwrap();
-    let mut worst = 0f64;
-    for (i, got) in report.losses.iter().enumerate() {
-        assert_eq!(
-            got.len(),
-            want[i].iter().filter(|l| !l.is_nan()).count(),
-            "step {i}"
-        );
-        for (l, w) in got.iter().zip(&want[i]) {
-            worst = worst.max((l - w).abs() / w.abs());
-        }
-    }
+    let worst = loss_deviation(&report.losses, &g);
     eprintln!("SDXL null-text, 500 iterations: worst relative loss deviation {worst:.3e}");
     assert!(worst < 1e-3, "{worst}");
     let end = report.final_latent.unwrap();

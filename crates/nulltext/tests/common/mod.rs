@@ -8,6 +8,25 @@ use candle_core::Tensor;
 use nulltext::edit::{BlendOptions, CrossReplace, EditMode, EditOptions, Window};
 pub use shared::*;
 
+/// Checks each step's null-text iteration count against a golden's `iterations` and
+/// returns the largest relative deviation of `losses` (one list per step) from its `losses`
+/// (`[steps, N]`).
+pub fn loss_deviation(
+    losses: &[Vec<f64>],
+    golden: &std::collections::HashMap<String, Tensor>,
+) -> f64 {
+    let want_losses: Vec<Vec<f64>> = golden["losses"].to_vec2().unwrap();
+    let want_iters: Vec<i64> = golden["iterations"].to_vec1().unwrap();
+    let mut worst = 0f64;
+    for (i, got) in losses.iter().enumerate() {
+        assert_eq!(got.len() as i64, want_iters[i], "iterations of step {i}");
+        for (l, w) in got.iter().zip(&want_losses[i]) {
+            worst = worst.max((l - w).abs() / w.abs());
+        }
+    }
+    worst
+}
+
 /// A text context as prompt embeddings (SD 1.x: no pooled part).
 pub fn embeds(context: &Tensor) -> nulltext::PromptEmbeds {
     nulltext::PromptEmbeds::context(context.clone())

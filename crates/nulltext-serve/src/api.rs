@@ -249,6 +249,7 @@ async fn info(State(app): AppState) -> Json<Value> {
         "model": {
             "name": sd.name,
             "fingerprint": sd.fingerprint,
+            "family": sd.family().name(),
             "default_size": sd.default_image_size(),
             "attention_downscale": nulltext::edit::attention_downscale_for((latent, latent)),
             "device": device,

@@ -167,6 +167,44 @@ fn invert_edit_download_across_a_restart() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// An SDXL model serves the same API: an inversion whose file keeps the pooled embeddings,
+/// and an edit with a blend word.
+#[test]
+fn an_sdxl_model_serves_the_same_api() {
+    let dir = temp_dir("sdxl");
+    let server = nulltext_serve::Server::start(load_tiny_sdxl(), args(&dir)).unwrap();
+    let addr = server.addr();
+    let info = get(addr, "/v1/info").json();
+    assert_eq!(info["model"]["family"], "SDXL", "{info}");
+    let r = submit_inversion(addr, "3", "2");
+    assert_eq!(r.status, 202, "{}", r.text());
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    let job = wait_job(addr, &id, 300, |v| v["state"] != "queued" && v["state"] != "running");
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let inv_id = job["result"]["id"].as_str().unwrap().to_string();
+    let r = get(addr, &format!("/v1/inversions/{inv_id}/file"));
+    assert_eq!(r.status, 200);
+    let file = dir.join("downloaded.nti.safetensors");
+    std::fs::write(&file, &r.body).unwrap();
+    let loaded = nulltext::inversion_file::load(&file).unwrap();
+    assert_eq!(loaded.null_pooled.as_ref().map(|p| p.dims()[0]), Some(3));
+
+    let r = post_json(
+        addr,
+        &format!("/v1/inversions/{inv_id}/edits?wait=true"),
+        &json!({"targets": ["a close up photo of a tiger"], "blend": "cat:tiger"}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let job = r.json();
+    assert_eq!(job["state"], "succeeded", "{job}");
+    for img in job["result"]["images"].as_array().unwrap() {
+        let r = get(addr, img["url"].as_str().unwrap());
+        assert_eq!((r.status, png_size(&r.body)), (200, (64, 64)), "{img}");
+    }
+    server.shutdown().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn refused_requests_write_nothing() {
     let dir = temp_dir("refused");

@@ -32,6 +32,11 @@ pub fn load_tiny() -> nulltext::StableDiffusion {
     load(&fixtures().join("models/tiny-sd15"))
 }
 
+/// The tiny SDXL fixture model, like [`load_tiny`].
+pub fn load_tiny_sdxl() -> nulltext::StableDiffusion {
+    load(&fixtures().join("models/tiny-sdxl"))
+}
+
 /// The bundled shapes model (`models/shapes`), whose pictures mean something, like
 /// [`load_tiny`].
 pub fn load_shapes() -> nulltext::StableDiffusion {

@@ -389,6 +389,36 @@ fn batch_records_a_failed_item_and_goes_on() {
     let _ = std::fs::remove_dir_all(&d);
 }
 
+/// A batch with an SDXL model: the same manifest, with its metrics, and inversion files that
+/// keep the optimized pooled embeddings.
+#[test]
+fn batch_runs_an_sdxl_model() {
+    let d = tmp("sdxl");
+    std::fs::copy(photo(), d.join("cat.png")).unwrap();
+    let m = d.join("m.jsonl");
+    std::fs::write(
+        &m,
+        "{\"id\": \"cat\", \"image\": \"cat.png\", \"prompt\": \"a close up photo of a cat\", \"edits\": [\"a close up photo of a dog\", {\"target\": \"a close up photo of a tiger\", \"blend\": \"cat:tiger\"}]}\n",
+    )
+    .unwrap();
+    let out_dir = d.join("runs");
+    let mut args = batch_args(&m, &out_dir, &[]);
+    args[3] = static_arg(&root().join("tests/fixtures/models/tiny-sdxl"));
+    let out = ok(&args[1..]);
+    assert!(out.contains("1 done, 0 skipped"), "{out}");
+    let summary = read_json(&out_dir.join("summary.json"));
+    assert_eq!(summary["finished"], 1);
+    let item = &summary["items"][0];
+    assert_eq!(item["edits"].as_array().unwrap().len(), 2, "{item}");
+    for k in ["lpips", "clip_score"] {
+        assert!(item["edits"][1][k].as_f64().is_some(), "{k}: {item}");
+    }
+    let inv = nulltext::inversion_file::load(&out_dir.join("items/cat/inversion.nti.safetensors")).unwrap();
+    let pooled = inv.null_pooled.as_ref().expect("an SDXL inversion keeps its pooled embeddings");
+    assert_eq!(pooled.dims()[0], 3, "one pooled embedding per step");
+    let _ = std::fs::remove_dir_all(&d);
+}
+
 /// `invert` of the fixture photo at 64 px in 4 steps by `method`, with `inner_steps` and a
 /// trace of budgets 1 and up to `dir/{method}.json`, then `extra`; the output and the trace.
 fn invert_traced(dir: &Path, method: &str, inner_steps: &str, extra: &[&str]) -> (String, PathBuf) {

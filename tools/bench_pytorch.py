@@ -7,14 +7,24 @@ A benchmark, not a test: nulltext never needs Python. Typical use:
     nulltext random-model --preset sd15 --out /tmp/sd15-random
     python3 tools/bench_pytorch.py --model /tmp/sd15-random --size 512 --threads 2
     python3 tools/bench_pytorch.py --model /tmp/sd15-random --device cuda --dtype fp16 --full
+    nulltext random-model --preset sdxl --out /tmp/sdxl-random
+    python3 tools/bench_pytorch.py --model /tmp/sdxl-random --size 1024 --threads 2 --stages unet_b1
 
 Needs torch, diffusers and transformers. The algorithm is the reference's
 (null_text_w_ptp.ipynb): DDIM inversion with w = 1, then per step a fresh Adam on the
 unconditional embedding, lr 1e-2·(1 − i/100), N inner iterations (no early stop with
 --no-early-stop), loss = MSE of the guided DDIM step to the pivot.
+
+An SDXL folder (one with text_encoder_2/) is run as diffusers' StableDiffusionXLPipeline
+runs it: both encoders' penultimate states concatenated, the second one's pooled
+projection and time_ids (H, W, 0, 0, H, W) as added conditions, zeros for the empty
+negative prompt (force_zeros_for_empty_prompt), and the VAE upcast to fp32 when its
+config asks for it. As in nulltext, the null-text optimization then optimizes the
+negative context and the negative pooled embedding together, starting from those zeros.
 """
 import argparse
 import json
+import os
 import resource
 import statistics
 import time
@@ -23,19 +33,74 @@ import torch
 import torch.nn.functional as F
 
 
-def load(args):
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+class Pipe:
+    """The model's parts and the three things every stage asks of them: prompt embeddings
+    (context, pooled or None), the empty negative prompt's, and ε."""
 
-    dtype = torch.float16 if args.dtype == "fp16" else torch.float32
-    dev = torch.device(args.device)
-    unet = UNet2DConditionModel.from_pretrained(args.model, subfolder="unet", torch_dtype=dtype).to(dev).eval()
-    vae = AutoencoderKL.from_pretrained(args.model, subfolder="vae", torch_dtype=dtype).to(dev).eval()
-    text = CLIPTextModel.from_pretrained(args.model, subfolder="text_encoder", torch_dtype=dtype).to(dev).eval()
-    tok = CLIPTokenizer.from_pretrained(args.model, subfolder="tokenizer")
-    for m in (unet, vae, text):
-        m.requires_grad_(False)
-    return unet, vae, text, tok, dtype, dev
+    def __init__(self, args):
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+        self.dtype = torch.float16 if args.dtype == "fp16" else torch.float32
+        self.dev = dev = torch.device(args.device)
+        dtype = self.dtype
+        self.sdxl = os.path.isdir(os.path.join(args.model, "text_encoder_2"))
+        self.unet = UNet2DConditionModel.from_pretrained(args.model, subfolder="unet", torch_dtype=dtype).to(dev).eval()
+        vae = AutoencoderKL.from_pretrained(args.model, subfolder="vae", torch_dtype=dtype)
+        self.vae_dtype = torch.float32 if dtype == torch.float16 and vae.config.force_upcast else dtype
+        self.vae = vae.to(dev, self.vae_dtype).eval()
+        self.scaling = vae.config.scaling_factor
+        self.text = CLIPTextModel.from_pretrained(args.model, subfolder="text_encoder", torch_dtype=dtype).to(dev).eval()
+        self.tok = CLIPTokenizer.from_pretrained(args.model, subfolder="tokenizer")
+        parts = [self.unet, self.vae, self.text]
+        if self.sdxl:
+            self.text_2 = CLIPTextModelWithProjection.from_pretrained(args.model, subfolder="text_encoder_2", torch_dtype=dtype).to(dev).eval()
+            self.tok_2 = CLIPTokenizer.from_pretrained(args.model, subfolder="tokenizer_2")
+            parts.append(self.text_2)
+            index = os.path.join(args.model, "model_index.json")
+            config = json.load(open(index)) if os.path.exists(index) else {}
+            self.zeros_for_empty = config.get("force_zeros_for_empty_prompt", True)
+        for m in parts:
+            m.requires_grad_(False)
+
+    def _ids(self, tok, prompts):
+        return tok(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids.to(self.dev)
+
+    @torch.no_grad()
+    def encode(self, prompts):
+        if not self.sdxl:
+            return self.text(self._ids(self.tok, prompts))[0], None
+        first = self.text(self._ids(self.tok, prompts), output_hidden_states=True).hidden_states[-2]
+        second = self.text_2(self._ids(self.tok_2, prompts), output_hidden_states=True)
+        return torch.cat([first, second.hidden_states[-2]], dim=-1), second.text_embeds
+
+    def negative(self):
+        if self.sdxl and self.zeros_for_empty:
+            ctx, pooled = self.encode([""])
+            return torch.zeros_like(ctx), torch.zeros_like(pooled)
+        return self.encode([""])
+
+    def eps(self, z, t, ctx, pooled=None):
+        if pooled is None:
+            return self.unet(z, t, encoder_hidden_states=ctx).sample
+        h, w = z.shape[-2] * 8, z.shape[-1] * 8
+        time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=ctx.dtype, device=ctx.device).expand(z.shape[0], -1)
+        added = {"text_embeds": pooled, "time_ids": time_ids}
+        return self.unet(z, t, encoder_hidden_states=ctx, added_cond_kwargs=added).sample
+
+    def encode_image(self, img):
+        return self.vae.encode(img.to(self.vae_dtype)).latent_dist.mean.float() * self.scaling
+
+    def decode(self, z):
+        return self.vae.decode(z.to(self.vae_dtype) / self.scaling).sample
+
+
+def cast(x, dtype):
+    return None if x is None else x.to(dtype)
+
+
+def cat(xs):
+    return None if xs[0] is None else torch.cat(xs)
 
 
 def set_attention(unet, kind):
@@ -84,12 +149,6 @@ def ddim_next(eps, t, z, ac, ratio):
     return a_next**0.5 * x0 + (1 - a_next) ** 0.5 * eps
 
 
-def embed(text, tok, prompts, dev):
-    ids = tok(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids.to(dev)
-    with torch.no_grad():
-        return text(ids)[0]
-
-
 def timeit(fn, dev, repeat, warmup):
     for _ in range(warmup):
         fn()
@@ -104,24 +163,26 @@ def timeit(fn, dev, repeat, warmup):
     return times
 
 
-def stages(args, unet, vae, text, tok, dtype, dev):
+def stages(args, pipe):
+    dtype, dev = pipe.dtype, pipe.dev
     h = args.size // 8
     g = torch.Generator().manual_seed(1)
     z = torch.randn(1, 4, h, h, generator=g).to(dev, dtype)
     z2 = torch.cat([z, z])
-    ctx = embed(text, tok, ["a close up photo of a cat", ""], dev)
-    cond, uncond = ctx[:1], ctx[1:]
+    cond, cond_pooled = pipe.encode(["a close up photo of a cat"])
+    uncond, uncond_pooled = pipe.negative()
+    ctx, pooled = torch.cat([cond, uncond]), cat([cond_pooled, uncond_pooled])
     img = (torch.randn(1, 3, args.size, args.size, generator=g) * 0.5).clamp(-1, 1).to(dev, dtype)
     target = torch.randn(1, 4, h, h, generator=g).to(dev, torch.float32)
     ac, timesteps, ratio = alphas()
     t = timesteps[10]
     with torch.no_grad():
-        eps_c = unet(z, t, encoder_hidden_states=cond).sample.float()
+        eps_c = pipe.eps(z, t, cond, cond_pooled).float()
 
     def nti_iter():
-        u = uncond.detach().float().clone().requires_grad_(True)
-        opt = torch.optim.Adam([u], lr=1e-2)
-        eps_u = unet(z, t, encoder_hidden_states=u.to(dtype)).sample.float()
+        u, u_pooled = (None if x is None else x.detach().float().clone().requires_grad_(True) for x in (uncond, uncond_pooled))
+        opt = torch.optim.Adam([x for x in (u, u_pooled) if x is not None], lr=1e-2)
+        eps_u = pipe.eps(z, t, u.to(dtype), cast(u_pooled, dtype)).float()
         noise = eps_u + 7.5 * (eps_c - eps_u)
         loss = F.mse_loss(ddim_step(noise, t, z.float(), ac, ratio), target)
         opt.zero_grad()
@@ -129,16 +190,16 @@ def stages(args, unet, vae, text, tok, dtype, dev):
         opt.step()
 
     plan = {
-        "text_encoder": lambda: embed(text, tok, ["a close up photo of a cat"], dev),
-        "unet_b1": lambda: unet(z, t, encoder_hidden_states=cond).sample,
-        "unet_b2": lambda: unet(z2, t, encoder_hidden_states=ctx).sample,
+        "text_encoder": lambda: pipe.encode(["a close up photo of a cat"]),
+        "unet_b1": lambda: pipe.eps(z, t, cond, cond_pooled),
+        "unet_b2": lambda: pipe.eps(z2, t, ctx, pooled),
         "nti_iter": nti_iter,
-        "vae_encode": lambda: vae.encode(img).latent_dist.mean,
-        "vae_decode": lambda: vae.decode(z / 0.18215).sample,
+        "vae_encode": lambda: pipe.encode_image(img),
+        "vae_decode": lambda: pipe.decode(z),
     }
     rows = []
     for attn in args.attention.split(","):
-        set_attention(unet, attn)
+        set_attention(pipe.unet, attn)
         for name in args.stages.split(","):
             if name not in plan:
                 continue
@@ -156,25 +217,26 @@ def stages(args, unet, vae, text, tok, dtype, dev):
     return rows
 
 
-def full(args, unet, vae, text, tok, dtype, dev):
+def full(args, pipe):
     """A whole null-text inversion (T = 50, N inner steps) and one edit-sized sampling."""
-    h = args.size // 8
+    dtype, dev = pipe.dtype, pipe.dev
     ac, timesteps, ratio = alphas()
     g = torch.Generator().manual_seed(2)
     img = (torch.rand(1, 3, args.size, args.size, generator=g) * 2 - 1).to(dev, dtype)
-    set_attention(unet, "sdpa")
+    set_attention(pipe.unet, "sdpa")
     sync(dev)
     reset_peak(dev)
     start = time.perf_counter()
     with torch.no_grad():
-        z0 = vae.encode(img).latent_dist.mean.float() * 0.18215
-        ctx = embed(text, tok, ["a close up photo of a cat", ""], dev).float()
-        cond, uncond = ctx[:1], ctx[1:]
+        z0 = pipe.encode_image(img)
+        cond, cond_pooled = pipe.encode(["a close up photo of a cat"])
+        uncond, uncond_pooled = pipe.negative()
+        cond, cond_pooled, uncond, uncond_pooled = (cast(x, torch.float32) for x in (cond, cond_pooled, uncond, uncond_pooled))
         lat = [z0]
         z = z0
         for i in range(50):
             t = timesteps[49 - i]
-            eps = unet(z.to(dtype), t, encoder_hidden_states=cond.to(dtype)).sample.float()
+            eps = pipe.eps(z.to(dtype), t, cond.to(dtype), cast(cond_pooled, dtype)).float()
             z = ddim_next(eps, t, z, ac, ratio)
             lat.append(z)
     sync(dev)
@@ -182,12 +244,12 @@ def full(args, unet, vae, text, tok, dtype, dev):
     z = lat[-1]
     iters = 0
     for i, t in enumerate(timesteps):
-        u = uncond.detach().clone().requires_grad_(True)
-        opt = torch.optim.Adam([u], lr=1e-2 * (1.0 - i / 100.0))
+        u, u_pooled = (None if x is None else x.detach().clone().requires_grad_(True) for x in (uncond, uncond_pooled))
+        opt = torch.optim.Adam([x for x in (u, u_pooled) if x is not None], lr=1e-2 * (1.0 - i / 100.0))
         with torch.no_grad():
-            eps_c = unet(z.to(dtype), t, encoder_hidden_states=cond.to(dtype)).sample.float()
+            eps_c = pipe.eps(z.to(dtype), t, cond.to(dtype), cast(cond_pooled, dtype)).float()
         for j in range(args.inner_steps):
-            eps_u = unet(z.to(dtype), t, encoder_hidden_states=u.to(dtype)).sample.float()
+            eps_u = pipe.eps(z.to(dtype), t, u.to(dtype), cast(u_pooled, dtype)).float()
             noise = eps_u + 7.5 * (eps_c - eps_u)
             loss = F.mse_loss(ddim_step(noise, t, z, ac, ratio), lat[49 - i])
             opt.zero_grad()
@@ -196,9 +258,9 @@ def full(args, unet, vae, text, tok, dtype, dev):
             iters += 1
             if not args.no_early_stop and loss.item() < 1e-5 + i * 2e-5:
                 break
-        uncond = u.detach()
+        uncond, uncond_pooled = u.detach(), None if u_pooled is None else u_pooled.detach()
         with torch.no_grad():
-            e = unet(torch.cat([z, z]).to(dtype), t, encoder_hidden_states=torch.cat([uncond, cond]).to(dtype)).sample.float()
+            e = pipe.eps(torch.cat([z, z]).to(dtype), t, torch.cat([uncond, cond]).to(dtype), cast(cat([uncond_pooled, cond_pooled]), dtype)).float()
             eu, ec = e.chunk(2)
             z = ddim_step(eu + 7.5 * (ec - eu), t, z, ac, ratio)
     sync(dev)
@@ -206,17 +268,19 @@ def full(args, unet, vae, text, tok, dtype, dev):
     inv_peak = peak_gib(dev)
     # An edit: source + one target, classic attention (the probabilities are materialized,
     # as a Prompt-to-Prompt controller needs), batch 4 per step.
-    set_attention(unet, "classic")
+    set_attention(pipe.unet, "classic")
     reset_peak(dev)
     start = time.perf_counter()
     with torch.no_grad():
-        emb = embed(text, tok, ["a close up photo of a cat", "a close up photo of a dog"], dev)
+        emb, emb_pooled = pipe.encode(["a close up photo of a cat", "a close up photo of a dog"])
+        ctx = torch.cat([uncond.to(dtype).expand(2, -1, -1), emb])
+        pooled = None if emb_pooled is None else torch.cat([uncond_pooled.to(dtype).expand(2, -1), emb_pooled])
         zz = torch.cat([lat[-1], lat[-1]]).to(dtype)
         for i, t in enumerate(timesteps):
-            e = unet(torch.cat([zz, zz]), t, encoder_hidden_states=torch.cat([uncond.to(dtype).expand(2, -1, -1), emb])).sample.float()
+            e = pipe.eps(torch.cat([zz, zz]), t, ctx, pooled).float()
             eu, ec = e.chunk(2)
             zz = ddim_step(eu + 7.5 * (ec - eu), t, zz.float(), ac, ratio).to(dtype)
-        vae.decode(zz / 0.18215)
+        pipe.decode(zz)
     sync(dev)
     edit = time.perf_counter() - start
     res = {"inversion_s": total, "ddim_inversion_s": t_ddim, "iterations": iters, "inversion_peak_gib": inv_peak, "edit_s": edit, "edit_peak_gib": peak_gib(dev)}
@@ -243,13 +307,14 @@ def main():
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    unet, vae, text, tok, dtype, dev = load(args)
-    print(f"torch {torch.__version__}, {args.device}, {args.dtype}, {args.size}px, threads {torch.get_num_threads()}", flush=True)
+    pipe = Pipe(args)
+    family = "SDXL" if pipe.sdxl else "SD"
+    print(f"torch {torch.__version__}, {family}, {args.device}, {args.dtype}, {args.size}px, threads {torch.get_num_threads()}", flush=True)
     out = {}
     if not args.skip_stages:
-        out["stages"] = stages(args, unet, vae, text, tok, dtype, dev)
+        out["stages"] = stages(args, pipe)
     if args.full:
-        out["full"] = full(args, unet, vae, text, tok, dtype, dev)
+        out["full"] = full(args, pipe)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

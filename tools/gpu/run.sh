@@ -3,7 +3,7 @@
 # Binaries are built elsewhere with `tools/gpu/build.sh` into .gpu/ and carried with the
 # working tree; PyTorch is already there, diffusers travels as a wheel in .whl/.
 #
-#   tools/gpu/run.sh info|parity|parity-quick|tape|tracking|bench|invert-f16|invert-f32|pytorch-fp16|pytorch-fp32 ...
+#   tools/gpu/run.sh info|parity|parity-quick|tape|tracking|bench|invert-f16|invert-f32|pytorch-fp16|pytorch-fp32|sdxl-invert|pytorch-sdxl-fp16 ...
 #   (results under $OUT)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -23,6 +23,12 @@ IMG=/tmp/chelsea512.png
 need_model() {
   [ -d $MODEL ] || $NT -q random-model --preset sd15 --out $MODEL
   [ -f $IMG ] || python3 -c "from PIL import Image; Image.open('tests/fixtures/inputs/chelsea256.png').resize((512,512), Image.LANCZOS).save('$IMG')"
+}
+SDXL=/tmp/sdxl-random
+IMG_XL=/tmp/chelsea1024.png
+need_sdxl() {
+  [ -d $SDXL ] || $NT -q random-model --preset sdxl --out $SDXL
+  [ -f $IMG_XL ] || python3 -c "from PIL import Image; Image.open('tests/fixtures/inputs/chelsea256.png').resize((1024,1024), Image.LANCZOS).save('$IMG_XL')"
 }
 gpu_mem_watch() { nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$1" & echo $!; }
 peak_of() { sort -n "$1" | tail -1; }
@@ -85,6 +91,26 @@ for stage in "$@"; do
       PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 python3 tools/bench_pytorch.py --model $MODEL --device cuda --dtype $dt --size 512 \
         --repeat 5 --warmup 2 --full --no-early-stop --stages unet_b1,unet_b2,nti_iter,vae_encode,vae_decode,text_encoder \
         --json "$OUT/pytorch-$dt.json" 2>&1 | grep -v Warning | tee -a "$OUT/pytorch.txt" ;;
+    sdxl-invert)
+      # Full-size SDXL (random weights) at 1024², f16: a direct inversion, a whole null-text
+      # inversion without early stop, and an edit, each with its peak GPU memory.
+      need_sdxl
+      for method in direct null-text; do
+        w=$(gpu_mem_watch /tmp/mem-xl-$method.txt)
+        $NT --device cuda --dtype f16 invert --model $SDXL --image $IMG_XL --prompt "a close up photo of a cat" \
+          --method $method --out /tmp/cat-xl-$method.nti.safetensors --early-stop=-1 2>&1 | tee -a "$OUT/sdxl-invert.txt"
+        kill $w; echo "$method peak GPU memory used (MiB, nvidia-smi): $(peak_of /tmp/mem-xl-$method.txt)" | tee -a "$OUT/sdxl-invert.txt"
+      done
+      w=$(gpu_mem_watch /tmp/mem-xl-edit.txt)
+      $NT --device cuda --dtype f16 edit --model $SDXL --inversion /tmp/cat-xl-null-text.nti.safetensors --target "a close up photo of a dog" \
+        --out-dir /tmp/edits-xl 2>&1 | tee -a "$OUT/sdxl-invert.txt"
+      kill $w; echo "edit peak GPU memory used (MiB, nvidia-smi): $(peak_of /tmp/mem-xl-edit.txt)" | tee -a "$OUT/sdxl-invert.txt" ;;
+    pytorch-sdxl-fp16)
+      need_sdxl
+      python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >/dev/null 2>&1
+      PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 python3 tools/bench_pytorch.py --model $SDXL --device cuda --dtype fp16 --size 1024 \
+        --repeat 3 --warmup 1 --full --no-early-stop --stages unet_b1,unet_b2,nti_iter \
+        --json "$OUT/pytorch-sdxl-fp16.json" 2>&1 | grep -v Warning | tee -a "$OUT/pytorch-sdxl.txt" ;;
     *) echo "unknown stage $stage" ;;
   esac
 done

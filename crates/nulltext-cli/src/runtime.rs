@@ -5,8 +5,8 @@ use nulltext::models::{LoadOptions, StableDiffusion};
 
 pub fn load_model(spec: &str, opts: &LoadOptions, quiet: bool) -> Result<StableDiffusion> {
     let sp = crate::progress::spinner(quiet, &format!("loading {spec}"));
-    let sd =
-        StableDiffusion::load(spec, opts).with_context(|| format!("cannot load model `{spec}`"))?;
+    let sd = nulltext::runtime::load_weights(|| StableDiffusion::load(spec, opts))
+        .with_context(|| format!("cannot load model `{spec}`"))?;
     if let Some(s) = sp {
         s.finish_and_clear();
     }

@@ -413,8 +413,12 @@ fn batch_runs_an_sdxl_model() {
     for k in ["lpips", "clip_score"] {
         assert!(item["edits"][1][k].as_f64().is_some(), "{k}: {item}");
     }
-    let inv = nulltext::inversion_file::load(&out_dir.join("items/cat/inversion.nti.safetensors")).unwrap();
-    let pooled = inv.null_pooled.as_ref().expect("an SDXL inversion keeps its pooled embeddings");
+    let inv = nulltext::inversion_file::load(&out_dir.join("items/cat/inversion.nti.safetensors"))
+        .unwrap();
+    let pooled = inv
+        .null_pooled
+        .as_ref()
+        .expect("an SDXL inversion keeps its pooled embeddings");
     assert_eq!(pooled.dims()[0], 3, "one pooled embedding per step");
     let _ = std::fs::remove_dir_all(&d);
 }

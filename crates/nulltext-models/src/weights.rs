@@ -274,12 +274,22 @@ impl WeightStore {
             });
         }
         self.used.lock().unwrap().insert(name.to_string());
-        Ok(Tensor::from_raw_buffer(
-            bytes,
-            dtype,
-            &e.shape,
-            &Device::Cpu,
-        )?)
+        let t = Tensor::from_raw_buffer(bytes, dtype, &e.shape, &Device::Cpu)?;
+        // The bytes are copied: unmap their pages, so that loading a model holds each weight
+        // once rather than also as mapped file pages until the whole file is closed (10 GiB
+        // more resident at the peak of an fp32 SDXL UNet's load). The page cache keeps them;
+        // a later read of the same range maps them again.
+        #[cfg(unix)]
+        // SAFETY: a read-only file mapping; dropping its pages only makes the next access
+        // fault them in again from the file, with the same contents.
+        let _ = unsafe {
+            f.mmap.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                f.data_start + e.range.0,
+                bytes.len(),
+            )
+        };
+        Ok(t)
     }
 
     fn read(&self, name: &str, shape: Option<&[usize]>, dtype: DType) -> Result<Tensor> {
@@ -367,5 +377,54 @@ impl<'a> Vb<'a> {
 
     pub fn store(&self) -> &'a WeightStore {
         self.store
+    }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+
+    /// Resident size in KiB of this process's mapping of `path` (`/proc/self/smaps`).
+    fn mapped_rss_kib(path: &Path) -> Option<u64> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+        let name = path.to_str()?;
+        let mut lines = smaps.lines();
+        lines.find(|l| l.ends_with(name))?;
+        lines
+            .find_map(|l| l.strip_prefix("Rss:"))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    }
+
+    /// A weight read is copied out of the mapped file, and its pages leave the process.
+    #[test]
+    fn reading_a_weight_unmaps_its_file_pages() {
+        let dir = std::env::temp_dir().join(format!("nulltext-weights-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("w.safetensors");
+        let n = 4 << 20; // 16 MiB of f32
+        let w = Tensor::arange(0u32, n as u32, &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        candle_core::safetensors::save(&HashMap::from([("w".to_string(), w.clone())]), &path)
+            .unwrap();
+        let store =
+            WeightStore::open(std::slice::from_ref(&path), &Device::Cpu, DType::F32).unwrap();
+        let got = store.get("w", &[n]).unwrap();
+        let rss = mapped_rss_kib(&path).expect("the file is mapped");
+        std::fs::remove_dir_all(&dir).unwrap();
+        let diff: f32 = (got - w)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert_eq!(diff, 0.0);
+        assert!(rss <= 64, "{rss} KiB of the 16 MiB file still resident");
     }
 }

@@ -593,7 +593,7 @@ fn load(
         execution: nulltext::runtime::execution_from_env().map_err(py_err)?,
     };
     let sd = py
-        .detach(|| StableDiffusion::load(&model, &opts))
+        .detach(|| nulltext::runtime::load_weights(|| StableDiffusion::load(&model, &opts)))
         .map_err(|e| py_err(e.into()))?;
     Ok(Model { sd })
 }

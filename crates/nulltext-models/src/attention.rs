@@ -182,8 +182,9 @@ impl Attention {
 
     /// `softmax(q kᵀ · scale) v` `[B, heads, Lq, d]` in `v`'s dtype, with what its backward
     /// pass needs when `record`. With `control`, the controller sees and may replace the
-    /// probabilities; otherwise the fastest kernel runs: on the CPU in f32 the fused one
-    /// (`crate::cpu::attention`), which keeps only each query's log-sum-exp.
+    /// probabilities; otherwise the fastest kernel runs (on the CPU in f32 the fused one,
+    /// `crate::cpu::attention`), and a record keeps each query's log-sum-exp, not the
+    /// probabilities.
     pub(crate) fn core(
         &self,
         (q, k, v): (Tensor, Tensor, Tensor),
@@ -232,16 +233,24 @@ impl Attention {
             let (b, h, lq, _) = q.dims4()?;
             let o = Tensor::from_vec(o, (b, h, lq, n.dv), q.device())?;
             let lse = Tensor::from_vec(lse, (b, h, lq), q.device())?;
-            let rec = keep(&o, CoreKind::LogSumExp(lse), (q, k, v));
+            let rec = keep(&o, CoreKind::FusedLogSumExp(lse), (q, k, v));
             return Ok((o, rec));
         }
         if !record && !self.upcasts(dtype) {
             // candle's graph: the fused kernel on the CPU, as one differentiable node
             return Ok((attention(&q, &k, &v, self.scale)?, None));
         }
-        let probs = attention_probs(&q, &k, self.scale)?;
+        let scores = q.matmul(&k.t()?)?;
+        let probs = crate::nn::scaled_softmax_last_dim(&scores, self.scale)?;
         let o = probs.to_dtype(dtype)?.matmul(&v)?;
-        let rec = keep(&o, CoreKind::Probs(probs), (q, k, v));
+        if !record {
+            return Ok((o, None));
+        }
+        // Each query's log-sum-exp of the scaled scores, read off its largest probability:
+        // exp(s_max − lse) ≥ 1/keys, so its logarithm loses no precision.
+        let lse = ((scores.max_keepdim(D::Minus1)? * self.scale)?
+            - probs.max_keepdim(D::Minus1)?.log()?)?;
+        let rec = keep(&o, CoreKind::LogSumExp(lse), (q, k, v));
         Ok((o, rec))
     }
 
@@ -263,6 +272,11 @@ impl Attention {
         } = rec;
         match kind {
             CoreKind::LogSumExp(lse) => {
+                // the probabilities again, from the scores and the log-sum-exp
+                let p = ((q.matmul(&k.t()?)? * self.scale)?.broadcast_sub(&lse)?).exp()?;
+                self.probs_backward(p, (q, k, v, o), query_varies, d_o)
+            }
+            CoreKind::FusedLogSumExp(lse) => {
                 let n = attn_dims(q.dims(), k.dims(), v.dims())?;
                 let (dq, dk, dv) = ops::with_f32(&q, |qs| {
                     ops::with_f32(&k, |ks| {
@@ -295,22 +309,6 @@ impl Attention {
                     Tensor::from_vec(dv, v.dims(), dev)?,
                 ))
             }
-            CoreKind::Probs(p) => {
-                let dv = p.to_dtype(dtype)?.t()?.matmul(d_o)?;
-                let dp = d_o.matmul(&v.t()?)?;
-                // softmax: dS = P ⊙ (dP − Σⱼ Pᵢⱼ dPᵢⱼ), and Σⱼ Pᵢⱼ dPᵢⱼ = dOᵢ · Oᵢ; in the
-                // scores' dtype (f32 where the attention is upcast)
-                let wide = q.dtype();
-                let dot = (d_o * &o)?.sum_keepdim(D::Minus1)?.to_dtype(wide)?;
-                let dp = dp.to_dtype(wide)?.broadcast_sub(&dot)?;
-                let ds = ((&p * dp)? * self.scale)?;
-                let dk = ds.t()?.matmul(&q)?.to_dtype(dtype)?;
-                let dq = match query_varies {
-                    true => Some(ds.matmul(&k)?.to_dtype(dtype)?),
-                    false => None,
-                };
-                Ok((dq, dk, dv))
-            }
             CoreKind::Graph { leaves, out } => {
                 let loss = (out.to_dtype(DType::F32)? * d_o.to_dtype(DType::F32)?)?.sum_all()?;
                 let grads = loss.backward()?;
@@ -324,6 +322,32 @@ impl Attention {
                 Ok((dq, grad(&leaves.1)?, grad(&leaves.2)?))
             }
         }
+    }
+
+    /// [`Self::core_backward`] given the probabilities `p` (in the scores' dtype) and the
+    /// core's inputs and output.
+    fn probs_backward(
+        &self,
+        p: Tensor,
+        (q, k, v, o): (Tensor, Tensor, Tensor, Tensor),
+        query_varies: bool,
+        d_o: &Tensor,
+    ) -> Result<(Option<Tensor>, Tensor, Tensor)> {
+        let dtype = d_o.dtype();
+        let dv = p.to_dtype(dtype)?.t()?.matmul(d_o)?;
+        let dp = d_o.matmul(&v.t()?)?;
+        // softmax: dS = P ⊙ (dP − Σⱼ Pᵢⱼ dPᵢⱼ), and Σⱼ Pᵢⱼ dPᵢⱼ = dOᵢ · Oᵢ; in the
+        // scores' dtype (f32 where the attention is upcast)
+        let wide = q.dtype();
+        let dot = (d_o * &o)?.sum_keepdim(D::Minus1)?.to_dtype(wide)?;
+        let dp = dp.to_dtype(wide)?.broadcast_sub(&dot)?;
+        let ds = ((&p * dp)? * self.scale)?;
+        let dk = ds.t()?.matmul(&q)?.to_dtype(dtype)?;
+        let dq = match query_varies {
+            true => Some(ds.matmul(&k)?.to_dtype(dtype)?),
+            false => None,
+        };
+        Ok((dq, dk, dv))
     }
 }
 
@@ -339,11 +363,13 @@ pub(crate) struct AttnRecord {
 }
 
 enum CoreKind {
-    /// The fused CPU kernel's log-sum-exp per query: its backward recomputes the
-    /// probabilities.
+    /// The fused CPU kernel's log-sum-exp per query `[B, heads, Lq]`: its backward
+    /// recomputes each block's probabilities.
+    FusedLogSumExp(Tensor),
+    /// Tensor ops (other devices and dtypes): each query's log-sum-exp of the scaled scores
+    /// `[B, heads, Lq, 1]`, in the scores' dtype, from which the backward pass recomputes
+    /// the probabilities instead of keeping them.
     LogSumExp(Tensor),
-    /// The probabilities, in the scores' dtype.
-    Probs(Tensor),
     /// A controller edited the probabilities: candle's autograd from these leaves (q, k,
     /// v) through its edit to the output.
     Graph {

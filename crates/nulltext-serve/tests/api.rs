@@ -179,7 +179,9 @@ fn an_sdxl_model_serves_the_same_api() {
     let r = submit_inversion(addr, "3", "2");
     assert_eq!(r.status, 202, "{}", r.text());
     let id = r.json()["id"].as_str().unwrap().to_string();
-    let job = wait_job(addr, &id, 300, |v| v["state"] != "queued" && v["state"] != "running");
+    let job = wait_job(addr, &id, 300, |v| {
+        v["state"] != "queued" && v["state"] != "running"
+    });
     assert_eq!(job["state"], "succeeded", "{job}");
     let inv_id = job["result"]["id"].as_str().unwrap().to_string();
     let r = get(addr, &format!("/v1/inversions/{inv_id}/file"));

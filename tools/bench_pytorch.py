@@ -58,7 +58,10 @@ class Pipe:
             self.tok_2 = CLIPTokenizer.from_pretrained(args.model, subfolder="tokenizer_2")
             parts.append(self.text_2)
             index = os.path.join(args.model, "model_index.json")
-            config = json.load(open(index)) if os.path.exists(index) else {}
+            config = {}
+            if os.path.exists(index):
+                with open(index) as f:
+                    config = json.load(f)
             self.zeros_for_empty = config.get("force_zeros_for_empty_prompt", True)
         for m in parts:
             m.requires_grad_(False)

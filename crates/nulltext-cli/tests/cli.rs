@@ -627,3 +627,58 @@ fn sdxl_model_runs_the_same_commands() {
     assert!(err.contains("fingerprint"), "{err}");
     std::fs::remove_dir_all(&d).ok();
 }
+
+/// `bench` times every stage it is asked for and writes them as JSON, with the peak memory
+/// and the tensors each run creates; in half precision (candle's ops, as on GPUs) the
+/// context tape creates fewer than candle's autograd graph (1.6× fewer on this tiny model,
+/// 2.7× on SD 1.5's shapes), which is what it is for.
+#[test]
+fn bench_reports_times_memory_and_tensors() {
+    let d = tmp("bench");
+    let json = d.join("bench.json");
+    let stages = "text_encoder,unet_b1,nti_iter,nti_iter_graph,vae_decode";
+    let out = ok(&[
+        "--dtype",
+        "f16",
+        "bench",
+        "--model",
+        tiny_arg(),
+        "--size",
+        "64",
+        "--only",
+        stages,
+        "--repeat",
+        "2",
+        "--warmup",
+        "1",
+        "--json",
+        s(&json),
+    ]);
+    assert!(out.contains("tensors"), "{out}");
+    let v = read_json(&json);
+    assert_eq!(v["dtype"], "F16", "{v}");
+    let rows = v["results"].as_array().unwrap();
+    let row = |stage: &str| {
+        rows.iter()
+            .find(|r| r["stage"] == stage)
+            .unwrap_or_else(|| panic!("{stage}: {v}"))
+    };
+    for stage in stages.split(',') {
+        let r = row(stage);
+        let (min, med, max) = (
+            r["min_s"].as_f64().unwrap(),
+            r["median_s"].as_f64().unwrap(),
+            r["max_s"].as_f64().unwrap(),
+        );
+        assert!(0.0 < min && min <= med && med <= max, "{r}");
+        assert!(r["peak_rss_gib"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["tensors"].as_u64().unwrap() > 0, "{r}");
+    }
+    let tensors = |stage: &str| row(stage)["tensors"].as_u64().unwrap();
+    assert!(tensors("unet_b1") < tensors("nti_iter"), "{v}");
+    assert!(
+        3 * tensors("nti_iter") < 2 * tensors("nti_iter_graph"),
+        "{v}"
+    );
+    let _ = std::fs::remove_dir_all(&d);
+}

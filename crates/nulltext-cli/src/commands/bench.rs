@@ -1,5 +1,5 @@
-//! Per-stage timings and peak memory, for regressions and for comparing with PyTorch
-//! (`tools/bench_pytorch.py` times diffusers the same way).
+//! Per-stage timings, peak memory and tensors created, for regressions and for comparing
+//! with PyTorch (`tools/bench_pytorch.py` times diffusers the same way).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -72,6 +72,18 @@ fn peak_gib() -> f64 {
         })
         .map(|kb| kb / (1024.0 * 1024.0))
         .unwrap_or(f64::NAN)
+}
+
+/// Tensors candle has created in this process so far, read off a new tensor's id (ids count
+/// up from 1): every kernel's output and every view. On GPUs each costs host-side work that
+/// can bound a pass more than the kernels themselves do.
+fn tensors_created() -> Option<usize> {
+    let probe = Tensor::zeros((), candle_core::DType::U8, &candle_core::Device::Cpu).ok()?;
+    let id = format!("{:?}", probe.id());
+    id.strip_prefix("TensorId(")?
+        .strip_suffix(')')?
+        .parse()
+        .ok()
 }
 
 fn sync(t: &Tensor) -> Result<()> {
@@ -148,8 +160,8 @@ pub fn run(a: BenchArgs, ctx: &Ctx) -> Result<()> {
         std::env::var("RAYON_NUM_THREADS").unwrap_or_default()
     ));
     ctx.say(format!(
-        "{:<16} {:>10} {:>22} {:>12}",
-        "stage", "median s", "min – max s", "peak GiB"
+        "{:<16} {:>10} {:>22} {:>12} {:>9}",
+        "stage", "median s", "min – max s", "peak GiB", "tensors"
     ));
     for stage in &stages {
         let mut run_once = || -> Result<()> {
@@ -261,21 +273,31 @@ pub fn run(a: BenchArgs, ctx: &Ctx) -> Result<()> {
             run_once()?;
         }
         reset_peak();
+        let runs = if whole_job { 1 } else { a.repeat.max(1) };
         let mut times = Vec::new();
-        for _ in 0..if whole_job { 1 } else { a.repeat.max(1) } {
+        let mut tensors = Some(0);
+        for _ in 0..runs {
+            let before = tensors_created();
             let s = Instant::now();
             run_once()?;
             times.push(s.elapsed().as_secs_f64());
+            // less the probe that read `before`
+            let made = tensors_created()
+                .zip(before)
+                .map(|(after, before)| after - before - 1);
+            tensors = tensors.zip(made).map(|(sum, n)| sum + n);
         }
+        let tensors = tensors.map(|n| n / runs);
+        let shown = tensors.map_or("?".to_string(), |n| n.to_string());
         let peak = peak_gib();
         times.sort_by(|a, b| a.partial_cmp(b).unwrap());
         let med = times[times.len() / 2];
         ctx.say(format!(
-            "{stage:<16} {med:>10.3} {:>10.3} – {:<9.3} {peak:>12.2}",
+            "{stage:<16} {med:>10.3} {:>10.3} – {:<9.3} {peak:>12.2} {shown:>9}",
             times[0],
             times[times.len() - 1]
         ));
-        rows.push(serde_json::json!({"stage": stage, "median_s": med, "min_s": times[0], "max_s": times[times.len()-1], "peak_rss_gib": peak}));
+        rows.push(serde_json::json!({"stage": stage, "median_s": med, "min_s": times[0], "max_s": times[times.len()-1], "peak_rss_gib": peak, "tensors": tensors}));
     }
     if let Some(p) = &a.json {
         let v = serde_json::json!({"model": sd.name, "size": size, "device": format!("{:?}", sd.device), "dtype": format!("{:?}", sd.dtype), "results": rows});

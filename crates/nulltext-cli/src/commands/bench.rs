@@ -275,19 +275,16 @@ pub fn run(a: BenchArgs, ctx: &Ctx) -> Result<()> {
         reset_peak();
         let runs = if whole_job { 1 } else { a.repeat.max(1) };
         let mut times = Vec::new();
-        let mut tensors = Some(0);
+        let before = tensors_created();
         for _ in 0..runs {
-            let before = tensors_created();
             let s = Instant::now();
             run_once()?;
             times.push(s.elapsed().as_secs_f64());
-            // less the probe that read `before`
-            let made = tensors_created()
-                .zip(before)
-                .map(|(after, before)| after - before - 1);
-            tensors = tensors.zip(made).map(|(sum, n)| sum + n);
         }
-        let tensors = tensors.map(|n| n / runs);
+        // less the probe that reads the count after the runs
+        let tensors = tensors_created()
+            .zip(before)
+            .map(|(after, before)| (after - before - 1) / runs);
         let shown = tensors.map_or("?".to_string(), |n| n.to_string());
         let peak = peak_gib();
         times.sort_by(|a, b| a.partial_cmp(b).unwrap());

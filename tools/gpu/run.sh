@@ -3,7 +3,7 @@
 # Binaries are built elsewhere with `tools/gpu/build.sh` into .gpu/ and carried with the
 # working tree; PyTorch is already there, diffusers travels as a wheel in .whl/.
 #
-#   tools/gpu/run.sh info|parity|parity-quick|tape|tracking|bench|invert-f16|invert-f32|pytorch-fp16|pytorch-fp32|sdxl-invert|pytorch-sdxl-fp16 ...
+#   tools/gpu/run.sh info|parity|parity-quick|fused|tape|tracking|bench|invert-f16|invert-f32|pytorch-fp16|pytorch-fp32|sdxl-invert|pytorch-sdxl-fp16 ...
 #   (results under $OUT)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -57,6 +57,22 @@ for stage in "$@"; do
         echo "NULLTEXT_CUDA_EVENT_TRACKING=$tr" | tee -a "$OUT/tracking.txt"
         NULLTEXT_CUDA_EVENT_TRACKING=$tr $NT --device cuda --dtype f16 bench --model $MODEL --size 512 --repeat 5 --warmup 2 \
           --only unet_b1,unet_b2,nti_iter,edit_step --json "$OUT/tracking-$tr.json" 2>&1 | tee -a "$OUT/tracking.txt"
+      done ;;
+    fused)
+      # nulltext's fused CUDA kernels against their tensor formulas in f32, f16 and bf16
+      # (the library's unit tests), then the UNet, the null-text iteration and an edit step
+      # with and without them and with the memory pool releasing its memory at every
+      # synchronization (the driver's default) or keeping it, alternating.
+      NULLTEXT_TEST_DEVICE=cuda $BIN/nulltext_models fused --test-threads 1 --nocapture 2>&1 \
+        | grep -E "group norm|layer norm|geglu|test result|panicked" | tee -a "$OUT/fused.txt"
+      need_model
+      for round in 1 2; do
+        for cfg in "on keep" "off keep" "on release" "off release"; do
+          read -r fk pool <<< "$cfg"
+          echo "fused kernels $fk, pool $pool (round $round)" | tee -a "$OUT/fused.txt"
+          NULLTEXT_FUSED_KERNELS=$fk NULLTEXT_CUDA_POOL=$pool $NT --device cuda --dtype f16 bench --model $MODEL --size 512 \
+            --repeat 10 --warmup 2 --only unet_b1,unet_b2,nti_iter,edit_step --json "$OUT/fused-$fk-$pool-$round.json" 2>&1 | tee -a "$OUT/fused.txt"
+        done
       done ;;
     tape)
       # The null-text iteration both ways (the context tape, as inversions run it, and

@@ -6,8 +6,9 @@
 use candle_core::{DType, Tensor, Var, D};
 
 use crate::control::{AttentionCall, AttentionControl, AttentionKind, AttentionSite, Place};
-use crate::cpu::ops::{attn_dims, CpuFusedAttention, CpuGeglu};
+use crate::cpu::ops::{attn_dims, CpuFusedAttention};
 use crate::error::Result;
+use crate::fused::{self, GegluGrad, GegluOp};
 use crate::nn::layout as ops;
 use crate::nn::{Conv2d, GroupNorm, LayerNorm, Linear};
 use crate::weights::Vb;
@@ -100,6 +101,80 @@ mod tests {
         };
         let (a, b) = (grads(false), grads(true));
         for (x, y) in a.iter().zip(&b) {
+            let e: f32 = (x - y)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            assert!(e < 1e-5, "{e}");
+        }
+    }
+
+    /// The tape's attention core on tensor ops with the fused steps (as GPUs run it; here
+    /// with the steps' CPU implementations) equals the fused CPU attention, forward and
+    /// backward.
+    #[test]
+    fn tensor_core_with_fused_steps_matches_the_fused_cpu_kernel() {
+        let linear = || Linear {
+            weight: Tensor::zeros((8, 8), DType::F32, &Device::Cpu).unwrap(),
+            bias: None,
+        };
+        let a = Attention {
+            to_q: linear(),
+            to_k: linear(),
+            to_v: linear(),
+            to_out: linear(),
+            heads: 3,
+            scale: 0.35,
+            upcast: false,
+            site: AttentionSite {
+                place: Place::Mid,
+                block: 0,
+                transformer: 0,
+                layer: 0,
+                kind: AttentionKind::SelfAttention,
+                index: 0,
+                path: "mid".into(),
+            },
+        };
+        let (q, k, v) = (
+            rand(1, (2, 3, 50, 8)),
+            rand(2, (2, 3, 40, 8)),
+            rand(3, (2, 3, 40, 8)),
+        );
+        let d_o = rand(4, (2, 3, 50, 8));
+        let (o1, rec1) = a
+            .core((q.clone(), k.clone(), v.clone()), None, true)
+            .unwrap();
+        assert!(matches!(
+            rec1.as_ref().unwrap().kind,
+            CoreKind::FusedLogSumExp(_)
+        ));
+        let (o2, lse) = a.tensor_core((&q, &k, &v), true, false).unwrap();
+        assert_eq!(
+            lse.as_ref().unwrap().dtype(),
+            DType::F32,
+            "the fused steps ran"
+        );
+        let rec2 = AttnRecord {
+            q,
+            k,
+            v,
+            o: o2.clone(),
+            kind: CoreKind::LogSumExp(lse.unwrap()),
+            query_varies: true,
+        };
+        let (dq1, dk1, dv1) = a.core_backward(rec1.unwrap(), &d_o).unwrap();
+        let (dq2, dk2, dv2) = a.core_backward(rec2, &d_o).unwrap();
+        for (x, y) in [
+            (o1, o2),
+            (dq1.unwrap(), dq2.unwrap()),
+            (dk1, dk2),
+            (dv1, dv2),
+        ] {
             let e: f32 = (x - y)
                 .unwrap()
                 .abs()
@@ -236,13 +311,34 @@ impl Attention {
             let rec = keep(&o, CoreKind::FusedLogSumExp(lse), (q, k, v));
             return Ok((o, rec));
         }
-        if !record && !self.upcasts(dtype) {
+        let tracked = [&q, &k, &v].iter().any(|t| t.track_op());
+        if !record && !self.upcasts(dtype) && (tracked || !fused::applies(&v)) {
             // candle's graph: the fused kernel on the CPU, as one differentiable node
             return Ok((attention(&q, &k, &v, self.scale)?, None));
         }
+        let (o, lse) = self.tensor_core((&q, &k, &v), record, tracked)?;
+        let rec = lse.and_then(|lse| keep(&o, CoreKind::LogSumExp(lse), (q, k, v)));
+        Ok((o, rec))
+    }
+
+    /// [`Self::core`] on tensor ops, with each query's log-sum-exp when `record`. Where
+    /// [`fused::applies`] and nothing is `tracked` by candle's graph, the fused kernels run
+    /// between the products, recording or not, so that a tape's pass and a plain pass give
+    /// the same values.
+    fn tensor_core(
+        &self,
+        (q, k, v): (&Tensor, &Tensor, &Tensor),
+        record: bool,
+        tracked: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let dtype = v.dtype();
         let scores = q.matmul(&k.t()?)?;
+        if !tracked && fused::applies(&scores) {
+            let (probs, lse) = fused::softmax_with_logsumexp(&scores, self.scale)?;
+            return Ok((probs.to_dtype(dtype)?.matmul(v)?, record.then_some(lse)));
+        }
         let probs = crate::nn::scaled_softmax_last_dim(&scores, self.scale)?;
-        let o = probs.to_dtype(dtype)?.matmul(&v)?;
+        let o = probs.to_dtype(dtype)?.matmul(v)?;
         if !record {
             return Ok((o, None));
         }
@@ -250,8 +346,7 @@ impl Attention {
         // exp(s_max − lse) ≥ 1/keys, so its logarithm loses no precision.
         let lse = ((scores.max_keepdim(D::Minus1)? * self.scale)?
             - probs.max_keepdim(D::Minus1)?.log()?)?;
-        let rec = keep(&o, CoreKind::LogSumExp(lse), (q, k, v));
-        Ok((o, rec))
+        Ok((o, Some(lse)))
     }
 
     /// The gradients of [`Self::core`]'s queries (`None` where they are constants), keys and
@@ -273,7 +368,11 @@ impl Attention {
         match kind {
             CoreKind::LogSumExp(lse) => {
                 // the probabilities again, from the scores and the log-sum-exp
-                let p = ((q.matmul(&k.t()?)? * self.scale)?.broadcast_sub(&lse)?).exp()?;
+                let s = q.matmul(&k.t()?)?;
+                let p = match fused::applies(&s) {
+                    true => fused::probs(&s, &lse.to_dtype(DType::F32)?, self.scale)?,
+                    false => ((s * self.scale)?.broadcast_sub(&lse.to_dtype(q.dtype())?)?).exp()?,
+                };
                 self.probs_backward(p, (q, k, v, o), query_varies, d_o)
             }
             CoreKind::FusedLogSumExp(lse) => {
@@ -339,9 +438,14 @@ impl Attention {
         // softmax: dS = P ⊙ (dP − Σⱼ Pᵢⱼ dPᵢⱼ), and Σⱼ Pᵢⱼ dPᵢⱼ = dOᵢ · Oᵢ; in the
         // scores' dtype (f32 where the attention is upcast)
         let wide = q.dtype();
-        let dot = (d_o * &o)?.sum_keepdim(D::Minus1)?.to_dtype(wide)?;
-        let dp = dp.to_dtype(wide)?.broadcast_sub(&dot)?;
-        let ds = ((&p * dp)? * self.scale)?;
+        let dp = dp.to_dtype(wide)?;
+        let ds = match fused::applies_with(&p, &[&dp]) && fused::applies_with(d_o, &[&o]) {
+            true => fused::softmax_grad(&p, &dp, (d_o, &o), self.scale)?,
+            false => {
+                let dot = (d_o * &o)?.sum_keepdim(D::Minus1)?.to_dtype(wide)?;
+                ((&p * dp.broadcast_sub(&dot)?)? * self.scale)?
+            }
+        };
         let dk = ds.t()?.matmul(&q)?.to_dtype(dtype)?;
         let dq = match query_varies {
             true => Some(ds.matmul(&k)?.to_dtype(dtype)?),
@@ -395,8 +499,8 @@ impl FeedForward {
 
     /// `a · gelu(b)` for the projection `ff = [a | b]` `[B, L, 2·inner]`.
     pub(crate) fn geglu(ff: &Tensor) -> Result<Tensor> {
-        if ff.device().is_cpu() && ff.dtype() == DType::F32 {
-            return Ok(ff.contiguous()?.apply_op1(CpuGeglu)?);
+        if fused::applies(ff) {
+            return Ok(ff.contiguous()?.apply_op1(GegluOp)?);
         }
         let half = ff.dim(D::Minus1)? / 2;
         let (hidden, gate) = (ff.narrow(2, 0, half)?, ff.narrow(2, half, half)?);
@@ -406,12 +510,10 @@ impl FeedForward {
     /// The gradient of [`Self::geglu`]'s input `ff` given the gradient `g` of its output:
     /// `[g · gelu(b) | g · a · gelu′(b)]`.
     pub(crate) fn geglu_grad(ff: &Tensor, g: &Tensor) -> Result<Tensor> {
-        if ops::host(ff) && ops::host(g) {
-            let inner = g.dim(D::Minus1)?;
-            let dh = ops::with_f32(ff, |h| {
-                ops::with_f32(g, |g| crate::cpu::kernels::geglu_backward(h, g, inner))
-            })??;
-            return Ok(Tensor::from_vec(dh, ff.dims(), ff.device())?);
+        if !ff.track_op() && !g.track_op() && fused::applies_with(ff, &[g]) {
+            return Ok(ff
+                .contiguous()?
+                .apply_op2_no_bwd(&g.contiguous()?, &GegluGrad)?);
         }
         let half = ff.dim(D::Minus1)? / 2;
         let (hidden, gate) = (ff.narrow(2, 0, half)?, ff.narrow(2, half, half)?);

@@ -12,6 +12,7 @@ pub mod dino;
 pub mod embeddings;
 pub mod error;
 pub mod fingerprint;
+pub(crate) mod fused;
 pub mod model;
 pub mod nn;
 pub mod prompt;

@@ -23,10 +23,9 @@ use std::sync::OnceLock;
 use candle_core::{DType, Tensor, D};
 
 use crate::cpu::conv::CpuConv;
-use crate::cpu::ops::{
-    Biased, CpuConvForward, CpuGroupNorm, CpuLayerNorm, CpuLinear, CpuScaledSoftmax,
-};
+use crate::cpu::ops::{Biased, CpuConvForward, CpuLayerNorm, CpuLinear, CpuScaledSoftmax};
 use crate::error::Result;
+use crate::fused;
 use crate::weights::Vb;
 pub use autograd::attach_grad;
 use grads::{conv_input_grad, group_norm_input_grad, layer_norm_input_grad, normalized};
@@ -245,6 +244,8 @@ pub struct GroupNorm {
     pub bias: Tensor,
     pub groups: usize,
     pub eps: f64,
+    /// `[γ | β]`, for the fused kernels' input gradient.
+    affine: OnceLock<Tensor>,
 }
 
 impl GroupNorm {
@@ -257,12 +258,18 @@ impl GroupNorm {
         }
         let weight = vb.get(&[channels], "weight")?;
         let bias = vb.get(&[channels], "bias")?;
-        Ok(Self {
+        Ok(Self::new(weight, bias, groups, eps))
+    }
+
+    /// A group norm with `weight` (γ) and `bias` (β), `[C]` each, `C` a multiple of `groups`.
+    pub fn new(weight: Tensor, bias: Tensor, groups: usize, eps: f64) -> Self {
+        Self {
             weight,
             bias,
             groups,
             eps,
-        })
+            affine: OnceLock::new(),
+        }
     }
 
     /// `(x − μ)/σ` per group and `1/σ` ([`grads::normalized`]).
@@ -299,40 +306,49 @@ impl GroupNorm {
         wd
     }
 
-    /// The CPU kernel, when `x` and the affine parameters are f32 on the CPU.
-    fn cpu_op(&self, x: &Tensor, silu: bool) -> Option<CpuGroupNorm> {
-        (x.device().is_cpu()
-            && x.dtype() == DType::F32
-            && self.weight.dtype() == DType::F32
-            && self.bias.dtype() == DType::F32)
-            .then_some(CpuGroupNorm {
+    /// The fused kernel ([`fused::GroupNormOp`]), where it runs `x` with these affine
+    /// parameters: f32 on the CPU, or on a CUDA GPU when they are frozen (training there
+    /// differentiates them through candle's ops).
+    pub(crate) fn fused_op(&self, x: &Tensor, silu: bool) -> Option<fused::GroupNormOp> {
+        let frozen = x.device().is_cpu() || !self.weight.is_variable();
+        (frozen && fused::applies_with(x, &[&self.weight, &self.bias])).then_some(
+            fused::GroupNormOp {
                 groups: self.groups,
                 eps: self.eps,
                 silu,
-            })
+            },
+        )
     }
 
-    fn apply_cpu(&self, x: &Tensor, op: CpuGroupNorm) -> Result<Tensor> {
+    fn apply_fused(&self, x: &Tensor, op: fused::GroupNormOp) -> Result<Tensor> {
         Ok(x.contiguous()?
             .apply_op3(&self.weight.contiguous()?, &self.bias.contiguous()?, op)?)
     }
 
-    /// γ and β as host vectors (for the CPU kernel's input gradient).
-    fn affine(&self) -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
-        Ok((self.weight.to_vec1()?, self.bias.to_vec1()?))
+    /// `[γ | β]` for the fused input gradient, made once for frozen weights.
+    fn affine(&self) -> candle_core::Result<Tensor> {
+        if let Some(a) = self.affine.get() {
+            return Ok(a.clone());
+        }
+        let a = fused::stacked_affine(&self.weight.detach(), &self.bias.detach())?;
+        if !self.weight.is_variable() && !self.bias.is_variable() {
+            let _ = self.affine.set(a.clone());
+        }
+        Ok(a)
     }
 
-    /// `silu(group_norm(x))`, fused on the CPU (the pre-activation of every residual block).
+    /// `silu(group_norm(x))`, one fused kernel where [`fused::applies`] (the pre-activation of
+    /// every residual block).
     pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
-        match self.cpu_op(x, true) {
-            Some(op) => self.apply_cpu(x, op),
+        match self.fused_op(x, true) {
+            Some(op) => self.apply_fused(x, op),
             None => Ok(self.forward(x)?.silu()?),
         }
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if let Some(op) = self.cpu_op(x, false) {
-            return self.apply_cpu(x, op);
+        if let Some(op) = self.fused_op(x, false) {
+            return self.apply_fused(x, op);
         }
         let value = |x: &Tensor| Ok::<_, candle_core::Error>(self.forward_saving(x, false)?.0);
         if !x.track_op() || self.weight.is_variable() {
@@ -368,16 +384,17 @@ impl GroupNorm {
     }
 
     /// `group_norm(x)` (with `silu`, `silu(group_norm(x))`) and what [`Self::backward`]
-    /// needs: the input for the CPU kernel, `(x̂, 1/σ)` for the tensor formula.
+    /// needs: the input for the fused kernel, `(x̂, 1/σ)` for the tensor formula.
     pub(crate) fn forward_recording(
         &self,
         x: &Tensor,
         silu: bool,
     ) -> candle_core::Result<(Tensor, NormRecord)> {
-        match self.cpu_op(x, silu).filter(|_| !x.track_op()) {
+        match self.fused_op(x, silu).filter(|_| !x.track_op()) {
             Some(op) => {
                 let x = x.contiguous()?;
-                let y = x.apply_op3_no_bwd(&self.weight, &self.bias, &op)?;
+                let (w, b) = (self.weight.contiguous()?, self.bias.contiguous()?);
+                let y = x.apply_op3_no_bwd(&w, &b, &op)?;
                 Ok((y, NormRecord::Input(x)))
             }
             None => {
@@ -395,10 +412,13 @@ impl GroupNorm {
         silu: bool,
     ) -> candle_core::Result<Tensor> {
         match record {
-            NormRecord::Input(x) => match self.cpu_op(x, silu) {
-                Some(op) => op.input_grad(x, g, self.affine()?),
-                None => self.input_grad(x, g, silu),
-            },
+            NormRecord::Input(x) => {
+                let op = self.fused_op(x, silu).filter(|_| g.dtype() == x.dtype());
+                match op {
+                    Some(op) => op.input_grad(x, g, &self.affine()?),
+                    None => self.input_grad(x, g, silu),
+                }
+            }
             NormRecord::Normalized(xn, rstd) => {
                 self.input_grad_saved(&(xn.clone(), rstd.clone()), g, silu)
             }
@@ -408,7 +428,7 @@ impl GroupNorm {
 
 /// What a group norm keeps for its input gradient ([`GroupNorm::forward_recording`]).
 pub(crate) enum NormRecord {
-    /// The input, for the CPU kernel (which recomputes the statistics in one pass).
+    /// The input, for the fused kernel (which recomputes the statistics).
     Input(Tensor),
     /// `x̂` and `1/σ`, for the tensor formula.
     Normalized(Tensor, Tensor),
@@ -452,17 +472,15 @@ impl LayerNorm {
         Ok(attach_grad(&x, y, move |g, _| this.input_grad(&xd, g))?)
     }
 
-    /// The gradient of the input `x` given the gradient `g` of the output: the CPU kernel
-    /// in f32, else [`grads::layer_norm_input_grad`].
+    /// The gradient of the input `x` given the gradient `g` of the output: the fused kernel
+    /// ([`fused::LayerNormGrad`]) where it applies, else [`grads::layer_norm_input_grad`].
     pub(crate) fn input_grad(&self, x: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
-        if layout::host(x) && layout::host(g) && self.weight.dtype() == DType::F32 {
-            let (d, gamma) = (x.dim(D::Minus1)?, self.weight.to_vec1::<f32>()?);
-            let dx = layout::with_f32(x, |xs| {
-                layout::with_f32(g, |gs| {
-                    crate::cpu::kernels::layer_norm_backward(xs, gs, d, &gamma, self.eps)
-                })
-            })??;
-            return Tensor::from_vec(dx, x.dims(), x.device());
+        if !x.track_op() && !g.track_op() && fused::applies_with(x, &[g, &self.weight]) {
+            return x.contiguous()?.apply_op3_no_bwd(
+                &g.contiguous()?,
+                &self.weight.contiguous()?,
+                &fused::LayerNormGrad(self.eps),
+            );
         }
         layer_norm_input_grad(&self.weight, self.eps, x, g)
     }

@@ -16,12 +16,15 @@
 //!   residual block through its time-embedding bias: then everything after the input
 //!   convolution varies, and the backward pass also gives each bias's gradient;
 //! - convolutions and linear layers keep nothing (their weights are constants); norms keep
-//!   their input, attention its queries, keys, values, output and log-sum-exp (or, off the
-//!   CPU, its probabilities).
+//!   their input (group norms off the fused kernels: `x̂` and `1/σ`), attention its queries,
+//!   keys, values, output and each query's log-sum-exp (its probabilities only where a
+//!   controller edits them).
 //!
 //! Which kernels run is the tensors' business: on the CPU in f32 nulltext's own (`crate::nn`,
-//! `crate::cpu::attention`, `crate::nn::layout`), elsewhere candle's ops. The layers own their
-//! input-gradient formulas (`Conv2d::input_grad`, `GroupNorm::backward`, …).
+//! `crate::cpu::attention`, `crate::nn::layout`); for norms, GEGLU and the attention's
+//! softmax steps on the CPU and CUDA GPUs its fused ones (`crate::fused`); elsewhere
+//! candle's ops. The layers own their input-gradient formulas (`Conv2d::input_grad`,
+//! `GroupNorm::backward`, …).
 
 use candle_core::{DType, Tensor};
 

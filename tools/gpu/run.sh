@@ -3,13 +3,14 @@
 # Binaries are built elsewhere with `tools/gpu/build.sh` into .gpu/ and carried with the
 # working tree; PyTorch is already there, diffusers travels as a wheel in .whl/.
 #
-#   tools/gpu/run.sh info|parity|parity-quick|fused|tape|tracking|bench|invert-f16|invert-f32|pytorch-fp16|pytorch-fp32|sdxl-invert|pytorch-sdxl-fp16 ...
+#   tools/gpu/run.sh info|parity|parity-quick|fused|cudnn|tape|tracking|bench|invert-f16|invert-f32|pytorch-fp16|pytorch-fp32|sdxl-invert|pytorch-sdxl-fp16 ...
 #   (results under $OUT)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 BIN=/tmp/nt-bin
-CUDA_LIBS=/usr/local/cuda/lib64:/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib
+NV=/opt/torch/.venv/lib/python3.12/site-packages/nvidia
+CUDA_LIBS=/usr/local/cuda/lib64:$NV/cu13/lib:$NV/cudnn/lib
 export LD_LIBRARY_PATH=$CUDA_LIBS:${LD_LIBRARY_PATH:-}
 mkdir -p $BIN
 for f in .gpu/*.xz; do
@@ -72,6 +73,17 @@ for stage in "$@"; do
           echo "fused kernels $fk, pool $pool (round $round)" | tee -a "$OUT/fused.txt"
           NULLTEXT_FUSED_KERNELS=$fk NULLTEXT_CUDA_POOL=$pool $NT --device cuda --dtype f16 bench --model $MODEL --size 512 \
             --repeat 10 --warmup 2 --only unet_b1,unet_b2,nti_iter,edit_step --json "$OUT/fused-$fk-$pool-$round.json" 2>&1 | tee -a "$OUT/fused.txt"
+        done
+      done ;;
+    cudnn)
+      # candle's convolutions against cuDNN's (the build with `--features cudnn`), f16, 512²,
+      # alternating, twice.
+      need_model
+      for round in 1 2; do
+        for b in nulltext nulltext-cudnn; do
+          echo "$b (round $round)" | tee -a "$OUT/cudnn.txt"
+          $BIN/$b --device cuda --dtype f16 bench --model $MODEL --size 512 --repeat 10 --warmup 2 \
+            --only unet_b1,unet_b2,nti_iter,edit_step,vae_decode --json "$OUT/$b-$round.json" 2>&1 | tee -a "$OUT/cudnn.txt"
         done
       done ;;
     tape)

@@ -293,7 +293,8 @@ impl candle_core::CustomOp3 for GroupNormGrad {
         let (c, hw) = channels_and_plane(l1)?;
         same_shape(l1, l2, "group norm")?;
         let affine = &*values(s3, l3, "[γ | β]")?;
-        self.0.check(c, &[affine.len() / 2, affine.len() - c])?;
+        self.0
+            .check(c, &[affine.len() / 2, affine.len() - affine.len() / 2])?;
         let dx = crate::cpu::kernels::group_norm_backward(
             &values(s1, l1, "group norm input")?,
             &values(s2, l2, "group norm gradient")?,
@@ -320,7 +321,7 @@ impl candle_core::CustomOp3 for GroupNormGrad {
         let (c, hw) = channels_and_plane(l1)?;
         same_shape(l1, l2, "group norm")?;
         let n = l3.shape().elem_count();
-        self.0.check(c, &[n / 2, n - c])?;
+        self.0.check(c, &[n / 2, n - n / 2])?;
         let dx = cuda::group_norm_backward(&self.0, (s1, l1), (s2, l2), (s3, l3), hw)?;
         Ok((dx, l1.shape().clone()))
     }
@@ -1015,6 +1016,9 @@ mod tests {
         };
         let e = op.input_grad(&x, &x, &affine).unwrap_err().to_string();
         assert!(e.contains("8 channels in 4 groups"), "{e}");
+        let short = Tensor::zeros(4, DType::F32, &dev).unwrap();
+        let e = op.input_grad(&x, &x, &short).unwrap_err().to_string();
+        assert!(e.contains("affine parameters of [2, 2]"), "{e}");
         let g = Tensor::zeros((1, 8, 2, 3), DType::F32, &dev).unwrap();
         let affine = Tensor::zeros(16, DType::F32, &dev).unwrap();
         let e = op.input_grad(&x, &g, &affine).unwrap_err().to_string();

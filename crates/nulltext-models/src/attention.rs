@@ -42,6 +42,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tenso
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::max_abs_diff;
     use candle_core::{Device, Var};
 
     fn rand(seed: u64, shape: (usize, usize, usize, usize)) -> Tensor {
@@ -101,14 +102,7 @@ mod tests {
         };
         let (a, b) = (grads(false), grads(true));
         for (x, y) in a.iter().zip(&b) {
-            let e: f32 = (x - y)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap();
+            let e = max_abs_diff(x, y);
             assert!(e < 1e-5, "{e}");
         }
     }
@@ -175,14 +169,7 @@ mod tests {
             (dk1, dk2),
             (dv1, dv2),
         ] {
-            let e: f32 = (x - y)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap();
+            let e = max_abs_diff(&x, &y);
             assert!(e < 1e-5, "{e}");
         }
     }

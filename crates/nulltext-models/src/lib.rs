@@ -22,6 +22,8 @@ pub mod scheduler;
 pub mod sdxl;
 pub mod single_file;
 pub mod tensors;
+#[cfg(test)]
+mod testing;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;

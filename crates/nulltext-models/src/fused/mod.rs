@@ -784,6 +784,7 @@ mod tests {
 
     use crate::attention::FeedForward;
     use crate::nn::{GroupNorm, LayerNorm};
+    use crate::testing::max_abs_diff;
 
     fn device() -> Device {
         match std::env::var("NULLTEXT_TEST_DEVICE").as_deref() {
@@ -830,16 +831,14 @@ mod tests {
 
     /// `max |got − want| / max |want|`.
     fn error(got: &Tensor, want: &Tensor) -> f64 {
-        let got = got
-            .to_device(&Device::Cpu)
+        let scale = want
+            .abs()
             .unwrap()
-            .to_dtype(DType::F64)
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
             .unwrap();
-        assert_eq!(got.dims(), want.dims());
-        let diff = (got - want).unwrap().abs().unwrap().flatten_all().unwrap();
-        let scale = want.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
-        let (d, s) = (diff.max(0).unwrap(), scale.to_scalar::<f64>().unwrap());
-        d.to_scalar::<f64>().unwrap() / s.max(1e-30)
+        max_abs_diff(got, want) / scale.max(1e-30)
     }
 
     #[test]

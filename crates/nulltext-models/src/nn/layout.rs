@@ -284,6 +284,7 @@ pub(crate) fn upsample_grad(g: &Tensor, (h, w): (usize, usize)) -> Result<Tensor
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::max_abs_diff;
 
     fn ramp(dims: &[usize]) -> Tensor {
         let n: usize = dims.iter().product();
@@ -292,16 +293,7 @@ mod tests {
     }
 
     fn same(a: &Tensor, b: &Tensor) {
-        assert_eq!(a.dims(), b.dims());
-        let d: f32 = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        assert_eq!(d, 0.0);
+        assert_eq!(max_abs_diff(a, b), 0.0);
     }
 
     /// The host loops give candle's values (a variable takes candle's ops).
@@ -349,14 +341,7 @@ mod tests {
             let g = ramp(&[2, 3, to.0, to.1]);
             let f64_grad = upsample_grad(&g.to_dtype(DType::F64).unwrap(), from).unwrap();
             let host_grad = upsample_grad(&g, from).unwrap();
-            let d = (host_grad.to_dtype(DType::F64).unwrap() - f64_grad)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap();
+            let d = max_abs_diff(&host_grad, &f64_grad);
             assert!(d < 1e-6, "{d}");
         }
     }

@@ -14,11 +14,11 @@
 
 /// Runs `$f::<T>(…)` for the element type `T` of a dtype (f32, f16, bf16), on either device.
 macro_rules! per_element {
-    ($dtype:expr, $f:ident($($arg:expr),* $(,)?)) => {
+    ($dtype:expr, $($f:ident)::+ ($($arg:expr),* $(,)?)) => {
         match $dtype {
-            candle_core::DType::F32 => $f::<f32>($($arg),*),
-            candle_core::DType::F16 => $f::<half::f16>($($arg),*),
-            candle_core::DType::BF16 => $f::<half::bf16>($($arg),*),
+            candle_core::DType::F32 => $($f)::+::<f32>($($arg),*),
+            candle_core::DType::F16 => $($f)::+::<half::f16>($($arg),*),
+            candle_core::DType::BF16 => $($f)::+::<half::bf16>($($arg),*),
             dt => candle_core::bail!("the fused kernels take f32, f16 or bf16, not {dt:?}"),
         }
     };
@@ -232,7 +232,10 @@ impl candle_core::CustomOp3 for GroupNormOp {
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let (c, hw) = channels_and_plane(l1)?;
         self.check(c, &[l2.shape().elem_count(), l3.shape().elem_count()])?;
-        let y = cuda::group_norm(self, (s1, l1), (s2, l2), (s3, l3), hw)?;
+        let y = per_element!(
+            s1.dtype(),
+            cuda::group_norm(self, (s1, l1), (s2, l2), (s3, l3), hw)
+        )?;
         Ok((y, l1.shape().clone()))
     }
 
@@ -322,7 +325,10 @@ impl candle_core::CustomOp3 for GroupNormGrad {
         same_shape(l1, l2, "group norm")?;
         let n = l3.shape().elem_count();
         self.0.check(c, &[n / 2, n - n / 2])?;
-        let dx = cuda::group_norm_backward(&self.0, (s1, l1), (s2, l2), (s3, l3), hw)?;
+        let dx = per_element!(
+            s1.dtype(),
+            cuda::group_norm_backward(&self.0, (s1, l1), (s2, l2), (s3, l3), hw)
+        )?;
         Ok((dx, l1.shape().clone()))
     }
 }
@@ -390,7 +396,10 @@ impl candle_core::CustomOp3 for LayerNormGrad {
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         same_shape(l1, l2, "layer norm")?;
         let d = Self::width(l1, l3)?;
-        let dx = cuda::layer_norm_backward(self.0, (s1, l1), (s2, l2), (s3, l3), d)?;
+        let dx = per_element!(
+            s1.dtype(),
+            cuda::layer_norm_backward(self.0, (s1, l1), (s2, l2), (s3, l3), d)
+        )?;
         Ok((dx, l1.shape().clone()))
     }
 }
@@ -426,7 +435,10 @@ impl CustomOp1 for GegluOp {
         l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let inner = geglu_inner(l)?;
-        Ok((cuda::geglu((s, l), inner)?, geglu_shape(l, inner)))
+        Ok((
+            per_element!(s.dtype(), cuda::geglu((s, l), inner))?,
+            geglu_shape(l, inner),
+        ))
     }
 
     fn bwd(&self, h: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -495,7 +507,7 @@ impl candle_core::CustomOp2 for GegluGrad {
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let inner = Self::check(l1, l2)?;
         Ok((
-            cuda::geglu_backward((s1, l1), (s2, l2), inner)?,
+            per_element!(s1.dtype(), cuda::geglu_backward((s1, l1), (s2, l2), inner))?,
             l1.shape().clone(),
         ))
     }
@@ -565,7 +577,10 @@ impl CustomOp1 for RowLogSumExp {
         l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let (count, n) = rows(l)?;
-        Ok((cuda::row_logsumexp((s, l), count, n, self.0)?, per_row(l)))
+        Ok((
+            per_element!(s.dtype(), cuda::row_logsumexp((s, l), count, n, self.0))?,
+            per_row(l),
+        ))
     }
 }
 
@@ -620,7 +635,7 @@ impl candle_core::CustomOp2 for Probs {
         let (count, n) = rows(l1)?;
         check_per_row(count, l2, "log-sum-exp")?;
         Ok((
-            cuda::probs((s1, l1), (s2, l2), n, self.0)?,
+            per_element!(s1.dtype(), cuda::probs((s1, l1), (s2, l2), n, self.0))?,
             l1.shape().clone(),
         ))
     }
@@ -666,7 +681,10 @@ impl candle_core::CustomOp2 for RowDot {
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         same_shape(l1, l2, "row dot")?;
         let (count, d) = rows(l1)?;
-        Ok((cuda::row_dot((s1, l1), (s2, l2), count, d)?, per_row(l1)))
+        Ok((
+            per_element!(s1.dtype(), cuda::row_dot((s1, l1), (s2, l2), count, d))?,
+            per_row(l1),
+        ))
     }
 }
 
@@ -735,7 +753,10 @@ impl candle_core::CustomOp3 for SoftmaxGrad {
         same_shape(l1, l2, "softmax")?;
         let (count, n) = rows(l1)?;
         check_per_row(count, l3, "row dot products")?;
-        let ds = cuda::softmax_grad((s1, l1), (s2, l2), (s3, l3), n, self.0)?;
+        let ds = per_element!(
+            s1.dtype(),
+            cuda::softmax_grad((s1, l1), (s2, l2), (s3, l3), n, self.0)
+        )?;
         Ok((ds, l1.shape().clone()))
     }
 }

@@ -44,3 +44,20 @@ if [ "${NULLTEXT_SKIP_SLURM:-}" != 1 ] && ! have_slurm; then
     $sudo apt-get update -qq
     $sudo apt-get install -y -qq slurm-wlm munge >/dev/null
 fi
+
+# --- A C++20 compiler (crates/nulltext-models/src/fused/emulator.rs) --------------------
+# The CUDA kernels' tests build kernels.cu for the host with `$CXX` (default `c++`):
+# Debian's g++ (≥ 12) where none is there.
+if ! command -v "${CXX:-c++}" >/dev/null 2>&1; then
+    if ! command -v apt-get >/dev/null 2>&1; then
+        echo "tools/test-deps.sh: the CUDA kernels' CPU tests need a C++20 compiler: install" \
+             "g++ (≥ 12) or clang++ (≥ 16), or set CXX to one" >&2
+        exit 1
+    fi
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    echo "installing g++ (for crates/nulltext-models/src/fused/emulator.rs)"
+    export DEBIAN_FRONTEND=noninteractive
+    $sudo apt-get update -qq
+    $sudo apt-get install -y -qq g++ >/dev/null
+fi

@@ -1,231 +1,121 @@
-//! Launches of the CUDA kernels in `kernels.cu` (compiled to PTX by `build.rs`, loaded once
-//! per device), each generic over the element type `T` of its main argument (`mod.rs` picks
-//! `T` with `per_element!`).
+//! Carries out a [`Launch`] of the CUDA kernels in `kernels.cu` (compiled to PTX by
+//! `build.rs`, loaded once per device) on the inputs' device.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaSlice, CudaView, LaunchArgs, LaunchConfig, PushKernelArg,
 };
-use candle_core::cuda_backend::{CudaDType, WrapErr};
-use candle_core::{CudaDevice, CudaStorage, Layout};
+use candle_core::cuda_backend::WrapErr;
+use candle_core::{CudaDevice, CudaStorage, DType, Layout};
+use half::{bf16, f16};
 
-use super::GroupNormOp;
+use super::launch::{Arg, Launch};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
 const MODULE: &str = "nulltext-fused";
 
-/// Threads per block of the norms (one block per group or row).
-const NORM_THREADS: u32 = 512;
-/// Threads per block of the element-wise kernels.
-const THREADS: u32 = 256;
+/// A contiguous input, typed.
+enum View<'a> {
+    F32(CudaView<'a, f32>),
+    F16(CudaView<'a, f16>),
+    BF16(CudaView<'a, bf16>),
+}
 
-type Arg<'a> = (&'a CudaStorage, &'a Layout);
+/// The launch's output buffer, typed.
+enum Buffer {
+    F32(CudaSlice<f32>),
+    F16(CudaSlice<f16>),
+    BF16(CudaSlice<bf16>),
+}
 
-/// An element type the kernels take (f32, f16, bf16).
-pub(super) trait Kernel: CudaDType + DeviceRepr + candle_core::WithDType {}
-impl<T: CudaDType + DeviceRepr + candle_core::WithDType> Kernel for T {}
+/// Runs `$body` with `$v` bound to the typed value of any variant of `$e`.
+macro_rules! typed {
+    ($e:expr, $ty:ident, |$v:ident| $body:expr) => {
+        match $e {
+            $ty::F32($v) => $body,
+            $ty::F16($v) => $body,
+            $ty::BF16($v) => $body,
+        }
+    };
+}
 
-/// The contiguous data of an argument, as elements of `T`.
-fn view<'a, T: CudaDType>((s, l): Arg<'a>, what: &str) -> candle_core::Result<CudaView<'a, T>> {
-    match l.contiguous_offsets() {
-        Some((a, e)) => Ok(s.as_cuda_slice::<T>()?.slice(a..e)),
-        None => candle_core::bail!("{what} must be contiguous"),
+impl<'a> View<'a> {
+    fn new(s: &'a CudaStorage, l: &Layout) -> candle_core::Result<Self> {
+        let Some((a, e)) = l.contiguous_offsets() else {
+            candle_core::bail!("the fused kernels take contiguous inputs");
+        };
+        Ok(match s.dtype() {
+            DType::F32 => View::F32(s.as_cuda_slice::<f32>()?.slice(a..e)),
+            DType::F16 => View::F16(s.as_cuda_slice::<f16>()?.slice(a..e)),
+            DType::BF16 => View::BF16(s.as_cuda_slice::<bf16>()?.slice(a..e)),
+            dt => candle_core::bail!("the fused kernels take f32, f16 or bf16, not {dt:?}"),
+        })
     }
 }
 
-/// The name of kernel `name` for `T` (`nt_<name>_f32`, `_f16`, `_bf16`).
-fn kernel<T: candle_core::WithDType>(name: &str) -> String {
-    format!("nt_{name}_{}", T::DTYPE.as_str())
+impl Buffer {
+    fn new(dev: &CudaDevice, (len, dtype): (usize, DType)) -> candle_core::Result<Self> {
+        // SAFETY: every element is written by the kernel that receives it.
+        Ok(unsafe {
+            match dtype {
+                DType::F32 => Buffer::F32(dev.alloc(len)?),
+                DType::F16 => Buffer::F16(dev.alloc(len)?),
+                DType::BF16 => Buffer::BF16(dev.alloc(len)?),
+                dt => candle_core::bail!("no fused kernel writes {dt:?}"),
+            }
+        })
+    }
+
+    fn into_storage(self, dev: &CudaDevice) -> CudaStorage {
+        typed!(self, Buffer, |s| CudaStorage::wrap_cuda_slice(
+            s,
+            dev.clone()
+        ))
+    }
 }
 
-fn blocks(n: usize, threads: u32) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (n as u32, 1, 1),
-        block_dim: (threads, 1, 1),
+/// Runs `launch` on `inputs` (its `Arg::Input`s, in order) and returns its output.
+pub(super) fn run(
+    launch: &Launch,
+    inputs: &[(&CudaStorage, &Layout)],
+) -> candle_core::Result<CudaStorage> {
+    let dev = inputs[0].0.device();
+    let views = inputs
+        .iter()
+        .map(|(s, l)| View::new(s, l))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let out = Buffer::new(dev, launch.output)?;
+    let func = dev.get_or_load_custom_func(&launch.kernel, MODULE, PTX)?;
+    let mut builder = func.builder();
+    for arg in &launch.args {
+        push(&mut builder, arg, &views, &out)?;
+    }
+    let cfg = LaunchConfig {
+        grid_dim: (launch.blocks, 1, 1),
+        block_dim: (launch.threads, 1, 1),
         shared_mem_bytes: 0,
-    }
+    };
+    // SAFETY: `launch` lists the kernel's parameters in order with their types, and the
+    // output holds as many elements as the kernel writes.
+    unsafe { builder.launch(cfg) }.w()?;
+    Ok(out.into_storage(dev))
 }
 
-fn elementwise(count: usize) -> LaunchConfig {
-    blocks(count.div_ceil(THREADS as usize).max(1), THREADS)
-}
-
-fn output<T: DeviceRepr>(dev: &CudaDevice, len: usize) -> candle_core::Result<CudaSlice<T>> {
-    // SAFETY: every element is written by the kernel that receives it.
-    unsafe { dev.alloc::<T>(len) }
-}
-
-/// Launches kernel `$name` for `$t` on `$cfg` with the arguments in the kernel's order.
-macro_rules! launch {
-    ($dev:expr, $t:ty, $name:literal, $cfg:expr; $($arg:expr),+ $(,)?) => {{
-        let func = $dev.get_or_load_custom_func(&kernel::<$t>($name), MODULE, PTX)?;
-        let mut builder = func.builder();
-        $(builder.arg($arg);)+
-        // SAFETY: the arguments match the kernel's parameters, and every output holds as
-        // many elements as the kernel writes.
-        unsafe { builder.launch($cfg) }.w()?;
-    }};
-}
-
-fn int(v: usize) -> candle_core::Result<i32> {
-    i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("{v} exceeds a kernel's int")))
-}
-
-/// Group norm (with `op.silu`, the SiLU after it) of `x`, one block per (image, group).
-pub(super) fn group_norm<T: Kernel>(
-    op: &GroupNormOp,
-    x: Arg,
-    gamma: Arg,
-    beta: Arg,
-    hw: usize,
-) -> candle_core::Result<CudaStorage> {
-    let dev = x.0.device();
-    let n = x.1.shape().elem_count();
-    let c = gamma.1.shape().elem_count();
-    let (xs, gs, bs) = (
-        view::<T>(x, "x")?,
-        view::<T>(gamma, "γ")?,
-        view::<T>(beta, "β")?,
-    );
-    let y = output::<T>(dev, n)?;
-    let (ci, hwi, gi) = (int(c)?, int(hw)?, int(op.groups)?);
-    let (eps, silu) = (op.eps as f32, op.silu as i32);
-    let cfg = blocks(n / (c / op.groups * hw).max(1), NORM_THREADS);
-    launch!(dev, T, "group_norm", cfg; &xs, &gs, &bs, &y, &ci, &hwi, &gi, &eps, &silu);
-    Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
-}
-
-/// [`group_norm`]'s input gradient, with `affine` = `[γ | β]`.
-pub(super) fn group_norm_backward<T: Kernel>(
-    op: &GroupNormOp,
-    x: Arg,
-    dy: Arg,
-    affine: Arg,
-    hw: usize,
-) -> candle_core::Result<CudaStorage> {
-    let dev = x.0.device();
-    let n = x.1.shape().elem_count();
-    let c = affine.1.shape().elem_count() / 2;
-    let (xs, gs) = (view::<T>(x, "x")?, view::<T>(dy, "gradient")?);
-    let aff = view::<T>(affine, "[γ | β]")?;
-    let dx = output::<T>(dev, n)?;
-    let (ci, hwi, gi) = (int(c)?, int(hw)?, int(op.groups)?);
-    let (eps, silu) = (op.eps as f32, op.silu as i32);
-    let cfg = blocks(n / (c / op.groups * hw).max(1), NORM_THREADS);
-    launch!(dev, T, "group_norm_backward", cfg; &xs, &gs, &aff, &dx, &ci, &hwi, &gi, &eps, &silu);
-    Ok(CudaStorage::wrap_cuda_slice(dx, dev.clone()))
-}
-
-/// Layer norm's input gradient over rows of width `d`, one block per row.
-pub(super) fn layer_norm_backward<T: Kernel>(
-    eps: f64,
-    x: Arg,
-    dy: Arg,
-    gamma: Arg,
-    d: usize,
-) -> candle_core::Result<CudaStorage> {
-    let dev = x.0.device();
-    let n = x.1.shape().elem_count();
-    let (xs, gs, ga) = (
-        view::<T>(x, "x")?,
-        view::<T>(dy, "gradient")?,
-        view::<T>(gamma, "γ")?,
-    );
-    let dx = output::<T>(dev, n)?;
-    let (di, eps) = (int(d)?, eps as f32);
-    launch!(dev, T, "layer_norm_backward", blocks(n / d, THREADS); &xs, &gs, &ga, &dx, &di, &eps);
-    Ok(CudaStorage::wrap_cuda_slice(dx, dev.clone()))
-}
-
-/// GEGLU of rows `[a | b]` of width `2·inner`.
-pub(super) fn geglu<T: Kernel>(h: Arg, inner: usize) -> candle_core::Result<CudaStorage> {
-    let dev = h.0.device();
-    let count = h.1.shape().elem_count() / 2;
-    let hs = view::<T>(h, "geglu input")?;
-    let y = output::<T>(dev, count)?;
-    let (ni, ii) = (count as i64, int(inner)?);
-    launch!(dev, T, "geglu", elementwise(count); &hs, &y, &ni, &ii);
-    Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
-}
-
-/// [`geglu`]'s input gradient for the output gradient `g`.
-pub(super) fn geglu_backward<T: Kernel>(
-    h: Arg,
-    g: Arg,
-    inner: usize,
-) -> candle_core::Result<CudaStorage> {
-    let dev = h.0.device();
-    let count = g.1.shape().elem_count();
-    let (hs, gs) = (view::<T>(h, "geglu input")?, view::<T>(g, "gradient")?);
-    let dh = output::<T>(dev, 2 * count)?;
-    let (ni, ii) = (count as i64, int(inner)?);
-    launch!(dev, T, "geglu_backward", elementwise(count); &hs, &gs, &dh, &ni, &ii);
-    Ok(CudaStorage::wrap_cuda_slice(dh, dev.clone()))
-}
-
-/// Each row's log-sum-exp of `scale ·` scores (rows of width `n`), in f32.
-pub(super) fn row_logsumexp<T: Kernel>(
-    s: Arg,
-    rows: usize,
-    n: usize,
-    scale: f32,
-) -> candle_core::Result<CudaStorage> {
-    let dev = s.0.device();
-    let ss = view::<T>(s, "scores")?;
-    let lse = output::<f32>(dev, rows)?;
-    let ni = int(n)?;
-    let threads = if n <= 256 { 64 } else { NORM_THREADS };
-    launch!(dev, T, "row_logsumexp", blocks(rows, threads); &ss, &lse, &ni, &scale);
-    Ok(CudaStorage::wrap_cuda_slice(lse, dev.clone()))
-}
-
-/// The probabilities from scores (rows of width `n`) and their rows' log-sum-exp.
-pub(super) fn probs<T: Kernel>(
-    s: Arg,
-    lse: Arg,
-    n: usize,
-    scale: f32,
-) -> candle_core::Result<CudaStorage> {
-    let dev = s.0.device();
-    let count = s.1.shape().elem_count();
-    let (ss, ls) = (view::<T>(s, "scores")?, view::<f32>(lse, "log-sum-exp")?);
-    let p = output::<T>(dev, count)?;
-    let (ci, ni) = (count as i64, int(n)?);
-    launch!(dev, T, "probs", elementwise(count); &ss, &ls, &p, &ci, &ni, &scale);
-    Ok(CudaStorage::wrap_cuda_slice(p, dev.clone()))
-}
-
-/// Each row's dot product of `a` and `b` (rows of width `d`), in f32, one warp per row.
-pub(super) fn row_dot<T: Kernel>(
-    a: Arg,
-    b: Arg,
-    rows: usize,
-    d: usize,
-) -> candle_core::Result<CudaStorage> {
-    let dev = a.0.device();
-    let (av, bv) = (view::<T>(a, "row dot")?, view::<T>(b, "row dot")?);
-    let dot = output::<f32>(dev, rows)?;
-    let (ri, di) = (rows as i64, int(d)?);
-    let cfg = blocks((rows * 32).div_ceil(THREADS as usize).max(1), THREADS);
-    launch!(dev, T, "row_dot", cfg; &av, &bv, &dot, &ri, &di);
-    Ok(CudaStorage::wrap_cuda_slice(dot, dev.clone()))
-}
-
-/// The softmax's input gradient from the probabilities, their gradient and each row's dot
-/// product (f32), rows of width `n`.
-pub(super) fn softmax_grad<T: Kernel>(
-    p: Arg,
-    dp: Arg,
-    dot: Arg,
-    n: usize,
-    scale: f32,
-) -> candle_core::Result<CudaStorage> {
-    let dev = p.0.device();
-    let count = p.1.shape().elem_count();
-    let (ps, gs) = (view::<T>(p, "probabilities")?, view::<T>(dp, "gradient")?);
-    let ds = view::<f32>(dot, "row dot products")?;
-    let out = output::<T>(dev, count)?;
-    let (ci, ni) = (count as i64, int(n)?);
-    launch!(dev, T, "softmax_grad", elementwise(count); &ps, &gs, &ds, &out, &ci, &ni, &scale);
-    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+fn push<'a>(
+    builder: &mut LaunchArgs<'a>,
+    arg: &'a Arg,
+    views: &'a [View],
+    out: &'a Buffer,
+) -> candle_core::Result<()> {
+    match arg {
+        Arg::Input(i) => match views.get(*i) {
+            Some(v) => typed!(v, View, |v| builder.arg(v)),
+            None => candle_core::bail!("input {i} of {} missing", views.len()),
+        },
+        Arg::Output => typed!(out, Buffer, |s| builder.arg(s)),
+        Arg::I32(v) => builder.arg(v),
+        Arg::I64(v) => builder.arg(v),
+        Arg::F32(v) => builder.arg(v),
+    };
+    Ok(())
 }

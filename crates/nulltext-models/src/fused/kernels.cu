@@ -219,6 +219,11 @@ __device__ void softmax_grad(const T *p, const T *dp, const float *dot, T *ds, l
     store(ds, i, scale * load(p, i) * (load(dp, i) - dot[i / n]));
 }
 
+// The host build of these kernels for the tests (emulator/host.h) registers each by name.
+#ifndef NT_REGISTER
+#define NT_REGISTER(kernel)
+#endif
+
 #define FOR_TYPES(KERNEL) KERNEL(float, f32) KERNEL(__half, f16) KERNEL(__nv_bfloat16, bf16)
 
 #define GROUP_NORM(T, S)                                                                   \
@@ -226,44 +231,54 @@ __device__ void softmax_grad(const T *p, const T *dp, const float *dot, T *ds, l
                                                T *y, int c, int hw, int groups, float eps, \
                                                int silu) {                                 \
     group_norm(x, gamma, beta, y, c, hw, groups, eps, silu);                              \
-  }
+  }                                                                                        \
+  NT_REGISTER(nt_group_norm_##S)
 #define GROUP_NORM_BACKWARD(T, S)                                                          \
   extern "C" __global__ void nt_group_norm_backward_##S(                                   \
       const T *x, const T *dy, const T *affine, T *dx, int c, int hw, int groups,          \
       float eps, int silu) {                                                               \
     group_norm_backward(x, dy, affine, dx, c, hw, groups, eps, silu);                      \
-  }
+  }                                                                                        \
+  NT_REGISTER(nt_group_norm_backward_##S)
 #define LAYER_NORM_BACKWARD(T, S)                                                          \
   extern "C" __global__ void nt_layer_norm_backward_##S(const T *x, const T *dy,           \
                                                         const T *gamma, T *dx, int d,      \
                                                         float eps) {                       \
     layer_norm_backward(x, dy, gamma, dx, d, eps);                                         \
-  }
+  }                                                                                        \
+  NT_REGISTER(nt_layer_norm_backward_##S)
 #define GEGLU(T, S)                                                                        \
   extern "C" __global__ void nt_geglu_##S(const T *h, T *y, long count, int inner) {       \
     geglu(h, y, count, inner);                                                             \
   }                                                                                        \
+  NT_REGISTER(nt_geglu_##S)                                                                \
   extern "C" __global__ void nt_geglu_backward_##S(const T *h, const T *g, T *dh,          \
                                                    long count, int inner) {                \
     geglu_backward(h, g, dh, count, inner);                                                \
-  }
+  }                                                                                        \
+  NT_REGISTER(nt_geglu_backward_##S)
 
 #define ATTENTION(T, S)                                                                    \
-  extern "C" __global__ void nt_row_logsumexp_##S(const T *s, float *lse, int n, float scale) {   \
+  extern "C" __global__ void nt_row_logsumexp_##S(const T *s, float *lse, int n,           \
+                                                  float scale) {                           \
     row_logsumexp(s, lse, n, scale);                                                       \
   }                                                                                        \
-  extern "C" __global__ void nt_probs_##S(const T *s, const float *lse, T *p, long count, int n, \
-                                          float scale) {                                   \
+  NT_REGISTER(nt_row_logsumexp_##S)                                                        \
+  extern "C" __global__ void nt_probs_##S(const T *s, const float *lse, T *p, long count,  \
+                                          int n, float scale) {                            \
     probs(s, lse, p, count, n, scale);                                                     \
   }                                                                                        \
-  extern "C" __global__ void nt_row_dot_##S(const T *a, const T *b, float *dot, long rows,  \
+  NT_REGISTER(nt_probs_##S)                                                                \
+  extern "C" __global__ void nt_row_dot_##S(const T *a, const T *b, float *dot, long rows, \
                                             int d) {                                       \
     row_dot(a, b, dot, rows, d);                                                           \
   }                                                                                        \
+  NT_REGISTER(nt_row_dot_##S)                                                              \
   extern "C" __global__ void nt_softmax_grad_##S(const T *p, const T *dp, const float *dot, \
                                                  T *ds, long count, int n, float scale) {  \
     softmax_grad(p, dp, dot, ds, count, n, scale);                                         \
-  }
+  }                                                                                        \
+  NT_REGISTER(nt_softmax_grad_##S)
 
 FOR_TYPES(GROUP_NORM)
 FOR_TYPES(GROUP_NORM_BACKWARD)

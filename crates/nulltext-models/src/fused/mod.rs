@@ -7,18 +7,19 @@
 //! Each is a candle custom op with two implementations of the same formulas, both computing
 //! in f32 for f32, f16 and bf16 tensors: on the CPU nulltext's kernels
 //! (`crate::cpu::kernels`, or the loops here), and, built with the `cuda` feature, its CUDA
-//! kernels (`kernels.cu`, with f64 sums for the statistics). The layers call them wherever
-//! [`applies`] says so, and candle's tensor ops elsewhere (f64, Metal): a half-precision
-//! pass on the CPU takes the very path a GPU takes, so the CPU tests run the host-side code
-//! of the GPU's.
+//! kernels (`kernels.cu`, with f64 sums for the statistics), launched as `launch.rs`
+//! describes. The layers call them wherever [`applies`] says so, and candle's tensor ops
+//! elsewhere (f64, Metal): a half-precision pass on the CPU takes the very path a GPU takes,
+//! so the CPU tests run the host-side code of the GPU's; and the tests run the CUDA kernels
+//! themselves, with the same launches, on the CPU (`emulator.rs`).
 
-/// Runs `$f::<T>(…)` for the element type `T` of a dtype (f32, f16, bf16), on either device.
+/// Runs `$f::<T>(…)` for the element type `T` of a dtype (f32, f16, bf16).
 macro_rules! per_element {
-    ($dtype:expr, $($f:ident)::+ ($($arg:expr),* $(,)?)) => {
+    ($dtype:expr, $f:ident ($($arg:expr),* $(,)?)) => {
         match $dtype {
-            candle_core::DType::F32 => $($f)::+::<f32>($($arg),*),
-            candle_core::DType::F16 => $($f)::+::<half::f16>($($arg),*),
-            candle_core::DType::BF16 => $($f)::+::<half::bf16>($($arg),*),
+            candle_core::DType::F32 => $f::<f32>($($arg),*),
+            candle_core::DType::F16 => $f::<half::f16>($($arg),*),
+            candle_core::DType::BF16 => $f::<half::bf16>($($arg),*),
             dt => candle_core::bail!("the fused kernels take f32, f16 or bf16, not {dt:?}"),
         }
     };
@@ -26,6 +27,10 @@ macro_rules! per_element {
 
 #[cfg(feature = "cuda")]
 mod cuda;
+#[cfg(test)]
+mod emulator;
+#[cfg(any(feature = "cuda", test))]
+mod launch;
 
 use std::borrow::Cow;
 use std::sync::OnceLock;
@@ -232,10 +237,8 @@ impl candle_core::CustomOp3 for GroupNormOp {
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let (c, hw) = channels_and_plane(l1)?;
         self.check(c, &[l2.shape().elem_count(), l3.shape().elem_count()])?;
-        let y = per_element!(
-            s1.dtype(),
-            cuda::group_norm(self, (s1, l1), (s2, l2), (s3, l3), hw)
-        )?;
+        let launch = launch::group_norm(s1.dtype(), self, l1.shape().elem_count(), c, hw)?;
+        let y = cuda::run(&launch, &[(s1, l1), (s2, l2), (s3, l3)])?;
         Ok((y, l1.shape().clone()))
     }
 
@@ -325,10 +328,9 @@ impl candle_core::CustomOp3 for GroupNormGrad {
         same_shape(l1, l2, "group norm")?;
         let n = l3.shape().elem_count();
         self.0.check(c, &[n / 2, n - n / 2])?;
-        let dx = per_element!(
-            s1.dtype(),
-            cuda::group_norm_backward(&self.0, (s1, l1), (s2, l2), (s3, l3), hw)
-        )?;
+        let count = l1.shape().elem_count();
+        let launch = launch::group_norm_backward(s1.dtype(), &self.0, count, c, hw)?;
+        let dx = cuda::run(&launch, &[(s1, l1), (s2, l2), (s3, l3)])?;
         Ok((dx, l1.shape().clone()))
     }
 }
@@ -396,10 +398,8 @@ impl candle_core::CustomOp3 for LayerNormGrad {
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         same_shape(l1, l2, "layer norm")?;
         let d = Self::width(l1, l3)?;
-        let dx = per_element!(
-            s1.dtype(),
-            cuda::layer_norm_backward(self.0, (s1, l1), (s2, l2), (s3, l3), d)
-        )?;
+        let launch = launch::layer_norm_backward(s1.dtype(), self.0, l1.shape().elem_count(), d)?;
+        let dx = cuda::run(&launch, &[(s1, l1), (s2, l2), (s3, l3)])?;
         Ok((dx, l1.shape().clone()))
     }
 }
@@ -435,10 +435,8 @@ impl CustomOp1 for GegluOp {
         l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let inner = geglu_inner(l)?;
-        Ok((
-            per_element!(s.dtype(), cuda::geglu((s, l), inner))?,
-            geglu_shape(l, inner),
-        ))
+        let launch = launch::geglu(s.dtype(), l.shape().elem_count() / 2, inner)?;
+        Ok((cuda::run(&launch, &[(s, l)])?, geglu_shape(l, inner)))
     }
 
     fn bwd(&self, h: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -506,8 +504,9 @@ impl candle_core::CustomOp2 for GegluGrad {
         l2: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let inner = Self::check(l1, l2)?;
+        let launch = launch::geglu_backward(s1.dtype(), l2.shape().elem_count(), inner)?;
         Ok((
-            per_element!(s1.dtype(), cuda::geglu_backward((s1, l1), (s2, l2), inner))?,
+            cuda::run(&launch, &[(s1, l1), (s2, l2)])?,
             l1.shape().clone(),
         ))
     }
@@ -577,10 +576,8 @@ impl CustomOp1 for RowLogSumExp {
         l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let (count, n) = rows(l)?;
-        Ok((
-            per_element!(s.dtype(), cuda::row_logsumexp((s, l), count, n, self.0))?,
-            per_row(l),
-        ))
+        let launch = launch::row_logsumexp(s.dtype(), count, n, self.0)?;
+        Ok((cuda::run(&launch, &[(s, l)])?, per_row(l)))
     }
 }
 
@@ -634,8 +631,9 @@ impl candle_core::CustomOp2 for Probs {
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let (count, n) = rows(l1)?;
         check_per_row(count, l2, "log-sum-exp")?;
+        let launch = launch::probs(s1.dtype(), l1.shape().elem_count(), n, self.0)?;
         Ok((
-            per_element!(s1.dtype(), cuda::probs((s1, l1), (s2, l2), n, self.0))?,
+            cuda::run(&launch, &[(s1, l1), (s2, l2)])?,
             l1.shape().clone(),
         ))
     }
@@ -681,10 +679,8 @@ impl candle_core::CustomOp2 for RowDot {
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         same_shape(l1, l2, "row dot")?;
         let (count, d) = rows(l1)?;
-        Ok((
-            per_element!(s1.dtype(), cuda::row_dot((s1, l1), (s2, l2), count, d))?,
-            per_row(l1),
-        ))
+        let launch = launch::row_dot(s1.dtype(), count, d)?;
+        Ok((cuda::run(&launch, &[(s1, l1), (s2, l2)])?, per_row(l1)))
     }
 }
 
@@ -753,10 +749,8 @@ impl candle_core::CustomOp3 for SoftmaxGrad {
         same_shape(l1, l2, "softmax")?;
         let (count, n) = rows(l1)?;
         check_per_row(count, l3, "row dot products")?;
-        let ds = per_element!(
-            s1.dtype(),
-            cuda::softmax_grad((s1, l1), (s2, l2), (s3, l3), n, self.0)
-        )?;
+        let launch = launch::softmax_grad(s1.dtype(), l1.shape().elem_count(), n, self.0)?;
+        let ds = cuda::run(&launch, &[(s1, l1), (s2, l2), (s3, l3)])?;
         Ok((ds, l1.shape().clone()))
     }
 }
@@ -816,7 +810,7 @@ mod tests {
 
     /// The dtypes the fused kernels take on `dev`, each with the error allowed relative to
     /// the reference's largest magnitude (a few roundings of the output).
-    fn dtypes(dev: &Device) -> Vec<(DType, f64)> {
+    pub(super) fn dtypes(dev: &Device) -> Vec<(DType, f64)> {
         let single = if dev.is_cpu() { 2e-6 } else { 5e-6 };
         vec![
             (DType::F32, single),
@@ -826,7 +820,7 @@ mod tests {
     }
 
     /// Deterministic values in `[mean − span/2, mean + span/2)`.
-    fn values(n: usize, seed: u64, mean: f64, span: f64) -> Vec<f64> {
+    pub(super) fn values(n: usize, seed: u64, mean: f64, span: f64) -> Vec<f64> {
         let mut s = seed
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);

@@ -3,7 +3,7 @@
 # Binaries are built elsewhere with `tools/gpu/build.sh` into .gpu/ and carried with the
 # working tree; PyTorch is already there, diffusers travels as a wheel in .whl/.
 #
-#   tools/gpu/run.sh info|parity|parity-quick|fused|cudnn|tape|tracking|bench|invert-f16|invert-f32|pytorch-fp16|pytorch-fp32|sdxl-invert|pytorch-sdxl-fp16 ...
+#   tools/gpu/run.sh info|parity|parity-quick|fused|graphs|cudnn|tape|tracking|bench|invert-f16|invert-f32|pytorch-fp16|pytorch-fp32|sdxl-invert|pytorch-sdxl-fp16 ...
 #   (results under $OUT)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -64,7 +64,7 @@ for stage in "$@"; do
       # (the library's unit tests), then the UNet, the null-text iteration and an edit step
       # with and without them and with the memory pool releasing its memory at every
       # synchronization (the driver's default) or keeping it, alternating.
-      NULLTEXT_TEST_DEVICE=cuda $BIN/nulltext_models fused --test-threads 1 --nocapture 2>&1 \
+      NULLTEXT_TEST_DEVICE=cuda $BIN/nulltext_models fused::tests --test-threads 1 --nocapture 2>&1 \
         | grep -E "group norm|layer norm|geglu|test result|panicked" | tee -a "$OUT/fused.txt"
       need_model
       for round in 1 2; do
@@ -74,6 +74,27 @@ for stage in "$@"; do
           NULLTEXT_FUSED_KERNELS=$fk NULLTEXT_CUDA_POOL=$pool $NT --device cuda --dtype f16 bench --model $MODEL --size 512 \
             --repeat 10 --warmup 2 --only unet_b1,unet_b2,nti_iter,edit_step --json "$OUT/fused-$fk-$pool-$round.json" 2>&1 | tee -a "$OUT/fused.txt"
         done
+      done ;;
+    graphs)
+      # A step's iterations replayed as a CUDA graph against the same iterations as they
+      # are (the golden test, on the GPU), then the null-text iteration (f16, 512²) and a
+      # whole f16 inversion with NULLTEXT_CUDA_GRAPHS on and off, alternating.
+      NULLTEXT_TEST_DEVICE=cuda $BIN/inversion_golden iterations_replayed --test-threads 1 --nocapture 2>&1 \
+        | grep -E "losses|after 5|test result|panicked|WARN" | tee -a "$OUT/graphs.txt"
+      need_model
+      for round in 1 2; do
+        for g in on off; do
+          echo "NULLTEXT_CUDA_GRAPHS=$g (round $round)" | tee -a "$OUT/graphs.txt"
+          NULLTEXT_CUDA_GRAPHS=$g $NT --device cuda --dtype f16 bench --model $MODEL --size 512 --repeat 10 --warmup 2 \
+            --only nti_iter --json "$OUT/graphs-$g-$round.json" 2>&1 | tee -a "$OUT/graphs.txt"
+        done
+      done
+      for g in on off; do
+        w=$(gpu_mem_watch /tmp/mem-graphs-$g.txt)
+        NULLTEXT_CUDA_GRAPHS=$g /usr/bin/time -f "wall %e s, host peak %M KiB" $NT --device cuda --dtype f16 invert --model $MODEL \
+          --image $IMG --prompt "a close up photo of a cat" --out /tmp/cat-graphs-$g.nti.safetensors --early-stop=-1 \
+          --reconstruction "$OUT/rec-graphs-$g.png" 2>&1 | tail -4 | tee -a "$OUT/graphs.txt"
+        kill $w; echo "NULLTEXT_CUDA_GRAPHS=$g: peak GPU memory used (MiB, nvidia-smi): $(peak_of /tmp/mem-graphs-$g.txt)" | tee -a "$OUT/graphs.txt"
       done ;;
     cudnn)
       # candle's convolutions against cuDNN's (the build with `--features cudnn`), f16, 512²,

@@ -354,10 +354,16 @@ pub fn ddim_inversion_steps(
 
 /// Adam (β = (0.9, 0.999), ε = 1e-8, no weight decay) over the parts of prompt embeddings,
 /// exactly as PyTorch's single-tensor implementation computes it for a list of parameters.
+/// Its state stays in the same buffers from update to update (the moments, and the step's
+/// scale factors, set from the host before each update), so that the device work of an
+/// update is the same every time ([`Iterations`] replays it as a CUDA graph).
 pub struct Adam {
     /// The first and second moments of each part.
-    moments: Vec<(Tensor, Tensor)>,
+    moments: Vec<(Var, Var)>,
     t: i32,
+    /// `lr / (1 − β₁ᵗ)` and `1 / √(1 − β₂ᵗ)` of the next update, `[1]` in the parameters'
+    /// dtype.
+    scales: (Var, Var),
 }
 
 impl Adam {
@@ -369,28 +375,58 @@ impl Adam {
     pub fn new(like: &PromptEmbeds) -> Result<Self> {
         let moments = like
             .parts()
-            .map(|p| Ok((p.zeros_like()?, p.zeros_like()?)))
+            .map(|p| {
+                let zeros = || Var::zeros(p.shape(), p.dtype(), p.device());
+                Ok((zeros()?, zeros()?))
+            })
             .collect::<Result<_>>()?;
-        Ok(Self { moments, t: 0 })
+        let (dtype, dev) = (like.context.dtype(), like.context.device());
+        let scale = || Var::zeros(1, dtype, dev);
+        Ok(Self {
+            moments,
+            t: 0,
+            scales: (scale()?, scale()?),
+        })
     }
 
     /// One update of `param` by its gradient `grad` at learning rate `lr`.
     pub fn step(&mut self, param: &NullVars, grad: &PromptEmbeds, lr: f64) -> Result<()> {
+        self.prepare(lr)?;
+        self.apply(param, grad)
+    }
+
+    /// Counts the next update and sets its scale factors for learning rate `lr` (a copy
+    /// from the host).
+    pub fn prepare(&mut self, lr: f64) -> Result<()> {
         self.t += 1;
         let bc1 = 1.0 - Self::B1.powi(self.t);
         let bc2 = 1.0 - Self::B2.powi(self.t);
+        for (var, value) in [
+            (&self.scales.0, lr / bc1),
+            (&self.scales.1, 1.0 / bc2.sqrt()),
+        ] {
+            let v = Tensor::new(&[value], var.device())?.to_dtype(var.dtype())?;
+            var.set(&v)?;
+        }
+        Ok(())
+    }
+
+    /// The update [`Self::prepare`]d, in place: device work only.
+    pub fn apply(&self, param: &NullVars, grad: &PromptEmbeds) -> Result<()> {
         debug_assert_eq!(
             grad.parts().count(),
             self.moments.len(),
             "one moment pair per part"
         );
-        let parts = param.vars().zip(grad.parts()).zip(self.moments.iter_mut());
+        let (step_size, inv_bc2_sqrt) = (self.scales.0.as_tensor(), self.scales.1.as_tensor());
+        let parts = param.vars().zip(grad.parts()).zip(&self.moments);
         for ((param, grad), (m, v)) in parts {
             // m.lerp_(g, 1 − β₁); v = β₂ v + (1 − β₂) g²
-            *m = (&*m + ((grad - &*m)? * (1.0 - Self::B1))?)?;
-            *v = ((&*v * Self::B2)? + (grad.sqr()? * (1.0 - Self::B2))?)?;
-            let denom = ((v.sqrt()? / bc2.sqrt())? + Self::EPS)?;
-            let update = ((&*m / denom)? * (lr / bc1))?;
+            let (m_prev, v_prev) = (m.as_tensor(), v.as_tensor());
+            m.set(&(m_prev + ((grad - m_prev)? * (1.0 - Self::B1))?)?)?;
+            v.set(&((v_prev * Self::B2)? + (grad.sqr()? * (1.0 - Self::B2))?)?)?;
+            let denom = (v.as_tensor().sqrt()?.broadcast_mul(inv_bc2_sqrt)? + Self::EPS)?;
+            let update = (m.as_tensor() / denom)?.broadcast_mul(step_size)?;
             param.set(&(param.as_tensor() - update)?)?;
         }
         Ok(())
@@ -490,6 +526,147 @@ impl StepObjective<'_> {
                 Ok((loss, grad))
             }
         }
+    }
+}
+
+/// The Adam iterations of one step: each computes the loss and its gradient at ∅, reports
+/// `[loss, finiteness of the gradient]`, and updates ∅ in place. Every iteration runs the
+/// same device work on buffers that stay put (∅'s variables, Adam's state, the report), so
+/// that with CUDA graphs (on a CUDA device, through a context tape) the first iteration
+/// runs as it is (candle keeps the small uploads it makes), the second is captured as a
+/// graph, and every later one replays that graph: one launch where an iteration otherwise
+/// launches thousands of kernels. Should a capture fail, the iterations carry on without
+/// graphs (with a warning). Null-text optimization asks for graphs with
+/// `NULLTEXT_CUDA_GRAPHS=on` ([`nulltext_models::device::graphs_requested`]).
+pub struct Iterations<'a> {
+    objective: StepObjective<'a>,
+    var: NullVars,
+    /// The sampling step, for the graph path's attention hook.
+    step: usize,
+    /// `[loss, 0 or NaN]` of the last iteration, f32.
+    report: Var,
+    replay: Replay,
+}
+
+/// Where [`Iterations`] stand with a CUDA graph.
+enum Replay {
+    Off,
+    /// The next iteration runs as it is, for a capture to follow.
+    WarmUp,
+    /// The next iteration is captured, then launched.
+    Capture,
+    Launch(nulltext_models::device::Graph),
+}
+
+/// What one of the [`Iterations`] reports.
+#[derive(Debug, Clone, Copy)]
+pub struct IterationReport {
+    /// The loss before the update.
+    pub loss: f64,
+    /// Whether every value of the gradient was finite.
+    pub finite_gradient: bool,
+}
+
+impl<'a> Iterations<'a> {
+    /// Iterations on `objective` from ∅ = `init`, at sampling step `step`; with `graphs`,
+    /// replayed as a CUDA graph where the device supports it
+    /// ([`nulltext_models::device::graphs_supported`]).
+    pub fn new(
+        objective: StepObjective<'a>,
+        init: &PromptEmbeds,
+        step: usize,
+        graphs: bool,
+    ) -> Result<Self> {
+        let dev = init.context.device();
+        let graphs = graphs && nulltext_models::device::graphs_supported(dev);
+        Ok(Self {
+            objective,
+            var: NullVars::new(init)?,
+            step,
+            report: Var::zeros(2, DType::F32, dev)?,
+            replay: if graphs { Replay::WarmUp } else { Replay::Off },
+        })
+    }
+
+    /// ∅ now.
+    pub fn embeds(&self) -> PromptEmbeds {
+        self.var.embeds().detach()
+    }
+
+    /// Whether the iterations now replay a CUDA graph.
+    pub fn replays(&self) -> bool {
+        matches!(self.replay, Replay::Launch(_))
+    }
+
+    /// One iteration at learning rate `lr`, through `tape` where there is one (a graph is
+    /// captured only then).
+    pub fn next(
+        &mut self,
+        sd: &StableDiffusion,
+        mut tape: Option<&mut ContextTape>,
+        adam: &mut Adam,
+        lr: f64,
+    ) -> Result<IterationReport> {
+        use nulltext_models::device;
+        adam.prepare(lr)?;
+        let dev = self.report.device().clone();
+        let replay = std::mem::replace(&mut self.replay, Replay::Off);
+        self.replay = match replay {
+            Replay::WarmUp if tape.is_some() => {
+                device::warm_up(&dev, || self.iterate(sd, tape.as_deref_mut(), adam))?;
+                Replay::Capture
+            }
+            Replay::Capture => {
+                match device::capture(&dev, || self.iterate(sd, tape.as_deref_mut(), adam)) {
+                    Ok(graph) => {
+                        graph.launch()?;
+                        Replay::Launch(graph)
+                    }
+                    Err(e) => {
+                        tracing::warn!("null-text iterations continue without CUDA graphs: {e}");
+                        self.iterate(sd, tape, adam)?;
+                        Replay::Off
+                    }
+                }
+            }
+            Replay::Launch(graph) => {
+                graph.launch()?;
+                Replay::Launch(graph)
+            }
+            Replay::Off | Replay::WarmUp => {
+                self.iterate(sd, tape, adam)?;
+                Replay::Off
+            }
+        };
+        let v = self
+            .report
+            .as_tensor()
+            .to_dtype(DType::F64)?
+            .to_vec1::<f64>()?;
+        Ok(IterationReport {
+            loss: v[0],
+            finite_gradient: v[1].is_finite(),
+        })
+    }
+
+    /// The device work of one iteration.
+    fn iterate(
+        &self,
+        sd: &StableDiffusion,
+        tape: Option<&mut ContextTape>,
+        adam: &Adam,
+    ) -> Result<()> {
+        let (loss, grad) = self
+            .objective
+            .loss_and_grad(sd, tape, &self.var, self.step)?;
+        let mut grad_ok = finiteness(&grad.context)?;
+        if let Some(pooled) = &grad.pooled {
+            grad_ok = (grad_ok + finiteness(pooled)?)?;
+        }
+        let report = Tensor::stack(&[loss.to_dtype(DType::F32)?, grad_ok], 0)?;
+        self.report.set(&report)?;
+        // the update follows whatever the loss: a non-finite report ends the optimization
+        adam.apply(&self.var, &grad)
     }
 }
 
@@ -613,7 +790,6 @@ impl<'a> NullTextOptimizer<'a> {
         self.report.unet_passes += 1;
         // 2. Adam on ∅ᵢ (every part: SDXL's pooled embedding too), initialized from ∅ᵢ₋₁;
         // a fresh state per step unless global.
-        let var = NullVars::new(&self.current)?;
         let mut local_adam;
         let adam = if self.global {
             if self.global_adam.is_none() {
@@ -634,41 +810,36 @@ impl<'a> NullTextOptimizer<'a> {
             target,
             guidance: opts.guidance,
         };
+        // a graph pays off over several replays: not where the last step stopped early
+        let graphs = nulltext_models::device::graphs_requested()
+            && opts.inner_steps >= 3
+            && self.report.iterations.last().is_none_or(|n| *n >= 3);
+        let mut iterations = Iterations::new(objective, &self.current, i, graphs)?;
         for j in 0..opts.inner_steps {
-            let (loss, grad) = objective.loss_and_grad(sd, tape.as_mut(), &var, i)?;
+            let it = iterations.next(sd, tape.as_mut(), adam, lr)?;
             self.report.unet_passes += 2;
-            // the loss and the gradient's finiteness in one transfer (on a GPU, one wait)
-            let mut grad_ok = finiteness(&grad.context)?;
-            if let Some(pooled) = &grad.pooled {
-                grad_ok = (grad_ok + finiteness(pooled)?)?;
-            }
-            let both = Tensor::stack(&[loss.to_dtype(DType::F32)?, grad_ok], 0)?;
-            let [loss_val, grad_ok] = both.to_dtype(DType::F64)?.to_vec1::<f64>()?[..] else {
-                unreachable!("two values")
-            };
-            if !loss_val.is_finite() || !grad_ok.is_finite() {
+            if !it.loss.is_finite() || !it.finite_gradient {
                 return Err(Error::NonFinite(format!(
                     "the null-text optimization (step {i}, iteration {j})"
                 )));
             }
             // The update is applied before the early-stop test: every step updates once.
-            adam.step(&var, &grad, lr)?;
-            losses.push(loss_val);
+            losses.push(it.loss);
             progress.event(&Event::Iteration {
                 step: i,
                 iteration: j,
-                loss: loss_val,
+                loss: it.loss,
             });
             progress.event(&Event::Advance {
                 stage: Stage::NullTextOptimization,
                 done: i * opts.inner_steps + j + 1,
             });
             check(progress)?;
-            if loss_val < threshold {
+            if it.loss < threshold {
                 break;
             }
         }
-        self.current = var.embeds().detach();
+        self.current = iterations.embeds();
         self.report.iterations.push(losses.len());
         progress.event(&Event::StepDone {
             step: i,

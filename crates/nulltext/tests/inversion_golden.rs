@@ -423,3 +423,59 @@ fn non_finite_optimization_is_an_error() {
         "{msg}"
     );
 }
+
+#[test]
+fn iterations_replayed_as_a_cuda_graph_match_iterations_run_as_they_are() {
+    // A step's Adam iterations through the context tape, twice: as they are, and asking
+    // for CUDA graphs. On a CUDA device (NULLTEXT_TEST_DEVICE=cuda) the second run
+    // captures its second iteration and replays the graph from then on; elsewhere it runs
+    // as the first. Either way both runs must agree.
+    use nulltext::inversion::{Adam, Iterations, StepObjective};
+    let sd = load_tiny();
+    let g = golden("chelsea_nti.safetensors");
+    let d = golden("chelsea_ddim_inversion.safetensors");
+    let ddim = Ddim::new(&sd.scheduler, 50).unwrap();
+    let (i, t) = (1, ddim.timesteps()[1]);
+    let z = on_device(&g["nti_latents"].i(i..i + 1).unwrap());
+    let target = on_device(&d["latents"].i(49 - i..50 - i).unwrap());
+    let init = embeds(&on_device(&g["null_embeddings"].i(0..1).unwrap()));
+    let cond = &embeds(&on_device(&g["cond"]));
+    let eps_c = predict_eps(&sd, &ddim, &z, t, cond, &mut NoControl, i).unwrap();
+    let graphs_here = nulltext::models::device::graphs_supported(&sd.device);
+    let run = |graphs: bool| {
+        let mut tape = sd.context_tape(&z, t as f64, cond).unwrap();
+        assert!(tape.is_some(), "the fixture's latents take a tape");
+        let objective = StepObjective {
+            ddim: &ddim,
+            z: &z,
+            t,
+            eps_c: &eps_c,
+            target: &target,
+            guidance: 7.5,
+        };
+        let mut adam = Adam::new(&init).unwrap();
+        let mut iterations = Iterations::new(objective, &init, i, graphs).unwrap();
+        let losses: Vec<f64> = (0..5)
+            .map(|_| {
+                let it = iterations
+                    .next(&sd, tape.as_mut(), &mut adam, 1e-2)
+                    .unwrap();
+                assert!(it.finite_gradient);
+                it.loss
+            })
+            .collect();
+        assert_eq!(iterations.replays(), graphs && graphs_here);
+        (losses, iterations.embeds().context)
+    };
+    let (plain, plain_null) = run(false);
+    let (replayed, replayed_null) = run(true);
+    eprintln!("losses {plain:?}, replayed {replayed:?} (graphs: {graphs_here})");
+    for (a, b) in plain.iter().zip(&replayed) {
+        assert!((a - b).abs() <= 1e-6 * a.abs(), "{a} vs {b}");
+    }
+    assert!(
+        plain[4] < plain[0],
+        "the iterations lower the loss: {plain:?}"
+    );
+    assert_close("∅ after 5 iterations", &replayed_null, &plain_null, 1e-6);
+}

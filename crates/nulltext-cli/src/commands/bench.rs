@@ -8,7 +8,7 @@ use anyhow::{bail, Result};
 use candle_core::Tensor;
 use clap::Args;
 use nulltext::edit::EditOptions;
-use nulltext::inversion::{Adam, NullVars, StepObjective};
+use nulltext::inversion::{Adam, Iterations, StepObjective};
 use nulltext::models::{Ddim, NoControl, PromptEmbeds};
 use nulltext::sampling::{guided_eps, predict_eps, Controller};
 
@@ -164,6 +164,7 @@ pub fn run(a: BenchArgs, ctx: &Ctx) -> Result<()> {
         "stage", "median s", "min – max s", "peak GiB", "tensors"
     ));
     for stage in &stages {
+        let mut nti = None;
         let mut run_once = || -> Result<()> {
             match stage.as_str() {
                 "text_encoder" => sync(&sd.encode_prompt("a close up photo of a cat")?.context)?,
@@ -171,26 +172,30 @@ pub fn run(a: BenchArgs, ctx: &Ctx) -> Result<()> {
                 "unet_b2" => sync(&sd.predict(&z2, t as f64, &emb, &mut NoControl, 0)?)?,
                 "unet_b2_probs" => sync(&sd.predict(&z2, t as f64, &emb, &mut WantAll, 0)?)?,
                 "nti_iter" | "nti_iter_graph" => {
-                    // as the inversion's inner loop runs it: the context tape (its
-                    // context-free prefix computed by the warm-up); `nti_iter_graph`
-                    // through candle's graph
-                    let var = NullVars::new(&uncond)?;
-                    let mut adam = Adam::new(&uncond)?;
-                    let objective = StepObjective {
-                        ddim: &ddim,
-                        z: &z,
-                        t,
-                        eps_c: &eps_c,
-                        target: &target,
-                        guidance: 7.5,
+                    // as the inversion's inner loop runs it: one step's iterations, through
+                    // the context tape (its context-free prefix computed by the warm-up;
+                    // with NULLTEXT_CUDA_GRAPHS=on the third run on replays a CUDA graph);
+                    // `nti_iter_graph` through candle's graph
+                    let on_tape = stage == "nti_iter";
+                    let (iterations, adam) = match &mut nti {
+                        Some(state) => state,
+                        None => {
+                            let objective = StepObjective {
+                                ddim: &ddim,
+                                z: &z,
+                                t,
+                                eps_c: &eps_c,
+                                target: &target,
+                                guidance: 7.5,
+                            };
+                            let graphs = on_tape && nulltext::models::device::graphs_requested();
+                            let iterations = Iterations::new(objective, &uncond, 10, graphs)?;
+                            nti.insert((iterations, Adam::new(&uncond)?))
+                        }
                     };
-                    let tape = match stage.as_str() {
-                        "nti_iter" => tape.as_mut(),
-                        _ => None,
-                    };
-                    let (_, grad) = objective.loss_and_grad(&sd, tape, &var, 10)?;
-                    adam.step(&var, &grad, 1e-2)?;
-                    sync(&var.embeds().context)?
+                    let tape = if on_tape { tape.as_mut() } else { None };
+                    iterations.next(&sd, tape, adam, 1e-2)?;
+                    sync(&iterations.embeds().context)?
                 }
                 "vae_encode" => sync(&sd.image_to_latent(&image)?)?,
                 "vae_decode" => sync(&sd.latent_to_image(&z)?)?,

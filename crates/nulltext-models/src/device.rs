@@ -1,5 +1,7 @@
 //! Opening compute devices the way nulltext uses them.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use candle_core::Device;
 
 use crate::error::Result;
@@ -68,14 +70,30 @@ pub fn graphs_requested() -> bool {
     *ON.get_or_init(|| std::env::var("NULLTEXT_CUDA_GRAPHS").as_deref() == Ok("on"))
 }
 
+/// Set when a capture or a launch of a graph failed: the process goes on without graphs.
+static GRAPH_FAILED: AtomicBool = AtomicBool::new(false);
+
 /// Whether [`capture`] works on `device`: a CUDA device in a CUDA build, with cudarc's
-/// event tracking off (its waits on events recorded before a capture would end it).
+/// event tracking off (its waits on events recorded before a capture would end it), as
+/// long as no graph has failed in this process.
 pub fn graphs_supported(device: &Device) -> bool {
+    if GRAPH_FAILED.load(Ordering::Relaxed) {
+        return false;
+    }
     match device {
         #[cfg(feature = "cuda")]
         Device::Cuda(d) => !d.is_event_tracking(),
         _ => false,
     }
+}
+
+/// `r`, noting a failure for [`graphs_supported`].
+#[cfg(feature = "cuda")]
+fn note_failure<T, E>(r: Result<T, E>) -> Result<T, E> {
+    if r.is_err() {
+        GRAPH_FAILED.store(true, Ordering::Relaxed);
+    }
+    r
 }
 
 /// Device work captured once and replayed: a CUDA graph.
@@ -89,9 +107,7 @@ impl Graph {
     /// stream).
     pub fn launch(&self) -> Result<()> {
         #[cfg(feature = "cuda")]
-        return self
-            .graph
-            .launch()
+        return note_failure(self.graph.launch())
             .map_err(|e| crate::Error::Msg(format!("CUDA graph launch: {e}")));
         #[cfg(not(feature = "cuda"))]
         unreachable!("a graph exists only in CUDA builds")
@@ -128,16 +144,19 @@ pub fn capture<E: From<crate::Error>>(
         };
         let _cache = d.enable_cuda_graph_htod_cache();
         let stream = d.cuda_stream();
-        stream
-            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
-            .map_err(|e| fail("begin", &e))?;
-        let work = f();
-        let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
-        work?;
-        return match graph.map_err(|e| fail("end", &e))? {
-            Some(graph) => Ok(Graph { graph }),
-            None => Err(fail("end", &"no work was captured").into()),
-        };
+        let captured = (|| {
+            stream
+                .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+                .map_err(|e| fail("begin", &e))?;
+            let work = f();
+            let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
+            work?;
+            match graph.map_err(|e| fail("end", &e))? {
+                Some(graph) => Ok(Graph { graph }),
+                None => Err(fail("end", &"no work was captured").into()),
+            }
+        })();
+        return note_failure(captured);
     }
     let _ = f;
     Err(crate::Error::Msg(format!(

@@ -536,7 +536,7 @@ impl StepObjective<'_> {
 /// runs as it is (candle keeps the small uploads it makes), the second is captured as a
 /// graph, and every later one replays that graph: one launch where an iteration otherwise
 /// launches thousands of kernels. Should a capture fail, the iterations carry on without
-/// graphs (with a warning). Null-text optimization asks for graphs with
+/// graphs, and so does the rest of the process (with one warning). Null-text optimization asks for graphs with
 /// `NULLTEXT_CUDA_GRAPHS=on` ([`nulltext_models::device::graphs_requested`]).
 pub struct Iterations<'a> {
     objective: StepObjective<'a>,
@@ -617,11 +617,10 @@ impl<'a> Iterations<'a> {
                 Replay::Capture
             }
             Replay::Capture => {
-                match device::capture(&dev, || self.iterate(sd, tape.as_deref_mut(), adam)) {
-                    Ok(graph) => {
-                        graph.launch()?;
-                        Replay::Launch(graph)
-                    }
+                let graph = device::capture(&dev, || self.iterate(sd, tape.as_deref_mut(), adam))
+                    .and_then(|graph| Ok(graph.launch().map(|()| graph)?));
+                match graph {
+                    Ok(graph) => Replay::Launch(graph),
                     Err(e) => {
                         tracing::warn!("null-text iterations continue without CUDA graphs: {e}");
                         self.iterate(sd, tape, adam)?;
@@ -823,7 +822,8 @@ impl<'a> NullTextOptimizer<'a> {
                     "the null-text optimization (step {i}, iteration {j})"
                 )));
             }
-            // The update is applied before the early-stop test: every step updates once.
+            // The iteration has applied its update before the early-stop test: every step
+            // updates once.
             losses.push(it.loss);
             progress.event(&Event::Iteration {
                 step: i,

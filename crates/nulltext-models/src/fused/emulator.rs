@@ -1,10 +1,10 @@
 //! The CUDA kernels of `kernels.cu` on the CPU, for the tests: `emulator/` builds them with
 //! the host's C++ compiler (`$CXX`, else `c++`) as they are written, with CUDA's built-ins
 //! on host threads (`emulator/host.h`), and runs a [`Launch`] — the very description
-//! `cuda.rs` carries out on a GPU — on CPU tensors. The tests below check each kernel,
-//! for f32, f16 and bf16, against the op's CPU implementation (itself checked against
-//! f64 formulas), so that a GPU runs kernels whose indexing, reductions and launch
-//! configurations have run before.
+//! `cuda.rs` carries out on a GPU — on CPU tensors, under the address and undefined-behavior
+//! sanitizers. The tests below check each kernel, for f32, f16 and bf16, against the op's
+//! CPU implementation (itself checked against f64 formulas), so that a GPU runs kernels
+//! whose indexing, bounds, reductions and launch configurations have run before.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -23,8 +23,12 @@ fn binary() -> &'static Path {
         let out = Path::new(env!("OUT_DIR")).join("kernels-emulator");
         let tmp = out.with_extension(format!("{}", std::process::id()));
         let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+        // with the address and undefined-behavior sanitizers: a read or write out of a
+        // buffer's bounds fails the launch
         let status = Command::new(&cxx)
-            .args(["-std=c++20", "-O2", "-pthread", "-w", "-I"])
+            .args(["-std=c++20", "-O1", "-g", "-pthread", "-Wall"])
+            .args(["-fsanitize=address,undefined", "-fno-sanitize-recover=all"])
+            .arg("-I")
             .arg(&dir)
             .arg(dir.join("driver.cpp"))
             .arg("-o")
@@ -95,9 +99,18 @@ pub(super) fn run(launch: &Launch, inputs: &[&Tensor], shape: impl Into<Shape>) 
                 msg.extend((b.len() as u64).to_le_bytes());
                 msg.extend(b);
             }
-            Arg::I32(v) => msg.extend([&[1u8][..], &v.to_le_bytes()].concat()),
-            Arg::I64(v) => msg.extend([&[2u8][..], &v.to_le_bytes()].concat()),
-            Arg::F32(v) => msg.extend([&[3u8][..], &v.to_le_bytes()].concat()),
+            Arg::I32(v) => {
+                msg.push(1);
+                msg.extend(v.to_le_bytes());
+            }
+            Arg::I64(v) => {
+                msg.push(2);
+                msg.extend(v.to_le_bytes());
+            }
+            Arg::F32(v) => {
+                msg.push(3);
+                msg.extend(v.to_le_bytes());
+            }
             Arg::Output => {
                 msg.push(4);
                 msg.extend(((len * dtype.size_in_bytes()) as u64).to_le_bytes());

@@ -3,7 +3,7 @@
 # Binaries are built elsewhere with `tools/gpu/build.sh` into .gpu/ and carried with the
 # working tree; PyTorch is already there, diffusers travels as a wheel in .whl/.
 #
-#   tools/gpu/run.sh info|parity|parity-quick|fused|graphs|cudnn|tape|tracking|bench|invert-f16|invert-f32|pytorch-fp16|pytorch-fp32|sdxl-invert|pytorch-sdxl-fp16 ...
+#   tools/gpu/run.sh info|parity|parity-quick|fused|sanitize|graphs|cudnn|tape|tracking|bench|invert-f16|invert-f32|pytorch-fp16|pytorch-fp32|sdxl-invert|pytorch-sdxl-fp16 ...
 #   (results under $OUT)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -75,6 +75,15 @@ for stage in "$@"; do
             --repeat 10 --warmup 2 --only unet_b1,unet_b2,nti_iter,edit_step --json "$OUT/fused-$fk-$pool-$round.json" 2>&1 | tee -a "$OUT/fused.txt"
         done
       done ;;
+    sanitize)
+      # The fused kernels' GPU tests under compute-sanitizer's memcheck (it runs on the
+      # Firecracker machines; gVisor's refuse the device).
+      if command -v compute-sanitizer >/dev/null; then
+        NULLTEXT_TEST_DEVICE=cuda compute-sanitizer --tool memcheck --error-exitcode 1 $BIN/nulltext_models fused::tests \
+          --test-threads 1 2>&1 | tail -15 | tee -a "$OUT/sanitize.txt"
+      else
+        echo "no compute-sanitizer on this machine" | tee -a "$OUT/sanitize.txt"
+      fi ;;
     graphs)
       # A step's iterations replayed as a CUDA graph against the same iterations as they
       # are (the golden test, on the GPU), then the null-text iteration (f16, 512²) and a

@@ -3,7 +3,7 @@
 # Binaries are built elsewhere with `tools/gpu/build.sh` into .gpu/ and carried with the
 # working tree; PyTorch is already there, diffusers travels as a wheel in .whl/.
 #
-#   tools/gpu/run.sh info|parity|parity-quick|fused|sanitize|graphs|cudnn|tape|tracking|bench|invert-f16|invert-f32|pytorch-fp16|pytorch-fp32|sdxl-invert|pytorch-sdxl-fp16 ...
+#   tools/gpu/run.sh info|parity|parity-quick|fused|sanitize|graphs|blocks|cudnn|tape|tracking|bench|invert-f16|invert-f32|pytorch-fp16|pytorch-fp32|sdxl-invert|pytorch-sdxl-fp16 ...
 #   (results under $OUT)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -104,6 +104,17 @@ for stage in "$@"; do
           --image $IMG --prompt "a close up photo of a cat" --out /tmp/cat-graphs-$g.nti.safetensors --early-stop=-1 \
           --reconstruction "$OUT/rec-graphs-$g.png" 2>&1 | tail -4 | tee -a "$OUT/graphs.txt"
         kill $w; echo "NULLTEXT_CUDA_GRAPHS=$g: peak GPU memory used (MiB, nvidia-smi): $(peak_of /tmp/mem-graphs-$g.txt)" | tee -a "$OUT/graphs.txt"
+      done ;;
+    blocks)
+      # The attention's queries in blocks of at most 2^25 scores (the default) and all at
+      # once (NULLTEXT_ATTENTION_SCORES=0), f16, 512², alternating, twice.
+      need_model
+      for round in 1 2; do
+        for n in default 0; do
+          echo "NULLTEXT_ATTENTION_SCORES=$n (round $round)" | tee -a "$OUT/blocks.txt"
+          env $([ $n = 0 ] && echo NULLTEXT_ATTENTION_SCORES=0) $NT --device cuda --dtype f16 bench --model $MODEL --size 512 \
+            --repeat 10 --warmup 2 --only unet_b1,unet_b2,nti_iter,edit_step --json "$OUT/blocks-$n-$round.json" 2>&1 | tee -a "$OUT/blocks.txt"
+        done
       done ;;
     cudnn)
       # candle's convolutions against cuDNN's (the build with `--features cudnn`), f16, 512²,

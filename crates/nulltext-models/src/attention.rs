@@ -107,23 +107,79 @@ mod tests {
         }
     }
 
-    /// The tape's attention core on tensor ops with the fused steps (as GPUs run it; here
-    /// with the steps' CPU implementations) equals the fused CPU attention, forward and
-    /// backward.
     #[test]
-    fn tensor_core_with_fused_steps_matches_the_fused_cpu_kernel() {
+    fn query_blocks_hold_at_most_the_budget() {
+        // 2 images × 3 heads × 29 keys = 174 scores per query
+        let (q, k) = ([2, 3, 37, 8], [2, 3, 29, 8]);
+        assert_eq!(query_blocks(&q, &k, usize::MAX), vec![(0, 37)]);
+        let blocks = query_blocks(&q, &k, 174 * 8 + 100);
+        assert_eq!(blocks, vec![(0, 8), (8, 8), (16, 8), (24, 8), (32, 5)]);
+        // one query at least, however small the budget
+        assert_eq!(query_blocks(&q, &k, 1).len(), 37);
+        // SD 1.5's 64² self-attention at 512², one image: 4 blocks of 1024 queries
+        let (q, k) = ([1, 8, 4096, 40], [1, 8, 4096, 40]);
+        assert_eq!(
+            query_blocks(&q, &k, 1 << 25),
+            vec![(0, 1024), (1024, 1024), (2048, 1024), (3072, 1024)]
+        );
+    }
+
+    /// Queries in blocks give what all queries at once give, forward and backward, in f32
+    /// and f16 (the keys' and values' gradients summed over the blocks).
+    #[test]
+    fn attention_in_query_blocks_matches_all_queries_at_once() {
+        for (dtype, tol) in [(DType::F32, 1e-6), (DType::F16, 2e-3)] {
+            let at = |budget| Attention {
+                score_budget: budget,
+                ..layer(0.35)
+            };
+            // 2 × 3 × 40 scores per query: blocks of 9 queries
+            let (whole, blocked) = (at(usize::MAX), at(2 * 3 * 40 * 9));
+            let r = |seed, dims| rand(seed, dims).to_dtype(dtype).unwrap();
+            let (q, k, v) = (
+                r(1, (2, 3, 50, 8)),
+                r(2, (2, 3, 40, 8)),
+                r(3, (2, 3, 40, 8)),
+            );
+            let d_o = r(4, (2, 3, 50, 8));
+            let run = |a: &Attention| {
+                let (o, lse) = a.tensor_core((&q, &k, &v), true, false).unwrap();
+                let rec = AttnRecord {
+                    q: q.clone(),
+                    k: k.clone(),
+                    v: v.clone(),
+                    o: o.clone(),
+                    kind: CoreKind::LogSumExp(lse.unwrap()),
+                    query_varies: true,
+                };
+                let (dq, dk, dv) = a.core_backward(rec, &d_o).unwrap();
+                [o, dq.unwrap(), dk, dv]
+            };
+            for (x, y) in run(&whole).iter().zip(&run(&blocked)) {
+                assert_eq!(y.dtype(), dtype);
+                let scale = x.to_dtype(DType::F64).unwrap().abs().unwrap();
+                let scale = scale.max_all().unwrap().to_scalar::<f64>().unwrap();
+                let e = max_abs_diff(x, y) / scale;
+                println!("{dtype:?}: {e:.2e}");
+                assert!(e < tol, "{dtype:?}: {e:.2e}");
+            }
+        }
+    }
+
+    fn layer(scale: f64) -> Attention {
         let linear = || Linear {
             weight: Tensor::zeros((8, 8), DType::F32, &Device::Cpu).unwrap(),
             bias: None,
         };
-        let a = Attention {
+        Attention {
             to_q: linear(),
             to_k: linear(),
             to_v: linear(),
             to_out: linear(),
             heads: 3,
-            scale: 0.35,
+            scale,
             upcast: false,
+            score_budget: usize::MAX,
             site: AttentionSite {
                 place: Place::Mid,
                 block: 0,
@@ -133,7 +189,15 @@ mod tests {
                 index: 0,
                 path: "mid".into(),
             },
-        };
+        }
+    }
+
+    /// The tape's attention core on tensor ops with the fused steps (as GPUs run it; here
+    /// with the steps' CPU implementations) equals the fused CPU attention, forward and
+    /// backward.
+    #[test]
+    fn tensor_core_with_fused_steps_matches_the_fused_cpu_kernel() {
+        let a = layer(0.35);
         let (q, k, v) = (
             rand(1, (2, 3, 50, 8)),
             rand(2, (2, 3, 40, 8)),
@@ -190,7 +254,42 @@ pub struct Attention {
     pub(crate) heads: usize,
     pub(crate) scale: f64,
     pub(crate) upcast: bool,
+    /// The most scores the tensor-op core holds at once ([`score_budget`]).
+    pub(crate) score_budget: usize,
     pub site: AttentionSite,
+}
+
+/// The most scores an attention core on tensor ops computes at once, in all heads and
+/// images together: beyond it the queries go in blocks, each with its scores, probabilities
+/// and (backward) their gradients, so that these transient matrices stay within the budget
+/// however large the image. SD 1.5's 64² self-attention at 512² has 8 × 4096 × 4096 scores
+/// per image (256 MiB in f16, and the backward pass holds four such matrices); the budget
+/// is 2²⁵ scores (64 MiB in f16). `NULLTEXT_ATTENTION_SCORES=N` sets another (0: no
+/// blocks), read once.
+pub fn score_budget() -> usize {
+    static BUDGET: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *BUDGET.get_or_init(|| match std::env::var("NULLTEXT_ATTENTION_SCORES") {
+        Ok(v) => match v.trim().parse::<usize>() {
+            Ok(0) => usize::MAX,
+            Ok(n) => n,
+            Err(_) => panic!("NULLTEXT_ATTENTION_SCORES={v}: a number of scores expected"),
+        },
+        Err(_) => 1 << 25,
+    })
+}
+
+/// The blocks of queries `(first, count)` of an attention of queries `[B, heads, Lq, d]`
+/// and keys `[B, heads, Lk, d]` with at most `budget` scores each (at least one query).
+fn query_blocks(q: &[usize], k: &[usize], budget: usize) -> Vec<(usize, usize)> {
+    let (lq, per_query) = match (q, k) {
+        ([b, h, lq, _], [_, _, lk, _]) => (*lq, b * h * lk),
+        _ => return vec![(0, q.get(2).copied().unwrap_or(0))],
+    };
+    let rows = (budget / per_query.max(1)).clamp(1, lq.max(1));
+    (0..lq)
+        .step_by(rows)
+        .map(|first| (first, rows.min(lq - first)))
+        .collect()
 }
 
 impl Attention {
@@ -212,6 +311,7 @@ impl Attention {
             heads,
             scale: (dim_head as f64).powf(-0.5),
             upcast,
+            score_budget: score_budget(),
             site,
         })
     }
@@ -318,6 +418,28 @@ impl Attention {
         record: bool,
         tracked: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
+        let blocks = query_blocks(q.dims(), k.dims(), self.score_budget);
+        if tracked || blocks.len() == 1 {
+            return self.tensor_core_block((q, k, v), record, tracked);
+        }
+        let (mut o, mut lse) = (Vec::new(), Vec::new());
+        for (first, count) in blocks {
+            let qb = q.narrow(2, first, count)?.contiguous()?;
+            let (ob, lseb) = self.tensor_core_block((&qb, k, v), record, false)?;
+            o.push(ob);
+            lse.extend(lseb);
+        }
+        let lse = record.then(|| Tensor::cat(&lse, 2)).transpose()?;
+        Ok((Tensor::cat(&o, 2)?, lse))
+    }
+
+    /// [`Self::tensor_core`] for all its queries at once.
+    fn tensor_core_block(
+        &self,
+        (q, k, v): (&Tensor, &Tensor, &Tensor),
+        record: bool,
+        tracked: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let dtype = v.dtype();
         let scores = q.matmul(&k.t()?)?;
         if !tracked && fused::applies(&scores) {
@@ -354,13 +476,38 @@ impl Attention {
         } = rec;
         match kind {
             CoreKind::LogSumExp(lse) => {
-                // the probabilities again, from the scores and the log-sum-exp
-                let s = q.matmul(&k.t()?)?;
-                let p = match fused::applies(&s) {
-                    true => fused::probs(&s, &lse.to_dtype(DType::F32)?, self.scale)?,
-                    false => ((s * self.scale)?.broadcast_sub(&lse.to_dtype(q.dtype())?)?).exp()?,
+                let blocks = query_blocks(q.dims(), k.dims(), self.score_budget);
+                if blocks.len() == 1 {
+                    return self.lse_backward((q, k, v, o, &lse), query_varies, d_o);
+                }
+                // block by block: the queries' gradients side by side, the keys' and
+                // values' summed in f32
+                let (mut dq, mut dk, mut dv) = (Vec::new(), None, None);
+                let sum = |acc: Option<Tensor>, g: Tensor| -> Result<Option<Tensor>> {
+                    let g = g.to_dtype(DType::F32)?;
+                    Ok(Some(match acc {
+                        Some(acc) => (acc + g)?,
+                        None => g,
+                    }))
                 };
-                self.probs_backward(p, (q, k, v, o), query_varies, d_o)
+                for (first, count) in blocks {
+                    let rows = |t: &Tensor| -> Result<Tensor> {
+                        Ok(t.narrow(2, first, count)?.contiguous()?)
+                    };
+                    let (dqb, dkb, dvb) = self.lse_backward(
+                        (rows(&q)?, k.clone(), v.clone(), rows(&o)?, &rows(&lse)?),
+                        query_varies,
+                        &rows(d_o)?,
+                    )?;
+                    dq.extend(dqb);
+                    dk = sum(dk, dkb)?;
+                    dv = sum(dv, dvb)?;
+                }
+                let whole = |g: Option<Tensor>| -> Result<Tensor> {
+                    Ok(g.expect("one block at least").to_dtype(dtype)?)
+                };
+                let dq = query_varies.then(|| Tensor::cat(&dq, 2)).transpose()?;
+                Ok((dq, whole(dk)?, whole(dv)?))
             }
             CoreKind::FusedLogSumExp(lse) => {
                 let n = attn_dims(q.dims(), k.dims(), v.dims())?;
@@ -408,6 +555,22 @@ impl Attention {
                 Ok((dq, grad(&leaves.1)?, grad(&leaves.2)?))
             }
         }
+    }
+
+    /// [`Self::core_backward`] from each query's log-sum-exp: the probabilities again, from
+    /// the scores.
+    fn lse_backward(
+        &self,
+        (q, k, v, o, lse): (Tensor, Tensor, Tensor, Tensor, &Tensor),
+        query_varies: bool,
+        d_o: &Tensor,
+    ) -> Result<(Option<Tensor>, Tensor, Tensor)> {
+        let s = q.matmul(&k.t()?)?;
+        let p = match fused::applies(&s) {
+            true => fused::probs(&s, &lse.to_dtype(DType::F32)?, self.scale)?,
+            false => ((s * self.scale)?.broadcast_sub(&lse.to_dtype(q.dtype())?)?).exp()?,
+        };
+        self.probs_backward(p, (q, k, v, o), query_varies, d_o)
     }
 
     /// [`Self::core_backward`] given the probabilities `p` (in the scores' dtype) and the

@@ -1,4 +1,5 @@
-//! Opening compute devices the way nulltext uses them.
+//! Opening compute devices the way nulltext uses them, and capturing device work as CUDA
+//! graphs.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 

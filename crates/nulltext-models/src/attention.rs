@@ -142,6 +142,10 @@ mod tests {
                 r(3, (2, 3, 40, 8)),
             );
             let d_o = r(4, (2, 3, 50, 8));
+            assert_eq!(
+                query_blocks(q.dims(), k.dims(), blocked.score_budget).len(),
+                6
+            );
             let run = |a: &Attention| {
                 let (o, lse) = a.tensor_core((&q, &k, &v), true, false).unwrap();
                 let rec = AttnRecord {

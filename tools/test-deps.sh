@@ -1,25 +1,35 @@
 #!/usr/bin/env bash
-# Installs what the tests need besides Rust, on a fresh machine too: headless Chromium for
-# the web page's test (crates/nulltext-serve/tests/browser.rs), Debian's `chromium` package,
-# when it is missing. The README's test command and .ci/run both call it before
-# `cargo test --workspace`.
+# Installs what the tests need besides Rust, on a fresh machine too, where it is missing:
+# headless Chromium for the web page's test (crates/nulltext-serve/tests/browser.rs),
+# Debian's `chromium` package; Slurm; a C++20 compiler. The README's test command and
+# .ci/run both call it before `cargo test --workspace`.
 set -euo pipefail
+
+# Installs Debian packages `$3…` for `$1` (a test), or, without apt-get, prints `$2` (what
+# to do instead) and fails.
+apt_install() {
+    local for=$1 otherwise=$2
+    shift 2
+    if ! command -v apt-get >/dev/null 2>&1; then
+        echo "tools/test-deps.sh: $otherwise" >&2
+        exit 1
+    fi
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    echo "installing $* (for $for)"
+    export DEBIAN_FRONTEND=noninteractive
+    $sudo apt-get update -qq
+    $sudo apt-get install -y -qq "$@" >/dev/null
+}
+
 have_chromium() {
     [ -n "${NULLTEXT_CHROMIUM:-}" ] && return 0
     command -v chromium || command -v chromium-browser || command -v google-chrome
 } >/dev/null 2>&1
 if ! have_chromium; then
-    if ! command -v apt-get >/dev/null 2>&1; then
-        echo "tools/test-deps.sh: the web page's test needs headless Chromium: install it, or set" \
-             "NULLTEXT_CHROMIUM to a Chromium binary" >&2
-        exit 1
-    fi
-    sudo=""
-    [ "$(id -u)" -eq 0 ] || sudo="sudo"
-    echo "installing chromium (for crates/nulltext-serve/tests/browser.rs)"
-    export DEBIAN_FRONTEND=noninteractive
-    $sudo apt-get update -qq
-    $sudo apt-get install -y -qq chromium >/dev/null
+    apt_install crates/nulltext-serve/tests/browser.rs \
+        "the web page's test needs headless Chromium: install it, or set NULLTEXT_CHROMIUM to a Chromium binary" \
+        chromium
 fi
 
 # --- Slurm (crates/nulltext-cli/tests/slurm.rs) ----------------------------------------
@@ -32,32 +42,16 @@ have_slurm() {
     done
 } >/dev/null 2>&1
 if [ "${NULLTEXT_SKIP_SLURM:-}" != 1 ] && ! have_slurm; then
-    if ! command -v apt-get >/dev/null 2>&1; then
-        echo "tools/test-deps.sh: the Slurm test needs slurm-wlm and munge: install them, or set" \
-             "NULLTEXT_SKIP_SLURM=1 to skip it" >&2
-        exit 1
-    fi
-    sudo=""
-    [ "$(id -u)" -eq 0 ] || sudo="sudo"
-    echo "installing slurm-wlm and munge (for crates/nulltext-cli/tests/slurm.rs)"
-    export DEBIAN_FRONTEND=noninteractive
-    $sudo apt-get update -qq
-    $sudo apt-get install -y -qq slurm-wlm munge >/dev/null
+    apt_install crates/nulltext-cli/tests/slurm.rs \
+        "the Slurm test needs slurm-wlm and munge: install them, or set NULLTEXT_SKIP_SLURM=1 to skip it" \
+        slurm-wlm munge
 fi
 
 # --- A C++20 compiler (crates/nulltext-models/src/fused/emulator.rs) --------------------
 # The CUDA kernels' tests build kernels.cu for the host with `$CXX` (default `c++`):
 # Debian's g++ (≥ 12) where none is there.
 if ! command -v "${CXX:-c++}" >/dev/null 2>&1; then
-    if ! command -v apt-get >/dev/null 2>&1; then
-        echo "tools/test-deps.sh: the CUDA kernels' CPU tests need a C++20 compiler: install" \
-             "g++ (≥ 12) or clang++ (≥ 16), or set CXX to one" >&2
-        exit 1
-    fi
-    sudo=""
-    [ "$(id -u)" -eq 0 ] || sudo="sudo"
-    echo "installing g++ (for crates/nulltext-models/src/fused/emulator.rs)"
-    export DEBIAN_FRONTEND=noninteractive
-    $sudo apt-get update -qq
-    $sudo apt-get install -y -qq g++ >/dev/null
+    apt_install crates/nulltext-models/src/fused/emulator.rs \
+        "the CUDA kernels' CPU tests need a C++20 compiler: install g++ (≥ 12) or clang++ (≥ 16), or set CXX to one" \
+        g++
 fi

@@ -89,12 +89,7 @@ pub(super) fn group_norm(
     c: usize,
     hw: usize,
 ) -> Result<Launch> {
-    let blocks = n / (c / op.groups * hw).max(1);
-    Ok(Launch::new("group_norm", dtype, blocks, NORM_THREADS)?
-        .args([Input(0), Input(1), Input(2), Output])
-        .args([int(c)?, int(hw)?, int(op.groups)?])
-        .args([F32(op.eps as f32), Arg::I32(op.silu as i32)])
-        .output(n, dtype))
+    group_norm_kernel("group_norm", dtype, op, n, c, hw)
 }
 
 /// [`group_norm`]'s input gradient: inputs x, the output gradient and `[γ | β]`.
@@ -105,14 +100,24 @@ pub(super) fn group_norm_backward(
     c: usize,
     hw: usize,
 ) -> Result<Launch> {
+    group_norm_kernel("group_norm_backward", dtype, op, n, c, hw)
+}
+
+/// The launch both group-norm kernels share: three inputs, then the shape and `op`.
+fn group_norm_kernel(
+    name: &str,
+    dtype: DType,
+    op: &GroupNormOp,
+    n: usize,
+    c: usize,
+    hw: usize,
+) -> Result<Launch> {
     let blocks = n / (c / op.groups * hw).max(1);
-    Ok(
-        Launch::new("group_norm_backward", dtype, blocks, NORM_THREADS)?
-            .args([Input(0), Input(1), Input(2), Output])
-            .args([int(c)?, int(hw)?, int(op.groups)?])
-            .args([F32(op.eps as f32), Arg::I32(op.silu as i32)])
-            .output(n, dtype),
-    )
+    Ok(Launch::new(name, dtype, blocks, NORM_THREADS)?
+        .args([Input(0), Input(1), Input(2), Output])
+        .args([int(c)?, int(hw)?, int(op.groups)?])
+        .args([F32(op.eps as f32), Arg::I32(op.silu as i32)])
+        .output(n, dtype))
 }
 
 /// Layer norm's input gradient over `n` values in rows of width `d`: inputs x, the output
